@@ -1,0 +1,80 @@
+"""`llmjax bench`: speed and memory figures for a config, on random tokens.
+
+Prints tokens/s, step time, MFU (against the peak of `train.metrics.peak_flops`),
+compile time and XLA's per-device memory estimate. A benchmark, not a test: it asserts
+nothing. Data loading is excluded (random tokens, one document per row).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from llmjax.config import Config, validate
+from llmjax.parallel.mesh import describe as describe_mesh
+from llmjax.train.metrics import flops_per_token, memory_summary, mfu, param_counts, peak_flops
+from llmjax.train.setup import build_setup
+
+WARMUP_STEPS = 2
+
+
+def random_batch(cfg: Config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    L = cfg.data.seq_len
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(rows, L + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((rows, L), np.int32),
+        "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (rows, L)).copy(),
+        "weights": np.ones((rows, L), np.float32),
+    }
+
+
+def bench(cfg: Config, steps: int = 10) -> int:
+    """Compile and time `steps` train steps of `cfg`; print the figures. Returns 0."""
+    validate(cfg, jax.device_count())
+    setup = build_setup(cfg)
+    counts = param_counts(setup.abstract_state.params)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, source = peak_flops(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
+    state = setup.init_state()
+
+    t0 = time.perf_counter()
+    step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
+    compile_s = time.perf_counter() - t0
+
+    local_rows = cfg.train.batch_size // jax.process_count()
+    batch = setup.put_batch(random_batch(cfg, local_rows, seed=jax.process_index()))
+    for _ in range(WARMUP_STEPS):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / steps
+
+    tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+    util = mfu(tokens_per_s, fpt, peak)
+    m = cfg.model
+    lines = [
+        f"config: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} kv), d_ff {m.d_ff}, "
+        f"vocab {m.vocab_size}, batch {cfg.train.batch_size}x{cfg.data.seq_len}, "
+        f"{m.compute_dtype} compute / {m.param_dtype} params, remat {m.remat}",
+        f"{describe_mesh(setup.mesh)}",
+        f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding",
+        f"flops/token: {fpt / 1e6:.2f} MFLOP (6N + 12*L*H*E*T)",
+        f"compile time: {compile_s:.2f} s",
+        f"step time: {step_s * 1e3:.1f} ms (mean of {steps} steps after {WARMUP_STEPS} warm-up)",
+        f"tokens/s: {tokens_per_s:,.0f}",
+        f"MFU: {util * 100:.1f}% of {peak / 1e12:.2f} TFLOP/s ({source})" if util is not None
+        else f"MFU: n/a ({source})",
+        f"memory per device: {memory_summary(step_fn)}",
+        f"final loss: {float(jax.device_get(metrics['loss'])):.4f}",
+    ]
+    if jax.process_index() == 0:
+        print("\n".join(lines), flush=True)
+    return 0

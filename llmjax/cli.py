@@ -1,0 +1,78 @@
+"""`llmjax <verb>`: the command line.
+
+  llmjax train [--config FILE] [--workdir DIR] [section.key=value ...]
+  llmjax bench [--config FILE] [--steps N] [section.key=value ...]
+
+Exit status: 0 success, 2 usage or configuration error (reported before anything is
+compiled), 1 a run that failed (e.g. a non-finite loss), 128+N after signal N (the run
+saved a checkpoint and can be resumed with the same command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from llmjax.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmjax", description="Train and benchmark LLMs with JAX.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def add_config_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML config (default: experiments/configs/default.yaml)")
+        sp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    t = sub.add_parser("train", help="train a model (resumes from the workdir's newest checkpoint)")
+    add_config_args(t)
+    t.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+    b = sub.add_parser("bench", help="print tokens/s, step time, MFU, compile time and memory for a config")
+    add_config_args(b)
+    b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    return p
+
+
+def setup_jax(cfg: Config) -> None:
+    """Process-wide JAX settings: partitionable RNG (same values under any sharding) and the
+    persistent compilation cache (re-runs and resumes skip compilation)."""
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", True)
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        from llmjax.data.sources import cache_root
+
+        jax.config.update("jax_compilation_cache_dir", str(cache_root(cfg) / "xla"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        setup_jax(cfg)
+        if args.verb == "train":
+            from llmjax.train.loop import train
+
+            workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config or "default").stem
+            return train(cfg, workdir)
+        if args.verb == "bench":
+            from llmjax.bench import bench
+
+            if args.steps < 1:
+                raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+            return bench(cfg, args.steps)
+    except ConfigError as e:
+        print(f"llmjax: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("llmjax: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

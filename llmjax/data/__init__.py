@@ -1,0 +1,1 @@
+"""Data layer: sources (stdlib / local files / TFDS) -> SentencePiece tokens -> packed, sharded batches."""

@@ -1,0 +1,119 @@
+"""Logical axis names and the one table that maps them to mesh axes.
+
+Model code names every parameter dimension and key activation dimension with a logical
+axis ("embed", "heads", "act_batch", ...). This module turns those names into
+`PartitionSpec`s over the mesh axes through a rule table: defaults below, overridden
+per experiment by `mesh.rules` in the config. Changing a parallel layout is therefore a
+config change, never a model change.
+
+Activations are constrained with `constrain(x, names)`, which reads the mesh and rules
+installed by `use_sharding(mesh, rules)`; outside that context it is the identity, so
+models run unchanged on one device and in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = dict[str, tuple[str, ...]]
+
+# logical axis -> mesh axes it is split over (empty tuple: replicated).
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "layers": (),
+    "norm": (),
+    # activations
+    "act_batch": ("data", "fsdp"),
+    "act_length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+LOGICAL_AXES = tuple(DEFAULT_RULES)
+
+
+def make_rules(overrides: dict[str, Any] | None = None, mesh_shape: dict[str, int] | None = None,
+               n_kv_heads: int | None = None) -> Rules:
+    """Defaults updated by `overrides` ({logical: None | axis | [axes]}).
+
+    Mesh axes absent from `mesh_shape` are dropped. When `n_kv_heads` does not divide
+    over the tensor axis (e.g. MQA with tensor=2), key/value heads are replicated
+    instead of split.
+    """
+    rules = dict(DEFAULT_RULES)
+    for name, target in (overrides or {}).items():
+        rules[name] = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    if mesh_shape is not None:
+        rules = {k: tuple(a for a in v if a in mesh_shape) for k, v in rules.items()}
+        if n_kv_heads is not None:
+            for name in ("kv_heads", "act_kv_heads"):
+                split = 1
+                for a in rules[name]:
+                    split *= mesh_shape[a]
+                if n_kv_heads % split:
+                    rules[name] = ()
+    return rules
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
+    """Map logical names of each dimension to a PartitionSpec; a mesh axis is used once at most."""
+    if names is None:
+        return PartitionSpec()
+    used: set[str] = set()
+    out: list[Any] = []
+    for name in names:
+        axes = tuple(a for a in (rules.get(name, ()) if name else ()) if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(logical_specs: Any, mesh: Mesh, rules: Rules) -> Any:
+    """A tree of logical-name PartitionSpecs (from `flax.linen.get_partition_spec`) -> NamedShardings."""
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
+        logical_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("llmjax_sharding", default=None)
+
+
+@contextlib.contextmanager
+def use_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Install `mesh` and `rules` for `constrain` while tracing a model under jit."""
+    token = _CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_sharding() -> tuple[Mesh, Rules] | None:
+    return _CONTEXT.get()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain activation `x` (one logical name per dimension) to the installed layout."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))

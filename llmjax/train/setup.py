@@ -1,0 +1,145 @@
+"""Put a config on a mesh: model, optimizer, shardings, sharded init, jitted steps.
+
+`Setup` is the one place where the pure pieces (model, `train.step`, optimizer) meet the
+mesh. Parameters are created under `jit` with output shardings computed from
+`eval_shape` and the logical rules, so no host ever materialises the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from llmjax.config import Config
+from llmjax.models.transformer import Transformer
+from llmjax.parallel.mesh import build_mesh, replicated
+from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
+from llmjax.train.optim import make_optimizer, opt_state_shardings
+from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
+
+BATCH_AXES = ("act_batch", "act_length")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Model, optimizer and shardings for one config on one mesh."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: Rules
+    model: nn.Module
+    tx: optax.GradientTransformation
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    param_logical_specs: Any
+
+    def init_state(self) -> TrainState:
+        """Fresh, sharded train state from `cfg.seed` (same values whatever the mesh)."""
+        init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        return init(jax.random.PRNGKey(self.cfg.seed))
+
+    def _init_fn(self, rng: jax.Array) -> TrainState:
+        return _fresh_state(self.cfg, self.model, self.tx, rng)
+
+    def _in_mesh_context(self, fn: Callable) -> Callable:
+        def wrapped(*args):
+            with use_sharding(self.mesh, self.rules):
+                return fn(*args)
+
+        return wrapped
+
+    def jit_train_step(self) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+        """Jitted train step: state donated, batch sharded over (data, fsdp), metrics replicated."""
+        o = self.cfg.optim
+        step = make_train_step(self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps)
+        return jax.jit(
+            self._in_mesh_context(step),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    def jit_gradients(self) -> Callable[[Any, Batch], tuple[Any, dict]]:
+        """params, batch -> (gradient of the mean token loss, metrics), sharded like the params."""
+        o = self.cfg.optim
+
+        def gradients(params: Any, batch: Batch) -> tuple[Any, dict]:
+            return batch_gradients(self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps)
+
+        return jax.jit(
+            self._in_mesh_context(gradients),
+            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            out_shardings=(self.state_shardings.params, replicated(self.mesh)),
+        )
+
+    def jit_eval_step(self) -> Callable[[Any, Batch], dict]:
+        return jax.jit(
+            self._in_mesh_context(make_eval_step(self.model)),
+            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            out_shardings=replicated(self.mesh),
+        )
+
+    def jit_logits(self) -> Callable[[Any, jax.Array], jax.Array]:
+        """params, tokens [B, L] -> logits [B, L, V] float32 (for sampling and tests)."""
+
+        def logits(params: Any, tokens: jax.Array) -> jax.Array:
+            return self.model.apply({"params": params}, tokens)
+
+        return jax.jit(self._in_mesh_context(logits), in_shardings=(self.state_shardings.params, None))
+
+    def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
+        """This process's rows of the global batch (numpy) -> global arrays sharded over the batch axes."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()
+        }
+
+    def abstract_batch(self) -> Batch:
+        """ShapeDtypeStructs of one global batch (for lowering without data)."""
+        B, L = self.cfg.train.batch_size, self.cfg.data.seq_len
+        shapes = {k: ((B, L), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+        shapes["weights"] = ((B, L), jnp.float32)
+        return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding) for k, (s, d) in shapes.items()}
+
+
+def _fresh_state(cfg: Config, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params_rng, state_rng = jax.random.split(rng)
+    params = nn.meta.unbox(model.init(params_rng, _dummy_tokens(cfg))["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+
+def _dummy_tokens(cfg: Config) -> jax.Array:
+    return jnp.zeros((1, min(cfg.data.seq_len, cfg.model.max_seq_len)), jnp.int32)
+
+
+def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
+    """Mesh, rules, model, optimizer and every sharding for `cfg` (validated beforehand)."""
+    mesh = build_mesh(cfg.mesh, devices)
+    rules = make_rules(cfg.mesh.rules, dict(mesh.shape), cfg.model.n_kv_heads)
+    model = Transformer(cfg.model)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    repl = replicated(mesh)
+
+    boxed = jax.eval_shape(lambda r: model.init(r, _dummy_tokens(cfg))["params"], jax.random.PRNGKey(0))
+    logical = nn.get_partition_spec(boxed)
+    param_shardings = tree_shardings(logical, mesh, rules)
+    state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, model, tx, r), jax.random.PRNGKey(0))
+    state_shardings = TrainState(
+        step=repl,
+        params=param_shardings,
+        opt_state=opt_state_shardings(state_shape.opt_state, param_shardings, state_shape.params, repl),
+        rng=repl,
+    )
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
+    )
+    batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
+    return Setup(cfg, mesh, rules, model, tx, abstract_state, state_shardings, batch_sharding, logical)

@@ -1,0 +1,23 @@
+"""Test session setup: 8 virtual CPU devices, persistent compilation cache, private caches.
+
+The environment variables are set before JAX is imported anywhere, and are inherited by
+the `llmjax` subprocesses that the CLI tests start.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LLMJAX_TEST_CACHE", ROOT / ".cache" / "tests"))
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ["LLMJAX_CACHE"] = str(CACHE / "data")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)

@@ -1,0 +1,36 @@
+"""Shared test utilities: tiny configs and synthetic packed batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmjax.config import Config, load_config
+
+
+def tiny_config(*overrides: str) -> Config:
+    """A small float32 model that compiles in seconds; extra `key=value` overrides win."""
+    base = [
+        "model.vocab_size=128", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.d_ff=128", "model.max_seq_len=64", "model.compute_dtype=float32", "model.param_dtype=float32",
+        "data.seq_len=32", "train.batch_size=8", "train.steps=4", "optim.warmup_steps=1", "optim.lr=1e-2",
+        "mesh.data=1",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def packed_batch(cfg: Config, seed: int = 0, rows: int | None = None) -> dict[str, np.ndarray]:
+    """Random tokens packed from documents of random lengths: exercises the segment mask."""
+    rng = np.random.default_rng(seed)
+    B, L = rows or cfg.train.batch_size, cfg.data.seq_len
+    inputs = rng.integers(1, cfg.model.vocab_size, size=(B, L), dtype=np.int32)
+    targets = rng.integers(1, cfg.model.vocab_size, size=(B, L), dtype=np.int32)
+    segment_ids = np.zeros((B, L), np.int32)
+    positions = np.zeros((B, L), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, L), size=2, replace=False))
+        seg = np.searchsorted(cuts, np.arange(L), side="right") + 1
+        segment_ids[b] = seg
+        starts = np.concatenate([[0], cuts])
+        positions[b] = np.arange(L) - starts[seg - 1]
+    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions,
+            "weights": np.ones((B, L), np.float32)}

@@ -27,9 +27,12 @@ class ConfigError(ValueError):
     """A usage error in the configuration; the message names the key."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder shape and numerics. LLaMA-style by default; GPT-2 style via norm/position/mlp."""
+    """Decoder shape and numerics. LLaMA-style by default; GPT-2 style via norm/position/mlp.
+
+    Frozen (hashable): the model module that holds it is a static argument under jit.
+    """
 
     vocab_size: int = 8192
     d_model: int = 256

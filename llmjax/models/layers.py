@@ -14,6 +14,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -56,14 +57,12 @@ class Linear(nn.Module):
             (*in_shape, *self.out_shape),
             self.param_dtype,
         )
-        contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
-        contract_k = tuple(range(self.n_in))
-        y = jax.lax.dot_general(
-            x.astype(self.compute_dtype),
-            kernel.astype(self.compute_dtype),
-            ((contract_x, contract_k), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
+        # A plain 2-D matmul: XLA:CPU runs the backward of rank-3+ dot_generals ~2x slower,
+        # and on accelerators the reshapes are free. Merged dims keep their major dim's sharding.
+        lead = x.shape[: x.ndim - self.n_in]
+        x2 = x.reshape(math.prod(lead), math.prod(in_shape)).astype(self.compute_dtype)
+        k2 = kernel.reshape(math.prod(in_shape), math.prod(self.out_shape)).astype(self.compute_dtype)
+        y = jnp.matmul(x2, k2, preferred_element_type=jnp.float32).reshape(*lead, *self.out_shape)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -184,16 +183,23 @@ def dot_product_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Arra
     `jax.nn.dot_product_attention` (XLA on CPU, cuDNN where the GPU supports it).
     """
     B, L, H, E = q_BLHE.shape
-    K = k_BSKE.shape[2]
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     if impl == "dot_product_attention":
         return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask_B1LS).astype(q_BLHE.dtype)
-    q_BLKGE = q_BLHE.reshape(B, L, K, H // K, E)
-    scores = jnp.einsum("blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32)
-    scores = scores * (E**-0.5)
-    scores = jnp.where(mask_B1LS[:, :, None], scores, NEG_INF)  # [B, 1, 1, L, S] broadcast over K, G
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKE.dtype)
-    out = jnp.einsum("bkgls,bske->blkge", probs, v_BSKE, preferred_element_type=jnp.float32)
-    return out.reshape(B, L, H, E).astype(q_BLHE.dtype)
+    # Heads-major layout, so both contractions are plain batched matmuls over (B, K): on
+    # XLA:CPU this is ~2x faster than the equivalent 5-D einsum, forward and backward.
+    G = H // K
+    q_BKXE = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, E)  # X = G*L
+    k_BKSE = k_BSKE.transpose(0, 2, 1, 3)
+    v_BKSE = v_BSKE.transpose(0, 2, 1, 3)
+    batch = ((0, 1), (0, 1))
+    scores_BKXS = jax.lax.dot_general(q_BKXE, k_BKSE, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
+    scores_BKGLS = scores_BKXS.reshape(B, K, G, L, S) * (E**-0.5)
+    scores_BKGLS = jnp.where(mask_B1LS[:, :, None], scores_BKGLS, NEG_INF)  # broadcast over K, G
+    probs_BKXS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKE.dtype).reshape(B, K, G * L, S)
+    out_BKXE = jax.lax.dot_general(probs_BKXS, v_BKSE, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    out_BLKGE = out_BKXE.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4)
+    return out_BLKGE.reshape(B, L, H, E).astype(q_BLHE.dtype)
 
 
 class Attention(nn.Module):

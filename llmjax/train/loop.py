@@ -112,7 +112,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
 
     t_start = time.time()
     data = DataModule(cfg, jax.process_index(), jax.process_count())
-    log(f"data: {data.describe()} ({time.time() - t_start:.1f}s)")
+    log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     setup = build_setup(cfg)
     counts = param_counts(setup.abstract_state.params)
     L = cfg.data.seq_len

@@ -49,21 +49,31 @@ def setup_jax(cfg: Config) -> None:
         jax.config.update("jax_compilation_cache_dir", str(resolve_cache_dir(cfg) / "xla"))
 
 
+def _checkpoint_error() -> type[Exception]:
+    # Imported only when an exception reaches its `except` clause: `llmjax --help` and config
+    # errors stay fast (the checkpoint module imports orbax).
+    from llmjax.train.checkpoint import CheckpointError
+
+    return CheckpointError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.verb == "bench" and args.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
         cfg = load_config(args.config, args.overrides)
         setup_jax(cfg)
         if args.verb == "train":
             from llmjax.train.loop import train
 
             workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config or "default").stem
+            if workdir.exists() and not workdir.is_dir():
+                raise ConfigError(f"--workdir: {workdir} exists and is not a directory")
             return train(cfg, workdir)
         if args.verb == "bench":
             from llmjax.bench import bench
 
-            if args.steps < 1:
-                raise ConfigError(f"--steps must be >= 1, got {args.steps}")
             return bench(cfg, args.steps)
     except ConfigError as e:
         print(f"llmjax: error: {e}", file=sys.stderr)
@@ -71,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmjax: interrupted", file=sys.stderr)
         return 130
+    except _checkpoint_error() as e:
+        print(f"llmjax: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_USAGE
 
 

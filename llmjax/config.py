@@ -200,7 +200,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):  # nan/inf would pass every range check below
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -275,9 +281,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot read: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -367,11 +375,16 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if m.head_dim < 0:
         raise ConfigError(f"model.head_dim must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
     if m.head_dim == 0 and m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)"
+        )
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.position == "rope" and m.resolved_head_dim % 2:
-        raise ConfigError(f"RoPE needs an even head dimension, got {m.resolved_head_dim}")
+        raise ConfigError(
+            f"model.position=rope needs an even head dimension (model.head_dim, or model.d_model // model.n_heads), "
+            f"got {m.resolved_head_dim}"
+        )
 
     _positive(d, "data", "seq_len")
     if d.seq_len > m.max_seq_len:
@@ -429,7 +442,9 @@ def _check_rules(rules: dict[str, Any]) -> None:
     axes = set(mesh_axis_names())
     for name, target in rules.items():
         if name not in LOGICAL_AXES:
-            raise ConfigError(f"mesh.rules: unknown logical axis '{name}' (known: {', '.join(LOGICAL_AXES)})")
+            raise ConfigError(f"mesh.rules.{name}: unknown logical axis '{name}' (known: {', '.join(LOGICAL_AXES)})")
         targets = [] if target is None else [target] if isinstance(target, str) else target
         if not isinstance(targets, list) or any(a not in axes for a in targets):
-            raise ConfigError(f"mesh.rules.{name}: {target!r} must be null, a mesh axis or a list of mesh axes {sorted(axes)}")
+            raise ConfigError(
+                f"mesh.rules.{name}: {target!r} must be null, a mesh axis or a list of mesh axes {sorted(axes)}"
+            )

@@ -34,3 +34,29 @@ def packed_batch(cfg: Config, seed: int = 0, rows: int | None = None) -> dict[st
         positions[b] = np.arange(L) - starts[seg - 1]
     return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions,
             "weights": np.ones((B, L), np.float32)}
+
+
+def small_corpus(directory) -> str:
+    """~0.3 MB of real text (standard-library modules) copied into `directory`; returns its path."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("argparse.py", "textwrap.py", "shlex.py", "heapq.py", "bisect.py", "fnmatch.py", "glob.py",
+                 "colorsys.py", "string.py", "queue.py", "sched.py", "numbers.py"):
+        shutil.copy(stdlib / name, target / name)
+    return str(target)
+
+
+def tiny_train_overrides(corpus: str) -> list[str]:
+    """CLI overrides for a run of a tiny model on `corpus` that takes seconds."""
+    return [
+        f"data.path={corpus}", "data.seq_len=32", "data.validation_fraction=0.2",
+        "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.d_ff=128", "model.max_seq_len=64", "model.compute_dtype=float32",
+        "train.batch_size=8", "train.progress=false", "train.tensorboard=false", "optim.warmup_steps=2",
+        "eval.batches=2", "sample.max_new_tokens=4",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -37,7 +38,7 @@ def make_corpus(root: Path, n: int = 40) -> Path:
 
 def make_cfg(tmp_path: Path, data_path: Path | None = None, **data: object) -> Config:
     cfg = Config()
-    cfg.model.vocab_size = VOCAB
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=VOCAB)  # ModelConfig is frozen
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.data.path = str(data_path) if data_path else None
     cfg.data.seq_len = 8
@@ -82,7 +83,7 @@ def test_user_tokenizer_errors(shared, tmp_path):
     with pytest.raises(ConfigError, match=r"data\.tokenizer.*junk\.model"):
         load_or_train_tokenizer(make_cfg(tmp_path, tokenizer=str(junk)), None)
     small = make_cfg(tmp_path, tokenizer=dm.tokenizer.path)
-    small.model.vocab_size = 300
+    small.model = dataclasses.replace(small.model, vocab_size=300)
     with pytest.raises(ConfigError, match=r"data\.tokenizer.*model\.vocab_size=300"):
         load_or_train_tokenizer(small, None)
     ok = load_or_train_tokenizer(make_cfg(tmp_path, tokenizer=dm.tokenizer.path), None)

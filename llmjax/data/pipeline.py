@@ -280,6 +280,9 @@ class DataModule:
             raise ConfigError(f"data: invalid process_index={p} / process_count={n}")
         if self.global_batch % n:
             raise ConfigError(f"train.batch_size={self.global_batch} is not divisible by the process count {n}")
+        if cfg.data.tokenizer and not Path(cfg.data.tokenizer).expanduser().is_file():
+            # checked here too, so that a typo fails before the corpus is prepared
+            raise ConfigError(f"data.tokenizer: file not found: {Path(cfg.data.tokenizer).expanduser()}")
 
     def _check_sizes(self) -> None:
         cfg = self.cfg

@@ -59,7 +59,8 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     for key in RESUME_KEYS:
         a, b = _lookup(saved, key), _lookup(now, key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs = [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs = [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         else:
             diffs = [f"{key}: {a!r} -> {b!r}"] if a != b else []
         if diffs:
@@ -146,10 +147,14 @@ def train(cfg: Config, workdir: str | Path) -> int:
     last_saved = start if restored else -1
     status = EXIT_OK
 
+    def say(msg: str) -> None:
+        bar.write(msg) if bar.enabled else log(msg)
+
     def record(step: int, metrics: Any, dt: float) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            raise NonFiniteLoss(f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step {step}")
+        if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
+            raise NonFiniteLoss(f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
+                                f"{m['param_norm']}) at step {step}")
         tps = tokens_per_step / dt if dt > 0 else 0.0
         util = mfu(tps, fpt, peak)
         m.update(lr=current_lr(cfg.optim, steps, step), tokens_per_s=tps, step_time=dt)
@@ -163,7 +168,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
             return
         loss = evaluate(setup, eval_step, state.params, data)
         writer.write(step, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}, kind="eval")
-        bar.write(f"step {step}: eval_loss {loss:.4f}")
+        say(f"step {step}: eval_loss {loss:.4f}")
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -200,7 +205,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
                     save(done)
                 if signals.received:
                     name = signal.Signals(signals.received).name
-                    bar.write(f"{name} received: saved checkpoint {done} in {ckpt.directory}; "
+                    say(f"{name} received: saved checkpoint {done} in {ckpt.directory}; "
                               "run the same command to resume")
                     status = 128 + signals.received
                     break
@@ -209,7 +214,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
             record(pending[0], pending[1], time.time() - t_prev)
     except NonFiniteLoss as e:
         good = ckpt.steps()
-        bar.write(f"llmjax: {e}; stopping. Last good checkpoint: "
+        say(f"llmjax: {e}; stopping. Last good checkpoint: "
                   f"{ckpt.directory / str(good[-1]) if good else 'none'}")
         status = EXIT_FAILED
     finally:

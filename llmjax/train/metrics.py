@@ -283,6 +283,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class MetricsWriter:
     """Appends one JSON object per line to `workdir/metrics.jsonl` and scalars to TensorBoard.
 
@@ -300,6 +308,8 @@ class MetricsWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if _ends_mid_line(self.path):
+            self._file.write("\n")  # a kill -9 cut the last line: keep it on a line of its own
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -335,6 +345,20 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict[str, Any]]:
+    """Records of `kind` in a metrics.jsonl, by step. After a resume a step may appear twice;
+    the later record wins. Lines cut short by a killed process are skipped."""
+    records: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("kind") == kind and "step" in record:
+            records[int(record["step"])] = record
+    return records
 
 
 # ----------------------------------------------------------------------------- progress

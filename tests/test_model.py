@@ -20,8 +20,8 @@ from llmjax.config import ModelConfig
 from llmjax.models.layers import apply_rope, attention_mask, dot_product_attention
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.rules import LOGICAL_AXES, make_rules
-from llmjax.train.step import batch_gradients
 from llmjax.train.setup import build_setup
+from llmjax.train.step import batch_gradients
 
 RTOL, ATOL = 1e-5, 1e-6  # atol is relative to the largest entry of each tensor
 L = 16  # sequence length of the forward-only tests
@@ -41,8 +41,22 @@ def logits_fn(cfg: ModelConfig):
 
 @functools.cache
 def init_params(cfg: ModelConfig, seed: int = 0):
+    """Random params of `cfg`'s shapes, drawn in numpy (no compile): kernels and embeddings
+    N(0, init_std), norm scales 1 + N(0, 0.1), biases N(0, init_std) (non-zero, to exercise them)."""
+    shapes = param_shapes(cfg)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        x = rng.standard_normal(s.shape).astype(s.dtype)
+        return 1 + 0.1 * x if jax.tree_util.keystr(path).endswith("['scale']") else cfg.init_std * x
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def param_shapes(cfg: ModelConfig):
     model = Transformer(cfg)
-    return nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, L), jnp.int32))["params"])
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return nn.meta.unbox(boxed)
 
 
 @functools.cache
@@ -158,8 +172,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads(n_kv_heads):
     params = init_params(gqa)
     assert params["layers"]["attn"]["k"]["kernel"].shape == (BASE.n_layers, BASE.d_model, n_kv_heads, 16)
     mha_params = repeat_kv_heads(params, BASE.n_heads // n_kv_heads)
-    mha_shapes = jax.eval_shape(lambda: init_params.__wrapped__(mha))
-    assert jax.tree.map(jnp.shape, mha_params) == jax.tree.map(lambda x: x.shape, mha_shapes)
+    assert jax.tree.map(jnp.shape, mha_params) == jax.tree.map(lambda x: x.shape, param_shapes(mha))
     batch = small_batch(rows=4, seed=5)
     args = (batch["inputs"], batch["segment_ids"], batch["positions"])
     assert_close(logits(gqa, params, *args), logits(mha, mha_params, *args))
@@ -250,11 +263,19 @@ def test_rope_scores_depend_only_on_position_difference():
 
 
 def test_remat_policies_give_identical_loss_and_gradients():
+    policies = ("none", "full", "dots", "dots_no_batch", "minimal")
+    models = [Transformer(model_cfg(remat=p)) for p in policies]
+
+    # One jit for all policies (a fifth of the compile time); each gets its own copy of the
+    # params as a separate argument, so XLA cannot merge the computations.
+    @jax.jit
+    def all_gradients(params_per_policy, batch):
+        return [batch_gradients(m, p, batch, 0.0, 1) for m, p in zip(models, params_per_policy, strict=True)]
+
     params = init_params(BASE)
-    batch = small_batch()
-    ref_grads, ref_metrics = gradients_fn(BASE)(params, batch, 0.0)
-    for policy in ("full", "dots", "dots_no_batch", "minimal"):
-        grads, metrics = gradients_fn(model_cfg(remat=policy))(params, batch, 0.0)
+    results = all_gradients([params] * len(policies), small_batch())
+    ref_grads, ref_metrics = results[0]
+    for policy, (grads, metrics) in zip(policies[1:], results[1:], strict=True):
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL, err_msg=policy)
         assert_trees_close(grads, ref_grads)
 
@@ -280,8 +301,7 @@ def test_z_loss_changes_gradients_not_reported_loss():
 def test_bfloat16_compute_is_close_to_float32():
     bf16 = model_cfg(compute_dtype="bfloat16")
     params = init_params(BASE)
-    bf16_params = jax.eval_shape(lambda: init_params.__wrapped__(bf16))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(param_shapes(bf16)))
     batch = small_batch()
     args = (batch["inputs"], batch["segment_ids"], batch["positions"])
     ref, out = logits(BASE, params, *args), logits(bf16, params, *args)
@@ -299,11 +319,6 @@ def test_bfloat16_compute_is_close_to_float32():
 # ----------------------------------------------------------------------------- logical axis names
 
 
-def boxed_params(cfg: ModelConfig):
-    model = Transformer(cfg)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-
-
 GPT2 = ("model.norm=layernorm", "model.position=learned", "model.mlp=gelu", "model.use_bias=true",
         "model.tie_embeddings=true")
 
@@ -311,7 +326,7 @@ GPT2 = ("model.norm=layernorm", "model.position=learned", "model.mlp=gelu", "mod
 @pytest.mark.parametrize("variant", ["default", "gpt2"])
 def test_every_param_has_logical_axis_names(variant):
     cfg = ModelConfig() if variant == "default" else tiny_config(*GPT2).model
-    boxed = boxed_params(cfg)
+    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
     assert len(leaves) > 5
     for path, box in leaves:

@@ -134,8 +134,13 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids [...] int -> [..., D] in compute dtype."""
-        return jnp.take(self.embedding, ids, axis=0).astype(self.compute_dtype)
+        """ids [...] int -> [..., D] in compute dtype.
+
+        The table is gathered whole (vocab dimension unsplit) before the lookup: a gather
+        from a vocab-split table makes GSPMD rematerialise it anyway, less predictably.
+        """
+        table = constrain(self.embedding, (None, "act_embed"))
+        return jnp.take(table, ids, axis=0).astype(self.compute_dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """x [B, L, D] -> logits [B, L, V] in float32."""

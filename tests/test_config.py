@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -299,3 +300,13 @@ def test_valid_variants_pass():
         ["data.seq_len=64"],  # == max_seq_len
     ):
         validate(cfg_with(*overrides), N_DEVICES)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_validates(path):
+    cfg = load_config(path)
+    shape = validate(cfg, 8)
+    assert shape["data"] * shape["fsdp"] * shape["tensor"] == 8

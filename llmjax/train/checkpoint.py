@@ -6,8 +6,8 @@ directory and renames it when complete), so a kill -9 never leaves a half-writte
 checkpoint that looks finished. Restoring reads straight into the target shardings
 given by the abstract state, so a checkpoint written under one mesh restores under
 any other. If the newest checkpoint cannot be read (corrupted files), the error is
-reported and, once an older checkpoint has restored, the unreadable step is moved aside to `WORKDIR/checkpoints_unreadable/`
-(kept for inspection, never deleted) and the previous one is used.
+reported, the previous one is used and, once it has restored, the unreadable step is
+moved to `WORKDIR/checkpoints_unreadable/` (kept for inspection, never deleted).
 """
 
 from __future__ import annotations

@@ -108,12 +108,12 @@ def train(cfg: Config, workdir: str | Path) -> int:
     validate(cfg, jax.device_count())
     workdir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, workdir)
-    if primary:
-        save_config(cfg, workdir / "config.yaml")
 
     t_start = time.time()
     data = DataModule(cfg, jax.process_index(), jax.process_count())
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
+    if primary:
+        save_config(cfg, workdir / "config.yaml")
     setup = build_setup(cfg)
     counts = param_counts(setup.abstract_state.params)
     L = cfg.data.seq_len
@@ -206,7 +206,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
                 if signals.received:
                     name = signal.Signals(signals.received).name
                     say(f"{name} received: saved checkpoint {done} in {ckpt.directory}; "
-                              "run the same command to resume")
+                        "run the same command to resume")
                     status = 128 + signals.received
                     break
         if pending is not None:
@@ -214,8 +214,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
             record(pending[0], pending[1], time.time() - t_prev)
     except NonFiniteLoss as e:
         good = ckpt.steps()
-        say(f"llmjax: {e}; stopping. Last good checkpoint: "
-                  f"{ckpt.directory / str(good[-1]) if good else 'none'}")
+        say(f"llmjax: {e}; stopping. Last good checkpoint: {ckpt.directory / str(good[-1]) if good else 'none'}")
         status = EXIT_FAILED
     finally:
         ckpt.close()

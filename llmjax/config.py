@@ -53,6 +53,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch | minimal
+    scan_layers: bool = True  # False: a Python loop over the same stacked params (faster small models)
     attention: str = "einsum"  # einsum | dot_product_attention (jax.nn: cuDNN on GPU)
 
     @property

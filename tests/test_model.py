@@ -412,3 +412,20 @@ def test_mqa_runs_on_a_tensor_mesh_and_matches_one_device():
     assert attn["q"]["kernel"].sharding.spec[2] == "tensor"
     np.testing.assert_allclose(mesh_loss, loss, rtol=RTOL)
     assert_trees_close(mesh_grads, grads)
+
+
+def test_unrolled_layers_equal_scanned_layers():
+    """model.scan_layers=false runs the same stacked parameters in a Python loop."""
+    for remat in ("none", "full"):
+        cfg = tiny_config(f"model.remat={remat}")
+        cfg_loop = tiny_config(f"model.remat={remat}", "model.scan_layers=false")
+        setup = build_setup(cfg, jax.devices()[:1])
+        params = setup.init_state().params
+        batch = packed_batch(cfg)
+        loop_model = Transformer(cfg_loop.model)
+        grads_of = jax.jit(batch_gradients, static_argnums=(0, 3, 4))
+        grads, m = grads_of(setup.model, params, batch, 0.0, 1)
+        grads_loop, m_loop = grads_of(loop_model, params, batch, 0.0, 1)
+        np.testing.assert_allclose(m_loop["loss"], m["loss"], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads_loop), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))

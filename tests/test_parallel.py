@@ -15,6 +15,8 @@ LAYOUTS = {
     "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
     "tensor4_data2": ("mesh.data=2", "mesh.tensor=4"),
     "data2_fsdp2_tensor2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+    # tiny_config runs the layers as a Python loop (the default preset); check nn.scan too.
+    "data2_fsdp2_tensor2_scanned": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.scan_layers=true"),
 }
 STEPS = 3
 RTOL, ATOL = 1e-5, 1e-6  # atol is relative to the largest entry of each tensor

@@ -37,7 +37,7 @@ def bench(cfg: Config, steps: int = 10) -> int:
     """Compile and time `steps` train steps of `cfg`; print the figures. Returns 0."""
     validate(cfg, jax.device_count())
     setup = build_setup(cfg)
-    counts = param_counts(setup.abstract_state.params)
+    counts = param_counts(setup.abstract_state.params, cfg.model)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, source = peak_flops(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
     state = setup.init_state()
@@ -65,7 +65,10 @@ def bench(cfg: Config, steps: int = 10) -> int:
         f"vocab {m.vocab_size}, batch {cfg.train.batch_size}x{cfg.data.seq_len}, "
         f"{m.compute_dtype} compute / {m.param_dtype} params, remat {m.remat}",
         f"{describe_mesh(setup.mesh)}",
-        f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding",
+        f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding, {counts['active']:,} active",
+        *([f"moe: {m.moe.num_experts} experts, top-{m.moe.top_k}, "
+           + (f"capacity factor {m.moe.capacity_factor}" if m.moe.capacity_factor > 0 else "dropless")
+           + f", {m.moe.shared_experts} shared (FLOPs/MFU count active experts only)"] if m.moe.enabled else []),
         f"flops/token: {fpt / 1e6:.2f} MFLOP (6N + 12*L*H*E*T)",
         f"compile time: {compile_s:.2f} s",
         f"step time: {step_s * 1e3:.1f} ms (mean of {steps} steps after {WARMUP_STEPS} warm-up)",

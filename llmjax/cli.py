@@ -2,6 +2,16 @@
 
   llmjax train [--config FILE] [--workdir DIR] [section.key=value ...]
   llmjax bench [--config FILE] [--steps N] [section.key=value ...]
+  llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
+  llmjax eval --workdir DIR [--split validation|train] [--int8]
+  llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N]
+  llmjax sweep run SPEC [--workdir DIR] [--dry-run] | llmjax sweep collect DIR
+  llmjax fit --csv runs.csv --out DIR [--budgets 1e18,1e19] [--holdout largest]
+  llmjax plot --csv runs.csv --fit DIR/fit.json --out DIR
+
+Multi-process runs (one process per host, GPU or CPU-device group) add
+`--coordinator HOST:PORT --num-processes N --process-id I` (or the LLMJAX_* variables
+that launch/local.sh sets); TPU pods and Slurm job steps are detected automatically.
 
 Exit status: 0 success, 2 usage or configuration error (reported before anything is
 compiled), 1 a run that failed (e.g. a non-finite loss), 128+N after signal N (the run
@@ -16,6 +26,8 @@ import sys
 from pathlib import Path
 
 from llmjax.config import Config, ConfigError, load_config
+from llmjax.infer.cli_args import INFER_VERBS, add_arguments
+from llmjax.scaling import cli_args as scaling_cli
 
 EXIT_USAGE = 2
 
@@ -27,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     def add_config_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="YAML config (default: experiments/configs/default.yaml)")
         sp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        g = sp.add_argument_group("multi-process (default: auto-detect a TPU pod or Slurm step, else one process)")
+        g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+        g.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+        g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
 
     t = sub.add_parser("train", help="train a model (resumes from the workdir's newest checkpoint)")
     add_config_args(t)
@@ -34,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="print tokens/s, step time, MFU, compile time and memory for a config")
     add_config_args(b)
     b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    add_arguments(sub)
+    scaling_cli.add_arguments(sub)
     return p
 
 
@@ -60,9 +78,18 @@ def _checkpoint_error() -> type[Exception]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.verb in INFER_VERBS:
+            from llmjax.infer.commands import run
+
+            return run(args)
+        if args.verb in scaling_cli.SCALING_VERBS:
+            return scaling_cli.run(args)
         if args.verb == "bench" and args.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {args.steps}")
         cfg = load_config(args.config, args.overrides)
+        from llmjax.parallel.distributed import initialize
+
+        initialize(cfg, args.coordinator, args.num_processes, args.process_id)  # before any device use
         setup_jax(cfg)
         if args.verb == "train":
             from llmjax.train.loop import train

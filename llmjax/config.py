@@ -28,6 +28,31 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (`model.moe.*`). `num_experts=0`: a dense model.
+
+    Each MoE layer routes every token to `top_k` of `num_experts` expert MLPs (each of the
+    dense MLP's kind and width `model.d_ff`) with a float32 linear router, plus
+    `shared_experts` x d_ff of always-on (shared) MLP width. See `llmjax.models.moe`.
+    """
+
+    num_experts: int = 0  # 0: dense
+    top_k: int = 2
+    capacity_factor: float = 0.0  # <= 0: dropless (grouped matmul); > 0: fixed capacity, overflow dropped
+    every: int = 1  # every `every`-th layer is MoE (layers every-1, 2*every-1, ...), dense layers between
+    shared_experts: int = 0  # always-on MLP of width shared_experts * d_ff (DeepSeek style)
+    aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
+    z_loss_weight: float = 0.001  # router z-loss
+    score: str = "softmax"  # softmax | sigmoid
+    renormalize: bool = True  # top-k weights divided by their sum
+    router_jitter: float = 0.0  # training only: router input scaled by U(1-j, 1+j) (needs a "router" rng)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and numerics. LLaMA-style by default; GPT-2 style via norm/position/mlp.
 
@@ -55,6 +80,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | dots_no_batch | minimal
     scan_layers: bool = True  # False: a Python loop over the same stacked params (faster small models)
     attention: str = "einsum"  # einsum | dot_product_attention (jax.nn: cuDNN on GPU)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -83,11 +109,19 @@ class DataConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Device mesh sizes (-1 takes the remaining devices) and logical-axis rule overrides."""
+    """Device mesh sizes (-1 takes the remaining devices) and logical-axis rule overrides.
+
+    `data`, `fsdp`, `tensor` are the sizes within one slice (ICI). The `dcn_*` sizes split
+    the same axes across slices (multi-slice TPU, over the data-centre network): the axis
+    `data` then has `dcn_data * data` devices. They are not mesh axes of their own.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     # Overrides of the logical->mesh rules, e.g. {"embed": null, "vocab": ["tensor"]}.
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -141,6 +175,22 @@ class SampleConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Multi-process runtime (`jax.distributed`). Unset: auto-detect (TPU pod, Slurm), else one process.
+
+    The CLI flags `--coordinator/--num-processes/--process-id` and the environment variables
+    `LLMJAX_COORDINATOR/LLMJAX_NUM_PROCESSES/LLMJAX_PROCESS_ID` (set by launch/local.sh)
+    take precedence over these keys.
+    """
+
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int = 0  # 0: unset
+    process_id: int = -1  # -1: unset
+    auto_detect: bool = True  # call jax.distributed.initialize() on a detected TPU pod / Slurm job
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+
+@dataclasses.dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -151,6 +201,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 # ----------------------------------------------------------------------------- building
@@ -335,8 +386,30 @@ def _positive(cfg: Any, section: str, *names: str) -> None:
 
 
 def mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
-    """Resolve -1 entries of the mesh against `n_devices`; raise ConfigError if impossible."""
-    sizes = {name: getattr(mesh, name) for name in mesh_axis_names()}
+    """Resolve -1 entries of the mesh against `n_devices`; raise ConfigError if impossible.
+
+    Returns the total size of every axis (ICI size x DCN size).
+    """
+    ici, dcn = hybrid_mesh_shape(mesh, n_devices)
+    return {name: ici[name] * dcn[name] for name in ici}
+
+
+def hybrid_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(per-slice ICI sizes, across-slice DCN sizes) of every mesh axis, -1 resolved.
+
+    The product of all ICI and DCN sizes must equal `n_devices`; raise ConfigError otherwise.
+    """
+    names = mesh_axis_names()
+    dcn = {name: getattr(mesh, f"dcn_{name}") for name in names}
+    for name, size in dcn.items():
+        if size < 1:
+            raise ConfigError(f"mesh.dcn_{name} must be a positive size, got {size}")
+    slices = math.prod(dcn.values())
+    if n_devices % slices:
+        shape = " x ".join(f"dcn_{n}={s}" for n, s in dcn.items())
+        raise ConfigError(f"mesh: {shape} = {slices} slices do not divide the {n_devices} available devices")
+    per_slice = n_devices // slices
+    sizes = {name: getattr(mesh, name) for name in names}
     for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name} must be a positive size or -1, got {size}")
@@ -344,22 +417,26 @@ def mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
     if len(free) > 1:
         raise ConfigError(f"only one mesh axis may be -1, got {', '.join('mesh.' + n for n in free)}")
     fixed = math.prod(s for s in sizes.values() if s != -1)
+    where = f"the {per_slice} devices of each of the {slices} slices" if slices > 1 else \
+        f"the {n_devices} available devices"
     if free:
-        if n_devices % fixed:
-            raise ConfigError(
-                f"mesh: the fixed axes ({fixed} devices) do not divide the {n_devices} available devices "
-                f"for mesh.{free[0]}=-1"
-            )
-        sizes[free[0]] = n_devices // fixed
-    elif fixed != n_devices:
+        if per_slice % fixed:
+            raise ConfigError(f"mesh: the fixed axes ({fixed} devices) do not divide {where} for mesh.{free[0]}=-1")
+        sizes[free[0]] = per_slice // fixed
+    elif fixed != per_slice:
         shape = " x ".join(f"{n}={s}" for n, s in sizes.items())
+        if slices > 1:
+            dshape = " x ".join(f"dcn_{n}={s}" for n, s in dcn.items())
+            raise ConfigError(f"mesh: ({shape}) x ({dshape}) = {fixed * slices} devices, but {n_devices} devices "
+                              "are available")
         raise ConfigError(f"mesh: {shape} = {fixed} devices, but {n_devices} devices are available")
-    return sizes
+    return sizes, dcn
 
 
 def mesh_axis_names() -> tuple[str, ...]:
     """Mesh axes in device order (outermost first). New axes are added here and in MeshConfig."""
-    return tuple(f.name for f in dataclasses.fields(MeshConfig) if f.type in ("int", int))
+    return tuple(f.name for f in dataclasses.fields(MeshConfig)
+                 if f.type in ("int", int) and not f.name.startswith("dcn_"))
 
 
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:
@@ -386,6 +463,8 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
             f"model.position=rope needs an even head dimension (model.head_dim, or model.d_model // model.n_heads), "
             f"got {m.resolved_head_dim}"
         )
+
+    _validate_moe(m)
 
     _positive(d, "data", "seq_len")
     if d.seq_len > m.max_seq_len:
@@ -434,7 +513,32 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
             f"mesh.data x mesh.fsdp = {shape['data']} x {shape['fsdp']} = {batch_shards}"
         )
     _check_rules(cfg.mesh.rules)
+    dist = cfg.distributed
+    if dist.num_processes < 0 or dist.process_id < -1 or dist.initialization_timeout <= 0:
+        raise ConfigError("distributed.num_processes must be >= 0, distributed.process_id >= -1 and "
+                          "distributed.initialization_timeout positive")
     return shape
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    if e.num_experts < 0:
+        raise ConfigError(f"model.moe.num_experts must be >= 0 (0 = dense), got {e.num_experts}")
+    if not e.enabled:
+        return
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.num_experts={e.num_experts}]")
+    if e.every < 1:
+        raise ConfigError(f"model.moe.every must be >= 1, got {e.every}")
+    if m.n_layers % e.every:
+        raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by model.moe.every={e.every}")
+    if e.shared_experts < 0:
+        raise ConfigError(f"model.moe.shared_experts must be >= 0, got {e.shared_experts}")
+    if e.aux_loss_weight < 0 or e.z_loss_weight < 0:
+        raise ConfigError("model.moe.aux_loss_weight and model.moe.z_loss_weight must be >= 0")
+    if not 0.0 <= e.router_jitter < 1.0:
+        raise ConfigError(f"model.moe.router_jitter must be in [0, 1), got {e.router_jitter}")
+    _choice("model.moe.score", e.score, ("softmax", "sigmoid"))
 
 
 def _check_rules(rules: dict[str, Any]) -> None:

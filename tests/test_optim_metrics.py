@@ -293,7 +293,7 @@ def test_flops_and_param_counts_match_hand_count(model: ModelConfig) -> None:
     total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
     positions = model.max_seq_len if model.position == "learned" else 0
     embeddings = (model.vocab_size + positions) * model.d_model
-    assert counts == {"total": total, "non_embedding": total - embeddings}
+    assert counts == {"total": total, "non_embedding": total - embeddings, "active": total}
     assert M.param_counts(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape), tree)) == counts
 
 

@@ -168,14 +168,17 @@ def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.
     return out.astype(x_BLHE.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array | None = None) -> jax.Array:
+def attention_mask(segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array | None = None,
+                   q_offset: jax.Array | int = 0) -> jax.Array:
     """Causal mask restricted to tokens of the same document: [B, 1, L, S] bool.
 
-    Query i may attend to key j iff j <= i and both belong to the same segment.
+    Query i may attend to key j iff j <= i + q_offset and both belong to the same segment.
+    `q_offset` is the slot of the first query in the key sequence (a KV cache's fill level;
+    0 when queries and keys are the same tokens).
     """
     kv = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
     L, S = segment_ids_BL.shape[1], kv.shape[1]
-    causal = jnp.arange(L)[:, None] >= jnp.arange(S)[None, :]
+    causal = (jnp.arange(L) + q_offset)[:, None] >= jnp.arange(S)[None, :]
     same_doc = segment_ids_BL[:, :, None] == kv[:, None, :]
     return (causal[None] & same_doc)[:, None]
 
@@ -214,7 +217,16 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, kv_segment_ids_BS: jax.Array | None = None,
+                 cache_index: jax.Array | None = None) -> Any:
+        """Without `kv_cache`: attention over `x` itself -> [B, L, D].
+
+        With `kv_cache` = (k [B, S, K, E], v [B, S, K, E]): this chunk's keys/values are written
+        at slots [cache_index, cache_index + L) and the queries attend over the whole cache,
+        masked by `kv_segment_ids_BS` (the cache's segment ids, this chunk's already written;
+        0 marks an empty or padding slot) -> ([B, L, D], (new k, new v)).
+        """
         cfg = self.cfg
         E, H, K = cfg.resolved_head_dim, cfg.n_heads, cfg.n_kv_heads
         common = dict(
@@ -229,10 +241,22 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q = apply_rope(q, positions_BL, cfg.rope_theta)
             k = apply_rope(k, positions_BL, cfg.rope_theta)
-        out = dot_product_attention(q, k, v, attention_mask(segment_ids_BL), cfg.attention)
+        if kv_cache is None:
+            out = dot_product_attention(q, k, v, attention_mask(segment_ids_BL), cfg.attention)
+            new_cache = None
+        else:
+            cache_axes = ("act_batch", None, "act_kv_heads", None)
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            k_all, v_all = constrain(k_all, cache_axes), constrain(v_all, cache_axes)
+            mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, cache_index)
+            out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.attention)
+            new_cache = (k_all, v_all)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        return Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)
+        out = Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)
+        return out if kv_cache is None else (out, new_cache)
 
 
 _ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}

@@ -4,6 +4,11 @@ The mesh axes are the integer fields of `MeshConfig`, outermost first (`data`, `
 `tensor`, ...); a new parallelism axis is a new field there and a rule in
 `parallel.rules`, not a change here. Axes are GSPMD-style (`AxisType.Auto`): the
 compiler propagates shardings from the annotations the model makes.
+
+Multi-slice (hybrid) meshes: when any `mesh.dcn_*` size is above 1, the devices are laid
+out by `mesh_utils.create_hybrid_device_mesh`: each axis is `dcn_<axis> x <axis>`, with
+the DCN part outermost, so the fast ICI links carry the inner (per-slice) part of every
+axis and only the DCN part crosses slices (put data parallelism there).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from llmjax.config import MeshConfig, mesh_axis_names, mesh_shape
+from llmjax.config import ConfigError, MeshConfig, hybrid_mesh_shape, mesh_axis_names
 
 
 def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -24,14 +29,37 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     """
     explicit = devices is not None
     devices = list(devices) if explicit else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
+    ici, dcn = hybrid_mesh_shape(cfg, len(devices))
     names = mesh_axis_names()
-    sizes = tuple(shape[n] for n in names)
+    sizes = tuple(ici[n] * dcn[n] for n in names)
     types = (AxisType.Auto,) * len(names)
+    if any(s > 1 for s in dcn.values()):
+        return Mesh(hybrid_device_array(ici, dcn, devices), names, axis_types=types)
     if explicit:
         return Mesh(np.asarray(devices, dtype=object).reshape(sizes), names, axis_types=types)
     # make_mesh orders devices for the physical topology (ICI rings on TPU).
     return jax.make_mesh(sizes, names, axis_types=types)
+
+
+def hybrid_device_array(ici: dict[str, int], dcn: dict[str, int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices laid out for ICI sizes within a slice and DCN sizes across slices.
+
+    Slices are the devices' `slice_index` (multi-slice TPU); where all devices share one
+    (GPU clusters, CPU), each process is a slice. ConfigError if the sizes do not fit.
+    """
+    from jax.experimental import mesh_utils
+
+    names = mesh_axis_names()
+    slice_ids = {getattr(d, "slice_index", None) for d in devices}
+    process_is_granule = len(slice_ids) <= 1
+    try:
+        return mesh_utils.create_hybrid_device_mesh(
+            [ici[n] for n in names], [dcn[n] for n in names], devices, process_is_granule=process_is_granule
+        )
+    except (ValueError, AssertionError, NotImplementedError) as e:
+        granules = "processes" if process_is_granule else "slices"
+        dcn_shape = " x ".join(f"dcn_{n}={dcn[n]}" for n in names)
+        raise ConfigError(f"mesh: cannot lay out {dcn_shape} over the {granules} of this run: {e}") from None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

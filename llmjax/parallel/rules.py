@@ -34,6 +34,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "layers": (),
     "norm": (),
+    "expert": (),  # MoE expert dimension; the `expert` mesh axis (expert parallelism) is not built yet
     # activations
     "act_batch": ("data", "fsdp"),
     "act_length": (),
@@ -42,6 +43,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
+    "act_expert": (),
 }
 LOGICAL_AXES = tuple(DEFAULT_RULES)
 

@@ -84,6 +84,27 @@ class Checkpointer:
             )
         return None
 
+    def restore_params(self, abstract_params: Any) -> tuple[int, Any]:
+        """Only the model parameters of the newest readable checkpoint, as (step, params).
+
+        `abstract_params` (ShapeDtypeStructs with shardings) gives the target layout; the
+        optimizer state is not read. Raises CheckpointError when there is no checkpoint or
+        none is readable (nothing is moved: inference never modifies a workdir)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        item = {"params": abstract_params}
+        failures = []
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+                return step, restored.state["params"]
+            except Exception as e:  # orbax raises many types for unreadable files
+                failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]))
+        raise CheckpointError(f"no checkpoint in {self.directory} could be restored:\n  "
+                              + "\n  ".join(f"step {s}: {r}" for s, r in failures))
+
     def _move_aside(self, step: int) -> None:
         if not self.primary:
             return

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
-from llmjax.config import Config, ConfigError, load_yaml, save_config, to_dict, validate
+from llmjax.config import Config, ConfigError, _deep_merge, load_yaml, save_config, to_dict, validate
 from llmjax.data.pipeline import DataModule
 from llmjax.infer.sample import generate
 from llmjax.parallel.mesh import describe as describe_mesh
@@ -55,7 +56,9 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     saved_path = workdir / "config.yaml"
     if not saved_path.exists() or not (workdir / "checkpoints").exists():
         return
-    saved, now = load_yaml(saved_path), to_dict(cfg)
+    # Keys the saved file lacks (added to the config since, e.g. model.moe) take today's defaults,
+    # which by convention keep the old behaviour.
+    saved, now = _deep_merge(to_dict(Config()), load_yaml(saved_path)), to_dict(cfg)
     for key in RESUME_KEYS:
         a, b = _lookup(saved, key), _lookup(now, key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -91,6 +94,37 @@ class _Signals:
             signal.signal(s, h)
 
 
+def agree_on_signal(received: int | None) -> int | None:
+    """The signal any process has received (the largest), or None: a collective that every process
+    calls at the same step, so that all of them stop at the same step (otherwise the ones still
+    stepping would wait forever in the next step's collectives)."""
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.int32(received or 0))
+    return int(np.max(got)) or None
+
+
+def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
+    """Which contiguous block of `batch_size / process_count` rows of each global batch this
+    process's devices hold (the process reads exactly those rows). ConfigError when the batch
+    sharding does not give every process one such block (e.g. a batch replicated across hosts)."""
+    B, L = setup.cfg.train.batch_size, setup.cfg.data.seq_len
+    if process_count == 1:
+        return 0
+    rows: set[int] = set()
+    for index in setup.batch_sharding.addressable_devices_indices_map((B, L)).values():
+        rows.update(range(*index[0].indices(B)[:2]))
+    b = B // process_count
+    lo = min(rows)
+    if len(rows) != b or lo % b or rows != set(range(lo, lo + b)):
+        raise ConfigError(
+            f"process {process_index} of {process_count} holds batch rows {sorted(rows)[:4]}... ({len(rows)} of "
+            f"{B}); each process must hold a distinct block of {b} rows: shard the batch over every process "
+            "(mesh.data x mesh.fsdp a multiple of the process count)"
+        )
+    return lo // b
+
+
 def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> float:
     """Mean validation NLL per token over `eval.batches` batches."""
     nll, weight = 0.0, 0.0
@@ -110,16 +144,20 @@ def train(cfg: Config, workdir: str | Path) -> int:
     check_resumable(cfg, workdir)
 
     t_start = time.time()
-    data = DataModule(cfg, jax.process_index(), jax.process_count())
+    setup = build_setup(cfg)
+    multi = jax.process_count() > 1
+    # Each process reads only the rows of every global batch that its devices hold.
+    data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count())
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary:
         save_config(cfg, workdir / "config.yaml")
-    setup = build_setup(cfg)
-    counts = param_counts(setup.abstract_state.params)
+    counts = param_counts(setup.abstract_state.params, cfg.model)
     L = cfg.data.seq_len
     fpt = flops_per_token(cfg.model, L)
     peak, peak_source = peak_flops(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
-    log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding; "
+    active = f", {counts['active']:,} active" if cfg.model.moe.enabled else ""
+    log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding"
+        f"{active}; "
         f"{fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary)
@@ -191,9 +229,10 @@ def train(cfg: Config, workdir: str | Path) -> int:
                 t_prev = now
             pending = (step, metrics)
             done = step + 1
+            stop = agree_on_signal(signals.received) if multi else signals.received
             ckpt_due = cfg.checkpoint.every_steps > 0 and done % cfg.checkpoint.every_steps == 0
             eval_due = cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0
-            if ckpt_due or eval_due or done == steps or signals.received:
+            if ckpt_due or eval_due or done == steps or stop:
                 jax.block_until_ready(metrics)
                 now = time.time()
                 record(step, metrics, now - t_prev)
@@ -201,13 +240,13 @@ def train(cfg: Config, workdir: str | Path) -> int:
                 if eval_due or done == steps:
                     run_eval(done)
                     t_prev = time.time()
-                if ckpt_due or done == steps or signals.received:
+                if ckpt_due or done == steps or stop:
                     save(done)
-                if signals.received:
-                    name = signal.Signals(signals.received).name
+                if stop:
+                    name = signal.Signals(stop).name
                     say(f"{name} received: saved checkpoint {done} in {ckpt.directory}; "
                         "run the same command to resume")
-                    status = 128 + signals.received
+                    status = 128 + stop
                     break
         if pending is not None:
             jax.block_until_ready(pending[1])

@@ -39,20 +39,28 @@ def _last_dict_key(path: tuple[Any, ...]) -> str | None:
     return None
 
 
-def param_counts(params: Any) -> dict[str, int]:
-    """`total` parameters and `non_embedding` (total minus every `embedding` leaf).
+def param_counts(params: Any, model: ModelConfig | None = None) -> dict[str, int]:
+    """`total` parameters, `non_embedding` (total minus every `embedding` leaf) and `active`.
 
     Embedding leaves are the token table and, with learned positions, the position table; an
-    untied `lm_head` counts as non-embedding. Works on arrays and on abstract shapes
-    (`jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`), boxed or not.
+    untied `lm_head` counts as non-embedding. `active` is what one token uses: the total for a
+    dense model; for a Mixture-of-Experts `model` the routed expert weights (leaves under an
+    `experts` module) count top_k / num_experts of their size, while routers and shared
+    experts count whole. Without `model`, active = total. Works on arrays and on abstract
+    shapes (`jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`), boxed or not.
     """
-    total = embedding = 0
+    total = embedding = experts = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         n = math.prod(getattr(leaf, "shape", np.shape(leaf)))
         total += n
         if _last_dict_key(path) == "embedding":
             embedding += n
-    return {"total": int(total), "non_embedding": int(total - embedding)}
+        if any(isinstance(e, jax.tree_util.DictKey) and e.key == "experts" for e in path):
+            experts += n
+    active = total
+    if model is not None and model.moe.enabled:
+        active = total - experts + experts * model.moe.top_k // model.moe.num_experts
+    return {"total": int(total), "non_embedding": int(total - embedding), "active": int(active)}
 
 
 def mlp_matrices(mlp: str) -> int:
@@ -67,10 +75,18 @@ def matmul_params(model: ModelConfig) -> int:
     H = n_heads, K = n_kv_heads, h = head_dim, F = d_ff, m = `mlp_matrices`. Plus the LM head
     V·d, which is the embedding table when embeddings are tied. The embedding lookup (and a
     learned position table) is a gather, not a matmul, so it is not counted.
+
+    Mixture-of-Experts layers (n_layers / every of them) count only what a token uses: its top_k
+    experts and the shared experts, (top_k + shared_experts)·m·d·F, plus the router d·X (X = num_experts). The
+    capacity path's one-hot dispatch/combine einsums are routing overhead, not counted.
     """
     d, h = model.d_model, model.resolved_head_dim
     attn = d * model.n_heads * h * 2 + d * model.n_kv_heads * h * 2
     mlp = mlp_matrices(model.mlp) * d * model.d_ff
+    if model.moe.enabled:
+        n_moe = model.n_layers // model.moe.every
+        moe = mlp * (model.moe.top_k + model.moe.shared_experts) + d * model.moe.num_experts
+        return model.n_layers * attn + n_moe * moe + (model.n_layers - n_moe) * mlp + model.vocab_size * d
     return model.n_layers * (attn + mlp) + model.vocab_size * d
 
 
@@ -82,6 +98,9 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     the weight): 6 FLOPs per matmul parameter per token, hence 6·N with N = `matmul_params(model)`
     (all dense kernels of the layers + the LM head V·d, tied or not; the embedding lookup is
     not a matmul; biases, norms, softmax and RoPE are ignored).
+
+    For Mixture-of-Experts models N counts only the active experts and the router (see
+    `matmul_params`), so MFU is measured against the active FLOPs.
 
     Attention adds two activation-activation matmuls per layer and head: Q·K^T and A·V, each
     T·h MACs per query token, so 2·2·T·h FLOPs forward and ×3 for forward+backward:

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Submit launch/slurm_gpu.sbatch with the node, GPU and task counts filled in consistently.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: launch/slurm_submit.sh [options] -- COMMAND [ARGS...]
+
+Submits launch/slurm_gpu.sbatch, which runs COMMAND (e.g. `llmjax train --workdir
+/shared/runs/x ...`) with srun on every node as one jax.distributed run.
+
+Options:
+  --nodes N            nodes [8]
+  --gpus-per-node G    GPUs per node [8]
+  --per-gpu            one process per GPU (default)
+  --per-node           one process per node, seeing all its GPUs
+  --partition P        Slurm partition
+  --account A          Slurm account
+  --time T             time limit [24:00:00]
+  --job-name NAME      job name [llmjax]
+  --cpus-per-task C    CPUs per process [8 per GPU / 8*G per node]
+  --dry-run            print the sbatch command and the srun line the job would run; submit nothing
+  -h, --help           show this help
+
+Example (8 nodes x 8 H100):
+  launch/slurm_submit.sh --nodes 8 --gpus-per-node 8 --partition h100 -- \
+    llmjax train --config experiments/configs/default.yaml --workdir /shared/runs/h100 mesh.fsdp=8
+USAGE
+}
+
+# POSIX shell quoting, pasteable into any sh (unlike printf %q, never $'...').
+shquote() {
+  local out="" arg q="'"
+  for arg in "$@"; do
+    if [[ -n "$arg" && "$arg" =~ ^[-A-Za-z0-9_./=:,@+%]+$ ]]; then
+      out+="$arg "
+    else
+      out+="'${arg//$q/$q\\$q$q}' "
+    fi
+  done
+  printf '%s' "${out% }"
+}
+
+die() {
+  echo "slurm_submit.sh: $*" >&2
+  echo "Try 'launch/slurm_submit.sh --help'." >&2
+  exit 2
+}
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+nodes=8
+gpus=8
+mode=per-gpu
+partition=""
+account=""
+time_limit="24:00:00"
+job_name="llmjax"
+cpus=""
+dry_run=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --nodes) [[ $# -ge 2 ]] || die "--nodes needs a value"; nodes="$2"; shift 2 ;;
+    --gpus-per-node) [[ $# -ge 2 ]] || die "--gpus-per-node needs a value"; gpus="$2"; shift 2 ;;
+    --per-gpu) mode=per-gpu; shift ;;
+    --per-node) mode=per-node; shift ;;
+    --partition) [[ $# -ge 2 ]] || die "--partition needs a value"; partition="$2"; shift 2 ;;
+    --account) [[ $# -ge 2 ]] || die "--account needs a value"; account="$2"; shift 2 ;;
+    --time) [[ $# -ge 2 ]] || die "--time needs a value"; time_limit="$2"; shift 2 ;;
+    --job-name) [[ $# -ge 2 ]] || die "--job-name needs a value"; job_name="$2"; shift 2 ;;
+    --cpus-per-task) [[ $# -ge 2 ]] || die "--cpus-per-task needs a value"; cpus="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; break ;;
+    *) die "unknown option $1 (the command goes after --)" ;;
+  esac
+done
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
+[[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$gpus'"
+
+if [[ "$mode" == per-gpu ]]; then
+  tasks="$gpus"
+  cpus="${cpus:-8}"
+else
+  tasks=1
+  cpus="${cpus:-$((8 * gpus))}"
+fi
+[[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, got '$cpus'"
+
+sbatch_args=(--job-name="$job_name" --nodes="$nodes" --gpus-per-node="$gpus" --ntasks-per-node="$tasks"
+  --cpus-per-task="$cpus" --time="$time_limit")
+if [[ -n "$partition" ]]; then
+  sbatch_args+=(--partition="$partition")
+fi
+if [[ -n "$account" ]]; then
+  sbatch_args+=(--account="$account")
+fi
+cmd=(sbatch "${sbatch_args[@]}" "$here/slurm_gpu.sbatch" "--$mode" -- "$@")
+
+if [[ $dry_run -eq 1 ]]; then
+  quoted="$(shquote "${cmd[@]}")"
+  printf '%s\n' "$quoted"
+  # The srun line the job will run (its first node is only known once the job starts).
+  SLURM_JOB_NUM_NODES="$nodes" SLURM_GPUS_ON_NODE="$gpus" SLURM_CPUS_PER_TASK="$cpus" SLURM_JOB_NODELIST="" \
+    "$here/slurm_gpu.sbatch" --dry-run "--$mode" -- "$@"
+  exit 0
+fi
+exec "${cmd[@]}"

@@ -1,0 +1,303 @@
+"""`llmjax generate | eval | bench-generate`: inference on a training workdir.
+
+A workdir gives everything: the model (WORKDIR/config.yaml), the parameters (the newest
+checkpoint; only the parameters are read) and the tokenizer (the cached one the run was
+trained with, found from the config's data section). Errors in the input (no checkpoint,
+empty or too long prompt, invalid sampling values) raise ConfigError: exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from llmjax.config import Config, ConfigError, MeshConfig, load_config
+from llmjax.infer.engine import Engine
+from llmjax.infer.quantize import dequantize, nbytes, quantize
+from llmjax.infer.sampling import SamplingParams
+from llmjax.models.transformer import Transformer
+from llmjax.parallel.mesh import build_mesh
+from llmjax.parallel.rules import logical_to_spec, make_rules, tree_shardings, use_sharding
+
+# ----------------------------------------------------------------------------- loading
+
+
+class Loaded:
+    """A workdir's config, mesh, rules, parameters (sharded) and checkpoint step."""
+
+    def __init__(self, workdir: str | Path):
+        from llmjax.cli import setup_jax
+        from llmjax.train.checkpoint import Checkpointer
+
+        self.workdir = Path(workdir)
+        cfg_path = self.workdir / "config.yaml"
+        if not self.workdir.is_dir():
+            raise ConfigError(f"--workdir: {self.workdir} is not a directory")
+        if not cfg_path.is_file():
+            raise ConfigError(f"--workdir: {cfg_path} not found (is {self.workdir} a training run directory?)")
+        ckpt_dir = self.workdir / "checkpoints"
+        if not ckpt_dir.is_dir() or not any(d.name.isdigit() for d in ckpt_dir.iterdir()):
+            raise ConfigError(f"--workdir: no checkpoint in {ckpt_dir} (train first: llmjax train --workdir "
+                              f"{self.workdir})")
+        self.cfg: Config = load_config(str(cfg_path))
+        setup_jax(self.cfg)
+        self.mesh, self.rules = inference_mesh(self.cfg)
+        model = Transformer(self.cfg.model)
+        boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.PRNGKey(0))
+        shardings = tree_shardings(nn.get_partition_spec(boxed), self.mesh, self.rules)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                nn.meta.unbox(boxed), shardings)
+        ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
+        try:
+            self.step, self.params = ckpt.restore_params(abstract)
+        finally:
+            ckpt.close()
+        print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)
+
+    def tokenizer(self) -> Any:
+        from llmjax.data.sources import load_corpus
+        from llmjax.data.tokenizer import load_or_train_tokenizer
+
+        return load_or_train_tokenizer(self.cfg, load_corpus(self.cfg))
+
+    def engine(self, int8: bool = False) -> Engine:
+        params, transform = self.params, None
+        if int8:
+            params = jax.jit(quantize)(self.params)
+            dt = jnp.dtype(self.cfg.model.param_dtype)
+            transform = lambda p: dequantize(p, dt)  # noqa: E731
+        return Engine(self.cfg.model, params, self.mesh, self.rules, transform)
+
+
+def inference_mesh(cfg: Config) -> tuple[Any, Any]:
+    """Batch over `data` (all devices not used by `tensor`), heads over the run's `tensor` size when it fits."""
+    n = jax.device_count()
+    tensor = cfg.mesh.tensor if cfg.mesh.tensor > 0 and n % cfg.mesh.tensor == 0 else 1
+    mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=tensor, rules=cfg.mesh.rules)
+    mesh = build_mesh(mesh_cfg)
+    return mesh, make_rules(mesh_cfg.rules, dict(mesh.shape), cfg.model.n_kv_heads)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(args, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, beams=args.beams, seed=args.seed, stop=tuple(args.stop)).validate()
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file: {path} not found")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"--prompt-file: {path} holds no prompt")
+        prompts += lines
+    if not prompts:
+        raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError(f"prompt {i + 1} is empty")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sp = sampling_params(args)
+    prompts = read_prompts(args)
+    loaded = Loaded(args.workdir)
+    tok = loaded.tokenizer()
+    ids = tok.encode(prompts)
+    engine = loaded.engine(args.int8)
+    engine.check_prompts(ids)
+    if any(len(p) + sp.max_new_tokens > loaded.cfg.model.max_seq_len for p in ids):
+        print(f"llmjax: note: generation stops when the context of {loaded.cfg.model.max_seq_len} tokens is full",
+              file=sys.stderr)
+    stream = len(prompts) == 1 and sp.beams == 1
+    if stream:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+    def on_text(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    results = engine.generate(ids, sp, tok.eos_id, tok, on_text if stream else None)
+    dt = time.perf_counter() - t0
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
+            print(f"=== {i + 1} ===\n{p}{r.text}")
+    n = sum(len(r.tokens) for r in results)
+    why = ", ".join(sorted({r.finish for r in results}))
+    print(f"llmjax: {n} new tokens in {dt:.2f}s (including compilation); stopped by: {why}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def token_bytes(tokenizer: Any) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (byte-fallback pieces 1, special tokens 0)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
+    out = np.zeros(sp.get_piece_size(), np.int64)
+    for i in range(len(out)):
+        if sp.is_byte(i):
+            out[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], transform: Any = None
+             ) -> tuple[float, float]:
+    """-> (summed NLL in nats, summed weight) over `batches`."""
+    from llmjax.train.step import make_eval_step
+
+    model = Transformer(loaded.cfg.model)
+    step = make_eval_step(model)
+
+    def fn(p, batch):
+        with use_sharding(loaded.mesh, loaded.rules):
+            return step(transform(p) if transform else p, batch)
+
+    jitted = jax.jit(fn)
+    spec = logical_to_spec(("act_batch", "act_length"), loaded.rules)
+    nll, weight = 0.0, 0.0
+    for b in batches:
+        rows = next(iter(b.values())).shape[0]
+        sharded = rows % int(np.prod([loaded.mesh.shape[a] for a in (spec[0] or ())] or [1])) == 0
+        put = (lambda x: jax.device_put(x, NamedSharding(loaded.mesh, spec))) if sharded else jnp.asarray
+        s = jax.device_get(jitted(params, {k: put(v) for k, v in b.items()}))
+        nll += float(s["nll_sum"])
+        weight += float(s["weight_sum"])
+    return nll, weight
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmjax.data.pipeline import DataModule
+
+    if args.batches is not None and args.batches < 1:
+        raise ConfigError(f"--batches must be >= 1, got {args.batches}")
+    loaded = Loaded(args.workdir)
+    cfg = loaded.cfg
+    data = DataModule(cfg)
+    n = args.batches or cfg.eval.batches or 16
+    if args.split == "validation":
+        if data.num_eval_rows < cfg.train.batch_size:
+            raise ConfigError(f"the validation split has {data.num_eval_rows} rows, fewer than a batch of "
+                              f"{cfg.train.batch_size}")
+        batches = []
+        for b in data.eval_batches():  # eval.batches of them (0 = all)
+            batches.append(b)
+        if args.batches:
+            batches = batches[: args.batches]
+    else:
+        it = data.train_iterator(0)
+        batches = [next(it) for _ in range(n)]
+    nbytes_tok = token_bytes(data.tokenizer)
+    total_bytes = sum(float((nbytes_tok[b["targets"]] * b["weights"]).sum()) for b in batches)
+    tokens = sum(int(b["weights"].sum()) for b in batches)
+
+    def report(label: str, nll: float, weight: float) -> float:
+        loss = nll / max(weight, 1.0)
+        bpb = nll / math.log(2) / max(total_bytes, 1.0)
+        print(f"{label}loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.3f}  bits/byte {bpb:.4f}")
+        return loss
+
+    print(f"{args.split}: {len(batches)} batches, {tokens} tokens, {int(total_bytes)} bytes; checkpoint step "
+          f"{loaded.step}")
+    loss = report("float: " if args.int8 else "", *evaluate(loaded, loaded.params, batches))
+    if args.int8:
+        q = jax.jit(quantize)(loaded.params)
+        dt = jnp.dtype(cfg.model.param_dtype)
+        loss8 = report("int8:  ", *evaluate(loaded, q, batches, lambda p: dequantize(p, dt)))
+        fb, qb = nbytes(loaded.params), nbytes(q)
+        print(f"int8 weights: {qb / 2**20:.2f} MiB vs {fb / 2**20:.2f} MiB ({cfg.model.param_dtype}), "
+              f"{100 * (1 - qb / fb):.1f}% saved; perplexity change {100 * (math.exp(loss8 - loss) - 1):+.2f}%")
+    return 0
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmjax.infer.sample import generate as uncached_generate
+
+    if min(args.batch, args.prompt_len, args.new_tokens) < 1:
+        raise ConfigError("--batch, --prompt-len and --new-tokens must be >= 1")
+    loaded = Loaded(args.workdir)
+    m = loaded.cfg.model
+    if args.prompt_len + args.new_tokens > m.max_seq_len:
+        raise ConfigError(f"--prompt-len + --new-tokens must be <= model.max_seq_len={m.max_seq_len}")
+    engine = loaded.engine(args.int8)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(4, m.vocab_size, args.prompt_len)) for _ in range(args.batch)]
+    sp = SamplingParams(max_new_tokens=args.new_tokens)
+    slots = engine.cache_slots(args.prompt_len, args.new_tokens)
+
+    def prefill() -> Any:
+        logits, cache, _ = engine.prefill(prompts, slots)
+        return jax.block_until_ready(logits)
+
+    prefill()  # compile
+    t0 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        prefill()
+    t_prefill = (time.perf_counter() - t0) / reps
+    engine.generate(prompts, sp)  # compile the decode step
+    t0 = time.perf_counter()
+    engine.generate(prompts, sp)
+    t_gen = time.perf_counter() - t0
+    t_decode = max(t_gen - t_prefill, 1e-9)
+    decode_tps = args.batch * (args.new_tokens - 1) / t_decode
+    print(f"model: {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}; {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s); batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens{', int8 weights' if args.int8 else ''}")
+    print(f"prefill: {args.batch * args.prompt_len / t_prefill:,.0f} tokens/s ({1e3 * t_prefill:.1f} ms)")
+    print(f"decode (KV cache): {decode_tps:,.1f} tokens/s ({1e3 * t_decode / (args.new_tokens - 1 or 1):.2f} "
+          "ms/token)")
+    model = Transformer(m)
+    with use_sharding(loaded.mesh, loaded.rules):
+        uncached_generate(model, loaded.params, prompts[0], 2, m.max_seq_len)  # compile
+        t0 = time.perf_counter()
+        uncached_generate(model, loaded.params, prompts[0], args.new_tokens, m.max_seq_len)
+        t_unc = time.perf_counter() - t0
+    # the uncached loop recompiles for a new total length: time a second identical call
+    with use_sharding(loaded.mesh, loaded.rules):
+        t0 = time.perf_counter()
+        uncached_generate(model, loaded.params, prompts[0], args.new_tokens, m.max_seq_len)
+        t_unc = min(t_unc, time.perf_counter() - t0)
+    unc_tps = args.new_tokens / t_unc
+    one = Engine(m, loaded.params, loaded.mesh, loaded.rules)
+    one.generate(prompts[:1], sp)
+    t0 = time.perf_counter()
+    one.generate(prompts[:1], sp)
+    cached_tps = args.new_tokens / (time.perf_counter() - t0)
+    print(f"uncached decode (full forward per token, batch 1): {unc_tps:,.1f} tokens/s; cached (batch 1, "
+          f"prefill included): {cached_tps:,.1f} tokens/s; speed-up {cached_tps / unc_tps:.1f}x")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"generate": cmd_generate, "eval": cmd_eval, "bench-generate": cmd_bench}[args.verb](args)

@@ -1,0 +1,79 @@
+"""`llmjax sweep run|collect`, `llmjax fit`, `llmjax plot`: arguments and dispatch.
+
+Importing this module imports neither jax, numpy, scipy nor matplotlib (`llmjax --help` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+SCALING_VERBS = ("sweep", "fit", "plot")
+
+
+def add_arguments(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sweep", help="run a scaling sweep (experiments/sweeps/*.yaml) or collect its runs.csv")
+    ssub = s.add_subparsers(dest="sweep_verb", required=True)
+    r = ssub.add_parser("run", help="train every point of a sweep spec in order (finished ones skipped, "
+                                    "interrupted ones resumed)")
+    r.add_argument("spec", help="sweep spec YAML (see llmjax/scaling/spec.py)")
+    r.add_argument("--workdir", help="sweep directory, one sub-directory per point (default: runs/sweeps/<name>)")
+    r.add_argument("--dry-run", action="store_true", help="print one launch command per point and exit")
+    r.add_argument("--launcher", default="", metavar="PREFIX",
+                   help="prefix of each --dry-run command, e.g. 'launch/slurm_submit.sh ... --'")
+    c = ssub.add_parser("collect", help="write DIR/runs.csv from the run directories under DIR")
+    c.add_argument("dir", help="sweep directory")
+    c.add_argument("--out", help="CSV path (default: DIR/runs.csv)")
+
+    f = sub.add_parser("fit", help="fit scaling laws (Hoffmann approaches 1-3, Kaplan) to a runs.csv")
+    f.add_argument("--csv", required=True, help="runs CSV: params, tokens, loss (or final_loss)[, flops, budget, "
+                                                 "workdir]")
+    f.add_argument("--out", required=True, help="output directory for fit.json")
+    f.add_argument("--budgets", help="comma-separated FLOPs budgets for compute-optimal N, D (e.g. 1e18,1e19)")
+    f.add_argument("--holdout", help="'largest' (the largest IsoFLOP budget) or a FLOPs value: refit without "
+                                     "those runs and predict their losses")
+    f.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for approach 3's intervals")
+    f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+    p = sub.add_parser("plot", help="plot IsoFLOP curves, the frontier, N_opt(C), D_opt(C) and residuals")
+    p.add_argument("--csv", required=True, help="runs CSV")
+    p.add_argument("--fit", required=True, help="fit.json from `llmjax fit`")
+    p.add_argument("--out", required=True, help="output directory (PNG and SVG)")
+
+
+def run(args: argparse.Namespace) -> int:
+    # The fits are tiny: BLAS threads only contend (set before numpy is first imported).
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    if args.verb == "sweep" and args.sweep_verb == "run":
+        from pathlib import Path
+
+        from llmjax.scaling.runner import run_sweep
+        from llmjax.scaling.spec import load_sweep
+
+        sweep = load_sweep(args.spec)
+        workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / sweep.name
+        return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher)
+    if args.verb == "sweep":
+        from llmjax.scaling.runner import collect
+
+        collect(args.dir, args.out)
+        return 0
+    if args.verb == "fit":
+        import json
+
+        from llmjax.scaling.fit import summary, write_fit
+
+        if args.bootstrap < 0:
+            from llmjax.scaling import ScalingError
+
+            raise ScalingError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+        path = write_fit(args.csv, args.out, args.budgets, args.holdout, args.bootstrap, args.seed)
+        print(summary(json.loads(path.read_text())))
+        print(f"wrote {path}")
+        return 0
+    from llmjax.scaling.plots import write_plots
+
+    for path in write_plots(args.csv, args.fit, args.out):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,176 @@
+"""`llmjax plot --csv runs.csv --fit fit.json --out DIR`: four figures, each as PNG and SVG.
+
+- isoflop:   loss against N per IsoFLOP budget: runs, approach 2's parabola and minimum (star),
+             approach 3's prediction along the budget (dashed).
+- frontier:  loss against C for every run (colour = N), the frontier (best loss per budget),
+             Kaplan's L(C) and approach 3's compute-optimal loss.
+- optimal:   N_opt(C) and D_opt(C): approach 2's minima and fitted power law with its 95%
+             band, approach 1's and approach 3's laws.
+- residuals: approach 3's relative error (predicted / observed - 1) against C and N.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmjax.scaling import ScalingError
+from llmjax.scaling.fit import Runs, chinchilla_loss, chinchilla_optimum, frontier, load_runs
+
+FORMATS = ("png", "svg")
+
+
+def _save(fig: Any, out: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in FORMATS:
+        path = out / f"{stem}.{ext}"
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def _p3(fit: dict[str, Any]) -> dict[str, float] | None:
+    a3 = fit.get("approach3") or {}
+    return {k: a3[k] for k in ("E", "A", "B", "alpha", "beta")} if "E" in a3 else None
+
+
+def _law_line(ax: Any, law: dict[str, Any], C: np.ndarray, label: str, style: str, color: str, band: bool) -> None:
+    ax.plot(C, law["coef"] * C ** law["exponent"], style, color=color, label=f"{label}: ∝ C^{law['exponent']:.3f}")
+    iv = law.get("interval")
+    if band and iv:
+        pivot = float(np.exp(np.mean(np.log(C))))
+        mid = law["coef"] * pivot ** law["exponent"]
+        lo, hi = (mid * (C / pivot) ** e for e in iv)
+        ax.fill_between(C, np.minimum(lo, hi), np.maximum(lo, hi), color=color, alpha=0.15,
+                        label=f"{label}: 95% interval of the exponent [{iv[0]:.3f}, {iv[1]:.3f}]")
+
+
+def plot_isoflop(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    cmap = plt.get_cmap("viridis")
+    minima = {round(np.log10(m["C"]), 3): m for m in fit.get("approach2", {}).get("minima", [])}
+    p3, k = _p3(fit), fit.get("flops_per_param_token", 6.0)
+    for g, c in enumerate(runs.budgets):
+        color = cmap(g / max(len(runs.budgets) - 1, 1))
+        sel = runs.budget == g
+        ax.scatter(runs.N[sel], runs.L[sel], color=color, s=25, zorder=3, label=f"C = {c:.2g} FLOPs")
+        n_grid = np.geomspace(runs.N[sel].min() / 1.3, runs.N[sel].max() * 1.3, 100)
+        m = minima.get(round(np.log10(c), 3))
+        if m:
+            p0, p1, p2 = m["parabola"]
+            x = np.log10(n_grid)
+            ax.plot(n_grid, p0 + p1 * x + p2 * x**2, "-", color=color, lw=1.2)
+            ax.scatter([m["N_opt"]], [m["loss"]], marker="*", s=160, color=color, edgecolor="black", zorder=4)
+        if p3:
+            ax.plot(n_grid, chinchilla_loss(p3, n_grid, c / (k * n_grid)), "--", color=color, lw=0.8, alpha=0.7)
+    ax.plot([], [], "k-", label="approach 2: parabola in log N")
+    ax.scatter([], [], marker="*", s=100, color="white", edgecolor="black", label="approach 2: minimum")
+    if p3:
+        ax.plot([], [], "k--", lw=0.8, label="approach 3: L(N, C/(kN))")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("IsoFLOP curves")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    paths = _save(fig, out, "isoflop")
+    plt.close(fig)
+    return paths
+
+
+def plot_frontier(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    sc = ax.scatter(runs.C, runs.L, c=np.log10(runs.N), cmap="viridis", s=25, label="runs")
+    fig.colorbar(sc, ax=ax, label="log10 parameters N")
+    C, L = frontier(runs)
+    ax.plot(C, L, "o-", color="black", mfc="none", label="frontier: best loss per budget")
+    grid = np.geomspace(runs.C.min() / 2, runs.C.max() * 2, 100)
+    kp = fit.get("kaplan", {}).get("L_C", {})
+    if "E" in kp:
+        ax.plot(grid, kp["E"] + kp["A"] / grid ** kp["alpha"], "-", color="tab:red",
+                label=f"Kaplan L(C) = {kp['E']:.3g} + {kp['A']:.3g}/C^{kp['alpha']:.3f}")
+    p3, k = _p3(fit), fit.get("flops_per_param_token", 6.0)
+    if p3:
+        ax.plot(grid, [chinchilla_optimum(p3, c, k)["loss"] for c in grid], "--", color="tab:blue",
+                label="approach 3: compute-optimal loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("Loss-compute frontier")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    paths = _save(fig, out, "frontier")
+    plt.close(fig)
+    return paths
+
+
+def plot_optimal(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[Path]:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    C = np.geomspace(runs.C.min() / 2, runs.C.max() * 2, 100)
+    a2, a1 = fit.get("approach2", {}), fit.get("approach1", {})
+    p3, k = _p3(fit), fit.get("flops_per_param_token", 6.0)
+    for ax, key, law_key, what in ((axes[0], "N_opt", "N_law", "parameters N_opt"),
+                                   (axes[1], "D_opt", "D_law", "tokens D_opt")):
+        minima = a2.get("minima", [])
+        if minima:
+            ax.scatter([m["C"] for m in minima], [m[key] for m in minima], color="tab:orange", zorder=3,
+                       label="approach 2: IsoFLOP minima")
+        if law_key in a2:
+            _law_line(ax, a2[law_key], C, "approach 2", "-", "tab:orange", band=True)
+        if law_key in a1:
+            _law_line(ax, a1[law_key], C, "approach 1", ":", "tab:green", band=False)
+        if p3:
+            ax.plot(C, [chinchilla_optimum(p3, c, k)[key] for c in C], "--", color="tab:blue",
+                    label=f"approach 3: ∝ C^{fit['approach3']['a' if key == 'N_opt' else 'b']:.3f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_ylabel(what)
+        ax.set_title(f"{key}(C)")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    paths = _save(fig, out, "optimal")
+    plt.close(fig)
+    return paths
+
+
+def plot_residuals(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[Path]:
+    p3 = _p3(fit)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
+    if p3:
+        rel = 100 * (chinchilla_loss(p3, runs.N, runs.D) / runs.L - 1)
+        for ax, x, label in ((axes[0], runs.C, "training compute C (FLOPs)"), (axes[1], runs.N, "parameters N")):
+            sc = ax.scatter(x, rel, c=np.log10(runs.C), cmap="viridis", s=25, label="runs")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_ylabel("approach 3: predicted / observed - 1 (%)")
+        axes[0].legend(fontsize=8)
+        fig.colorbar(sc, ax=axes, label="log10 compute C")
+        fig.suptitle(f"Approach 3 residuals (RMS {np.sqrt(np.mean(rel**2)):.2f}%)")
+    paths = _save(fig, out, "residuals")
+    plt.close(fig)
+    return paths
+
+
+def write_plots(csv_path: str | Path, fit_path: str | Path, out_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_runs(csv_path)
+    try:
+        fit = json.loads(Path(fit_path).read_text())
+    except (OSError, ValueError) as e:
+        raise ScalingError(f"--fit {fit_path}: cannot read the fit: {e}") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):
+        paths += fn(plt, runs, fit, out)
+    return paths

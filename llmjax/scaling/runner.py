@@ -1,0 +1,210 @@
+"""`llmjax sweep run` and `llmjax sweep collect`.
+
+Run: every point of a spec is trained in order, each by a `llmjax train` subprocess (the same
+command `--dry-run` prints) in `WORKDIR/<point name>`. A point is finished when its `DONE`
+marker exists, or when its metrics.jsonl has the train record of the last step and the final
+eval record (a DONE marker is then written). An interrupted point is simply run again: the
+trainer resumes from its newest checkpoint. `WORKDIR/sweep.json` lists the points (budget,
+steps, tokens, flops) for `collect`.
+
+Collect: one `runs.csv` row per run directory (a sub-directory with `config.yaml` and
+`metrics.jsonl`), columns `CSV_COLUMNS`:
+  params, non_embedding_params  `param_counts` of the model's abstract parameters;
+  active_params                 parameters one token uses (`param_counts(..., model)["active"]`:
+                                = params for dense models, top_k/num_experts of the experts for MoE);
+  tokens                        last train step + 1 times batch_size x seq_len;
+  flops                         flops_per_token(model, seq_len) x tokens;
+  final_loss, best_loss         the last and the lowest eval_loss;
+  wall_time                     seconds spent in `llmjax train` for the point, summed over every
+                                attempt (WALL_TIME, copied to DONE), else the sum of the train
+                                records' step_time (a run not started by `sweep run`);
+  budget                        the point's IsoFLOP budget from sweep.json (empty otherwise);
+  workdir                       the run directory, relative to the CSV (for approach 1's curves).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmjax.scaling import ScalingError
+from llmjax.scaling.spec import Sweep, launch_command, point_config
+
+CSV_COLUMNS = ("name", "params", "non_embedding_params", "active_params", "tokens", "flops", "final_loss",
+               "best_loss", "wall_time", "budget", "workdir")
+
+
+def _read_metrics(path: Path, kind: str) -> dict[int, dict[str, Any]]:
+    from llmjax.train.metrics import read_metrics
+
+    return read_metrics(path, kind) if path.is_file() else {}
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    if (run_dir / "DONE").is_file():
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    return (steps - 1) in _read_metrics(metrics, "train") and steps in _read_metrics(metrics, "eval")
+
+
+def _done_info(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((run_dir / "DONE").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: str = "") -> int:
+    """Train every point in order; returns 0, or the first failing point's exit status."""
+    workdir = Path(workdir)
+    if dry_run:
+        for p in sweep.points:
+            print(launch_command(sweep, p, workdir, prefix))
+        return 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    listing = [{"name": p.name, "budget": p.budget, "steps": p.steps, "tokens": p.tokens, "flops": p.flops,
+                "shape": p.shape, "overrides": p.overrides} for p in sweep.points]
+    (workdir / "sweep.json").write_text(json.dumps({"name": sweep.name, "base": sweep.base, "points": listing},
+                                                   indent=1))
+    n = len(sweep.points)
+    for i, p in enumerate(sweep.points, 1):
+        run_dir = workdir / p.name
+        if is_finished(run_dir, p.steps):
+            print(f"[{i}/{n}] {p.name}: finished, skipped", flush=True)
+            _write_done(run_dir, p, timed=False)
+            continue
+        resume = (run_dir / "checkpoints").is_dir()
+        print(f"[{i}/{n}] {p.name}: {'resuming' if resume else 'training'} {p.steps} steps, "
+              f"{p.tokens:,} tokens, {p.flops:.3g} FLOPs", flush=True)
+        cmd = [sys.executable, "-m", "llmjax.cli", "train"]
+        if sweep.base:
+            cmd += ["--config", sweep.base]
+        cmd += ["--workdir", str(run_dir), *p.overrides]
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        _add_wall_time(run_dir, time.time() - t0)
+        if rc != 0:
+            print(f"llmjax sweep: {p.name} exited with status {rc}; run the same command to resume", file=sys.stderr)
+            return rc
+        _write_done(run_dir, p, timed=True)
+    print(f"sweep {sweep.name}: {n} points done in {workdir}; next: llmjax sweep collect {workdir}")
+    return 0
+
+
+def _add_wall_time(run_dir: Path, seconds: float) -> None:
+    """Accumulate the seconds spent in `llmjax train` for a point (every attempt) in WALL_TIME."""
+    if run_dir.is_dir():
+        path = run_dir / "WALL_TIME"
+        try:
+            before = float(path.read_text())
+        except (OSError, ValueError):
+            before = 0.0
+        path.write_text(f"{before + seconds:.3f}\n")
+
+
+def _write_done(run_dir: Path, point: Any, timed: bool) -> None:
+    """Mark a point finished (with its accumulated wall time when the runner timed it)."""
+    if not run_dir.is_dir() or (not timed and (run_dir / "DONE").is_file()):
+        return
+    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps}
+    try:
+        info["wall_time"] = float((run_dir / "WALL_TIME").read_text())
+    except (OSError, ValueError):
+        pass  # not trained by `sweep run`: collect falls back to the step times
+    (run_dir / "DONE").write_text(json.dumps(info))
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def _model_params(cfg: Any) -> dict[str, int]:
+    import jax
+    import jax.numpy as jnp
+
+    from llmjax.models.transformer import Transformer
+    from llmjax.train.metrics import param_counts
+
+    model = Transformer(cfg.model)
+    tokens = jnp.zeros((1, min(cfg.data.seq_len, cfg.model.max_seq_len)), jnp.int32)
+    shapes = jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.PRNGKey(0))
+    try:  # with a model config, `active` counts only the experts a token uses (MoE)
+        counts = param_counts(shapes, cfg.model)
+    except TypeError:  # an older param_counts(params)
+        counts = param_counts(shapes)
+    return {"active": counts["total"], **counts}
+
+
+def collect_row(run_dir: Path, budgets: dict[str, float], relative_to: Path) -> dict[str, Any] | None:
+    """The runs.csv row of one run directory, or None if it has no eval record yet."""
+    from llmjax.config import load_config
+    from llmjax.train.metrics import flops_per_token
+
+    cfg = load_config(run_dir / "config.yaml")
+    metrics = run_dir / "metrics.jsonl"
+    train = _read_metrics(metrics, "train")
+    evals = _read_metrics(metrics, "eval")
+    if not train or not evals:
+        return None
+    last_step = max(train)
+    tokens = (last_step + 1) * cfg.train.batch_size * cfg.data.seq_len
+    losses = [float(evals[s]["eval_loss"]) for s in sorted(evals)]
+    finite = [x for x in losses if math.isfinite(x)]
+    counts = _model_params(cfg)
+    wall = _done_info(run_dir).get("wall_time")
+    if wall is None:
+        wall = sum(float(r.get("step_time", 0.0)) for r in train.values())
+    budget = budgets.get(run_dir.name)
+    return {
+        "name": run_dir.name,
+        "params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
+        "active_params": counts["active"],
+        "tokens": tokens,
+        "flops": flops_per_token(cfg.model, cfg.data.seq_len) * tokens,
+        "final_loss": losses[-1],
+        "best_loss": min(finite) if finite else float("nan"),
+        "wall_time": round(float(wall), 3),
+        "budget": "" if budget is None else budget,
+        "workdir": os.path.relpath(run_dir, relative_to),
+    }
+
+
+def collect(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Write `out` (default DIR/runs.csv) from the run directories under `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ScalingError(f"sweep collect: {directory} is not a directory")
+    out = Path(out) if out else directory / "runs.csv"
+    budgets: dict[str, float] = {}
+    listing = directory / "sweep.json"
+    if listing.is_file():
+        for p in json.loads(listing.read_text()).get("points", []):
+            if p.get("budget") is not None:
+                budgets[p["name"]] = float(p["budget"])
+    run_dirs = sorted(d for d in directory.rglob("config.yaml") if (d.parent / "metrics.jsonl").is_file())
+    rows, skipped = [], []
+    for cfg_path in run_dirs:
+        row = collect_row(cfg_path.parent, budgets, out.parent)
+        (rows.append(row) if row else skipped.append(cfg_path.parent.name))
+    if not rows:
+        raise ScalingError(f"sweep collect: no finished run under {directory} (directories with config.yaml, "
+                           "metrics.jsonl and an eval record)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    note = f" (skipped, no eval record: {', '.join(skipped)})" if skipped else ""
+    print(f"wrote {out}: {len(rows)} runs{note}")
+    return out
+
+
+__all__ = ["CSV_COLUMNS", "collect", "is_finished", "run_sweep", "point_config"]

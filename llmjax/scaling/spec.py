@@ -1,0 +1,224 @@
+"""Sweep specs: a YAML file -> the list of training runs (`Point`s) of a sweep.
+
+A spec (see `experiments/sweeps/*.yaml`)::
+
+    name: cpu_isoflop                          # default: the file's stem
+    base: experiments/configs/default.yaml     # the config every point starts from (relative
+                                               # to the working directory, else to the spec)
+    overrides: [train.progress=false]          # applied to every point (list or mapping)
+    sizes:                                     # the width/depth rule ...
+      d_model: [64, 96, 128]
+      width_per_layer: 64   # n_layers = max(min_layers, round(d_model / width_per_layer))
+      min_layers: 1
+      head_dim: 64          # n_heads = n_kv_heads = max(1, d_model // head_dim)
+      ff_mult: 4            # d_ff = ff_mult * d_model rounded up to a multiple of ff_multiple_of
+      ff_multiple_of: 64
+    # shapes: [{d_model: 64, n_layers: 2, n_heads: 1, d_ff: 256}, ...]   # ... or explicit shapes
+    isoflop:                                   # either IsoFLOP budgets ...
+      budgets: [1e12, 3e12]                    # C, training FLOPs per run
+      min_steps: 20                            # points with fewer steps are left out
+    # grid: {tokens: [1e6, 4e6]}               # ... or a grid of sizes x token budgets
+    warmup_fraction: 0.05                      # optim.warmup_steps = round(fraction * steps)
+    evals: 1                                   # eval.every_steps = ceil(steps / evals)
+
+Tokens. A point trains for `steps = round(D / (batch_size * seq_len))` steps, so it sees
+`tokens = steps * batch_size * seq_len`. For an IsoFLOP budget C the target is
+`D = C / flops_per_token(model, seq_len)`, the project's own training-FLOPs formula
+(`llmjax.train.metrics.flops_per_token`: 6 x matmul parameters + the attention term), so that
+the run's `flops = flops_per_token * tokens` equals C up to the rounding to whole steps
+(at most 0.5 / steps relative, i.e. <= 1% when min_steps >= 50; `llmjax fit` groups rows
+whose flops agree within 1%, or by the `budget` column that `sweep collect` writes).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmjax.config import Config, ConfigError, load_config, load_yaml
+from llmjax.scaling import ScalingError
+
+SIZE_RULE_DEFAULTS = {"width_per_layer": 64, "min_layers": 1, "head_dim": 64, "ff_mult": 4, "ff_multiple_of": 64}
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
+SPEC_KEYS = {"name", "base", "overrides", "sizes", "shapes", "isoflop", "grid", "warmup_fraction", "evals",
+             "description"}
+
+
+@dataclass
+class Point:
+    """One training run of a sweep."""
+
+    name: str
+    shape: dict[str, int]
+    steps: int
+    tokens: int
+    flops: float  # flops_per_token * tokens
+    budget: float | None  # the IsoFLOP budget C it belongs to (None in a grid)
+    overrides: list[str] = field(default_factory=list)  # every override, spec-wide ones first
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: str | None
+    points: list[Point]
+    path: Path
+
+
+def format_number(x: float) -> str:
+    """3e13 -> '3e13', 1.5e12 -> '1.5e12', 64 -> '64': short, file-name safe."""
+    text = f"{x:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+    return text
+
+
+def rule_shape(d_model: int, rule: dict[str, Any]) -> dict[str, int]:
+    """The documented width/depth rule (see the module docstring)."""
+    r = {**SIZE_RULE_DEFAULTS, **rule}
+    d = int(d_model)
+    n_layers = max(int(r["min_layers"]), int(round(d / r["width_per_layer"])))
+    n_heads = max(1, d // int(r["head_dim"]))
+    mult = int(r["ff_multiple_of"])
+    d_ff = int(math.ceil(r["ff_mult"] * d / mult) * mult)
+    return {"d_model": d, "n_layers": n_layers, "n_heads": n_heads, "d_ff": d_ff}
+
+
+def _shapes(spec: dict[str, Any]) -> list[dict[str, int]]:
+    if ("sizes" in spec) == ("shapes" in spec):
+        raise ScalingError("sweep spec: give exactly one of 'sizes' (width/depth rule) or 'shapes' (explicit list)")
+    if "sizes" in spec:
+        sizes = dict(spec["sizes"] or {})
+        widths = sizes.pop("d_model", None)
+        unknown = set(sizes) - set(SIZE_RULE_DEFAULTS)
+        if unknown:
+            raise ScalingError(f"sweep spec: unknown keys in 'sizes': {sorted(unknown)}")
+        if not widths or not isinstance(widths, list):
+            raise ScalingError("sweep spec: 'sizes.d_model' must be a non-empty list of widths")
+        return [rule_shape(int(d), sizes) for d in widths]
+    shapes = spec["shapes"]
+    if not isinstance(shapes, list) or not shapes:
+        raise ScalingError("sweep spec: 'shapes' must be a non-empty list of {d_model, n_layers, n_heads, d_ff}")
+    out = []
+    for i, s in enumerate(shapes):
+        missing = [k for k in SHAPE_KEYS if k not in (s or {})]
+        if missing:
+            raise ScalingError(f"sweep spec: shapes[{i}] lacks {missing}")
+        out.append({k: int(s[k]) for k in SHAPE_KEYS} | {k: int(v) for k, v in s.items() if k not in SHAPE_KEYS})
+    return out
+
+
+def _overrides(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [f"{k}={v}" for k, v in value.items()]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    raise ScalingError("sweep spec: 'overrides' must be a list of section.key=value or a mapping")
+
+
+def _resolve_base(base: Any, spec_path: Path) -> str | None:
+    if base is None:
+        return None
+    p = Path(str(base))
+    if p.is_file() or p.is_absolute():
+        return str(p)
+    alt = spec_path.parent / p
+    return str(alt) if alt.is_file() else str(p)
+
+
+def _numbers(value: Any, what: str) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise ScalingError(f"sweep spec: '{what}' must be a non-empty list of numbers")
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ScalingError(f"sweep spec: '{what}' must be a list of numbers, got {value}") from None
+    if any(v <= 0 for v in out):
+        raise ScalingError(f"sweep spec: '{what}' must be positive, got {value}")
+    return out
+
+
+def shape_overrides(shape: dict[str, int]) -> list[str]:
+    out = [f"model.{k}={v}" for k, v in shape.items()]
+    if "n_kv_heads" not in shape:
+        out.append(f"model.n_kv_heads={shape['n_heads']}")
+    return out
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and expand a sweep spec. Every point's config is validated (ConfigError otherwise)."""
+    from llmjax.train.metrics import flops_per_token  # imports jax: only when a spec is expanded
+
+    path = Path(path)
+    spec = load_yaml(path)
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ScalingError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
+    if ("isoflop" in spec) == ("grid" in spec):
+        raise ScalingError(f"sweep spec {path}: give exactly one of 'isoflop' (budgets) or 'grid' (tokens)")
+    name = str(spec.get("name") or path.stem)
+    base = _resolve_base(spec.get("base"), path)
+    common = _overrides(spec.get("overrides"))
+    warmup_fraction = float(spec.get("warmup_fraction", 0.05))
+    evals = max(1, int(spec.get("evals", 1)))
+    shapes = _shapes(spec)
+    base_cfg = load_config(base, common)
+    row_tokens = base_cfg.train.batch_size * base_cfg.data.seq_len
+
+    def make(shape: dict[str, int], target_tokens: float, budget: float | None, name_: str) -> Point:
+        cfg = load_config(base, common + shape_overrides(shape))
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        steps = max(1, int(round(target_tokens / row_tokens)))
+        per_point = [f"train.steps={steps}", f"optim.warmup_steps={max(1, round(warmup_fraction * steps))}",
+                     f"eval.every_steps={math.ceil(steps / evals)}"]
+        overrides = common + shape_overrides(shape) + per_point
+        load_config(base, overrides)  # validates the point
+        tokens = steps * row_tokens
+        return Point(name_, shape, steps, tokens, fpt * tokens, budget, overrides)
+
+    points: list[Point] = []
+    if "isoflop" in spec:
+        iso = dict(spec["isoflop"] or {})
+        budgets = _numbers(iso.get("budgets"), "isoflop.budgets")
+        min_steps = int(iso.get("min_steps", 1))
+        for c in budgets:
+            for shape in shapes:
+                cfg = load_config(base, common + shape_overrides(shape))
+                d = c / flops_per_token(cfg.model, cfg.data.seq_len)
+                point = make(shape, d, c, f"C{format_number(c)}_d{shape['d_model']}_L{shape['n_layers']}")
+                if point.steps >= min_steps:
+                    points.append(point)
+    else:
+        grid = dict(spec["grid"] or {})
+        tokens = _numbers(grid.get("tokens"), "grid.tokens")
+        for shape in shapes:
+            for d in tokens:
+                point = make(shape, d, None, f"d{shape['d_model']}_L{shape['n_layers']}_T{format_number(d)}")
+                points.append(point)
+    if not points:
+        raise ScalingError(f"sweep spec {path}: no points (every point has fewer than isoflop.min_steps steps?)")
+    names = [p.name for p in points]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ScalingError(f"sweep spec {path}: two points share a name: {dupes} (repeated sizes or budgets?)")
+    return Sweep(name, base, points, path)
+
+
+def point_config(sweep: Sweep, point: Point) -> Config:
+    return load_config(sweep.base, point.overrides)
+
+
+def launch_command(sweep: Sweep, point: Point, workdir: str | Path, prefix: str = "") -> str:
+    """The shell command that trains `point` in `workdir/point.name` (one line)."""
+    args = ["llmjax", "train"]
+    if sweep.base:
+        args += ["--config", sweep.base]
+    args += ["--workdir", str(Path(workdir) / point.name), *point.overrides]
+    cmd = shlex.join(args)
+    return f"{prefix.strip()} {cmd}" if prefix.strip() else cmd
+
+
+__all__ = ["ConfigError", "Point", "Sweep", "launch_command", "load_sweep", "point_config", "rule_shape"]

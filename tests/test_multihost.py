@@ -1,0 +1,463 @@
+"""Multi-process runs on one machine (launch/local.sh), hybrid-mesh shapes, distributed
+settings, and dry runs of the TPU and Slurm launchers.
+
+The end-to-end tests start real `jax.distributed` runs: 2 processes x 4 CPU devices
+against 1 process x 8 devices, with the same {data=2, fsdp=2, tensor=2} mesh.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import small_corpus, tiny_config, tiny_train_overrides
+
+from llmjax.config import ConfigError, hybrid_mesh_shape, load_config, mesh_axis_names, mesh_shape, validate
+from llmjax.data.pipeline import BatchIterator, eval_dataset, train_dataset
+from llmjax.parallel import distributed
+from llmjax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = str(ROOT / "launch" / "local.sh")
+TPU = str(ROOT / "launch" / "tpu_pod.sh")
+SBATCH = str(ROOT / "launch" / "slurm_gpu.sbatch")
+SUBMIT = str(ROOT / "launch" / "slurm_submit.sh")
+
+MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+RUN = ("train.steps=10", "checkpoint.every_steps=5", "checkpoint.keep=10", "eval.every_steps=5")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def llmjax_train(workdir, corpus, *extra) -> list[str]:
+    return [sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(workdir),
+            *tiny_train_overrides(corpus), *MESH, *extra]
+
+
+def one_process(workdir, corpus, *extra) -> subprocess.CompletedProcess:
+    """1 process x 8 devices (conftest's XLA_FLAGS)."""
+    return subprocess.run(llmjax_train(workdir, corpus, *extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def two_processes(workdir, corpus, *extra) -> subprocess.CompletedProcess:
+    """launch/local.sh 2 4 -- llmjax train ...: 2 processes x 4 devices."""
+    return subprocess.run([LOCAL, "2", "4", "--", *llmjax_train(workdir, corpus, *extra)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def losses(workdir, kind="train", key="loss") -> dict[int, float]:
+    return {k: r[key] for k, r in read_metrics(Path(workdir) / "metrics.jsonl", kind).items()}
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("single")
+    r = one_process(workdir, corpus, *RUN)
+    assert r.returncode == 0, r.stderr
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def multi(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("multi")
+    r = two_processes(workdir, corpus, *RUN)
+    assert r.returncode == 0, r.stderr[-5000:]
+    return workdir, r
+
+
+def test_two_processes_match_one_process(single, multi):
+    workdir, r = multi
+    assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
+    assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu devices" in r.stderr
+    ref, got = losses(single), losses(workdir)
+    assert sorted(ref) == sorted(got) == list(range(10))
+    np.testing.assert_allclose([got[s] for s in range(10)], [ref[s] for s in range(10)], rtol=1e-6)
+    ref_eval, got_eval = losses(single, "eval", "eval_loss"), losses(workdir, "eval", "eval_loss")
+    assert sorted(got_eval) == [0, 5, 10]
+    np.testing.assert_allclose([got_eval[s] for s in (0, 5, 10)], [ref_eval[s] for s in (0, 5, 10)], rtol=1e-6)
+    # Only process 0 logs and samples; each process wrote its own checkpoint shards.
+    assert r.stdout.count("--- sample (greedy) ---") == 1
+    assert r.stderr.count("compiled train step") == 1
+    assert checkpoint_steps(workdir) == [5, 10]
+    state = workdir / "checkpoints" / "5" / "state"
+    assert (state / "ocdbt.process_0").exists() and (state / "ocdbt.process_1").exists()
+
+
+def test_hybrid_mesh_across_two_processes_matches(single, corpus, tmp_path):
+    """mesh.dcn_data=2: the data axis spans the 2 processes (each one a "slice", as on a GPU
+    cluster); same global mesh sizes, so the same losses."""
+    r = two_processes(tmp_path, corpus, *RUN, "mesh.dcn_data=2", "mesh.data=1", "sample.max_new_tokens=0")
+    assert r.returncode == 0, r.stderr[-5000:]
+    ref, got = losses(single), losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in range(10)], [ref[s] for s in range(10)], rtol=1e-6)
+
+
+def _rewind_copy(src: Path, dst: Path) -> Path:
+    """A copy of a finished run's workdir with only checkpoint 5 left."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "10")
+    return dst
+
+
+def test_two_process_checkpoint_restores_in_one_process(single, multi, tmp_path, corpus):
+    workdir = _rewind_copy(multi[0], tmp_path / "w")
+    r = one_process(workdir, corpus, *RUN)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {workdir / 'checkpoints' / '5'}" in r.stderr
+    ref, got = losses(single), losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(5, 10)], [ref[s] for s in range(5, 10)], rtol=1e-6)
+
+
+def test_one_process_checkpoint_restores_in_two_processes(single, tmp_path, corpus):
+    workdir = _rewind_copy(single, tmp_path / "w")
+    r = two_processes(workdir, corpus, *RUN)
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert f"resumed from {workdir / 'checkpoints' / '5'}" in r.stderr
+    ref, got = losses(single), losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(5, 10)], [ref[s] for s in range(5, 10)], rtol=1e-6)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_killing_one_process_stops_all_and_rerun_resumes(corpus, tmp_path):
+    workdir = tmp_path / "w"
+    log = tmp_path / "launcher.log"
+    long_run = ("train.steps=1000", "checkpoint.every_steps=5", "eval.every_steps=0", "sample.max_new_tokens=0")
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([LOCAL, "--grace", "5", "2", "4", "--", *llmjax_train(workdir, corpus, *long_run)],
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 300
+        while not (checkpoint_steps(workdir) and (workdir / "metrics.jsonl").exists()
+                   and max(losses(workdir), default=-1) >= 7):
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the run never reached step 7"
+            time.sleep(0.1)
+        pids = {}
+        for line in log.read_text().splitlines():
+            if line.startswith("local.sh: started process"):
+                pids[int(line.split()[3])] = int(line.split("(pid ")[1].split(")")[0])
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[1], signal.SIGKILL)
+        status = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert status != 0, text[-3000:]
+    assert "process 1 (pid" in text and "stopping the others" in text
+    deadline = time.time() + 10
+    while any(_alive(p) for p in pids.values()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids.values()), "orphan processes left behind"
+
+    last = checkpoint_steps(workdir)[-1]
+    r = two_processes(workdir, corpus, f"train.steps={last + 2}", "checkpoint.every_steps=5", "eval.every_steps=0",
+                      "sample.max_new_tokens=0")
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert f"resumed from {workdir / 'checkpoints' / str(last)}" in r.stderr
+    assert {last, last + 1} <= set(losses(workdir))
+
+
+def test_sigterm_to_launcher_stops_every_process_at_the_same_step(corpus, tmp_path):
+    """SIGTERM reaches both processes; they agree on the step, save one checkpoint and exit 143."""
+    workdir = tmp_path / "w"
+    run = ("train.steps=1000", "checkpoint.every_steps=0", "eval.every_steps=0", "sample.max_new_tokens=0")
+    launcher = subprocess.Popen([LOCAL, "2", "4", "--", *llmjax_train(workdir, corpus, *run)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((workdir / "metrics.jsonl").exists() and max(losses(workdir), default=-1) >= 3):
+            assert launcher.poll() is None
+            assert time.time() < deadline
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM received: saved checkpoint" in err and "Traceback" not in err
+    assert checkpoint_steps(workdir) == [max(losses(workdir)) + 1]
+
+
+def test_local_sh_usage_and_argument_errors():
+    r = subprocess.run([LOCAL, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Usage: launch/local.sh" in r.stdout
+    for args in ([], ["2"], ["x", "4", "--", "true"], ["2", "4", "true"], ["2", "4", "--"]):
+        r = subprocess.run([LOCAL, *args], capture_output=True, text=True)
+        assert r.returncode == 2, args
+
+
+def test_local_sh_failure_status_and_environment(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(f"""import os, sys, time
+e = os.environ
+i = int(e["LLMJAX_PROCESS_ID"])
+__import__("pathlib").Path({str(out)!r}, str(i)).write_text(
+    " ".join([e["LLMJAX_NUM_PROCESSES"], e["LLMJAX_COORDINATOR"], e["JAX_PLATFORMS"], e["XLA_FLAGS"]]))
+t = time.time()
+while i == 1 and len(os.listdir({str(out)!r})) < 3 and time.time() < t + 30:  # fail once all have written
+    time.sleep(0.05)
+sys.exit(3 if i == 1 else 0)
+""")
+    script = str(script)
+    r = subprocess.run([LOCAL, "--port", "12345", "3", "2", "--", sys.executable, script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "process 1 (pid" in r.stderr and "exited with status 3" in r.stderr
+    for i in range(3):
+        assert (out / str(i)).read_text() == "3 127.0.0.1:12345 cpu --xla_force_host_platform_device_count=2"
+    r = subprocess.run([LOCAL, "2", "1", "--", sys.executable, "-c", "pass"], capture_output=True, timeout=60)
+    assert r.returncode == 0
+
+
+# ----------------------------------------------------------------------------- data shares
+
+
+@pytest.mark.parametrize("procs", [2, 4])
+def test_process_shares_are_disjoint_and_cover_the_batch(procs):
+    from test_data import _IdRows
+
+    batch, steps = 8, 6
+    whole = BatchIterator(train_dataset(_IdRows(50), -1, 1, True, batch, 0, 1))
+    ref = [next(whole)["inputs"][:, 0].tolist() for _ in range(steps)]
+    iters = [BatchIterator(train_dataset(_IdRows(50), -1, 1, True, batch, p, procs)) for p in range(procs)]
+    for k in range(steps):
+        shares = [next(it)["inputs"][:, 0].tolist() for it in iters]
+        assert all(len(s) == batch // procs for s in shares)
+        assert len(set().union(*map(set, shares))) == batch  # disjoint
+        assert sum(shares, []) == ref[k]  # together, the global batch in order
+    ev = [list(eval_dataset(_IdRows(50), -1, batch, 3, p, procs)) for p in range(procs)]
+    for k in range(3):
+        assert sum((ev[p][k]["inputs"][:, 0].tolist() for p in range(procs)), []) == list(range(k * 8, k * 8 + 8))
+
+
+# ----------------------------------------------------------------------------- hybrid mesh
+
+
+def test_dcn_sizes_are_not_mesh_axes():
+    assert mesh_axis_names() == ("data", "fsdp", "tensor")
+
+
+def test_hybrid_mesh_shape():
+    cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
+    ici, dcn = hybrid_mesh_shape(cfg.mesh, 16)
+    assert ici == {"data": 4, "fsdp": 2, "tensor": 1} and dcn == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert mesh_shape(cfg.mesh, 16) == {"data": 8, "fsdp": 2, "tensor": 1}
+    cfg = load_config(None, ["mesh.dcn_data=2", "mesh.dcn_fsdp=2", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
+    assert mesh_shape(cfg.mesh, 32) == {"data": 2, "fsdp": 8, "tensor": 2}
+
+
+@pytest.mark.parametrize("overrides, devices, message", [
+    (["mesh.dcn_data=3"], 8, "3 slices do not divide the 8"),
+    (["mesh.dcn_data=0"], 8, "mesh.dcn_data must be a positive size"),
+    (["mesh.dcn_data=2", "mesh.data=2", "mesh.fsdp=4"], 8, "= 16 devices, but 8 devices"),
+    (["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=4"], 12, "do not divide the 6 devices of each of the 2 slices"),
+])
+def test_hybrid_mesh_validation(overrides, devices, message):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        mesh_shape(cfg.mesh, devices)
+
+
+def test_hybrid_mesh_validate_uses_total_sizes():
+    cfg = tiny_config("mesh.dcn_data=2", "mesh.data=2", "mesh.fsdp=2", "train.batch_size=4")
+    with pytest.raises(ConfigError, match="mesh.data x mesh.fsdp = 4 x 2 = 8"):
+        validate(cfg, 8)
+
+
+def test_build_mesh_uses_create_hybrid_device_mesh(monkeypatch):
+    from jax.experimental import mesh_utils
+
+    from llmjax.parallel.mesh import build_mesh
+
+    calls = []
+
+    def fake(ici, dcn, devices, **kw):
+        calls.append((list(ici), list(dcn), kw))
+        return np.asarray(devices, dtype=object).reshape([i * d for i, d in zip(ici, dcn, strict=True)])
+
+    monkeypatch.setattr(mesh_utils, "create_hybrid_device_mesh", fake)
+    cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
+    mesh = build_mesh(cfg.mesh)
+    assert calls == [([2, 2, 1], [2, 1, 1], {"process_is_granule": True})]  # CPU devices: no slice_index
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert mesh.devices.size == jax.device_count()
+    calls.clear()
+    build_mesh(load_config(None, ["mesh.data=-1"]).mesh)
+    assert calls == []  # no DCN axis: the plain mesh
+
+
+# ----------------------------------------------------------------------------- distributed settings
+
+
+def test_plan_explicit_from_env_flags_and_config():
+    cfg = load_config(None, [])
+    env = {"LLMJAX_COORDINATOR": "127.0.0.1:1234", "LLMJAX_NUM_PROCESSES": "2", "LLMJAX_PROCESS_ID": "1"}
+    p = distributed.plan(cfg, environ=env)
+    assert p.kwargs == {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    p = distributed.plan(cfg, "10.0.0.1:99", 4, 3, environ=env)  # flags win
+    assert (p.coordinator, p.num_processes, p.process_id) == ("10.0.0.1:99", 4, 3)
+    cfg = load_config(None, ["distributed.coordinator=h:1", "distributed.num_processes=2",
+                             "distributed.process_id=0"])
+    assert distributed.plan(cfg, environ={}).mode == "explicit"
+    assert distributed.plan(load_config(None, []), "h:1", 1, 0, environ={}).mode == "single"
+
+
+def test_plan_auto_detection_and_single():
+    cfg = load_config(None, [])
+    assert distributed.plan(cfg, environ={}).mode == "single"
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}
+    assert distributed.plan(cfg, environ=slurm) == distributed.Plan("auto", cluster="slurm")
+    assert distributed.plan(cfg, environ={**slurm, "SLURM_NTASKS": "1"}).mode == "single"
+    assert distributed.plan(cfg, environ={k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}).mode == "single"
+    # launch/slurm_gpu.sbatch sets only the coordinator; the rank and count come from Slurm.
+    p = distributed.plan(cfg, environ={**slurm, "LLMJAX_COORDINATOR": "gpu001:12007"})
+    assert p.kwargs == {"coordinator_address": "gpu001:12007", "num_processes": None, "process_id": None}
+    off = load_config(None, ["distributed.auto_detect=false"])
+    assert distributed.plan(off, environ=slurm).mode == "single"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("127.0.0.1:1", None, None), "--num-processes, --process-id missing"),
+    (("127.0.0.1", 2, 0), "HOST:PORT"),
+    (("127.0.0.1:1", 2, 2), "process_id < num_processes"),
+    (("127.0.0.1:1", 0, 0), "num_processes must be >= 1"),
+])
+def test_plan_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.plan(load_config(None, []), *args, environ={})
+
+
+def test_cli_reports_incomplete_distributed_settings():
+    r = subprocess.run([sys.executable, "-m", "llmjax.cli", "train", "--coordinator", "127.0.0.1:1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith(("LLMJAX_", "SLURM_"))})
+    assert r.returncode == 2 and "--num-processes, --process-id missing" in r.stderr
+
+
+# ----------------------------------------------------------------------------- cluster dry runs
+
+
+def _dry(cmd, env=None) -> list[list[str]]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_"))}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
+    assert r.returncode == 0, r.stderr
+    return _commands(r.stdout)
+
+
+def _commands(text: str) -> list[list[str]]:
+    """One command per line, except where a quoted argument spans lines (a newline in it)."""
+    cmds, pending = [], ""
+    for line in text.splitlines(keepends=True):
+        pending += line
+        try:
+            cmds.append(shlex.split(pending))
+        except ValueError:  # "No closing quotation": the argument goes on
+            continue
+        pending = ""
+    assert not pending, f"unterminated quoting in {pending!r}"
+    return cmds
+
+
+TRAIN = ["llmjax", "train", "--workdir", "/mnt/runs/my run", "sample.prompt=def f(x):\n  return 'y'",
+         "mesh.fsdp=8"]
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    return dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+
+
+def test_tpu_pod_dry_run():
+    cmds = _dry([TPU, "--dry-run", "--name", "llmjax-v5p", "--zone", "us-east5-a", "--project", "proj",
+                 "--type", "v5p-64", "--spot", "--delete-after", "run", "--", *TRAIN])
+    gcloud = [c for c in cmds if c[0] == "gcloud"]
+    assert all(c[1:3] == ["compute", "tpus"] for c in gcloud)
+    sub = [" ".join(c[3:5]) for c in gcloud]
+    assert sub == ["tpu-vm describe", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm delete"]
+    create = gcloud[1]
+    assert create[5] == "llmjax-v5p" and "--spot" in create
+    assert _flags(create) == {"zone": "us-east5-a", "project": "proj", "accelerator-type": "v5p-64",
+                              "version": "v2-alpha-tpuv5"}
+    install, run = gcloud[3], gcloud[4]
+    assert _flags(install)["worker"] == "all" and "jax[tpu]" in _flags(install)["command"]
+    remote = shlex.split(_flags(run)["command"])
+    assert remote[:4] == ["cd", "llmjax", "&&", "llmjax"] and remote[3:] == TRAIN  # forwarded intact
+    assert _flags(run)["worker"] == "all"
+    assert "--quiet" in gcloud[5]
+
+
+def test_tpu_pod_dry_run_queued_and_delete():
+    cmds = _dry([TPU, "--dry-run", "--queued", "--type", "v5p-128", "run", "--", "llmjax", "train"])
+    create = next(c for c in cmds if c[3:5] == ["queued-resources", "create"])
+    assert _flags(create)["node-id"] == create[5] == "llmjax" and _flags(create)["runtime-version"]
+    assert [c[3:5] for c in _dry([TPU, "--dry-run", "--queued", "delete"])] == [["queued-resources", "delete"]]
+    assert [c[3:5] for c in _dry([TPU, "--dry-run", "delete"])] == [["tpu-vm", "delete"]]
+
+
+def test_tpu_pod_usage_and_errors():
+    r = subprocess.run([TPU, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Usage: launch/tpu_pod.sh" in r.stdout
+    for args in ([], ["run"], ["run", "llmjax"], ["frob"], ["--name", "Bad_Name", "up"]):
+        assert subprocess.run([TPU, "--dry-run", *args], capture_output=True).returncode == 2, args
+
+
+def test_slurm_dry_runs():
+    (srun,) = _dry([SBATCH, "--dry-run", "--", *TRAIN],
+                   {"SLURM_JOB_NODELIST": "gpu[003-010]", "SLURM_JOB_ID": "41", "SLURM_JOB_NUM_NODES": "8",
+                    "SLURM_GPUS_ON_NODE": "8", "PATH": "/usr/bin:/bin"})
+    i = srun.index("srun")
+    assert srun[:i] == ["env", "LLMJAX_COORDINATOR=gpu003:12041"]
+    assert _flags(srun[i:i + 5]) == {"nodes": "8", "kill-on-bad-exit": "1", "gpus-per-node": "8",
+                                     "ntasks-per-node": "8"}
+    assert srun[i + 5:] == TRAIN
+    (srun,) = _dry([SBATCH, "--dry-run", "--per-node", "--", "llmjax", "train"])
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in srun and "--ntasks-per-node=1" in srun
+
+    sbatch, srun = _dry([SUBMIT, "--dry-run", "--nodes", "8", "--gpus-per-node", "8", "--partition", "h100",
+                         "--", *TRAIN])
+    assert sbatch[0] == "sbatch" and sbatch[sbatch.index("--") + 1:] == TRAIN
+    assert _flags(sbatch) == {"job-name": "llmjax", "nodes": "8", "gpus-per-node": "8", "ntasks-per-node": "8",
+                              "cpus-per-task": "8", "time": "24:00:00", "partition": "h100"}
+    assert sbatch[sbatch.index("--") - 2].endswith("launch/slurm_gpu.sbatch")
+    assert srun[srun.index("srun") + 1:][-len(TRAIN):] == TRAIN and "--cpus-per-task=8" in srun
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_launch_scripts_are_shellcheck_clean():
+    scripts = [LOCAL, TPU, SBATCH, SUBMIT]
+    r = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout

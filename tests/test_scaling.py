@@ -1,0 +1,244 @@
+"""The scaling-law workflow without training: fits recover the parameters of synthetic data,
+approaches 2 and 3 agree, malformed CSVs are refused, sweep specs expand as documented,
+`sweep collect` reads run directories, plots are written.
+
+Synthetic data: the Chinchilla law (Hoffmann et al. 2022, eq. 10: E = 1.69, A = 406.4,
+B = 410.7, alpha = 0.34, beta = 0.28) times log-normal noise of 0.5%, on 6 IsoFLOP budgets
+(1e18 .. 3e20) x 9 sizes spaced by 2x around each budget's optimum, D = C / (6N).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import tiny_config
+
+from llmjax.config import save_config
+from llmjax.scaling import ScalingError
+from llmjax.scaling.fit import approach1, chinchilla_loss, chinchilla_optimum, fit_all, kaplan, load_runs
+from llmjax.scaling.plots import write_plots
+from llmjax.scaling.runner import collect, is_finished
+from llmjax.scaling.spec import load_sweep, point_config, rule_shape
+from llmjax.train.metrics import flops_per_token
+
+ROOT = Path(__file__).resolve().parent.parent
+TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+TRUE_A = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])  # N_opt ∝ C^a, a = 0.4516
+BUDGETS = [1e18, 3e18, 1e19, 3e19, 1e20, 3e20]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "llmjax.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def chinchilla_rows(seed=0, noise=0.005):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in BUDGETS:
+        n_opt = chinchilla_optimum(TRUE, C)["N_opt"]
+        for f in np.geomspace(1 / 8, 8, 9):
+            N = n_opt * f
+            D = C / (6 * N)
+            rows.append([N, D, float(chinchilla_loss(TRUE, N, D)) * np.exp(rng.normal(0, noise)), C])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synthetic")
+    path = write_csv(d / "runs.csv", ["params", "tokens", "loss", "flops"], chinchilla_rows())
+    fit = fit_all(load_runs(path), budgets=[1e21], holdout="largest", bootstrap=20)
+    return path, fit
+
+
+def test_approach3_recovers_the_chinchilla_parameters(synthetic):
+    _, fit = synthetic
+    a3 = fit["approach3"]
+    # Tolerances: exponents to ±0.03, E to 3%, A and B to a factor 1.5 (A, B and the exponents trade off).
+    assert abs(a3["alpha"] - TRUE["alpha"]) < 0.03 and abs(a3["beta"] - TRUE["beta"]) < 0.03, a3
+    assert abs(a3["E"] / TRUE["E"] - 1) < 0.03, a3
+    assert abs(np.log(a3["A"] / TRUE["A"])) < np.log(1.5) and abs(np.log(a3["B"] / TRUE["B"])) < np.log(1.5), a3
+    assert abs(a3["a"] - TRUE_A) < 0.02
+    for k in ("E", "A", "B", "alpha", "beta"):
+        lo, hi = a3["intervals"][k]
+        assert lo <= a3[k] <= hi, (k, lo, a3[k], hi)
+    assert a3["rmse_log"] < 0.01
+
+
+def test_approach2_recovers_the_exponents_and_agrees_with_approach3(synthetic):
+    _, fit = synthetic
+    a2 = fit["approach2"]
+    assert len(a2["minima"]) == len(BUDGETS) and all(m["inside"] for m in a2["minima"])
+    assert abs(a2["a"] - TRUE_A) < 0.02 and abs(a2["b"] - (1 - TRUE_A)) < 0.02, a2
+    assert abs(a2["a"] + a2["b"] - 1) < 1e-6  # D = C / 6N on every row
+    assert abs(a2["a"] - fit["approach3"]["a"]) < 0.03 and abs(a2["b"] - fit["approach3"]["b"]) < 0.03
+    for m in a2["minima"]:  # each IsoFLOP minimum lies within 20% of the true optimum
+        assert abs(m["N_opt"] / chinchilla_optimum(TRUE, m["C"])["N_opt"] - 1) < 0.2, m
+    lo, hi = a2["N_law"]["interval"]
+    assert lo < a2["a"] < hi
+
+
+def test_compute_optimal_allocation_and_holdout(synthetic):
+    _, fit = synthetic
+    (row,) = fit["compute_optimal"]
+    truth = chinchilla_optimum(TRUE, 1e21)
+    assert abs(row["approach3"]["N_opt"] / truth["N_opt"] - 1) < 0.3
+    assert abs(row["approach3"]["tokens_per_param"] / truth["tokens_per_param"] - 1) < 0.5
+    assert abs(row["approach2"]["N_opt"] / truth["N_opt"] - 1) < 0.3
+    h = fit["holdout"]
+    assert h["n_test"] == 9 and h["n_train"] == 45
+    assert h["mean_abs_relative_error"] < 0.02 and abs(h["best_run"]["relative_error"]) < 0.02, h
+    assert fit["approach1"]["skipped"].startswith("no 'workdir' column")
+
+
+def test_kaplan_power_law_with_irreducible_term(tmp_path):
+    rng = np.random.default_rng(1)
+    N = np.geomspace(1e6, 1e10, 12)
+    L = (2.0 + 300.0 / N**0.3) * np.exp(rng.normal(0, 0.003, len(N)))
+    path = write_csv(tmp_path / "runs.csv", ["params", "tokens", "loss"],
+                     [[n, 1e12, x] for n, x in zip(N, L, strict=True)])
+    runs = load_runs(path)
+    k = kaplan(runs)["L_N"]
+    assert abs(k["alpha"] - 0.3) < 0.03 and abs(k["E"] / 2.0 - 1) < 0.03, k
+    assert not runs.flops_given and np.allclose(runs.C, 6 * N * 1e12)
+
+
+def write_run(run_dir: Path, steps: int, losses: list[float], evals: dict[int, float], **config) -> None:
+    """A fake run directory: config.yaml (the tiny test model) and a hand-written metrics.jsonl."""
+    run_dir.mkdir(parents=True)
+    save_config(tiny_config(f"train.steps={steps}", *[f"{k}={v}" for k, v in config.items()]),
+                run_dir / "config.yaml")
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for s, x in enumerate(losses):
+            f.write(json.dumps({"kind": "train", "step": s, "loss": x, "step_time": 0.5, "time": 0}) + "\n")
+        for s, x in evals.items():
+            f.write(json.dumps({"kind": "eval", "step": s, "eval_loss": x, "time": 0}) + "\n")
+
+
+def test_approach1_envelope_of_training_curves(tmp_path):
+    """Curves that follow the Chinchilla law at every step (0.3% noise): the envelope's N_opt(C)
+    slope is a to ±0.05."""
+    rows, steps, tokens_per_step = [], 400, 1e7
+    for i, N in enumerate(np.geomspace(2e7, 2e9, 12)):
+        D = np.arange(1, steps + 1) * tokens_per_step
+        curve = chinchilla_loss(TRUE, N, D) * np.exp(np.random.default_rng(i).normal(0, 0.003, steps))
+        name = f"run{i}"
+        write_run(tmp_path / name, steps, [float(x) for x in curve], {steps: float(curve[-1])})
+        rows.append([name, N, D[-1], float(curve[-1]), 6 * N * D[-1], name])
+    path = write_csv(tmp_path / "runs.csv", ["name", "params", "tokens", "loss", "flops", "workdir"], rows)
+    a1 = approach1(load_runs(path))
+    assert len(a1["envelope"]) > 30 and a1["fitted_points"] >= 8
+    assert abs(a1["a"] - TRUE_A) < 0.05 and abs(a1["b"] - (1 - TRUE_A)) < 0.05, a1
+
+
+@pytest.mark.parametrize("header,rows,message", [
+    (["params", "loss"], [[1e6, 3.0]], "missing column(s) ['tokens']"),
+    (["params", "tokens", "loss"], [[1e6, -5, 3.0]], "row 2: column 'tokens' must be positive"),
+    (["params", "tokens", "loss"], [[1e6, "abc", 3.0]], "column 'tokens' is not a number"),
+    (["params", "tokens", "final_loss"], [[1e6, 1e8, 3.0], [2e6, 1e8, 2.9]], "too few runs for approach 3"),
+])
+def test_malformed_csv_is_refused(tmp_path, header, rows, message):
+    path = write_csv(tmp_path / "runs.csv", header, rows)
+    with pytest.raises(ScalingError) as e:
+        fit_all(load_runs(path), bootstrap=0)
+    assert message in str(e.value)
+
+
+def test_fit_cli_exit_status_2_on_a_missing_column(tmp_path):
+    path = write_csv(tmp_path / "runs.csv", ["params", "loss"], [[1e6, 3.0]])
+    r = cli("fit", "--csv", str(path), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "llmjax: error:" in r.stderr and "'tokens'" in r.stderr, r.stderr
+
+
+def test_fit_and_plot_cli_write_json_and_figures(synthetic, tmp_path):
+    path, _ = synthetic
+    r = cli("fit", "--csv", str(path), "--out", str(tmp_path), "--budgets", "1e19,1e21", "--bootstrap", "5")
+    assert r.returncode == 0, r.stderr
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert {"E", "A", "B", "alpha", "beta", "intervals"} <= set(fit["approach3"])
+    assert {"a", "b", "minima"} <= set(fit["approach2"]) and len(fit["compute_optimal"]) == 2
+    paths = write_plots(path, tmp_path / "fit.json", tmp_path / "plots")
+    names = {p.name for p in paths}
+    for stem in ("isoflop", "frontier", "optimal", "residuals"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+        assert (tmp_path / "plots" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+        assert b"<svg" in (tmp_path / "plots" / f"{stem}.svg").read_bytes()[:2000]
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_width_depth_rule():
+    assert rule_shape(256, {}) == {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024}
+    assert rule_shape(96, {"ff_multiple_of": 128}) == {"d_model": 96, "n_layers": 2, "n_heads": 1, "d_ff": 384}
+
+
+def test_isoflop_spec_expansion(tmp_path):
+    spec = {"name": "t", "overrides": ["data.seq_len=64", "train.batch_size=4", "model.max_seq_len=64",
+                                       "model.vocab_size=512"],
+            "sizes": {"d_model": [32, 64, 128]}, "isoflop": {"budgets": [6e10, 2e11], "min_steps": 50}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    assert len(sweep.points) == 6 and len({p.name for p in sweep.points}) == 6
+    for p in sweep.points:
+        cfg = point_config(sweep, p)
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        assert p.tokens == p.steps * 4 * 64 == cfg.train.steps * 4 * 64
+        assert abs(p.tokens * fpt / p.budget - 1) < 0.01, p  # D · flops_per_token ≈ C
+        assert p.flops == pytest.approx(p.tokens * fpt)
+        assert cfg.model.d_model == p.shape["d_model"] and cfg.model.n_kv_heads == cfg.model.n_heads
+    spec["isoflop"]["min_steps"] = 10**6
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ScalingError, match="no points"):
+        load_sweep(path)
+
+
+def test_sweep_dry_run_prints_one_command_per_point(tmp_path):
+    r = cli("sweep", "run", "experiments/sweeps/grid_example.yaml", "--dry-run", "--workdir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 9
+    assert all(line.startswith("llmjax train --config experiments/configs/default.yaml --workdir ") for line in lines)
+    assert f"--workdir {tmp_path}/d64_L2_T2e5 " in lines[0] and "train.steps=98" in lines[0]
+    assert not any(tmp_path.iterdir())  # a dry run creates nothing
+    r = cli("sweep", "run", "experiments/sweeps/cpu_isoflop.yaml", "--dry-run")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) >= 16, r.stderr
+
+
+def test_sweep_collect_reads_run_directories(tmp_path):
+    write_run(tmp_path / "a", 10, [5.0 - 0.1 * s for s in range(10)], {0: 6.0, 5: 4.6, 10: 4.7})
+    (tmp_path / "a" / "DONE").write_text(json.dumps({"wall_time": 12.5}))
+    write_run(tmp_path / "b", 20, [4.0] * 20, {0: 6.0, 20: 3.9}, **{"model.d_model": 128, "model.d_ff": 256})
+    write_run(tmp_path / "c", 20, [4.0] * 5, {})  # not evaluated yet: left out
+    (tmp_path / "sweep.json").write_text(json.dumps({"points": [{"name": "a", "budget": 1e9}]}))
+    out = collect(tmp_path)
+    rows = {r["name"]: r for r in csv.DictReader(open(out))}
+    assert set(rows) == {"a", "b"}
+    a, b = rows["a"], rows["b"]
+    assert int(a["tokens"]) == 10 * 8 * 32 and int(b["tokens"]) == 20 * 8 * 32
+    cfg = tiny_config("train.steps=10")
+    assert float(a["flops"]) == pytest.approx(flops_per_token(cfg.model, 32) * 10 * 8 * 32)
+    assert float(a["final_loss"]) == 4.7 and float(a["best_loss"]) == 4.6 and float(b["final_loss"]) == 3.9
+    assert float(a["wall_time"]) == 12.5 and float(b["wall_time"]) == 10.0  # DONE, else the step times
+    assert a["budget"] == "1000000000.0" and b["budget"] == "" and a["workdir"] == "a"
+    assert int(a["params"]) == int(a["active_params"]) > int(a["non_embedding_params"]) > 0
+    assert int(b["params"]) > int(a["params"])
+    assert is_finished(tmp_path / "b", 20) and not is_finished(tmp_path / "c", 20)
+    assert is_finished(tmp_path / "a", 999)  # the DONE marker wins

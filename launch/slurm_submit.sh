@@ -28,18 +28,8 @@ Example (8 nodes x 8 H100):
 USAGE
 }
 
-# POSIX shell quoting, pasteable into any sh (unlike printf %q, never $'...').
-shquote() {
-  local out="" arg q="'"
-  for arg in "$@"; do
-    if [[ -n "$arg" && "$arg" =~ ^[-A-Za-z0-9_./=:,@+%]+$ ]]; then
-      out+="$arg "
-    else
-      out+="'${arg//$q/$q\\$q$q}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
+# shellcheck source-path=SCRIPTDIR source=shquote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shquote.sh"
 
 die() {
   echo "slurm_submit.sh: $*" >&2

@@ -41,18 +41,8 @@ Example:
 EOF
 }
 
-# POSIX shell quoting, pasteable into any sh (unlike printf %q, never $'...').
-shquote() {
-  local out="" arg q="'"
-  for arg in "$@"; do
-    if [[ -n "$arg" && "$arg" =~ ^[-A-Za-z0-9_./=:,@+%]+$ ]]; then
-      out+="$arg "
-    else
-      out+="'${arg//$q/$q\\$q$q}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
+# shellcheck source-path=SCRIPTDIR source=shquote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shquote.sh"
 
 die() {
   echo "tpu_pod.sh: $*" >&2

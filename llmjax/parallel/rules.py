@@ -106,10 +106,6 @@ def use_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
-def current_sharding() -> tuple[Mesh, Rules] | None:
-    return _CONTEXT.get()
-
-
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain activation `x` (one logical name per dimension) to the installed layout."""
     ctx = _CONTEXT.get()

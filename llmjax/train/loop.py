@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llmjax.config import Config, ConfigError, _deep_merge, load_yaml, save_config, to_dict, validate
+from llmjax.config import Config, ConfigError, deep_merge, load_yaml, save_config, to_dict, validate
 from llmjax.data.pipeline import DataModule
 from llmjax.infer.sample import generate
 from llmjax.parallel.mesh import describe as describe_mesh
@@ -58,7 +58,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
         return
     # Keys the saved file lacks (added to the config since, e.g. model.moe) take today's defaults,
     # which by convention keep the old behaviour.
-    saved, now = _deep_merge(to_dict(Config()), load_yaml(saved_path)), to_dict(cfg)
+    saved, now = deep_merge(to_dict(Config()), load_yaml(saved_path)), to_dict(cfg)
     for key in RESUME_KEYS:
         a, b = _lookup(saved, key), _lookup(now, key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -88,14 +88,6 @@ class Setup:
             out_shardings=replicated(self.mesh),
         )
 
-    def jit_logits(self) -> Callable[[Any, jax.Array], jax.Array]:
-        """params, tokens [B, L] -> logits [B, L, V] float32 (for sampling and tests)."""
-
-        def logits(params: Any, tokens: jax.Array) -> jax.Array:
-            return self.model.apply({"params": params}, tokens)
-
-        return jax.jit(self._in_mesh_context(logits), in_shardings=(self.state_shardings.params, None))
-
     def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
         """This process's rows of the global batch (numpy) -> global arrays sharded over the batch axes."""
         return {

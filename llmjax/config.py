@@ -111,19 +111,39 @@ class DataConfig:
 class MeshConfig:
     """Device mesh sizes (-1 takes the remaining devices) and logical-axis rule overrides.
 
-    `data`, `fsdp`, `tensor` are the sizes within one slice (ICI). The `dcn_*` sizes split
+    Axes, outermost first: `pipeline` (layer-stack stages, see `PipelineConfig`), `data`,
+    `fsdp`, `expert` (MoE experts split over it; outside MoE layers it splits the batch like
+    `data`) and `tensor`. These are the sizes within one slice (ICI). The `dcn_*` sizes split
     the same axes across slices (multi-slice TPU, over the data-centre network): the axis
     `data` then has `dcn_data * data` devices. They are not mesh axes of their own.
     """
 
+    pipeline: int = 1
     data: int = -1
     fsdp: int = 1
+    expert: int = 1
     tensor: int = 1
+    dcn_pipeline: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    dcn_expert: int = 1
     dcn_tensor: int = 1
     # Overrides of the logical->mesh rules, e.g. {"embed": null, "vocab": ["tensor"]}.
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Pipeline parallelism over the `pipeline` mesh axis (`mesh.pipeline` stages).
+
+    Each global batch (per gradient-accumulation step) is cut into `microbatches` that
+    flow through the stages in GPipe order; with `repeats` > 1 each stage holds that many
+    non-adjacent layer groups (circular schedule), which shrinks the bubble
+    (S-1)/(R*M+S-1) for S stages, R repeats, M microbatches.
+    """
+
+    microbatches: int = 1
+    repeats: int = 1
 
 
 @dataclasses.dataclass
@@ -196,6 +216,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -501,7 +522,12 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tensor}")
     if m.d_ff % tensor:
         raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={tensor}")
-    batch_shards = shape["data"] * shape["fsdp"]
+    if m.moe.enabled and m.moe.num_experts % shape["expert"]:
+        raise ConfigError(
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by mesh.expert={shape['expert']}")
+    if not m.moe.enabled and shape["expert"] > 1:
+        raise ConfigError(f"mesh.expert={shape['expert']} needs an MoE model (model.moe.num_experts > 0)")
+    batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
     if t.batch_size % o.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}"
@@ -510,14 +536,36 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if micro % batch_shards:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (per accumulation step {micro}) is not divisible by "
-            f"mesh.data x mesh.fsdp = {shape['data']} x {shape['fsdp']} = {batch_shards}"
+            f"mesh.data x mesh.fsdp x mesh.expert = {shape['data']} x {shape['fsdp']} x {shape['expert']} = "
+            f"{batch_shards}"
         )
+    _validate_pipeline(cfg, shape, micro)
     _check_rules(cfg.mesh.rules)
     dist = cfg.distributed
     if dist.num_processes < 0 or dist.process_id < -1 or dist.initialization_timeout <= 0:
         raise ConfigError("distributed.num_processes must be >= 0, distributed.process_id >= -1 and "
                           "distributed.initialization_timeout positive")
     return shape
+
+
+def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
+    """Stages x repeats must divide the scanned layer units; microbatches the per-replica batch."""
+    p, m = cfg.pipeline, cfg.model
+    _positive(p, "pipeline", "microbatches", "repeats")
+    stages = shape["pipeline"]
+    if stages > 1:  # TODO(issue 4): remove once the pipelined stack lands
+        raise ConfigError("mesh.pipeline > 1: pipeline parallelism is not implemented yet")
+    units = m.n_layers // m.moe.every if m.moe.enabled and m.moe.every > 1 else m.n_layers
+    what = f"model.n_layers={m.n_layers}" + (f" / model.moe.every={m.moe.every} = {units} layer groups"
+                                             if units != m.n_layers else "")
+    if units % (stages * p.repeats):
+        raise ConfigError(f"{what} is not divisible by mesh.pipeline x pipeline.repeats = {stages} x {p.repeats}")
+    if stages == 1 and (p.microbatches > 1 or p.repeats > 1):
+        raise ConfigError("pipeline.microbatches and pipeline.repeats need mesh.pipeline > 1")
+    per_replica = micro // (shape["data"] * shape["fsdp"] * shape["expert"])
+    if per_replica % p.microbatches:
+        raise ConfigError(f"pipeline.microbatches={p.microbatches} does not divide the per-replica batch "
+                          f"{per_replica} (train.batch_size / optim.grad_accum_steps / (data x fsdp x expert))")
 
 
 def _validate_moe(m: ModelConfig) -> None:

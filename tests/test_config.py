@@ -57,11 +57,11 @@ def test_defaults_come_from_default_yaml():
     # keys the file leaves out keep the dataclass defaults
     assert cfg.model.head_dim == 0 and cfg.model.norm_eps == 1e-5 and cfg.optim.grad_accum_steps == 1
     assert load_config(DEFAULT_CONFIG) == cfg
-    assert validate(cfg, N_DEVICES) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert validate(cfg, N_DEVICES) == {"pipeline": 1, "data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
 def test_mesh_axis_names():
-    assert mesh_axis_names() == ("data", "fsdp", "tensor")
+    assert mesh_axis_names() == ("pipeline", "data", "fsdp", "expert", "tensor")
 
 
 @pytest.mark.parametrize(
@@ -258,6 +258,12 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         (["checkpoint.every_steps=-1"], ["checkpoint.every_steps"]),
         (["checkpoint.keep=0"], ["checkpoint.keep"]),
         (["sample.temperature=-1"], ["sample.temperature"]),
+        (["mesh.expert=2"], ["mesh.expert=2", "model.moe.num_experts"]),
+        (["mesh.expert=4", "model.moe.num_experts=6"], ["model.moe.num_experts=6", "mesh.expert=4"]),
+        (["mesh.expert=8", "model.moe.num_experts=8", "train.batch_size=4"],
+         ["train.batch_size=4", "mesh.expert"]),
+        (["pipeline.microbatches=0"], ["pipeline.microbatches"]),
+        (["pipeline.repeats=2"], ["pipeline.repeats", "mesh.pipeline"]),
     ],
 )
 def test_validate_errors_name_the_keys(overrides, keys):
@@ -266,14 +272,21 @@ def test_validate_errors_name_the_keys(overrides, keys):
         validate(cfg, N_DEVICES)
 
 
+def full(**sizes: int) -> dict[str, int]:
+    """A resolved mesh shape: every axis, 1 unless given."""
+    return {name: sizes.get(name, 1) for name in mesh_axis_names()}
+
+
 @pytest.mark.parametrize(
     "overrides, shape",
     [
-        ([], {"data": 8, "fsdp": 1, "tensor": 1}),
-        (["mesh.tensor=2"], {"data": 4, "fsdp": 1, "tensor": 2}),
-        (["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"], {"data": 2, "fsdp": 2, "tensor": 2}),
-        (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1"], {"data": 1, "fsdp": 1, "tensor": 8}),
-        (["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"], {"data": 2, "fsdp": 4, "tensor": 1}),
+        ([], full(data=8, fsdp=1, tensor=1)),
+        (["mesh.tensor=2"], full(data=4, fsdp=1, tensor=2)),
+        (["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"], full(data=2, fsdp=2, tensor=2)),
+        (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1"], full(data=1, fsdp=1, tensor=8)),
+        (["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"], full(data=2, fsdp=4, tensor=1)),
+        (["mesh.expert=4", "model.moe.num_experts=8"], full(data=2, expert=4)),
+        (["mesh.expert=2", "mesh.tensor=2", "model.moe.num_experts=4"], full(data=2, expert=2, tensor=2)),
     ],
 )
 def test_resolved_mesh(overrides, shape):

@@ -33,17 +33,19 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "layers": (),
+    "stage": ("pipeline",),  # pipeline stages (the stage dimension of the pipelined layer stack)
     "norm": (),
-    "expert": (),  # MoE expert dimension; the `expert` mesh axis (expert parallelism) is not built yet
+    "expert": ("expert",),  # MoE expert dimension
     # activations
-    "act_batch": ("data", "fsdp"),
+    "act_batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis splits the batch
     "act_length": (),
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
-    "act_expert": (),
+    "act_expert": ("expert",),
+    "act_stage": ("pipeline",),
 }
 LOGICAL_AXES = tuple(DEFAULT_RULES)
 

@@ -204,6 +204,11 @@ def test_isoflop_spec_expansion(tmp_path):
         assert abs(p.tokens * fpt / p.budget - 1) < 0.01, p  # D · flops_per_token ≈ C
         assert p.flops == pytest.approx(p.tokens * fpt)
         assert cfg.model.d_model == p.shape["d_model"] and cfg.model.n_kv_heads == cfg.model.n_heads
+    most = max(p.steps for p in sweep.points)
+    spec["isoflop"]["max_steps"] = most - 1  # a window of sizes per budget: the longest point drops out
+    path.write_text(yaml.safe_dump(spec))
+    assert [p for p in load_sweep(path).points if p.steps == most] == []
+    assert len(load_sweep(path).points) == 5
     spec["isoflop"]["min_steps"] = 10**6
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ScalingError, match="no points"):

@@ -16,7 +16,8 @@ A spec (see `experiments/sweeps/*.yaml`)::
     # shapes: [{d_model: 64, n_layers: 2, n_heads: 1, d_ff: 256}, ...]   # ... or explicit shapes
     isoflop:                                   # either IsoFLOP budgets ...
       budgets: [1e12, 3e12]                    # C, training FLOPs per run
-      min_steps: 20                            # points with fewer steps are left out
+      min_steps: 20                            # points with fewer steps are left out ...
+      max_steps: 2000                          # ... and with more (optional): a window of sizes per budget
     # grid: {tokens: [1e6, 4e6]}               # ... or a grid of sizes x token budgets
     warmup_fraction: 0.05                      # optim.warmup_steps = round(fraction * steps)
     evals: 1                                   # eval.every_steps = ceil(steps / evals)
@@ -184,12 +185,16 @@ def load_sweep(path: str | Path) -> Sweep:
         iso = dict(spec["isoflop"] or {})
         budgets = _numbers(iso.get("budgets"), "isoflop.budgets")
         min_steps = int(iso.get("min_steps", 1))
+        max_steps = int(iso.get("max_steps", 0)) or None
+        unknown = set(iso) - {"budgets", "min_steps", "max_steps"}
+        if unknown:
+            raise ScalingError(f"sweep spec {path}: unknown keys in 'isoflop': {sorted(unknown)}")
         for c in budgets:
             for shape in shapes:
                 cfg = load_config(base, common + shape_overrides(shape))
                 d = c / flops_per_token(cfg.model, cfg.data.seq_len)
                 point = make(shape, d, c, f"C{format_number(c)}_d{shape['d_model']}_L{shape['n_layers']}")
-                if point.steps >= min_steps:
+                if point.steps >= min_steps and (max_steps is None or point.steps <= max_steps):
                     points.append(point)
     else:
         grid = dict(spec["grid"] or {})
@@ -199,7 +204,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 point = make(shape, d, None, f"d{shape['d_model']}_L{shape['n_layers']}_T{format_number(d)}")
                 points.append(point)
     if not points:
-        raise ScalingError(f"sweep spec {path}: no points (every point has fewer than isoflop.min_steps steps?)")
+        raise ScalingError(f"sweep spec {path}: no points (every point outside isoflop.min_steps..max_steps?)")
     names = [p.name for p in points]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -124,10 +124,11 @@ def test_layer_matches_per_expert_reference(variant, capacity_factor):
 def test_capacity_equals_dropless_when_nothing_drops():
     x, params = layer_inputs(moe_cfg())
     y_dropless, _ = MoE(moe_cfg()).apply({"params": params}, x)
-    # The tightest capacity at which nothing drops here: the most loaded expert's count.
-    counts = np.bincount(reference_choices(moe_cfg(), x, params).ravel(), minlength=X)
-    factor = counts.max() * X / (B * L * 2)
-    assert capacity(B * L, 2, X, factor) == counts.max()
+    # The tightest capacity at which nothing drops here: the most loaded expert's count in any sequence.
+    choices = reference_choices(moe_cfg(), x, params).reshape(B, L * 2)
+    most = max(np.bincount(row, minlength=X).max() for row in choices)
+    factor = most * X / (L * 2)
+    assert capacity(L, 2, X, factor) == most
     y_cap, aux = MoE(moe_cfg(capacity_factor=factor)).apply({"params": params}, x)
     assert float(aux["dropped_fraction"]) == 0.0
     assert_close(y_cap, y_dropless)
@@ -137,14 +138,16 @@ def test_over_capacity_assignments_are_dropped():
     cfg = moe_cfg(capacity_factor=0.5)
     x, params = layer_inputs(cfg)
     T, K = B * L, cfg.moe.top_k
-    C = capacity(T, K, X, 0.5)
+    C = capacity(L, K, X, 0.5)  # per sequence: capacity groups are sequences
     choices = reference_choices(cfg, x, params)
-    # GShard priority: every token's first choice (in token order), then every second choice.
-    keep, fill = np.zeros((T, K), bool), np.zeros(X, int)
-    for k in range(K):
-        for t in range(T):
-            if fill[choices[t, k]] < C:
-                keep[t, k], fill[choices[t, k]] = True, fill[choices[t, k]] + 1
+    # GShard priority within each sequence: every token's first choice (in token order), then every second choice.
+    keep = np.zeros((T, K), bool)
+    for b in range(B):
+        fill = np.zeros(X, int)
+        for k in range(K):
+            for t in range(b * L, (b + 1) * L):
+                if fill[choices[t, k]] < C:
+                    keep[t, k], fill[choices[t, k]] = True, fill[choices[t, k]] + 1
     y, aux = MoE(cfg).apply({"params": params}, x)
     assert 0 < float(aux["dropped_fraction"]) == pytest.approx(1 - keep.mean())
     assert_close(y, reference_layer(cfg, x, params, choices, keep))
@@ -278,6 +281,30 @@ def test_moe_mesh_matches_single_device(variant):
     for key in metrics:
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=RTOL, atol=1e-7, err_msg=key)
     assert (ref_metrics["moe_dropped_fraction"] > 0) == (variant == "capacity_unrolled")
+    assert_trees_close(grads, ref_grads)
+
+
+EP_MODEL = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.shared_experts=1", "train.batch_size=8")
+
+
+@pytest.mark.parametrize("mode", ["dropless", "capacity"])
+@pytest.mark.parametrize("layout", [("mesh.expert=8", "mesh.data=1"), ("mesh.expert=4", "mesh.data=2"),
+                                    ("mesh.expert=2", "mesh.data=2", "mesh.tensor=2")],
+                         ids=["expert8", "expert4_data2", "expert2_data2_tensor2"])
+def test_expert_parallel_matches_single_device(layout, mode):
+    """Experts split over the `expert` axis (all-to-all in shard_map) equal one device: loss, router
+    statistics and gradients. The capacity variant drops some assignments, identically."""
+    assert jax.device_count() == 8
+    extra = ("model.moe.capacity_factor=1.0",) if mode == "capacity" else ("model.scan_layers=true",)
+    ref_grads, ref_metrics = gradients(tiny_config(*EP_MODEL, *extra), jax.devices()[:1])
+    cfg = tiny_config(*EP_MODEL, *extra, *layout)
+    setup = build_setup(cfg, jax.devices())
+    lowered = setup.jit_gradients().lower(setup.init_state().params, setup.put_batch(packed_batch(cfg, seed=0)))
+    assert "all_to_all" in lowered.as_text()  # tokens travel to their experts' devices
+    grads, metrics = gradients(cfg, jax.devices())
+    for key in ref_metrics:
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=RTOL, atol=1e-7, err_msg=key)
+    assert (ref_metrics["moe_dropped_fraction"] > 0) == (mode == "capacity")
     assert_trees_close(grads, ref_grads)
 
 

@@ -108,6 +108,11 @@ def use_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+def current_sharding() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) installed by `use_sharding`, or None (one device, tests)."""
+    return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain activation `x` (one logical name per dimension) to the installed layout."""
     ctx = _CONTEXT.get()

@@ -149,6 +149,14 @@ def shape_overrides(shape: dict[str, int]) -> list[str]:
     return out
 
 
+def _validate_point(cfg: Config) -> None:
+    """The cross-field checks of `llmjax train`, on as many devices as the fixed mesh sizes need."""
+    from llmjax.config import mesh_axis_names, validate
+
+    sizes = [getattr(cfg.mesh, n) * getattr(cfg.mesh, f"dcn_{n}") for n in mesh_axis_names()]
+    validate(cfg, math.prod(abs(s) for s in sizes))
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and expand a sweep spec. Every point's config is validated (ConfigError otherwise)."""
     from llmjax.train.metrics import flops_per_token  # imports jax: only when a spec is expanded
@@ -176,7 +184,7 @@ def load_sweep(path: str | Path) -> Sweep:
         per_point = [f"train.steps={steps}", f"optim.warmup_steps={max(1, round(warmup_fraction * steps))}",
                      f"eval.every_steps={math.ceil(steps / evals)}"]
         overrides = common + shape_overrides(shape) + per_point
-        load_config(base, overrides)  # validates the point
+        _validate_point(load_config(base, overrides))
         tokens = steps * row_tokens
         return Point(name_, shape, steps, tokens, fpt * tokens, budget, overrides)
 

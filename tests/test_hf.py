@@ -158,6 +158,30 @@ def test_fused_mixtral_expert_names(mixtral, tmp_path):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+def test_read_block_reads_any_block_of_a_merged_layout(tmp_path):
+    """Blocks that split the merged (H, E) dimension anywhere, inner dimension included, equal the
+    same block of the fully transformed tensors (what a sharding over any logical axis asks for)."""
+    from safetensors.numpy import save_file
+
+    from llmjax.interop.hf_weights import SafetensorsReader, _linear, _names, read_block
+
+    N, H, E, D = 3, 4, 6, 5
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(D, H * E)).astype(np.float32) for _ in range(N)]  # o_proj [D, H*E]
+    save_file({f"l.{n}.o": w for n, w in enumerate(weights)}, str(tmp_path / "model.safetensors"))
+    src = _linear(_names("l.{}.o", N), 2, (H, E, D))
+    full = np.stack([w.T.reshape(H, E, D) for w in weights])  # [N, H, E, D]
+    reader = SafetensorsReader(tmp_path)
+    cases = [
+        ((0, 3), (0, 4), (0, 6), (0, 5)),  # everything
+        ((1, 2), (1, 3), (2, 5), (0, 5)),  # some layers, heads and head dims
+        ((2, 3), (3, 4), (0, 1), (4, 5)),
+    ]
+    for bounds in cases:
+        block = read_block(reader, src, full.shape, bounds, np.float32)
+        np.testing.assert_array_equal(block, full[tuple(slice(*b) for b in bounds)])
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -232,6 +256,10 @@ def test_weights_that_do_not_match_the_config(llama, tmp_path):
         hf.load(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(data, num_hidden_layers=1)))
     with pytest.raises(ConfigError, match="does not account for: model.layers.1"):
+        hf.load(tmp_path / "m")
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(ConfigError, match=r"no \*.safetensors file .*PyTorch \*.bin weights are not read"):
         hf.load(tmp_path / "m")
 
 

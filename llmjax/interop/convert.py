@@ -86,7 +86,8 @@ def from_hf(args: argparse.Namespace) -> int:
     setup_jax(cfg)
     validate(cfg, jax.device_count())
     tokenizer_src = hf_dir / TOKENIZER_FILE
-    if cfg.data.tokenizer == str((workdir / TOKENIZER_FILE).absolute()) and tokenizer_src.is_file():
+    copy_tokenizer = cfg.data.tokenizer == str((workdir / TOKENIZER_FILE).absolute())  # set by import_config
+    if copy_tokenizer:
         _check_tokenizer(tokenizer_src, cfg)
 
     from llmjax.interop.hf import load_params
@@ -104,7 +105,7 @@ def from_hf(args: argparse.Namespace) -> int:
 
     state = jax.jit(initial_state, out_shardings=setup.state_shardings, donate_argnums=0)(params)
     workdir.mkdir(parents=True, exist_ok=True)
-    if tokenizer_src.is_file() and cfg.data.tokenizer == str((workdir / TOKENIZER_FILE).absolute()):
+    if copy_tokenizer:
         shutil.copyfile(tokenizer_src, workdir / TOKENIZER_FILE)
     ckpt = Checkpointer(ckpts, cfg.checkpoint.keep, async_save=False)
     try:
@@ -167,6 +168,9 @@ def to_hf(args: argparse.Namespace) -> int:
 
     loaded = Loaded(workdir)
     cfg = loaded.cfg
+    if cfg.model.moe.enabled and cfg.model.moe.capacity_factor > 0:
+        log(f"note: model.moe.capacity_factor={cfg.model.moe.capacity_factor} drops tokens over capacity; "
+            "transformers' Mixtral routes every token (dropless), so its outputs can differ where tokens were dropped")
     files = save(cfg.model, loaded.params, hf_dir, args.dtype, max_shard)
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).expanduser().is_file():
         shutil.copyfile(Path(cfg.data.tokenizer).expanduser(), hf_dir / TOKENIZER_FILE)

@@ -153,7 +153,9 @@ class SafetensorsReader:
         else:
             paths = sorted(self.dir.glob("*.safetensors"))
             if not paths:
-                raise ConfigError(f"HF_DIR: no *.safetensors file (nor {INDEX_FILE}) in {self.dir}")
+                pickled = " (PyTorch *.bin weights are not read: save them as safetensors)" \
+                    if any(self.dir.glob("*.bin")) else ""
+                raise ConfigError(f"HF_DIR: no *.safetensors file (nor {INDEX_FILE}) in {self.dir}{pickled}")
             for path in paths:
                 for name in self._open(path).keys():
                     files[name] = path

@@ -8,6 +8,8 @@
   llmjax sweep run SPEC [--workdir DIR] [--dry-run] | llmjax sweep collect DIR
   llmjax fit --csv runs.csv --out DIR [--budgets 1e18,1e19] [--holdout largest]
   llmjax plot --csv runs.csv --fit DIR/fit.json --out DIR
+  llmjax convert from-hf HF_DIR WORKDIR [--config FILE] [section.key=value ...]
+  llmjax convert to-hf WORKDIR HF_DIR [--dtype bfloat16] [--max-shard-size 5GB]
 
 Multi-process runs (one process per host, GPU or CPU-device group) add
 `--coordinator HOST:PORT --num-processes N --process-id I` (or the LLMJAX_* variables
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from llmjax.config import Config, ConfigError, load_config
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
+from llmjax.interop import cli_args as convert_cli
 from llmjax.scaling import cli_args as scaling_cli
 
 EXIT_USAGE = 2
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     add_arguments(sub)
     scaling_cli.add_arguments(sub)
+    convert_cli.add_arguments(sub)
     return p
 
 
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         if args.verb in scaling_cli.SCALING_VERBS:
             return scaling_cli.run(args)
+        if args.verb in convert_cli.CONVERT_VERBS:
+            from llmjax.interop.convert import run as convert
+
+            return convert(args)
         if args.verb == "bench" and args.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {args.steps}")
         cfg = load_config(args.config, args.overrides)

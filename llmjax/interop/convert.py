@@ -1,0 +1,187 @@
+"""`llmjax convert from-hf HF_DIR WORKDIR` and `llmjax convert to-hf WORKDIR HF_DIR`.
+
+from-hf writes a workdir exactly like one `llmjax train` leaves after step 0: `config.yaml`
+(the resolved config: the model from HF_DIR/config.json, everything else from --config and
+the overrides) and `checkpoints/0` holding the imported parameters with a fresh optimizer
+state and the data iterator at the start of the stream. So
+
+  llmjax eval --workdir WORKDIR / llmjax generate --workdir WORKDIR --prompt ...
+  llmjax train --config WORKDIR/config.yaml --workdir WORKDIR [data.path=...]   (continues training)
+
+use it as it is. The parameters are read straight into the shardings of the config's mesh.
+A sentencepiece `tokenizer.model` in HF_DIR is copied into WORKDIR and set as data.tokenizer.
+
+to-hf writes the newest checkpoint's parameters as a LlamaForCausalLM / MixtralForCausalLM
+directory that `transformers` loads (`from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from llmjax.config import Config, ConfigError, load_config, parse_override, save_config
+from llmjax.interop.hf_config import (
+    ARCH_FIELDS,
+    MOE_ARCH_FIELDS,
+    check_exportable,
+    model_config_from_hf,
+    read_hf_config,
+)
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def log(msg: str) -> None:
+    print(f"llmjax: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_overrides(overrides: list[str], source: Path) -> None:
+    """The architecture comes from config.json: overriding it would not match the weights."""
+    for item in overrides:
+        keys, _ = parse_override(item)
+        if keys[:1] != ["model"] or len(keys) < 2:
+            continue
+        if keys[1] in ARCH_FIELDS or (keys[1] == "moe" and len(keys) > 2 and keys[2] in MOE_ARCH_FIELDS):
+            raise ConfigError(f"{'.'.join(keys)}: set by {source}; it cannot be overridden on import")
+
+
+def import_config(hf_dir: Path, config: str | None, overrides: list[str], workdir: Path) -> tuple[Config, list[str]]:
+    """The workdir's resolved Config and the notes to log (no JAX needed). Raises ConfigError."""
+    source = hf_dir / "config.json"
+    hf_data = read_hf_config(hf_dir)
+    _check_overrides(overrides, source)
+    base = load_config(config, overrides)
+    model, notes = model_config_from_hf(hf_data, str(source), base.model)
+    cfg = dataclasses.replace(base, model=model)
+    if cfg.data.tokenizer is None:
+        if (hf_dir / TOKENIZER_FILE).is_file():
+            cfg.data.tokenizer = str((workdir / TOKENIZER_FILE).absolute())
+            notes.append(f"copied {hf_dir / TOKENIZER_FILE} to {cfg.data.tokenizer} (data.tokenizer)")
+        else:
+            notes.append(f"{hf_dir} has no sentencepiece {TOKENIZER_FILE}: set data.tokenizer to the model's "
+                         "tokenizer for eval/generate/train on text (left unset, a new tokenizer is trained on the "
+                         "corpus, whose ids do not match the imported embeddings)")
+    return cfg, notes
+
+
+def from_hf(args: argparse.Namespace) -> int:
+    hf_dir, workdir = Path(args.hf_dir), Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"WORKDIR: {workdir} exists and is not a directory")
+    ckpts = workdir / "checkpoints"
+    if ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir()):
+        raise ConfigError(f"WORKDIR: {ckpts} already holds checkpoints; import into a new directory")
+    cfg, notes = import_config(hf_dir, args.config, list(args.overrides), workdir)
+
+    import jax
+
+    from llmjax.cli import setup_jax
+    from llmjax.config import validate
+
+    setup_jax(cfg)
+    validate(cfg, jax.device_count())
+    tokenizer_src = hf_dir / TOKENIZER_FILE
+    copy_tokenizer = cfg.data.tokenizer == str((workdir / TOKENIZER_FILE).absolute())  # set by import_config
+    if copy_tokenizer:
+        _check_tokenizer(tokenizer_src, cfg)
+
+    from llmjax.interop.hf import load_params
+    from llmjax.train.checkpoint import Checkpointer
+    from llmjax.train.setup import build_setup
+    from llmjax.train.step import TrainState
+
+    setup = build_setup(cfg)
+    params = load_params(hf_dir, cfg.model, setup.state_shardings.params)
+
+    def initial_state(p):
+        # The same rng split as a fresh run (`train.setup._fresh_state`): the second key drives training.
+        rng = jax.random.split(jax.random.PRNGKey(cfg.seed))[1]
+        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=setup.tx.init(p), rng=rng)
+
+    state = jax.jit(initial_state, out_shardings=setup.state_shardings, donate_argnums=0)(params)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if copy_tokenizer:
+        shutil.copyfile(tokenizer_src, workdir / TOKENIZER_FILE)
+    ckpt = Checkpointer(ckpts, cfg.checkpoint.keep, async_save=False)
+    try:
+        ckpt.save(0, state, {"step": 0})  # no iterator state: training starts at the beginning of the stream
+    finally:
+        ckpt.close()
+    save_config(cfg, workdir / "config.yaml")  # last: a config.yaml next to checkpoints/ marks a finished import
+    n = sum(x.size for x in jax.tree.leaves(state.params))
+    m = cfg.model
+    kind = f"MoE {m.moe.num_experts} experts top-{m.moe.top_k}" if m.moe.enabled else "dense"
+    for note in notes:
+        log(f"note: {note}")
+    log(f"imported {hf_dir} ({m.n_layers} layers, d_model {m.d_model}, {m.n_heads}/{m.n_kv_heads} heads, "
+        f"vocab {m.vocab_size}, {kind}; {n:,} parameters) into {workdir}: config.yaml + {ckpts / '0'}")
+    log(f"use it: llmjax eval --workdir {workdir}; llmjax generate --workdir {workdir} --prompt ...; "
+        f"llmjax train --config {workdir / 'config.yaml'} --workdir {workdir} [data.path=... train.steps=...]")
+    return 0
+
+
+def _check_tokenizer(path: Path, cfg: Config) -> None:
+    """ConfigError when the sentencepiece model cannot be read or has more pieces than the vocabulary."""
+    import sentencepiece as spm
+
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"{path}: not a sentencepiece model ({e})") from None
+    if pieces > cfg.model.vocab_size:
+        raise ConfigError(f"{path}: {pieces} pieces, more than vocab_size={cfg.model.vocab_size} in config.json")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '2GiB' -> 2 * 2**30, '1000' -> 1000. ConfigError naming --max-shard-size."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    size = int(number * powers[unit])
+    if size < 1:
+        raise ConfigError(f"--max-shard-size must be positive, got {text!r}")
+    return size
+
+
+def to_hf(args: argparse.Namespace) -> int:
+    workdir, hf_dir = Path(args.workdir), Path(args.hf_dir)
+    max_shard = parse_size(args.max_shard_size)
+    cfg_path = workdir / "config.yaml"
+    if cfg_path.is_file():  # refuse unexportable models before restoring anything
+        check_exportable(load_config(str(cfg_path)).model)
+    if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())):
+        raise ConfigError(f"HF_DIR: {hf_dir} exists and is not an empty directory")
+
+    from llmjax.infer.commands import Loaded
+    from llmjax.interop.hf import save
+
+    loaded = Loaded(workdir)
+    cfg = loaded.cfg
+    if cfg.model.moe.enabled and cfg.model.moe.capacity_factor > 0:
+        log(f"note: model.moe.capacity_factor={cfg.model.moe.capacity_factor} drops tokens over capacity; "
+            "transformers' Mixtral routes every token (dropless), so its outputs can differ where tokens were dropped")
+    files = save(cfg.model, loaded.params, hf_dir, args.dtype, max_shard)
+    if cfg.data.tokenizer and Path(cfg.data.tokenizer).expanduser().is_file():
+        shutil.copyfile(Path(cfg.data.tokenizer).expanduser(), hf_dir / TOKENIZER_FILE)
+        files.append(TOKENIZER_FILE)
+    else:
+        log("note: the run's tokenizer (data.tokenizer unset: trained on the corpus) was not copied")
+    arch = "MixtralForCausalLM" if cfg.model.moe.enabled else "LlamaForCausalLM"
+    log(f"wrote {arch} (step {loaded.step}, {args.dtype or cfg.model.param_dtype}) to {hf_dir}: config.json, "
+        f"{', '.join(files)}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"from-hf": from_hf, "to-hf": to_hf}[args.convert_verb](args)

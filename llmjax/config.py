@@ -172,6 +172,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     stop_on_nonfinite: bool = True
+    # Stop (with a checkpoint, exit 0) once this many steps are done, as if preempted, while the
+    # schedule still follows train.steps; 0: run to train.steps. Used for WSD cooldown branches.
+    stop_after: int = 0
 
 
 @dataclasses.dataclass
@@ -507,6 +510,8 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
 
     _positive(t, "train", "steps", "batch_size", "log_every")
+    if not 0 <= t.stop_after <= t.steps:
+        raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
     if cfg.eval.every_steps < 0 or cfg.eval.batches < 0:
         raise ConfigError("eval.every_steps and eval.batches must be >= 0")
     if cfg.checkpoint.every_steps < 0:

@@ -264,6 +264,7 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         (["mesh.expert=8", "model.moe.num_experts=8", "train.batch_size=4"],
          ["train.batch_size=4", "mesh.expert"]),
         (["pipeline.microbatches=0"], ["pipeline.microbatches"]),
+        (["train.stop_after=11"], ["train.stop_after=11", "train.steps=10"]),
         (["pipeline.repeats=2"], ["pipeline.repeats", "mesh.pipeline"]),
     ],
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import tiny_config
+from helpers import small_corpus, tiny_config, tiny_train_overrides
 
 from llmjax.config import save_config
 from llmjax.scaling import ScalingError
@@ -247,3 +247,44 @@ def test_sweep_collect_reads_run_directories(tmp_path):
     assert int(b["params"]) > int(a["params"])
     assert is_finished(tmp_path / "b", 20) and not is_finished(tmp_path / "c", 20)
     assert is_finished(tmp_path / "a", 999)  # the DONE marker wins
+
+
+def test_wsd_cooldown_branches_equal_independent_runs(tmp_path):
+    """One trunk per shape; each shorter point branches from it before its decay and ends exactly where
+    an independent run of the same point ends (same seed, same warmup, same data order)."""
+    overrides = tiny_train_overrides(small_corpus(tmp_path / "corpus")) + [
+        "optim.schedule=wsd", "optim.decay_fraction=0.25", "checkpoint.every_steps=0", "sample.max_new_tokens=0"]
+    rows = 8 * 32  # batch_size x seq_len tokens per step
+    spec = {"name": "wsd", "overrides": overrides, "cooldown_branches": True, "warmup_fraction": 0.1,
+            "shapes": [{"d_model": 64, "n_layers": 1, "n_heads": 4, "d_ff": 128}],
+            "grid": {"tokens": [12 * rows, 24 * rows, 40 * rows]}}
+    path = tmp_path / "wsd.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    short, middle, trunk = sweep.points
+    assert (short.trunk, short.branch_at, middle.trunk, middle.branch_at, trunk.trunk) == \
+        (trunk.name, 9, trunk.name, 18, None)
+    assert all("optim.warmup_steps=1" in p.overrides for p in sweep.points)  # one warmup per shape
+    dry = cli("sweep", "run", str(path), "--dry-run", "--workdir", str(tmp_path / "w"))
+    assert dry.returncode == 0 and dry.stdout.count("train.stop_after=") == 2 and "cp -a" in dry.stdout
+
+    r = cli("sweep", "run", str(path), "--workdir", str(tmp_path / "w"), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "branching from" in r.stdout
+    solo = cli("train", "--workdir", str(tmp_path / "solo"), *middle.overrides)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+
+    def curve(run: Path, kind: str, key: str) -> dict[int, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r[key] for r in records if r["kind"] == kind}
+
+    runs = ("w/" + middle.name, "solo", "w/" + trunk.name)
+    branch, alone, long = (curve(tmp_path / d, "train", "loss") for d in runs)
+    assert sorted(branch) == list(range(24)) and sorted(long) == list(range(40))
+    np.testing.assert_allclose([branch[s] for s in range(24)], [alone[s] for s in range(24)], rtol=1e-6)
+    np.testing.assert_allclose([branch[s] for s in range(18)], [long[s] for s in range(18)], rtol=1e-6)
+    assert branch[23] != long[23]  # the branch decayed, the trunk did not
+    final = lambda d: curve(tmp_path / d, "eval", "eval_loss")  # noqa: E731
+    assert final("w/" + middle.name)[24] == pytest.approx(final("solo")[24], rel=1e-6)
+    with open(collect(tmp_path / "w")) as f:
+        assert {r["name"] for r in csv.DictReader(f)} == {p.name for p in sweep.points}

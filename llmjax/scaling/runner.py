@@ -25,9 +25,12 @@ Collect: one `runs.csv` row per run directory (a sub-directory with `config.yaml
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -63,10 +66,19 @@ def _done_info(run_dir: Path) -> dict[str, Any]:
 
 
 def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: str = "") -> int:
-    """Train every point in order; returns 0, or the first failing point's exit status."""
+    """Train every point in order; returns 0, or the first failing point's exit status.
+
+    A cooldown branch (`point.trunk`) first advances its trunk to the branch step (`train.stop_after`)
+    and copies the trunk's run directory as its own, then trains its decay from there."""
     workdir = Path(workdir)
+    by_name = {p.name: p for p in sweep.points}
     if dry_run:
         for p in sweep.points:
+            if p.trunk:
+                trunk = by_name[p.trunk]
+                stop = dataclasses.replace(trunk, overrides=[*trunk.overrides, f"train.stop_after={p.branch_at}"])
+                print(launch_command(sweep, stop, workdir, prefix))
+                print(shlex.join(["cp", "-a", str(workdir / p.trunk), str(workdir / p.name)]))
             print(launch_command(sweep, p, workdir, prefix))
         return 0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -81,21 +93,60 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
             print(f"[{i}/{n}] {p.name}: finished, skipped", flush=True)
             _write_done(run_dir, p, timed=False)
             continue
+        if p.trunk and not (run_dir / "checkpoints").is_dir():
+            print(f"[{i}/{n}] {p.name}: branching from {p.trunk} at step {p.branch_at}", flush=True)
+            rc = _branch(sweep, by_name[p.trunk], p, workdir)
+            if rc != 0:
+                print(f"llmjax sweep: trunk {p.trunk} exited with status {rc}; run the same command to resume",
+                      file=sys.stderr)
+                return rc
         resume = (run_dir / "checkpoints").is_dir()
         print(f"[{i}/{n}] {p.name}: {'resuming' if resume else 'training'} {p.steps} steps, "
               f"{p.tokens:,} tokens, {p.flops:.3g} FLOPs", flush=True)
-        cmd = [sys.executable, "-m", "llmjax.cli", "train"]
-        if sweep.base:
-            cmd += ["--config", sweep.base]
-        cmd += ["--workdir", str(run_dir), *p.overrides]
-        t0 = time.time()
-        rc = subprocess.call(cmd)
-        _add_wall_time(run_dir, time.time() - t0)
+        rc = _train(sweep, p.overrides, run_dir)
         if rc != 0:
             print(f"llmjax sweep: {p.name} exited with status {rc}; run the same command to resume", file=sys.stderr)
             return rc
         _write_done(run_dir, p, timed=True)
     print(f"sweep {sweep.name}: {n} points done in {workdir}; next: llmjax sweep collect {workdir}")
+    return 0
+
+
+def _train(sweep: Sweep, overrides: list[str], run_dir: Path) -> int:
+    """One `llmjax train` subprocess in `run_dir`, its time added to the directory's WALL_TIME."""
+    cmd = [sys.executable, "-m", "llmjax.cli", "train"]
+    if sweep.base:
+        cmd += ["--config", sweep.base]
+    cmd += ["--workdir", str(run_dir), *overrides]
+    t0 = time.time()
+    rc = subprocess.call(cmd)
+    _add_wall_time(run_dir, time.time() - t0)
+    return rc
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    ckpts = run_dir / "checkpoints"
+    return sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) if ckpts.is_dir() else []
+
+
+def _branch(sweep: Sweep, trunk: Any, point: Any, workdir: Path) -> int:
+    """Advance the trunk to `point.branch_at` and copy its run directory to the point's (atomically)."""
+    trunk_dir, run_dir = workdir / trunk.name, workdir / point.name
+    rc = _train(sweep, [*trunk.overrides, f"train.stop_after={point.branch_at}"], trunk_dir)
+    if rc != 0:
+        return rc
+    if point.branch_at not in _checkpoint_steps(trunk_dir):
+        raise ScalingError(f"{trunk_dir} has no checkpoint at step {point.branch_at} to branch {point.name} from "
+                           f"(it has {_checkpoint_steps(trunk_dir)}): the trunk went past the branch point; "
+                           f"train {point.name} on its own or delete {trunk_dir}")
+    tmp = workdir / f".{point.name}.copy"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(trunk_dir, tmp, ignore=shutil.ignore_patterns("DONE", "WALL_TIME", "tensorboard"))
+    for step in _checkpoint_steps(tmp):  # the branch starts from the branch point, not a later step
+        if step > point.branch_at:
+            shutil.rmtree(tmp / "checkpoints" / str(step))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tmp.rename(run_dir)
     return 0
 
 

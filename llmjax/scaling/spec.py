@@ -20,6 +20,7 @@ A spec (see `experiments/sweeps/*.yaml`)::
       max_steps: 2000                          # ... and with more (optional): a window of sizes per budget
     # grid: {tokens: [1e6, 4e6]}               # ... or a grid of sizes x token budgets
     warmup_fraction: 0.05                      # optim.warmup_steps = round(fraction * steps)
+    cooldown_branches: false                   # true (needs optim.schedule=wsd): see below
     evals: 1                                   # eval.every_steps = ceil(steps / evals)
 
 Tokens. A point trains for `steps = round(D / (batch_size * seq_len))` steps, so it sees
@@ -29,6 +30,13 @@ Tokens. A point trains for `steps = round(D / (batch_size * seq_len))` steps, so
 the run's `flops = flops_per_token * tokens` equals C up to the rounding to whole steps
 (at most 0.5 / steps relative, i.e. <= 1% when min_steps >= 50; `llmjax fit` groups rows
 whose flops agree within 1%, or by the `budget` column that `sweep collect` writes).
+
+WSD cooldown branches (`cooldown_branches: true`, Hägele et al. 2024). With the warmup-stable-decay
+schedule the learning rate before the decay does not depend on the run's length, so the points of
+one model shape share a trunk: the longest point's run. Every shorter point (S steps) is a branch
+copied from the trunk's checkpoint at step S - round(decay_fraction * S) and trained from there,
+so it only pays for its own decay. All points of a shape then use one warmup, warmup_fraction
+times the shortest point's steps. A branch's result equals an independent run of that point.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from llmjax.scaling import ScalingError
 SIZE_RULE_DEFAULTS = {"width_per_layer": 64, "min_layers": 1, "head_dim": 64, "ff_mult": 4, "ff_multiple_of": 64}
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 SPEC_KEYS = {"name", "base", "overrides", "sizes", "shapes", "isoflop", "grid", "warmup_fraction", "evals",
-             "description"}
+             "description", "cooldown_branches"}
 
 
 @dataclass
@@ -59,6 +67,8 @@ class Point:
     flops: float  # flops_per_token * tokens
     budget: float | None  # the IsoFLOP budget C it belongs to (None in a grid)
     overrides: list[str] = field(default_factory=list)  # every override, spec-wide ones first
+    trunk: str | None = None  # cooldown branches: the point whose run this one branches from ...
+    branch_at: int = 0  # ... at this step
 
 
 @dataclass
@@ -211,6 +221,8 @@ def load_sweep(path: str | Path) -> Sweep:
             for d in tokens:
                 point = make(shape, d, None, f"d{shape['d_model']}_L{shape['n_layers']}_T{format_number(d)}")
                 points.append(point)
+    if spec.get("cooldown_branches"):
+        _make_branches(points, base, warmup_fraction, path)
     if not points:
         raise ScalingError(f"sweep spec {path}: no points (every point outside isoflop.min_steps..max_steps?)")
     names = [p.name for p in points]
@@ -218,6 +230,30 @@ def load_sweep(path: str | Path) -> Sweep:
     if dupes:
         raise ScalingError(f"sweep spec {path}: two points share a name: {dupes} (repeated sizes or budgets?)")
     return Sweep(name, base, points, path)
+
+
+def _make_branches(points: list[Point], base: str | None, warmup_fraction: float, path: Path) -> None:
+    """Turn every shape's shorter points into cooldown branches of its longest point (module docstring)."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault(tuple(sorted(p.shape.items())), []).append(p)
+    for group in groups.values():
+        group.sort(key=lambda p: p.steps)
+        warmup = max(1, round(warmup_fraction * group[0].steps))
+        for p in group:
+            p.overrides = [o for o in p.overrides if not o.startswith("optim.warmup_steps=")]
+            p.overrides.append(f"optim.warmup_steps={warmup}")
+            cfg = load_config(base, p.overrides)
+            if cfg.optim.schedule != "wsd":
+                raise ScalingError(f"sweep spec {path}: cooldown_branches needs optim.schedule=wsd, "
+                                   f"got {cfg.optim.schedule!r} for {p.name}")
+            _validate_point(cfg)
+            if p is not group[-1]:
+                p.trunk = group[-1].name
+                p.branch_at = p.steps - int(round(cfg.optim.decay_fraction * p.steps))
+                if p.branch_at < warmup:
+                    raise ScalingError(f"sweep spec {path}: {p.name} would branch at step {p.branch_at}, inside "
+                                       f"the warmup ({warmup} steps); lower warmup_fraction or drop the point")
 
 
 def point_config(sweep: Sweep, point: Point) -> Config:

@@ -182,6 +182,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
     signals = _Signals()
     tokens_per_step = cfg.train.batch_size * L
     steps = cfg.train.steps
+    end = cfg.train.stop_after or steps  # the schedule follows `steps`; the run stops at `end`
     last_saved = start if restored else -1
     status = EXIT_OK
 
@@ -219,7 +220,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
             run_eval(0)
         pending: tuple[int, Any] | None = None
         t_prev = time.time()
-        for step in range(start, steps):
+        for step in range(start, end):
             batch = setup.put_batch(next(iterator))
             state, metrics = step_fn(state, batch)
             if pending is not None:
@@ -232,7 +233,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
             stop = agree_on_signal(signals.received) if multi else signals.received
             ckpt_due = cfg.checkpoint.every_steps > 0 and done % cfg.checkpoint.every_steps == 0
             eval_due = cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0
-            if ckpt_due or eval_due or done == steps or stop:
+            if ckpt_due or eval_due or done == end or stop:
                 jax.block_until_ready(metrics)
                 now = time.time()
                 record(step, metrics, now - t_prev)
@@ -240,7 +241,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
                 if eval_due or done == steps:
                     run_eval(done)
                     t_prev = time.time()
-                if ckpt_due or done == steps or stop:
+                if ckpt_due or done == end or stop:
                     save(done)
                 if stop:
                     name = signal.Signals(stop).name
@@ -260,7 +261,9 @@ def train(cfg: Config, workdir: str | Path) -> int:
         bar.close()
         signals.restore()
 
-    if status == EXIT_OK:
+    if status == EXIT_OK and end < steps:
+        log(f"stopped after step {end} of {steps} (train.stop_after): checkpoint {end} in {ckpt.directory}")
+    elif status == EXIT_OK:
         show_samples(cfg, setup, state.params, data)
     writer.close()
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")

@@ -125,7 +125,8 @@ def _expert_mlp(cfg: ModelConfig, w: dict[str, jax.Array], matmul: Any, bias: An
 class MoE(nn.Module):
     """x [B, L, D] -> (y [B, L, D] in the compute dtype, aux): the routed experts (+ shared experts).
 
-    aux: {"lb_loss": [], "z_loss": [], "dropped_fraction": [], "load": [X]} float32."""
+    aux: {"lb_loss": [], "z_loss": [], "dropped_fraction": [], "load": [X], "mean_probs": [X]} float32
+    (mean_probs: the router probabilities of the load-balancing loss, averaged over tokens)."""
 
     cfg: ModelConfig
 
@@ -156,7 +157,8 @@ class MoE(nn.Module):
         if moe.shared_experts > 0:
             shared_cfg = dataclasses.replace(cfg, d_ff=cfg.d_ff * moe.shared_experts)
             y_BLD = y_BLD + MLP(shared_cfg, name="shared")(x_BLD)
-        aux = {"lb_loss": lb, "z_loss": z, "dropped_fraction": dropped, "load": load_X}
+        aux = {"lb_loss": lb, "z_loss": z, "dropped_fraction": dropped, "load": load_X,
+               "mean_probs": jnp.mean(probs_TX, axis=0)}
         return y_BLD, aux
 
     def _dropless(self, x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array,
@@ -220,3 +222,16 @@ class MoE(nn.Module):
         y_TD = jnp.einsum("txc,xcd->td", combine_TXC, y_XCD.astype(jnp.float32))
         dropped = jnp.sum(~keep_KT).astype(jnp.float32) / (K * T)
         return y_TD, dropped
+
+
+def merge_microbatch_aux(mean_aux: Aux) -> Aux:
+    """The aux of one call over M equal-sized microbatches, from the means over the microbatches of
+    their own aux dicts (leaves [...] or stacked over layers [N, ...]).
+
+    Every entry is a mean over tokens, hence the mean of the microbatches' values, except the
+    load-balancing loss, a product of two such means: it is recomputed from the merged load and
+    mean_probs. Dropless routing then gives exactly the one-call statistics; with a capacity
+    (capacity_factor > 0) each microbatch has its own capacity, so drops can differ."""
+    num_experts = mean_aux["load"].shape[-1]
+    lb = num_experts * jnp.sum(jax.lax.stop_gradient(mean_aux["load"]) * mean_aux["mean_probs"], axis=-1)
+    return {**mean_aux, "lb_loss": lb}

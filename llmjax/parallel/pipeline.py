@@ -141,7 +141,10 @@ def run(schedule: Schedule, stage_fn: StageFn, params: Any, x: jax.Array, side: 
 
     def one_stage(p_RU: Any, r: jax.Array, x_b: jax.Array, side_b: tuple[jax.Array, ...], first: jax.Array,
                   m: jax.Array) -> tuple[jax.Array, Any]:
-        p_U = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), p_RU)
+        if R == 1:  # a static slice: no per-iteration gather of the stage's parameters
+            p_U = jax.tree.map(lambda a: a[0], p_RU)
+        else:
+            p_U = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), p_RU)
         return stage_fn(p_U, x_b, side_b, first, m)
 
     all_stages = jax.vmap(one_stage, spmd_axis_name=stage_mesh_axes())

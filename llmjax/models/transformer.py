@@ -170,14 +170,15 @@ def unrolled_blocks(cfg: ModelConfig, stacked_params: Any, x_BLD: jax.Array, seg
 
 def apply_units(cfg: ModelConfig, stacked_params: Any, x_BLD: jax.Array, segment_ids_BL: jax.Array,
                 positions_BL: jax.Array, router_rng: jax.Array | None = None, first_unit: jax.Array | int = 0,
-                scan: bool | None = None) -> tuple[jax.Array, Any]:
+                scan: bool | None = None, remat: bool = True) -> tuple[jax.Array, Any]:
     """Apply the scanned units (`scan_unit(cfg)`) whose stacked parameters (leaves [n, ...]) are given,
     in order, functionally, each under the configured remat policy. No KV cache.
 
     x [B, L, D] ("act_batch", "act_length", "act_embed") -> (x, the MoE aux stacked over the n units, or
     None for a dense model). `router_rng`: the MoE router-jitter key; unit i of the whole stack uses
     fold_in(router_rng, i), i = `first_unit` + its index here. `scan`: a `lax.scan` over the units
-    (default `cfg.scan_layers`), else a Python loop."""
+    (default `cfg.scan_layers`), else a Python loop. `remat=False`: no per-unit remat (the caller
+    rematerialises a larger region)."""
     Unit, _ = scan_unit(cfg)
     n_units = jax.tree.leaves(stacked_params)[0].shape[0]
     scan = cfg.scan_layers if scan is None else scan
@@ -186,7 +187,7 @@ def apply_units(cfg: ModelConfig, stacked_params: Any, x_BLD: jax.Array, segment
         rngs = None if router_rng is None else {"router": jax.random.fold_in(router_rng, i)}
         return Unit(cfg).apply({"params": params}, x, segment_ids_BL, positions_BL, rngs=rngs)
 
-    if cfg.remat != "none":
+    if remat and cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scan)
     if scan:
         def body(x: jax.Array, xs: tuple[Any, jax.Array]) -> tuple[jax.Array, Any]:
@@ -211,16 +212,18 @@ def pipelined_blocks(cfg: ModelConfig, schedule: Schedule, stacked_params: Any, 
     x [B, L, D] ("act_batch", "act_length", "act_embed"), B divisible by the microbatches -> (x, the
     MoE aux stacked over MoE layers as for the unpipelined stack, or None for a dense model). MoE
     router statistics are merged over the microbatches (`moe.merge_microbatch_aux`): for dropless
-    routing they equal the unpipelined ones. Router jitter: unit i on microbatch m uses
+    routing they equal the unpipelined ones. `cfg.remat` applies to each stage's units per schedule
+    iteration (one remat region per stage and iteration, not one per layer). Router jitter: unit i on microbatch m uses
     fold_in(fold_in(router_rng, m), i)."""
 
     def stage(params_U: Any, x: jax.Array, side: tuple[jax.Array, ...], first_unit: jax.Array,
               microbatch: jax.Array) -> tuple[jax.Array, Any]:
         rng = None if router_rng is None else jax.random.fold_in(router_rng, microbatch)
-        return apply_units(cfg, params_U, x, side[0], side[1], rng, first_unit)
+        return apply_units(cfg, params_U, x, side[0], side[1], rng, first_unit, remat=False)
 
     x_BLD, aux = run_pipeline(schedule, stage, stacked_params, x_BLD, (segment_ids_BL, positions_BL),
-                              ("act_batch", "act_length", "act_embed"), (("act_batch", "act_length"),) * 2)
+                              ("act_batch", "act_length", "act_embed"), (("act_batch", "act_length"),) * 2,
+                              remat_policy=REMAT_POLICIES.get(cfg.remat))
     return x_BLD, (merge_microbatch_aux(aux) if cfg.moe.enabled else None)
 
 

@@ -75,6 +75,24 @@ class Schedule:
                 f"bubble (S-1)/(R*M+S-1) = {S - 1}/{self.iterations} = {self.bubble:.1%}")
 
 
+# Primitives that only move or re-view data: their outputs are cheap to recompute.
+_DATA_MOVEMENT = frozenset({"dynamic_slice", "gather", "slice", "squeeze", "reshape", "broadcast_in_dim", "transpose",
+                            "convert_element_type", "copy"})
+
+
+def _without_data_movement(policy: Callable[..., bool] | None) -> Callable[..., bool]:
+    """A remat policy: what `policy` saves (None: everything), except outputs of data-movement primitives.
+
+    With R > 1 each iteration slices its repeat's parameters out of the loop-invariant stage
+    parameters; saving those slices (or views of them) for the backward pass would keep T
+    copies of a repeat's parameters. Recomputing them costs copies, no arithmetic."""
+
+    def saveable(prim: Any, *args: Any, **params: Any) -> bool:
+        return prim.name not in _DATA_MOVEMENT and (policy is None or policy(prim, *args, **params))
+
+    return saveable
+
+
 def stage_params(params: Any, schedule: Schedule) -> Any:
     """Stacked unit parameters (leaves [N, ...]) -> leaves [S, R, U, ...], stage dimension split over
     the stage axes (free for R = 1; an all-to-all over the pipeline devices for R > 1, see the module
@@ -110,7 +128,8 @@ def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def run(schedule: Schedule, stage_fn: StageFn, params: Any, x: jax.Array, side: tuple[jax.Array, ...],
-        x_axes: Sequence[str | None], side_axes: Sequence[Sequence[str | None]]) -> tuple[jax.Array, Any]:
+        x_axes: Sequence[str | None], side_axes: Sequence[Sequence[str | None]],
+        remat_policy: Callable[..., bool] | None = None) -> tuple[jax.Array, Any]:
     """Apply the N stacked units to `x` with the pipeline `schedule` (see the module docstring).
 
     params: leaves [N, ...], the leading (`layers`) dimension split over the stage axes.
@@ -118,7 +137,9 @@ def run(schedule: Schedule, stage_fn: StageFn, params: Any, x: jax.Array, side: 
     side: per-row inputs of every unit ([B, ...] each, logical axes `side_axes`: e.g. segment ids),
       which follow their rows through the microbatches.
     stage_fn: applies one stage's U units (see `StageFn`); it must return its aux (or None) with the
-      same structure whatever its inputs.
+      same structure whatever its inputs. Each stage's work in each iteration is one remat region
+      (`jax.checkpoint`) that saves what `remat_policy` saves (None: everything) except the outputs of
+      data-movement primitives (parameter slices); stage_fn should not checkpoint again inside.
     Returns (y [B, ...] like x, aux with leaves [N, ...] in stack order: each unit's aux averaged
     over the M microbatches, or None when stage_fn returns None).
     """
@@ -147,7 +168,9 @@ def run(schedule: Schedule, stage_fn: StageFn, params: Any, x: jax.Array, side: 
             p_U = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), p_RU)
         return stage_fn(p_U, x_b, side_b, first, m)
 
-    all_stages = jax.vmap(one_stage, spmd_axis_name=stage_mesh_axes())
+    saveable = _without_data_movement(remat_policy)
+    all_stages = jax.vmap(jax.checkpoint(one_stage, policy=saveable, prevent_cse=False),
+                          spmd_axis_name=stage_mesh_axes())
     stage_ids = jnp.arange(S, dtype=jnp.int32)
     is_first = stage_ids == 0
 

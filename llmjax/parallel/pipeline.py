@@ -21,9 +21,12 @@ M - S + 1 iterations after it was written, hence R > 1 needs M >= S. After the l
 iteration the buffer holds the outputs of the final repeat. Gradients come from autodiff
 through the scan (the backward pass runs the schedule in reverse, permutes reversed).
 
-Memory per device: the stage's parameters (1/S of the stack), plus the saved activations of
-its units for the T iterations (about 1/S of the unpipelined stack's, for the same per-device
-batch), plus the input/output buffer (one [B/M-per-device, ...] activation per microbatch).
+Memory per device: the stage's parameters and optimizer state (1/S of the stack's), plus the
+activations saved for the backward pass, T iterations x U units x one microbatch, i.e.
+(R M + S - 1) / (S R M) of the unpipelined stack's for the same per-device batch, plus the
+input/output buffer (one activation of the device's rows). Each stage's work in one iteration
+is one remat region under the caller's policy (`remat_policy`), so remat trades those saved
+activations for recomputation as in the unpipelined model.
 
 Parameters stay in the stacked [N, ...] layout (checkpoints are layout-independent), their
 leading dimension split over the stage axes: device s holds units [s N / S, (s + 1) N / S).

@@ -65,6 +65,7 @@ def bench(cfg: Config, steps: int = 10) -> int:
         f"vocab {m.vocab_size}, batch {cfg.train.batch_size}x{cfg.data.seq_len}, "
         f"{m.compute_dtype} compute / {m.param_dtype} params, remat {m.remat}",
         f"{describe_mesh(setup.mesh)}",
+        *([setup.schedule.describe()] if setup.schedule is not None else []),
         f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding, {counts['active']:,} active",
         *([f"moe: {m.moe.num_experts} experts, top-{m.moe.top_k}, "
            + (f"capacity factor {m.moe.capacity_factor}" if m.moe.capacity_factor > 0 else "dropless")

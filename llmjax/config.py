@@ -554,12 +554,11 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
 
 def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
-    """Stages x repeats must divide the scanned layer units; microbatches the per-replica batch."""
+    """Stages x repeats must divide the scanned layer units; microbatches the per-replica batch (and,
+    for a circular schedule, be at least the stages); no expert axis with stages."""
     p, m = cfg.pipeline, cfg.model
     _positive(p, "pipeline", "microbatches", "repeats")
     stages = shape["pipeline"]
-    if stages > 1:  # TODO(issue 4): remove once the pipelined stack lands
-        raise ConfigError("mesh.pipeline > 1: pipeline parallelism is not implemented yet")
     units = m.n_layers // m.moe.every if m.moe.enabled and m.moe.every > 1 else m.n_layers
     what = f"model.n_layers={m.n_layers}" + (f" / model.moe.every={m.moe.every} = {units} layer groups"
                                              if units != m.n_layers else "")
@@ -567,6 +566,12 @@ def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
         raise ConfigError(f"{what} is not divisible by mesh.pipeline x pipeline.repeats = {stages} x {p.repeats}")
     if stages == 1 and (p.microbatches > 1 or p.repeats > 1):
         raise ConfigError("pipeline.microbatches and pipeline.repeats need mesh.pipeline > 1")
+    if stages > 1 and shape["expert"] > 1:
+        raise ConfigError(f"mesh.pipeline={stages} with mesh.expert={shape['expert']}: pipeline stages of MoE "
+                          "models need mesh.expert=1 (split the experts' batch over mesh.data or mesh.fsdp)")
+    if p.repeats > 1 and p.microbatches < stages:
+        raise ConfigError(f"pipeline.repeats={p.repeats} (circular schedule) needs pipeline.microbatches >= "
+                          f"mesh.pipeline, got {p.microbatches} < {stages}")
     per_replica = micro // (shape["data"] * shape["fsdp"] * shape["expert"])
     if per_replica % p.microbatches:
         raise ConfigError(f"pipeline.microbatches={p.microbatches} does not divide the per-replica batch "

@@ -174,7 +174,8 @@ def route_and_dispatch(cfg: ModelConfig, x_BLD: jax.Array, logits_BLX: jax.Array
         y_TD = _dropless_dispatch(cfg, x_BLD.reshape(T, D), weights_BLK.reshape(T, K),
                                   experts_BLK.reshape(T, K), w, comm)
         y_BLD, dropped = y_TD.reshape(B, L, D), jnp.zeros((), jnp.float32)
-    return y_BLD, {"lb_loss": lb, "z_loss": z, "dropped_fraction": dropped, "load": load_X}
+    return y_BLD, {"lb_loss": lb, "z_loss": z, "dropped_fraction": dropped, "load": load_X,
+                   "mean_probs": mean_probs_X}
 
 
 def _capacity_dispatch(cfg: ModelConfig, x_BLD: jax.Array, weights_BLK: jax.Array, experts_BLK: jax.Array,
@@ -295,7 +296,8 @@ def _weight_specs(w: dict[str, jax.Array], comm: Collectives) -> dict[str, Parti
 class MoE(nn.Module):
     """x [B, L, D] -> (y [B, L, D] in the compute dtype, aux): the routed experts (+ shared experts).
 
-    aux: {"lb_loss": [], "z_loss": [], "dropped_fraction": [], "load": [X]} float32.
+    aux: {"lb_loss": [], "z_loss": [], "dropped_fraction": [], "load": [X], "mean_probs": [X]} float32
+    (mean_probs: the router probabilities of the load-balancing loss, averaged over tokens).
     x is sharded ("act_batch", "act_length", "act_embed"); with `mesh.expert` > 1 see the module
     docstring (expert parallelism)."""
 
@@ -321,8 +323,7 @@ class MoE(nn.Module):
             y_BLD, aux = route_and_dispatch(cfg, x_BLD, logits_BLX, w, Collectives())
         else:
             mesh, comm, tokens = plan
-            stats = {"lb_loss": PartitionSpec(), "z_loss": PartitionSpec(), "dropped_fraction": PartitionSpec(),
-                     "load": PartitionSpec()}
+            stats = {k: PartitionSpec() for k in ("lb_loss", "z_loss", "dropped_fraction", "load", "mean_probs")}
             y_BLD, aux = jax.shard_map(
                 functools.partial(route_and_dispatch, cfg, comm=comm), mesh=mesh,
                 in_specs=(tokens, tokens, _weight_specs(w, comm)), out_specs=(tokens, stats), check_vma=True,
@@ -332,3 +333,16 @@ class MoE(nn.Module):
             shared_cfg = dataclasses.replace(cfg, d_ff=cfg.d_ff * moe.shared_experts)
             y_BLD = y_BLD + MLP(shared_cfg, name="shared")(x_BLD)
         return y_BLD, aux
+
+
+def merge_microbatch_aux(mean_aux: Aux) -> Aux:
+    """The aux of one call over M equal-sized microbatches, from the means over the microbatches of
+    their own aux dicts (leaves [...] or stacked over layers [N, ...]).
+
+    Every entry is a mean over tokens, hence the mean of the microbatches' values, except the
+    load-balancing loss, a product of two such means: it is recomputed from the merged load and
+    mean_probs. Routing and capacity groups are per token and per sequence, so this gives exactly
+    the one-call statistics."""
+    num_experts = mean_aux["load"].shape[-1]
+    lb = num_experts * jnp.sum(jax.lax.stop_gradient(mean_aux["load"]) * mean_aux["mean_probs"], axis=-1)
+    return {**mean_aux, "lb_loss": lb}

@@ -35,7 +35,9 @@ import jax.numpy as jnp
 
 from llmjax.config import ModelConfig, MoEConfig
 from llmjax.models.layers import MLP, Attention, Embed, Linear, dtype, make_norm
-from llmjax.models.moe import MoE
+from llmjax.models.moe import MoE, merge_microbatch_aux
+from llmjax.parallel.pipeline import Schedule
+from llmjax.parallel.pipeline import run as run_pipeline
 from llmjax.parallel.rules import constrain
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -162,20 +164,67 @@ def unrolled_blocks(cfg: ModelConfig, stacked_params: Any, x_BLD: jax.Array, seg
             ks.append(k)
             vs.append(v)
         return x_BLD, (jnp.stack(ks), jnp.stack(vs))
+    x_BLD, aux = apply_units(cfg, stacked_params, x_BLD, segment_ids_BL, positions_BL, router_rng, scan=False)
+    return (x_BLD, aux) if return_aux else x_BLD
 
-    def block(params: Any, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, Any]:
-        rngs = None if rng is None else {"router": rng}
+
+def apply_units(cfg: ModelConfig, stacked_params: Any, x_BLD: jax.Array, segment_ids_BL: jax.Array,
+                positions_BL: jax.Array, router_rng: jax.Array | None = None, first_unit: jax.Array | int = 0,
+                scan: bool | None = None, remat: bool = True) -> tuple[jax.Array, Any]:
+    """Apply the scanned units (`scan_unit(cfg)`) whose stacked parameters (leaves [n, ...]) are given,
+    in order, functionally, each under the configured remat policy. No KV cache.
+
+    x [B, L, D] ("act_batch", "act_length", "act_embed") -> (x, the MoE aux stacked over the n units, or
+    None for a dense model). `router_rng`: the MoE router-jitter key; unit i of the whole stack uses
+    fold_in(router_rng, i), i = `first_unit` + its index here. `scan`: a `lax.scan` over the units
+    (default `cfg.scan_layers`), else a Python loop. `remat=False`: no per-unit remat (the caller
+    rematerialises a larger region)."""
+    Unit, _ = scan_unit(cfg)
+    n_units = jax.tree.leaves(stacked_params)[0].shape[0]
+    scan = cfg.scan_layers if scan is None else scan
+
+    def block(params: Any, x: jax.Array, i: jax.Array | int) -> tuple[jax.Array, Any]:
+        rngs = None if router_rng is None else {"router": jax.random.fold_in(router_rng, i)}
         return Unit(cfg).apply({"params": params}, x, segment_ids_BL, positions_BL, rngs=rngs)
 
-    if cfg.remat != "none":
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
-    auxes = []
-    for i in range(n_units):
-        x_BLD, aux = block(layer(i), x_BLD, None if router_rng is None else jax.random.fold_in(router_rng, i))
-        auxes.append(aux)
-    if return_aux:
-        return x_BLD, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if cfg.moe.enabled else None)
-    return x_BLD
+    if remat and cfg.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scan)
+    if scan:
+        def body(x: jax.Array, xs: tuple[Any, jax.Array]) -> tuple[jax.Array, Any]:
+            return block(xs[0], x, xs[1])
+
+        x_BLD, aux = jax.lax.scan(body, x_BLD, (stacked_params, first_unit + jnp.arange(n_units, dtype=jnp.int32)))
+    else:
+        auxes = []
+        for i in range(n_units):
+            x_BLD, a = block(jax.tree.map(lambda p, i=i: p[i], stacked_params), x_BLD, first_unit + i)
+            auxes.append(a)
+        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if cfg.moe.enabled else None
+    return x_BLD, (aux if cfg.moe.enabled else None)
+
+
+def pipelined_blocks(cfg: ModelConfig, schedule: Schedule, stacked_params: Any, x_BLD: jax.Array,
+                     segment_ids_BL: jax.Array, positions_BL: jax.Array, router_rng: jax.Array | None = None
+                     ) -> tuple[jax.Array, Any]:
+    """The layer stack run by the pipeline `schedule` (`llmjax.parallel.pipeline.run`), from the same
+    stacked parameters (their `layers` dimension split over `pipeline`). No KV cache.
+
+    x [B, L, D] ("act_batch", "act_length", "act_embed"), B divisible by the microbatches -> (x, the
+    MoE aux stacked over MoE layers as for the unpipelined stack, or None for a dense model). MoE
+    router statistics are merged over the microbatches (`moe.merge_microbatch_aux`): for dropless
+    routing they equal the unpipelined ones. `cfg.remat` applies to each stage's units per schedule
+    iteration (one remat region per stage and iteration, not one per layer). Router jitter: unit i on microbatch m uses
+    fold_in(fold_in(router_rng, m), i)."""
+
+    def stage(params_U: Any, x: jax.Array, side: tuple[jax.Array, ...], first_unit: jax.Array,
+              microbatch: jax.Array) -> tuple[jax.Array, Any]:
+        rng = None if router_rng is None else jax.random.fold_in(router_rng, microbatch)
+        return apply_units(cfg, params_U, x, side[0], side[1], rng, first_unit, remat=False)
+
+    x_BLD, aux = run_pipeline(schedule, stage, stacked_params, x_BLD, (segment_ids_BL, positions_BL),
+                              ("act_batch", "act_length", "act_embed"), (("act_batch", "act_length"),) * 2,
+                              remat_policy=REMAT_POLICIES.get(cfg.remat))
+    return x_BLD, (merge_microbatch_aux(aux) if cfg.moe.enabled else None)
 
 
 CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", None)
@@ -202,9 +251,14 @@ class Transformer(nn.Module):
     __call__(tokens [B, L] int32, segment_ids [B, L] int32 = ones, positions [B, L] int32 =
     arange) -> logits [B, L, V] float32, sharded ("act_batch", "act_length", "act_vocab").
     Tokens of different segments (packed documents) never attend to each other.
+
+    `pipeline`: run the layer stack with this pipeline schedule (`pipelined_blocks`; the
+    parameters are the same). Only the forward without a cache is pipelined: with `cache=`
+    (inference) the stack runs unpipelined over the same parameters.
     """
 
     cfg: ModelConfig
+    pipeline: Schedule | None = None
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
@@ -245,6 +299,10 @@ class Transformer(nn.Module):
             k, v = (a.reshape(cfg.n_layers, *a.shape[2:]) if grouped(cfg) else a for a in (k, v))
             new_cache = {"k": constrain(k, CACHE_AXES), "v": constrain(v, CACHE_AXES), "segment_ids": kv_seg,
                          "index": index + L}
+        elif self.pipeline is not None and not self.is_initializing():
+            jitter = cfg.moe.enabled and cfg.moe.router_jitter > 0 and self.has_rng("router")
+            x, moe_aux = pipelined_blocks(cfg, self.pipeline, self.variables["params"]["layers"], x, segment_ids_BL,
+                                          positions_BL, router_rng=self.make_rng("router") if jitter else None)
         elif cfg.scan_layers or self.is_initializing():
             x, moe_aux = stacked_blocks(cfg)(cfg, name="layers")(x, segment_ids_BL, positions_BL)
         else:

@@ -54,13 +54,18 @@ def make_rules(overrides: dict[str, Any] | None = None, mesh_shape: dict[str, in
                n_kv_heads: int | None = None) -> Rules:
     """Defaults updated by `overrides` ({logical: None | axis | [axes]}).
 
-    Mesh axes absent from `mesh_shape` are dropped. When `n_kv_heads` does not divide
+    Mesh axes absent from `mesh_shape` are dropped. When the "stage" axes have more than one
+    device (pipeline parallelism), "layers" follows "stage" unless overridden. When `n_kv_heads` does not divide
     over the tensor axis (e.g. MQA with tensor=2), key/value heads are replicated
     instead of split.
     """
     rules = dict(DEFAULT_RULES)
     for name, target in (overrides or {}).items():
         rules[name] = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    if mesh_shape is not None and "layers" not in (overrides or {}) and any(
+            mesh_shape.get(a, 1) > 1 for a in rules["stage"]):
+        # Pipelined: the stacked layer dimension of every parameter is split into the stages.
+        rules["layers"] = rules["stage"]
     if mesh_shape is not None:
         rules = {k: tuple(a for a in v if a in mesh_shape) for k, v in rules.items()}
         if n_kv_heads is not None:
@@ -122,3 +127,26 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if len(names) != x.ndim:
         raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of shape {x.shape}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def stage_mesh_axes() -> tuple[str, ...] | None:
+    """The mesh axes of the logical "act_stage" axis under the installed layout (None outside it).
+
+    Used as `vmap(..., spmd_axis_name=...)` so constraints inside a function vmapped over
+    pipeline stages keep the stage dimension split over those axes."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return None
+    return ctx[1].get("act_stage", ()) or None
+
+
+def constrain_leading(x: jax.Array, name: str) -> jax.Array:
+    """Constrain only the leading dimension of `x` to logical axis `name`; the others are left
+    to the compiler (`PartitionSpec.UNCONSTRAINED`), e.g. a parameter reshaped to [stage, ...]."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    lead = logical_to_spec((name,), rules)[0]
+    spec = PartitionSpec(lead, *([PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -159,6 +159,8 @@ def train(cfg: Config, workdir: str | Path) -> int:
     log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding"
         f"{active}; "
         f"{fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    if setup.schedule is not None:
+        log(setup.schedule.describe())
 
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary)
     restored = ckpt.restore_latest(setup.abstract_state)
@@ -278,7 +280,7 @@ def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> No
         return
     prompt = data.tokenizer.encode([s.prompt])[0]
     for label, temp in (("greedy", 0.0), (f"temperature {s.temperature}", s.temperature)):
-        new = generate(setup.model, params, prompt, s.max_new_tokens, cfg.model.max_seq_len, temp, cfg.seed,
+        new = generate(setup.decode_model, params, prompt, s.max_new_tokens, cfg.model.max_seq_len, temp, cfg.seed,
                        data.tokenizer.eos_id)
         if jax.process_index() == 0:
             print(f"--- sample ({label}) ---\n{s.prompt}{data.tokenizer.decode(new)}\n", flush=True)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from llmjax.config import Config
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.mesh import build_mesh, replicated
+from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
 from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
@@ -41,6 +42,16 @@ class Setup:
     state_shardings: TrainState
     batch_sharding: NamedSharding
     param_logical_specs: Any
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The pipeline schedule of the training forward pass (None: unpipelined)."""
+        return self.model.pipeline
+
+    @property
+    def decode_model(self) -> nn.Module:
+        """The model without a pipeline schedule (same parameters), for batch-1 decoding."""
+        return self.model.clone(pipeline=None)
 
     def init_state(self) -> TrainState:
         """Fresh, sharded train state from `cfg.seed` (same values whatever the mesh)."""
@@ -112,11 +123,18 @@ def _dummy_tokens(cfg: Config) -> jax.Array:
     return jnp.zeros((1, min(cfg.data.seq_len, cfg.model.max_seq_len)), jnp.int32)
 
 
+def pipeline_schedule(cfg: Config, stages: int) -> Schedule | None:
+    """The pipeline schedule for `stages` devices on the pipeline axis (None for one stage)."""
+    if stages <= 1:
+        return None
+    return Schedule(stages, cfg.pipeline.microbatches, cfg.pipeline.repeats)
+
+
 def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
     """Mesh, rules, model, optimizer and every sharding for `cfg` (validated beforehand)."""
     mesh = build_mesh(cfg.mesh, devices)
     rules = make_rules(cfg.mesh.rules, dict(mesh.shape), cfg.model.n_kv_heads)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model, pipeline_schedule(cfg, mesh.shape["pipeline"]))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     repl = replicated(mesh)
 

@@ -555,7 +555,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
 def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
     """Stages x repeats must divide the scanned layer units; microbatches the per-replica batch (and,
-    for a circular schedule, be at least the stages); no expert axis with stages."""
+    for a circular schedule, be at least the stages)."""
     p, m = cfg.pipeline, cfg.model
     _positive(p, "pipeline", "microbatches", "repeats")
     stages = shape["pipeline"]
@@ -566,9 +566,6 @@ def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
         raise ConfigError(f"{what} is not divisible by mesh.pipeline x pipeline.repeats = {stages} x {p.repeats}")
     if stages == 1 and (p.microbatches > 1 or p.repeats > 1):
         raise ConfigError("pipeline.microbatches and pipeline.repeats need mesh.pipeline > 1")
-    if stages > 1 and shape["expert"] > 1:
-        raise ConfigError(f"mesh.pipeline={stages} with mesh.expert={shape['expert']}: pipeline stages of MoE "
-                          "models need mesh.expert=1 (split the experts' batch over mesh.data or mesh.fsdp)")
     if p.repeats > 1 and p.microbatches < stages:
         raise ConfigError(f"pipeline.repeats={p.repeats} (circular schedule) needs pipeline.microbatches >= "
                           f"mesh.pipeline, got {p.microbatches} < {stages}")

@@ -22,7 +22,15 @@ from helpers import small_corpus, tiny_config, tiny_train_overrides
 
 from llmjax.config import save_config
 from llmjax.scaling import ScalingError
-from llmjax.scaling.fit import approach1, chinchilla_loss, chinchilla_optimum, fit_all, kaplan, load_runs
+from llmjax.scaling.fit import (
+    approach1,
+    chinchilla_loss,
+    chinchilla_optimum,
+    fit_all,
+    kaplan,
+    load_curves,
+    load_runs,
+)
 from llmjax.scaling.plots import write_plots
 from llmjax.scaling.runner import collect, is_finished
 from llmjax.scaling.spec import load_sweep, point_config, rule_shape
@@ -247,6 +255,11 @@ def test_sweep_collect_reads_run_directories(tmp_path):
     assert int(b["params"]) > int(a["params"])
     assert is_finished(tmp_path / "b", 20) and not is_finished(tmp_path / "c", 20)
     assert is_finished(tmp_path / "a", 999)  # the DONE marker wins
+    # --export: a small self-contained copy whose curves approach 1 still reads
+    exported = collect(tmp_path, export=tmp_path / "export")
+    rows_x = {r["name"]: r for r in csv.DictReader(open(exported))}
+    assert rows_x["a"]["workdir"] == "runs/a" and rows_x["a"]["final_loss"] == a["final_loss"]
+    assert load_curves(load_runs(exported))[0][1].size == 10
 
 
 def test_wsd_cooldown_branches_equal_independent_runs(tmp_path):

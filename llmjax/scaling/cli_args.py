@@ -24,6 +24,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     c = ssub.add_parser("collect", help="write DIR/runs.csv from the run directories under DIR")
     c.add_argument("dir", help="sweep directory")
     c.add_argument("--out", help="CSV path (default: DIR/runs.csv)")
+    c.add_argument("--export", metavar="DIR", help="write DIR/runs.csv plus each run's config and training curve "
+                                                  "(DIR/runs/<name>/), a small copy that `llmjax fit` reads as it is")
 
     f = sub.add_parser("fit", help="fit scaling laws (Hoffmann approaches 1-3, Kaplan) to a runs.csv")
     f.add_argument("--csv", required=True, help="runs CSV: params, tokens, loss (or final_loss)[, flops, budget, "
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "sweep":
         from llmjax.scaling.runner import collect
 
-        collect(args.dir, args.out)
+        collect(args.dir, args.out, export=args.export)
         return 0
     if args.verb == "fit":
         import json

@@ -228,11 +228,17 @@ def collect_row(run_dir: Path, budgets: dict[str, float], relative_to: Path) -> 
     }
 
 
-def collect(directory: str | Path, out: str | Path | None = None) -> Path:
-    """Write `out` (default DIR/runs.csv) from the run directories under `directory`."""
+def collect(directory: str | Path, out: str | Path | None = None, export: str | Path | None = None) -> Path:
+    """Write `out` (default DIR/runs.csv) from the run directories under `directory`.
+
+    With `export`, write EXPORT/runs.csv instead, and copy each run's config.yaml and a trimmed
+    metrics.jsonl (train losses and evals only) to EXPORT/runs/<name>/, the CSV's `workdir` column
+    pointing there: a small, self-contained copy of the sweep's results (approach 1 included)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ScalingError(f"sweep collect: {directory} is not a directory")
+    if export is not None:
+        out = Path(export) / "runs.csv"
     out = Path(out) if out else directory / "runs.csv"
     budgets: dict[str, float] = {}
     listing = directory / "sweep.json"
@@ -244,6 +250,8 @@ def collect(directory: str | Path, out: str | Path | None = None) -> Path:
     rows, skipped = [], []
     for cfg_path in run_dirs:
         row = collect_row(cfg_path.parent, budgets, out.parent)
+        if row and export is not None:
+            row["workdir"] = _export_run(cfg_path.parent, Path(export) / "runs" / row["name"], out.parent)
         (rows.append(row) if row else skipped.append(cfg_path.parent.name))
     if not rows:
         raise ScalingError(f"sweep collect: no finished run under {directory} (directories with config.yaml, "
@@ -256,6 +264,23 @@ def collect(directory: str | Path, out: str | Path | None = None) -> Path:
     note = f" (skipped, no eval record: {', '.join(skipped)})" if skipped else ""
     print(f"wrote {out}: {len(rows)} runs{note}")
     return out
+
+
+def _export_run(run_dir: Path, dest: Path, relative_to: Path) -> str:
+    """Copy a run's config.yaml and its train-loss and eval records to `dest`; -> dest relative to the CSV."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "config.yaml", dest / "config.yaml")
+    keep = {"train": ("kind", "step", "loss"), "eval": ("kind", "step", "eval_loss")}
+    lines = []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and r.get("kind") in keep:
+            lines.append(json.dumps({k: r[k] for k in keep[r["kind"]] if k in r}))
+    (dest / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return os.path.relpath(dest, relative_to)
 
 
 __all__ = ["CSV_COLUMNS", "collect", "is_finished", "run_sweep", "point_config"]

@@ -5,6 +5,7 @@ through the train step, and a data/fsdp/tensor mesh against one device."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -309,6 +310,11 @@ def test_load_balancing_loss_spreads_the_load():
 EP_MODEL = ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.shared_experts=1", "train.batch_size=8")
 
 
+@functools.cache
+def one_device_gradients(extra: tuple[str, ...]):
+    return gradients(tiny_config(*EP_MODEL, *extra), jax.devices()[:1])
+
+
 @pytest.mark.parametrize("mode", ["dropless", "capacity"])
 @pytest.mark.parametrize("layout", [("mesh.expert=8", "mesh.data=1"), ("mesh.expert=4", "mesh.data=2"),
                                     ("mesh.expert=2", "mesh.data=2", "mesh.tensor=2")],
@@ -318,7 +324,7 @@ def test_expert_parallel_matches_single_device(layout, mode):
     statistics and gradients. The capacity variant drops some assignments, identically."""
     assert jax.device_count() == 8
     extra = ("model.moe.capacity_factor=1.0",) if mode == "capacity" else ("model.scan_layers=true",)
-    ref_grads, ref_metrics = gradients(tiny_config(*EP_MODEL, *extra), jax.devices()[:1])
+    ref_grads, ref_metrics = one_device_gradients(extra)
     cfg = tiny_config(*EP_MODEL, *extra, *layout)
     setup = build_setup(cfg, jax.devices())
     lowered = setup.jit_gradients().lower(setup.init_state().params, setup.put_batch(packed_batch(cfg, seed=0)))

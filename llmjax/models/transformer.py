@@ -211,10 +211,10 @@ def pipelined_blocks(cfg: ModelConfig, schedule: Schedule, stacked_params: Any, 
 
     x [B, L, D] ("act_batch", "act_length", "act_embed"), B divisible by the microbatches -> (x, the
     MoE aux stacked over MoE layers as for the unpipelined stack, or None for a dense model). MoE
-    router statistics are merged over the microbatches (`moe.merge_microbatch_aux`): for dropless
-    routing they equal the unpipelined ones. `cfg.remat` applies to each stage's units per schedule
-    iteration (one remat region per stage and iteration, not one per layer). Router jitter: unit i on microbatch m uses
-    fold_in(fold_in(router_rng, m), i)."""
+    router statistics are merged over the microbatches (`moe.merge_microbatch_aux`) and equal the
+    unpipelined ones (routing is per token, capacity groups are sequences). `cfg.remat` applies to
+    each stage's units per schedule iteration (one remat region per stage and iteration, not one per
+    layer). Router jitter: unit i on microbatch m uses fold_in(fold_in(router_rng, m), i)."""
 
     def stage(params_U: Any, x: jax.Array, side: tuple[jax.Array, ...], first_unit: jax.Array,
               microbatch: jax.Array) -> tuple[jax.Array, Any]:

@@ -232,8 +232,9 @@ def collect(directory: str | Path, out: str | Path | None = None, export: str | 
     """Write `out` (default DIR/runs.csv) from the run directories under `directory`.
 
     With `export`, write EXPORT/runs.csv instead, and copy each run's config.yaml and a trimmed
-    metrics.jsonl (train losses and evals only) to EXPORT/runs/<name>/, the CSV's `workdir` column
-    pointing there: a small, self-contained copy of the sweep's results (approach 1 included)."""
+    metrics.jsonl (evals, and train losses averaged over at most 250 bins of steps) to
+    EXPORT/runs/<name>/, the CSV's `workdir` column pointing there: a small, self-contained copy of
+    the sweep's results (approach 1 included)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ScalingError(f"sweep collect: {directory} is not a directory")
@@ -266,20 +267,21 @@ def collect(directory: str | Path, out: str | Path | None = None, export: str | 
     return out
 
 
-def _export_run(run_dir: Path, dest: Path, relative_to: Path) -> str:
-    """Copy a run's config.yaml and its train-loss and eval records to `dest`; -> dest relative to the CSV."""
+def _export_run(run_dir: Path, dest: Path, relative_to: Path, max_points: int = 250) -> str:
+    """Copy a run's config.yaml, its eval records and its train losses averaged over bins of
+    consecutive steps (at most `max_points` bins, each recorded at its last step, so the curve keeps
+    its averaging and its final step) to `dest`; -> dest relative to the CSV."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "config.yaml", dest / "config.yaml")
-    keep = {"train": ("kind", "step", "loss"), "eval": ("kind", "step", "eval_loss")}
-    lines = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict) and r.get("kind") in keep:
-            lines.append(json.dumps({k: r[k] for k in keep[r["kind"]] if k in r}))
-    (dest / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train = _read_metrics(run_dir / "metrics.jsonl", "train")
+    evals = _read_metrics(run_dir / "metrics.jsonl", "eval")
+    losses = [(s, float(r["loss"])) for s, r in sorted(train.items()) if "loss" in r]
+    stride = max(1, math.ceil(len(losses) / max_points))
+    records = [{"kind": "eval", "step": s, "eval_loss": r["eval_loss"]} for s, r in sorted(evals.items())]
+    for i in range(0, len(losses), stride):
+        chunk = losses[i:i + stride]
+        records.append({"kind": "train", "step": chunk[-1][0], "loss": sum(v for _, v in chunk) / len(chunk)})
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return os.path.relpath(dest, relative_to)
 
 

@@ -89,7 +89,7 @@ def multi(corpus, tmp_path_factory):
 def test_two_processes_match_one_process(single, multi):
     workdir, r = multi
     assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
-    assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu devices" in r.stderr
+    assert "mesh pipeline=1 x data=2 x fsdp=2 x expert=1 x tensor=2 over 8 cpu devices" in r.stderr
     ref, got = losses(single), losses(workdir)
     assert sorted(ref) == sorted(got) == list(range(10))
     np.testing.assert_allclose([got[s] for s in range(10)], [ref[s] for s in range(10)], rtol=1e-6)
@@ -269,16 +269,21 @@ def test_process_shares_are_disjoint_and_cover_the_batch(procs):
 
 
 def test_dcn_sizes_are_not_mesh_axes():
-    assert mesh_axis_names() == ("data", "fsdp", "tensor")
+    assert mesh_axis_names() == ("pipeline", "data", "fsdp", "expert", "tensor")
+
+
+def full(**sizes: int) -> dict[str, int]:
+    """A mesh shape over every axis, 1 unless given."""
+    return {name: sizes.get(name, 1) for name in mesh_axis_names()}
 
 
 def test_hybrid_mesh_shape():
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
     ici, dcn = hybrid_mesh_shape(cfg.mesh, 16)
-    assert ici == {"data": 4, "fsdp": 2, "tensor": 1} and dcn == {"data": 2, "fsdp": 1, "tensor": 1}
-    assert mesh_shape(cfg.mesh, 16) == {"data": 8, "fsdp": 2, "tensor": 1}
+    assert ici == full(data=4, fsdp=2) and dcn == full(data=2)
+    assert mesh_shape(cfg.mesh, 16) == full(data=8, fsdp=2)
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.dcn_fsdp=2", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
-    assert mesh_shape(cfg.mesh, 32) == {"data": 2, "fsdp": 8, "tensor": 2}
+    assert mesh_shape(cfg.mesh, 32) == full(data=2, fsdp=8, tensor=2)
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
@@ -295,7 +300,7 @@ def test_hybrid_mesh_validation(overrides, devices, message):
 
 def test_hybrid_mesh_validate_uses_total_sizes():
     cfg = tiny_config("mesh.dcn_data=2", "mesh.data=2", "mesh.fsdp=2", "train.batch_size=4")
-    with pytest.raises(ConfigError, match="mesh.data x mesh.fsdp = 4 x 2 = 8"):
+    with pytest.raises(ConfigError, match="mesh.data x mesh.fsdp x mesh.expert = 4 x 2 x 1 = 8"):
         validate(cfg, 8)
 
 
@@ -313,8 +318,8 @@ def test_build_mesh_uses_create_hybrid_device_mesh(monkeypatch):
     monkeypatch.setattr(mesh_utils, "create_hybrid_device_mesh", fake)
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
     mesh = build_mesh(cfg.mesh)
-    assert calls == [([2, 2, 1], [2, 1, 1], {"process_is_granule": True})]  # CPU devices: no slice_index
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert calls == [([1, 2, 2, 1, 1], [1, 2, 1, 1, 1], {"process_is_granule": True})]  # CPU devices: no slice_index
+    assert dict(mesh.shape) == full(data=4, fsdp=2)
     assert mesh.devices.size == jax.device_count()
     calls.clear()
     build_mesh(load_config(None, ["mesh.data=-1"]).mesh)

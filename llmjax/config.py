@@ -546,6 +546,8 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         )
     _validate_pipeline(cfg, shape, micro)
     _check_rules(cfg.mesh.rules)
+    if shape["expert"] > 1:
+        _check_expert_rules(cfg.mesh.rules)
     dist = cfg.distributed
     if dist.num_processes < 0 or dist.process_id < -1 or dist.initialization_timeout <= 0:
         raise ConfigError("distributed.num_processes must be >= 0, distributed.process_id >= -1 and "
@@ -594,6 +596,20 @@ def _validate_moe(m: ModelConfig) -> None:
     if not 0.0 <= e.router_jitter < 1.0:
         raise ConfigError(f"model.moe.router_jitter must be in [0, 1), got {e.router_jitter}")
     _choice("model.moe.score", e.score, ("softmax", "sigmoid"))
+
+
+def _check_expert_rules(rules: dict[str, Any]) -> None:
+    """Expert parallelism exchanges tokens over the `expert` axis: experts must stay split over it and
+    the batch (act_batch) must include it."""
+    from llmjax.parallel.rules import make_rules
+
+    merged = make_rules(rules)
+    if merged["expert"] != ("expert",):
+        raise ConfigError(f"mesh.rules.expert={rules.get('expert')!r}: with mesh.expert > 1 the experts must be split "
+                          "over the expert mesh axis (leave mesh.rules.expert unset)")
+    if "expert" not in merged["act_batch"]:
+        raise ConfigError(f"mesh.rules.act_batch={rules.get('act_batch')!r}: with mesh.expert > 1 the batch must also "
+                          "be split over the expert mesh axis (add 'expert')")
 
 
 def _check_rules(rules: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmjax.config import Config, load_config
+from llmjax.config import Config, load_config, mesh_axis_names
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -16,6 +16,11 @@ def tiny_config(*overrides: str) -> Config:
         "mesh.data=1",
     ]
     return load_config(None, base + list(overrides))
+
+
+def full_mesh_shape(**sizes: int) -> dict[str, int]:
+    """A resolved mesh shape over every mesh axis: the given sizes, 1 elsewhere."""
+    return {name: sizes.get(name, 1) for name in mesh_axis_names()}
 
 
 def packed_batch(cfg: Config, seed: int = 0, rows: int | None = None) -> dict[str, np.ndarray]:

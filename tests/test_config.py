@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import full_mesh_shape
 
 from llmjax.config import (
     DEFAULT_CONFIG,
@@ -264,6 +265,8 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         (["mesh.expert=8", "model.moe.num_experts=8", "train.batch_size=4"],
          ["train.batch_size=4", "mesh.expert"]),
         (["pipeline.microbatches=0"], ["pipeline.microbatches"]),
+        (["mesh.expert=2", "model.moe.num_experts=4", "mesh.rules={expert: null}"], ["mesh.rules.expert"]),
+        (["mesh.expert=2", "model.moe.num_experts=4", "mesh.rules={act_batch: [data]}"], ["mesh.rules.act_batch"]),
         (["train.stop_after=11"], ["train.stop_after=11", "train.steps=10"]),
         (["pipeline.repeats=2"], ["pipeline.repeats", "mesh.pipeline"]),
     ],
@@ -274,21 +277,17 @@ def test_validate_errors_name_the_keys(overrides, keys):
         validate(cfg, N_DEVICES)
 
 
-def full(**sizes: int) -> dict[str, int]:
-    """A resolved mesh shape: every axis, 1 unless given."""
-    return {name: sizes.get(name, 1) for name in mesh_axis_names()}
-
 
 @pytest.mark.parametrize(
     "overrides, shape",
     [
-        ([], full(data=8, fsdp=1, tensor=1)),
-        (["mesh.tensor=2"], full(data=4, fsdp=1, tensor=2)),
-        (["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"], full(data=2, fsdp=2, tensor=2)),
-        (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1"], full(data=1, fsdp=1, tensor=8)),
-        (["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"], full(data=2, fsdp=4, tensor=1)),
-        (["mesh.expert=4", "model.moe.num_experts=8"], full(data=2, expert=4)),
-        (["mesh.expert=2", "mesh.tensor=2", "model.moe.num_experts=4"], full(data=2, expert=2, tensor=2)),
+        ([], full_mesh_shape(data=8, fsdp=1, tensor=1)),
+        (["mesh.tensor=2"], full_mesh_shape(data=4, fsdp=1, tensor=2)),
+        (["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"], full_mesh_shape(data=2, fsdp=2, tensor=2)),
+        (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1"], full_mesh_shape(data=1, fsdp=1, tensor=8)),
+        (["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"], full_mesh_shape(data=2, fsdp=4, tensor=1)),
+        (["mesh.expert=4", "model.moe.num_experts=8"], full_mesh_shape(data=2, expert=4)),
+        (["mesh.expert=2", "mesh.tensor=2", "model.moe.num_experts=4"], full_mesh_shape(data=2, expert=2, tensor=2)),
     ],
 )
 def test_resolved_mesh(overrides, shape):

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_config, tiny_train_overrides
+from helpers import full_mesh_shape, small_corpus, tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError, hybrid_mesh_shape, load_config, mesh_axis_names, mesh_shape, validate
 from llmjax.data.pipeline import BatchIterator, eval_dataset, train_dataset
@@ -272,18 +272,14 @@ def test_dcn_sizes_are_not_mesh_axes():
     assert mesh_axis_names() == ("pipeline", "data", "fsdp", "expert", "tensor")
 
 
-def full(**sizes: int) -> dict[str, int]:
-    """A mesh shape over every axis, 1 unless given."""
-    return {name: sizes.get(name, 1) for name in mesh_axis_names()}
-
 
 def test_hybrid_mesh_shape():
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
     ici, dcn = hybrid_mesh_shape(cfg.mesh, 16)
-    assert ici == full(data=4, fsdp=2) and dcn == full(data=2)
-    assert mesh_shape(cfg.mesh, 16) == full(data=8, fsdp=2)
+    assert ici == full_mesh_shape(data=4, fsdp=2) and dcn == full_mesh_shape(data=2)
+    assert mesh_shape(cfg.mesh, 16) == full_mesh_shape(data=8, fsdp=2)
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.dcn_fsdp=2", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
-    assert mesh_shape(cfg.mesh, 32) == full(data=2, fsdp=8, tensor=2)
+    assert mesh_shape(cfg.mesh, 32) == full_mesh_shape(data=2, fsdp=8, tensor=2)
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
@@ -319,7 +315,7 @@ def test_build_mesh_uses_create_hybrid_device_mesh(monkeypatch):
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
     mesh = build_mesh(cfg.mesh)
     assert calls == [([1, 2, 2, 1, 1], [1, 2, 1, 1, 1], {"process_is_granule": True})]  # CPU devices: no slice_index
-    assert dict(mesh.shape) == full(data=4, fsdp=2)
+    assert dict(mesh.shape) == full_mesh_shape(data=4, fsdp=2)
     assert mesh.devices.size == jax.device_count()
     calls.clear()
     build_mesh(load_config(None, ["mesh.data=-1"]).mesh)

@@ -24,7 +24,7 @@ FORMATS = ("png", "svg")
 
 
 
-def _log_scale(axis: Any, set_scale: Any) -> None:
+def _log_scale(ax: Any, which: str) -> None:
     """A log axis labelled at 1, 2 and 5 times powers of ten (every minor label collides on short ranges)."""
     from matplotlib.ticker import FuncFormatter
 
@@ -33,8 +33,8 @@ def _log_scale(axis: Any, set_scale: Any) -> None:
         mantissa = value / 10.0**exponent
         return f"${mantissa:.0f}\\times10^{{{exponent}}}$" if round(mantissa) in (2, 5) else ""
 
-    set_scale("log")
-    axis.set_minor_formatter(FuncFormatter(label))
+    getattr(ax, f"set_{which}scale")("log")
+    getattr(ax, f"{which}axis").set_minor_formatter(FuncFormatter(label))
 
 def _save(fig: Any, out: Path, stem: str) -> list[Path]:
     paths = []
@@ -83,7 +83,7 @@ def plot_isoflop(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[P
     ax.scatter([], [], marker="*", s=100, color="white", edgecolor="black", label="approach 2: minimum")
     if p3:
         ax.plot([], [], "k--", lw=0.8, label="approach 3: L(N, C/(kN))")
-    _log_scale(ax.xaxis, ax.set_xscale)
+    _log_scale(ax, "x")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("final validation loss")
     ax.set_title("IsoFLOP curves")
@@ -109,7 +109,7 @@ def plot_frontier(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[
     if p3:
         ax.plot(grid, [chinchilla_optimum(p3, c, k)["loss"] for c in grid], "--", color="tab:blue",
                 label="approach 3: compute-optimal loss")
-    _log_scale(ax.xaxis, ax.set_xscale)
+    _log_scale(ax, "x")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("final validation loss")
     ax.set_title("Loss-compute frontier")
@@ -138,8 +138,8 @@ def plot_optimal(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[P
         if p3:
             ax.plot(C, [chinchilla_optimum(p3, c, k)[key] for c in C], "--", color="tab:blue",
                     label=f"approach 3: ∝ C^{fit['approach3']['a' if key == 'N_opt' else 'b']:.3f}")
-        _log_scale(ax.xaxis, ax.set_xscale)
-        _log_scale(ax.yaxis, ax.set_yscale)
+        _log_scale(ax, "x")
+        _log_scale(ax, "y")
         ax.set_xlabel("training compute C (FLOPs)")
         ax.set_ylabel(what)
         ax.set_title(f"{key}(C)")
@@ -158,7 +158,7 @@ def plot_residuals(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list
         for ax, x, label in ((axes[0], runs.C, "training compute C (FLOPs)"), (axes[1], runs.N, "parameters N")):
             sc = ax.scatter(x, rel, c=np.log10(runs.C), cmap="viridis", s=25, label="runs")
             ax.axhline(0, color="black", lw=0.8)
-            _log_scale(ax.xaxis, ax.set_xscale)
+            _log_scale(ax, "x")
             ax.set_xlabel(label)
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel("approach 3: predicted / observed - 1 (%)")

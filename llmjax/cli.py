@@ -23,11 +23,10 @@ saved a checkpoint and can be resumed with the same command).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from llmjax.config import Config, ConfigError, load_config
+from llmjax.config import ConfigError, load_config
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
 from llmjax.scaling import cli_args as scaling_cli
@@ -59,18 +58,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_jax(cfg: Config) -> None:
-    """Process-wide JAX settings: partitionable RNG (same values under any sharding) and the
-    persistent compilation cache (re-runs and resumes skip compilation)."""
-    import jax
-
-    jax.config.update("jax_threefry_partitionable", True)
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from llmjax.data.sources import resolve_cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", str(resolve_cache_dir(cfg) / "xla"))
-
-
 def _checkpoint_error() -> type[Exception]:
     # Imported only when an exception reaches its `except` clause: `llmjax --help` and config
     # errors stay fast (the checkpoint module imports orbax).
@@ -98,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         from llmjax.parallel.distributed import initialize
 
         initialize(cfg, args.coordinator, args.num_processes, args.process_id)  # before any device use
+        from llmjax.runtime import setup_jax
+
         setup_jax(cfg)
         if args.verb == "train":
             from llmjax.train.loop import train

@@ -18,11 +18,11 @@ from llmjax.config import (
     from_dict,
     load_config,
     mesh_axis_names,
-    mesh_shape,
     save_config,
     to_dict,
     validate,
 )
+from llmjax.parallel.mesh import mesh_shape
 
 N_DEVICES = 8
 
@@ -272,9 +272,15 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     ],
 )
 def test_validate_errors_name_the_keys(overrides, keys):
-    cfg = cfg_with(*overrides)  # types are fine: only validate objects
-    with raises(*keys):
-        validate(cfg, N_DEVICES)
+    with raises(*keys):  # choices (Literal keys) fail while loading, the cross-field rules in validate
+        validate(cfg_with(*overrides), N_DEVICES)
+
+
+def test_choices_are_checked_in_code_built_configs():
+    cfg = cfg_with()
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm="batchnorm"))
+    with raises("model.norm", "'batchnorm'"):
+        validate(bad, N_DEVICES)
 
 
 
@@ -324,3 +330,23 @@ def test_every_preset_loads_and_validates(path):
     cfg = load_config(path)
     shape = validate(cfg, 8)
     assert math.prod(shape.values()) == 8
+
+
+def test_presets_ship_in_the_wheel(tmp_path):
+    """`llmjax train` with no --config must find default.yaml when installed from a wheel (package data)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from llmjax.config import PRESETS_DIR
+
+    root = Path(__file__).resolve().parent.parent
+    assert DEFAULT_CONFIG.parent == PRESETS_DIR and PRESETS_DIR.parent.name == "llmjax"
+    assert (root / "experiments" / "configs" / "default.yaml").resolve() == DEFAULT_CONFIG.resolve()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("llmjax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "llmjax/configs/default.yaml" in names
+    shipped = {Path(n).name for n in names if n.startswith("llmjax/configs/")}
+    assert {p.name for p in PRESETS_DIR.glob("*.yaml")} <= shipped

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from helpers import full_mesh_shape, small_corpus, tiny_config, tiny_train_overrides
 
-from llmjax.config import ConfigError, hybrid_mesh_shape, load_config, mesh_axis_names, mesh_shape, validate
+from llmjax.config import ConfigError, load_config, mesh_axis_names, validate
 from llmjax.data.pipeline import BatchIterator, eval_dataset, train_dataset
 from llmjax.parallel import distributed
+from llmjax.parallel.mesh import hybrid_mesh_shape, mesh_shape
 from llmjax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

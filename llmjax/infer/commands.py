@@ -36,7 +36,7 @@ class Loaded:
     """A workdir's config, mesh, rules, parameters (sharded) and checkpoint step."""
 
     def __init__(self, workdir: str | Path):
-        from llmjax.cli import setup_jax
+        from llmjax.runtime import setup_jax
         from llmjax.train.checkpoint import Checkpointer
 
         self.workdir = Path(workdir)

@@ -80,8 +80,8 @@ def from_hf(args: argparse.Namespace) -> int:
 
     import jax
 
-    from llmjax.cli import setup_jax
     from llmjax.config import validate
+    from llmjax.runtime import setup_jax
 
     setup_jax(cfg)
     validate(cfg, jax.device_count())

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.config import ConfigError, OptimConfig
+from llmjax.config import ConfigError, OptimConfig, choices
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
-OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = choices(OptimConfig, "schedule")
+OPTIMIZERS = choices(OptimConfig, "name")
 
 # ----------------------------------------------------------------------------- schedules
 

@@ -17,7 +17,8 @@ import pytest
 from helpers import packed_batch, tiny_config
 
 from llmjax.config import ModelConfig
-from llmjax.models.layers import apply_rope, attention_mask, dot_product_attention
+from llmjax.models.attention import MaskSpec, attend
+from llmjax.models.layers import apply_rope
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.rules import LOGICAL_AXES, make_rules
 from llmjax.train.setup import build_setup
@@ -201,11 +202,12 @@ def test_attention_implementations_agree(n_kv_heads):
     k = rng.standard_normal((B, L, n_kv_heads, E), dtype=np.float32)
     v = rng.standard_normal((B, L, n_kv_heads, E), dtype=np.float32)
     segment_ids = np.array([[1] * 5 + [2] * 7 + [3] * 4, [1] * L], np.int32)
-    mask = attention_mask(jnp.asarray(segment_ids))
+    spec = MaskSpec.self_attention(jnp.asarray(segment_ids))
+    mask = spec.dense()
     assert mask.shape == (B, 1, L, L) and mask.dtype == jnp.bool_
     expected = naive_attention(q, k, v, mask)
-    einsum = dot_product_attention(q, k, v, mask, impl="einsum")
-    jaxnn = dot_product_attention(q, k, v, mask, impl="dot_product_attention")
+    einsum = attend(q, k, v, spec, "einsum")
+    jaxnn = attend(q, k, v, spec, "dot_product_attention")
     assert einsum.shape == jaxnn.shape == (B, L, H, E) and einsum.dtype == jnp.float32
     assert_close(einsum, expected)
     assert_close(jaxnn, expected)

@@ -72,7 +72,7 @@ class ModelConfig:
     param_dtype: Dtype = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
     scan_layers: bool = True  # False: a Python loop over the same stacked params (faster small models)
-    attention: str = "einsum"  # einsum | dot_product_attention (jax.nn: cuDNN on GPU)
+    attention: str = "xla"  # an implementation of llmjax.kernels.ATTENTION_MODULES (xla = the einsum reference)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     @property

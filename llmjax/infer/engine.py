@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded to the longest, so every row's next token is
 written at the same cache slot. Pad slots carry segment id 0 and real tokens 1: the
-segment-restricted causal mask of training (`layers.attention_mask`) then keeps every
+segment-restricted causal mask of training (`attention.MaskSpec`) then keeps every
 query off the padding, and positions count from 0 in each prompt, so a padded row computes
 exactly what it would alone. The cache is a preallocated [layers, batch, slots, kv heads,
 head dim] buffer sharded like training activations (batch over `data`/`fsdp`, kv heads

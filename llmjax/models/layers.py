@@ -1,4 +1,4 @@
-"""Building blocks of a decoder: linear maps, norms, embeddings, RoPE, attention, MLPs.
+"""Building blocks of the models: linear maps, norms, embeddings, RoPE, MLPs (attention: `models.attention`).
 
 Conventions
 - Shape suffixes: B batch, L query length, S key length, D model width, H query heads,
@@ -25,7 +25,6 @@ from llmjax.config import ModelConfig
 from llmjax.parallel.rules import constrain
 
 Initializer = Any
-NEG_INF = -1e30
 
 
 def dtype(name: str) -> jnp.dtype:
@@ -166,97 +165,6 @@ def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BLHE.dtype)
-
-
-def attention_mask(segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array | None = None,
-                   q_offset: jax.Array | int = 0) -> jax.Array:
-    """Causal mask restricted to tokens of the same document: [B, 1, L, S] bool.
-
-    Query i may attend to key j iff j <= i + q_offset and both belong to the same segment.
-    `q_offset` is the slot of the first query in the key sequence (a KV cache's fill level;
-    0 when queries and keys are the same tokens).
-    """
-    kv = segment_ids_BL if kv_segment_ids_BS is None else kv_segment_ids_BS
-    L, S = segment_ids_BL.shape[1], kv.shape[1]
-    causal = (jnp.arange(L) + q_offset)[:, None] >= jnp.arange(S)[None, :]
-    same_doc = segment_ids_BL[:, :, None] == kv[:, None, :]
-    return (causal[None] & same_doc)[:, None]
-
-
-def dot_product_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask_B1LS: jax.Array,
-                          impl: str = "einsum") -> jax.Array:
-    """Grouped-query attention; returns [B, L, H, E] in the inputs' dtype.
-
-    H query heads share K key/value heads in groups of G = H / K (MHA: K = H, MQA: K = 1).
-    Scores and softmax are float32. `impl="dot_product_attention"` uses
-    `jax.nn.dot_product_attention` (XLA on CPU, cuDNN where the GPU supports it).
-    """
-    B, L, H, E = q_BLHE.shape
-    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
-    if impl == "dot_product_attention":
-        return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask_B1LS).astype(q_BLHE.dtype)
-    # Heads-major layout, so both contractions are plain batched matmuls over (B, K): on
-    # XLA:CPU this is ~2x faster than the equivalent 5-D einsum, forward and backward.
-    G = H // K
-    q_BKXE = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, E)  # X = G*L
-    k_BKSE = k_BSKE.transpose(0, 2, 1, 3)
-    v_BKSE = v_BSKE.transpose(0, 2, 1, 3)
-    batch = ((0, 1), (0, 1))
-    scores_BKXS = jax.lax.dot_general(q_BKXE, k_BKSE, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
-    scores_BKGLS = scores_BKXS.reshape(B, K, G, L, S) * (E**-0.5)
-    scores_BKGLS = jnp.where(mask_B1LS[:, :, None], scores_BKGLS, NEG_INF)  # broadcast over K, G
-    probs_BKXS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKE.dtype).reshape(B, K, G * L, S)
-    out_BKXE = jax.lax.dot_general(probs_BKXS, v_BKSE, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
-    out_BLKGE = out_BKXE.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4)
-    return out_BLKGE.reshape(B, L, H, E).astype(q_BLHE.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads and optional RoPE."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-                 kv_cache: tuple[jax.Array, jax.Array] | None = None, kv_segment_ids_BS: jax.Array | None = None,
-                 cache_index: jax.Array | None = None) -> Any:
-        """Without `kv_cache`: attention over `x` itself -> [B, L, D].
-
-        With `kv_cache` = (k [B, S, K, E], v [B, S, K, E]): this chunk's keys/values are written
-        at slots [cache_index, cache_index + L) and the queries attend over the whole cache,
-        masked by `kv_segment_ids_BS` (the cache's segment ids, this chunk's already written;
-        0 marks an empty or padding slot) -> ([B, L, D], (new k, new v)).
-        """
-        cfg = self.cfg
-        E, H, K = cfg.resolved_head_dim, cfg.n_heads, cfg.n_kv_heads
-        common = dict(
-            use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype)
-        )
-        q = Linear((H, E), ("embed", "heads", "head_dim"), init_std=cfg.init_std, name="q", **common)(x_BLD)
-        k = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="k", **common)(x_BLD)
-        v = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="v", **common)(x_BLD)
-        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
-        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
-        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-        if cfg.position == "rope":
-            q = apply_rope(q, positions_BL, cfg.rope_theta)
-            k = apply_rope(k, positions_BL, cfg.rope_theta)
-        if kv_cache is None:
-            out = dot_product_attention(q, k, v, attention_mask(segment_ids_BL), cfg.attention)
-            new_cache = None
-        else:
-            cache_axes = ("act_batch", None, "act_kv_heads", None)
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
-            k_all, v_all = constrain(k_all, cache_axes), constrain(v_all, cache_axes)
-            mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, cache_index)
-            out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.attention)
-            new_cache = (k_all, v_all)
-        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        out = Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)
-        return out if kv_cache is None else (out, new_cache)
 
 
 _ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig, MoEConfig
-from llmjax.models.layers import MLP, Attention, Embed, Linear, dtype, make_norm
+from llmjax.models.attention import Attention, MaskSpec
+from llmjax.models.layers import MLP, Embed, Linear, dtype, make_norm
 from llmjax.models.moe import MoE, merge_microbatch_aux
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.pipeline import run as run_pipeline
@@ -63,10 +64,11 @@ class Block(nn.Module):
         cfg = self.cfg
         h = make_norm(cfg, "attn_norm")(x_BLD)
         if kv_cache is None:
-            attn, new_cache = Attention(cfg, name="attn")(h, segment_ids_BL, positions_BL), None
+            attn, new_cache = Attention(cfg, name="attn")(h, positions_BL, MaskSpec.self_attention(segment_ids_BL))
         else:
-            attn, new_cache = Attention(cfg, name="attn")(h, segment_ids_BL, positions_BL, kv_cache,
-                                                          kv_segment_ids_BS, cache_index)
+            mask = MaskSpec(segment_ids_BL, kv_segment_ids_BS, cache_index)
+            attn, c = Attention(cfg, name="attn")(h, positions_BL, mask, {"k": kv_cache[0], "v": kv_cache[1]})
+            new_cache = (c["k"], c["v"])
         x_BLD = x_BLD + attn
         h = make_norm(cfg, "mlp_norm")(x_BLD)
         if cfg.moe.enabled:

@@ -14,7 +14,7 @@ import numpy as np
 
 from llmjax.config import Config, validate
 from llmjax.parallel.mesh import describe as describe_mesh
-from llmjax.train.metrics import flops_per_token, memory_summary, mfu, param_counts, peak_flops
+from llmjax.train.metrics import memory_summary, mfu, param_counts, peak_flops
 from llmjax.train.setup import build_setup
 
 WARMUP_STEPS = 2
@@ -37,8 +37,8 @@ def bench(cfg: Config, steps: int = 10) -> int:
     """Compile and time `steps` train steps of `cfg`; print the figures. Returns 0."""
     validate(cfg, jax.device_count())
     setup = build_setup(cfg)
-    counts = param_counts(setup.abstract_state.params, cfg.model)
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
+    fpt = setup.family.flops_per_token(cfg.data.seq_len)
     peak, source = peak_flops(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
     state = setup.init_state()
 

@@ -65,3 +65,19 @@ def tiny_train_overrides(corpus: str) -> list[str]:
         "train.batch_size=8", "train.progress=false", "train.tensorboard=false", "optim.warmup_steps=2",
         "eval.batches=2", "sample.max_new_tokens=4",
     ]
+
+
+def lm_batch(arrays):
+    """A dict of [B, L] arrays (as `packed_batch` gives) -> the typed `LMBatch` the train step takes."""
+    import jax.numpy as jnp
+
+    from llmjax.models.families import LMBatch
+
+    return LMBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def family_loss(model, params, batch, z_loss=0.0):
+    """(total, sums) of the model's family loss on a dict batch (see `ModelFamily.loss`)."""
+    from llmjax.models.families import build_family
+
+    return build_family(model.cfg).loss(model, params, lm_batch(batch), z_loss)

@@ -15,12 +15,14 @@ import pytest
 from helpers import small_corpus, tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError
+from llmjax.infer.beam import beam_search
 from llmjax.infer.engine import Engine
 from llmjax.infer.quantize import dequantize, nbytes, quantize
 from llmjax.infer.sampling import SamplingParams, candidates, sample
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.mesh import build_mesh
 from llmjax.parallel.rules import make_rules
+from llmjax.train.setup import model_abstract_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +53,32 @@ def test_cached_logits_equal_full_forward_at_every_step(setup):
         full = model.apply({"params": params}, jnp.asarray([p + g.tokens], jnp.int32))[0]
         ref = np.asarray(full[len(p) - 1: len(p) - 1 + len(g.tokens)])
         np.testing.assert_allclose(g.logits, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+class _Chars:
+    """A stand-in tokenizer: token t is the character chr(97 + t % 26)."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + int(t) % 26) for t in ids)
+
+
+def test_device_loop_equals_host_loop(setup):
+    """The on-device while_loop decodes exactly what the host loop of jitted steps decodes: greedy and
+    sampled, rows stopping at EOS at different steps, stop strings cut the same tokens and text."""
+    _, _, _, engine = setup
+    free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10), device_loop=False)
+    eos = free[1].tokens[3]
+    tok = _Chars()
+    stop = tok.decode(free[2].tokens[4:6])
+    for sp in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9,
+                                                                 seed=5),
+               SamplingParams(max_new_tokens=10, stop=(stop,))):
+        for eos_id in (None, eos):
+            dev = engine.generate(PROMPTS, sp, eos_id, tokenizer=tok, device_loop=True)
+            host = engine.generate(PROMPTS, sp, eos_id, tokenizer=tok, device_loop=False)
+            assert [(g.tokens, g.text, g.finish) for g in dev] == [(g.tokens, g.text, g.finish) for g in host]
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10), eos, device_loop=True)
+    assert out[1].finish == "eos" and out[1].tokens == free[1].tokens[:3]
 
 
 def test_batched_equals_one_by_one(setup):
@@ -94,7 +122,7 @@ def test_one_beam_is_greedy_and_more_beams_score_at_least_as_well(setup):
     _, model, params, engine = setup
     sp = SamplingParams(max_new_tokens=8)
     greedy = engine.generate(PROMPTS[:1], sp)[0]
-    one = engine.beam_search(PROMPTS[0], SamplingParams(max_new_tokens=8, beams=1), None, None, None, False, 0)
+    one = beam_search(engine, PROMPTS[0], SamplingParams(max_new_tokens=8, beams=1), None, None, None, 0)
     assert one.tokens == greedy.tokens
     four = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, beams=4))[0]
     assert len(four.tokens) == 8 and four.score >= one.score - 1e-4
@@ -133,7 +161,7 @@ def test_invalid_sampling_values_and_prompts():
 def test_int8_weights():
     cfg = tiny_config()
     model, params = make_params(cfg, scale=1.0)
-    q = quantize(params)
+    q = quantize(params, model_abstract_params(cfg.model).logical)
     assert q["layers"]["attn"]["o"]["kernel"]["int8"].dtype == jnp.int8
     assert q["layers"]["attn"]["o"]["kernel"]["scale"].shape == (2, 1, 1, 64)  # per layer, per output channel
     assert q["layers"]["attn_norm"]["scale"].dtype == jnp.float32  # norms stay float
@@ -161,7 +189,8 @@ def test_sharded_cache_matches_single_device():
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5), return_logits=True)
     assert engine.batch_multiple == 2
     _, cache, _ = engine.prefill(PROMPTS, 64)
-    assert cache["k"].sharding.spec[1] == "data" and cache["k"].sharding.spec[3] == "tensor"
+    k = cache["layers"]["k"]
+    assert k.sharding.spec[1] == "data" and k.sharding.spec[3] == "tensor"
     for a, b in zip(ref, out, strict=True):
         assert a.tokens == b.tokens
         np.testing.assert_allclose(b.logits, a.logits, rtol=1e-4, atol=1e-4)

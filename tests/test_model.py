@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import packed_batch, tiny_config
+from helpers import lm_batch, packed_batch, tiny_config
 
 from llmjax.config import ModelConfig
 from llmjax.models.attention import MaskSpec, attend
+from llmjax.models.families import build_family
 from llmjax.models.layers import apply_rope
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.rules import LOGICAL_AXES, make_rules
@@ -64,7 +65,7 @@ def param_shapes(cfg: ModelConfig):
 def gradients_fn(cfg: ModelConfig):
     """Jitted (params, batch, z_loss) -> (grads, metrics), z_loss traced so one compile serves all values."""
     model = Transformer(cfg)
-    return jax.jit(lambda p, b, z: batch_gradients(model, p, b, z, 1))
+    return jax.jit(lambda p, b, z: batch_gradients(build_family(cfg), model, p, lm_batch(b), z, 1))
 
 
 def logits(cfg, params, tokens, segment_ids=None, positions=None):
@@ -272,7 +273,8 @@ def test_remat_policies_give_identical_loss_and_gradients():
     # params as a separate argument, so XLA cannot merge the computations.
     @jax.jit
     def all_gradients(params_per_policy, batch):
-        return [batch_gradients(m, p, batch, 0.0, 1) for m, p in zip(models, params_per_policy, strict=True)]
+        return [batch_gradients(build_family(m.cfg), m, p, lm_batch(batch), 0.0, 1)
+                for m, p in zip(models, params_per_policy, strict=True)]
 
     params = init_params(BASE)
     results = all_gradients([params] * len(policies), small_batch())
@@ -425,9 +427,10 @@ def test_unrolled_layers_equal_scanned_layers():
         params = setup.init_state().params
         batch = packed_batch(cfg)
         loop_model = Transformer(cfg_loop.model)
-        grads_of = jax.jit(batch_gradients, static_argnums=(0, 3, 4))
-        grads, m = grads_of(setup.model, params, batch, 0.0, 1)
-        grads_loop, m_loop = grads_of(loop_model, params, batch, 0.0, 1)
+        grads_of = jax.jit(lambda model, p, b: batch_gradients(build_family(model.cfg), model, p, lm_batch(b), 0.0, 1),
+                           static_argnums=0)
+        grads, m = grads_of(setup.model, params, batch)
+        grads_loop, m_loop = grads_of(loop_model, params, batch)
         np.testing.assert_allclose(m_loop["loss"], m["loss"], rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grads_loop), jax.tree.leaves(grads), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))

@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import packed_batch, tiny_config
+from helpers import family_loss, packed_batch, tiny_config
 
 import llmjax.train.metrics as M
 from llmjax.config import ConfigError, MoEConfig, validate
 from llmjax.models.moe import MoE, capacity
 from llmjax.models.transformer import Transformer
-from llmjax.train.setup import build_setup
-from llmjax.train.step import summed_loss
+from llmjax.train.setup import build_setup, model_abstract_params
 
 RTOL, ATOL = 1e-5, 1e-6  # atol is relative to the largest entry of each tensor
 B, L, X = 2, 8, 4  # T = 16 tokens, 4 experts
@@ -193,7 +192,7 @@ def test_model_loss_includes_weighted_router_losses():
     batch = jax.tree.map(jnp.asarray, packed_batch(cfg, rows=2))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"])["params"]
     params = jax.tree.map(lambda b: b.value, params, is_leaf=lambda b: hasattr(b, "value"))
-    total, sums = jax.jit(lambda p, b: summed_loss(model, p, b, 0.0))(params, batch)
+    total, sums = jax.jit(lambda p, b: family_loss(model, p, b))(params, batch)
     w = float(jnp.sum(batch["weights"]))
     lb, rz = float(sums["moe_aux_sum"]) / w, float(sums["moe_z_sum"]) / w
     assert lb > 0.9 and rz > 0  # lb is about 1 at init (near-uniform router)
@@ -214,12 +213,12 @@ def test_config_validation():
 
 def test_param_counts_and_flops_count_active_experts():
     cfg = tiny_config("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.shared_experts=1").model
-    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    counts = M.param_counts(shapes, cfg)
+    params = model_abstract_params(cfg)
+    counts = M.param_counts(params.shapes, params.logical, cfg)
     D, F, N = cfg.d_model, cfg.d_ff, cfg.n_layers
     experts = N * 8 * 3 * D * F
     assert counts["active"] == counts["total"] - experts + experts * 2 // 8
-    assert M.param_counts(shapes)["active"] == counts["total"]
+    assert M.param_counts(params.shapes, params.logical)["active"] == counts["total"]
     dense = dataclasses.replace(cfg, moe=MoEConfig())
     # Per layer: the dense MLP's 3*D*F becomes (top_k + shared) * 3*D*F plus the router D*X.
     assert M.matmul_params(cfg) == M.matmul_params(dense) + N * (2 * 3 * D * F + D * 8)
@@ -359,8 +358,9 @@ def test_cached_decoding_equals_full_forward():
 
 def test_moe_every_second_layer():
     """every=2: a scan over groups (dense block, MoE block); equals the blocks applied one by one."""
-    from llmjax.models.transformer import Block
-    from llmjax.train.step import moe_metrics
+    from llmjax.models.attention import MaskSpec
+    from llmjax.models.blocks import Block, StackInputs
+    from llmjax.models.families import build_family
 
     cfg = tiny_config(*MOE_MODEL, "model.n_layers=4", "model.moe.every=2", "model.scan_layers=true")
     model = Transformer(cfg.model)
@@ -379,16 +379,16 @@ def test_moe_every_second_layer():
 
     def by_hand(p):  # embed, then layer i = group i // 2, block i % 2, then the head
         x = jnp.take(p["embed"]["embedding"], batch["inputs"], axis=0)
-        dense = dataclasses.replace(cfg.model, moe=MoEConfig())
+        inputs = StackInputs(batch["positions"], MaskSpec.self_attention(batch["segment_ids"]))
         for i in range(4):
             block_params = jax.tree.map(lambda a, g=i // 2: a[g], p["layers"][f"block_{i % 2}"])
-            x, _ = Block(cfg.model if i % 2 else dense).apply({"params": block_params}, x, *args[1:])
+            x, _ = Block(cfg.model, "moe" if i % 2 else "mlp").apply({"params": block_params}, x, inputs)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.model.norm_eps) * p["final_norm"]["scale"]
         return x @ p["lm_head"]["kernel"]
 
     assert_close(jax.jit(by_hand)(params), scanned)
-    total, sums = jax.jit(lambda p, b: summed_loss(model, p, b, 0.0))(params, batch)
-    metrics = moe_metrics(sums, jnp.sum(batch["weights"]), every=2)
+    total, sums = jax.jit(lambda p, b: family_loss(model, p, b))(params, batch)
+    metrics = build_family(cfg.model).metrics(sums, jnp.sum(batch["weights"]))
     assert "moe_load/layer1/expert0" in metrics and "moe_load/layer3/expert3" in metrics
     assert "moe_load/layer0/expert0" not in metrics and "moe_load/layer2/expert0" not in metrics
     D, F = cfg.model.d_model, cfg.model.d_ff

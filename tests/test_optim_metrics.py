@@ -15,8 +15,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax.config import ModelConfig, OptimConfig
+from llmjax.models.roles import decay_mask
 from llmjax.train import metrics as M
 from llmjax.train import optim as O
+from llmjax.train.setup import model_abstract_params
 
 # ----------------------------------------------------------------------------- schedules
 
@@ -72,13 +74,22 @@ def _param_tree(layers: int = 2, d: int = 4) -> dict:
     }
 
 
+_HAND_ROLES = {"kernel": "matrix", "scale": "norm", "bias": "bias", "embedding": "embedding"}
+
+
+def _roles(tree) -> dict:
+    """Roles of a hand-written test tree, by leaf name (the models derive them from logical axes)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _HAND_ROLES[path[-1].key], tree)
+
+
 def test_weight_decay_mask() -> None:
-    params = _param_tree()
-    m = O.weight_decay_mask(params, decay_embeddings=False)["params"]
+    roles = _roles(_param_tree())
+    roles["params"]["lm_head"]["kernel"] = "head"
+    m = decay_mask(roles, decay_embeddings=False)["params"]
     assert m["layers"]["attn"]["q"]["kernel"] and m["lm_head"]["kernel"]
     assert not m["layers"]["attn"]["q"]["bias"] and not m["layers"]["ln"]["scale"] and not m["layers"]["ln"]["bias"]
     assert not m["embed"]["embedding"] and not m["pos_embed"]["embedding"]
-    m = O.weight_decay_mask(params, decay_embeddings=True)["params"]
+    m = decay_mask(roles, decay_embeddings=True)["params"]
     assert m["embed"]["embedding"] and m["pos_embed"]["embedding"] and not m["layers"]["ln"]["scale"]
 
 
@@ -110,14 +121,14 @@ def _run(tx: optax.GradientTransformation, params: dict, steps: int) -> tuple[fl
 @pytest.mark.parametrize("name, lr", [("adamw", 0.05), ("adafactor", 0.1), ("lion", 0.02), ("sgd", 0.05)])
 def test_optimizers_reduce_quadratic(name: str, lr: float) -> None:
     cfg = _cfg(name=name, lr=lr, warmup_steps=2, schedule="constant", weight_decay=0.01, clip_norm=1.0)
-    start, end = _run(O.make_optimizer(cfg, 100), _quadratic_params(), steps=40)
+    start, end = _run(O.make_optimizer(cfg, 100, _roles(_quadratic_params())), _quadratic_params(), steps=40)
     assert end < 0.5 * start, (name, start, end)
 
 
 def test_sgd_is_exact() -> None:
     cfg = _cfg(name="sgd", lr=0.5, warmup_steps=0, schedule="constant", b1=0.9)
-    tx = O.make_optimizer(cfg, 10)
     p = {"w": {"kernel": jnp.zeros(3)}}
+    tx = O.make_optimizer(cfg, 10, _roles(p))
     g1, g2 = {"w": {"kernel": jnp.array([1.0, 2.0, 3.0])}}, {"w": {"kernel": jnp.array([1.0, 0.0, -1.0])}}
     s = tx.init(p)
     u1, s = tx.update(g1, s, p)
@@ -129,7 +140,7 @@ def test_sgd_is_exact() -> None:
 def test_adamw_decay_is_masked() -> None:
     cfg = _cfg(name="adamw", lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5)
     params = _param_tree()
-    tx = O.make_optimizer(cfg, 10)
+    tx = O.make_optimizer(cfg, 10, _roles(params))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     u, _ = tx.update(zeros, tx.init(params), params)
     u = u["params"]
@@ -142,11 +153,11 @@ def test_adafactor_matches_optax_without_decay_and_decays_kernels() -> None:
     params = {"w": {"kernel": jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)}, "n": {"scale": jnp.linspace(0.5, 1.5, 8)}}
     grads = jax.tree_util.tree_map(lambda x: jnp.cos(3 * x), params)
     cfg = _cfg(name="adafactor", lr=0.01, warmup_steps=0, schedule="constant")
-    ours, ref = O.make_optimizer(cfg, 10), optax.adafactor(learning_rate=0.01)
+    ours, ref = O.make_optimizer(cfg, 10, _roles(params)), optax.adafactor(learning_rate=0.01)
     u, _ = ours.update(grads, ours.init(params), params)
     r, _ = ref.update(grads, ref.init(params), params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), u, r)
-    decayed = O.make_optimizer(dataclasses.replace(cfg, weight_decay=0.1), 10)
+    decayed = O.make_optimizer(dataclasses.replace(cfg, weight_decay=0.1), 10, _roles(params))
     d, _ = decayed.update(grads, decayed.init(params), params)
     np.testing.assert_allclose(d["n"]["scale"], u["n"]["scale"])
     np.testing.assert_allclose(d["w"]["kernel"], u["w"]["kernel"] - 0.01 * 0.1 * params["w"]["kernel"], rtol=1e-5)
@@ -155,10 +166,11 @@ def test_adafactor_matches_optax_without_decay_and_decays_kernels() -> None:
 def test_clipping_bounds_update() -> None:
     params = {"w": {"kernel": jnp.zeros((4, 4))}}
     grads = {"w": {"kernel": jnp.full((4, 4), 100.0)}}
-    clipped = O.make_optimizer(_cfg(name="sgd", b1=0.0, warmup_steps=0, schedule="constant", clip_norm=1.0), 10)
+    sgd = dict(name="sgd", b1=0.0, warmup_steps=0, schedule="constant")
+    clipped = O.make_optimizer(_cfg(**sgd, clip_norm=1.0), 10, _roles(params))
     u, _ = clipped.update(grads, clipped.init(params), params)
     assert float(optax.tree.norm(u)) == pytest.approx(1.0, rel=1e-5)
-    free = O.make_optimizer(_cfg(name="sgd", b1=0.0, warmup_steps=0, schedule="constant", clip_norm=0.0), 10)
+    free = O.make_optimizer(_cfg(**sgd, clip_norm=0.0), 10, _roles(params))
     u, _ = free.update(grads, free.init(params), params)
     assert float(optax.tree.norm(u)) == pytest.approx(400.0, rel=1e-5)
 
@@ -184,7 +196,7 @@ def _leaves_by_path(tree) -> dict[str, object]:
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
 def test_opt_state_shardings(name: str) -> None:
     params, shardings = _sharding_setup()
-    tx = O.make_optimizer(_cfg(name=name, weight_decay=0.1, clip_norm=1.0), 100)
+    tx = O.make_optimizer(_cfg(name=name, weight_decay=0.1, clip_norm=1.0), 100, _roles(params))
     state_shapes = jax.eval_shape(tx.init, params)
     out = O.opt_state_shardings(state_shapes, shardings, params, "REPL")
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(state_shapes)
@@ -273,6 +285,7 @@ def _hand_matmul_params(tree: dict, tied: bool) -> int:
             d_model=24,
             n_layers=2,
             n_heads=3,
+            n_kv_heads=3,
             head_dim=16,
             d_ff=48,
             mlp="gelu",
@@ -289,12 +302,14 @@ def test_flops_and_param_counts_match_hand_count(model: ModelConfig) -> None:
     T = 32
     attention = 6 * 2 * model.n_layers * model.n_heads * model.resolved_head_dim * T
     assert M.flops_per_token(model, T) == 6 * n_matmul + attention
-    counts = M.param_counts(tree)
+    real = model_abstract_params(model)
+    counts = M.param_counts(real.shapes, real.logical, model)
     total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
     positions = model.max_seq_len if model.position == "learned" else 0
     embeddings = (model.vocab_size + positions) * model.d_model
     assert counts == {"total": total, "non_embedding": total - embeddings, "active": total}
-    assert M.param_counts(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape), tree)) == counts
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape), real.shapes)
+    assert M.param_counts(zeros, real.logical) == counts
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s and MFU

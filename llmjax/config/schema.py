@@ -52,6 +52,7 @@ class ModelConfig:
     Frozen (hashable): the model module that holds it is a static argument under jit.
     """
 
+    family: str = "decoder"  # a model family of llmjax.config.families (decoder, encoder, encoder_decoder)
     vocab_size: int = 8192
     d_model: int = 256
     n_layers: int = 4

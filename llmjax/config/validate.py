@@ -13,6 +13,7 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
+from llmjax.config.families import FAMILY_CLASSES
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.kernels import attention_names
 from llmjax.parallel.mesh import mesh_shape
@@ -47,6 +48,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     _check_choices(cfg, "")
     _positive(m, "model", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
     _choice("model.attention", m.attention, attention_names())
+    _choice("model.family", m.family, tuple(FAMILY_CLASSES))
     if m.head_dim < 0:
         raise ConfigError(f"model.head_dim must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
     if m.head_dim == 0 and m.d_model % m.n_heads:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +22,12 @@ from jax.sharding import NamedSharding
 
 from llmjax.config import Config, ConfigError, MeshConfig, load_config
 from llmjax.infer.engine import Engine
-from llmjax.infer.quantize import dequantize, nbytes, quantize
+from llmjax.infer.quantize import dequantize, nbytes, quantize, quantized_paths
 from llmjax.infer.sampling import SamplingParams
-from llmjax.models.transformer import Transformer
+from llmjax.models.families import build_family
 from llmjax.parallel.mesh import build_mesh
-from llmjax.parallel.rules import logical_to_spec, make_rules, tree_shardings, use_sharding
+from llmjax.parallel.rules import logical_to_spec, make_rules, use_sharding
+from llmjax.train.setup import model_abstract_params
 
 # ----------------------------------------------------------------------------- loading
 
@@ -52,11 +52,9 @@ class Loaded:
         self.cfg: Config = load_config(str(cfg_path))
         setup_jax(self.cfg)
         self.mesh, self.rules = inference_mesh(self.cfg)
-        model = Transformer(self.cfg.model)
-        boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.PRNGKey(0))
-        shardings = tree_shardings(nn.get_partition_spec(boxed), self.mesh, self.rules)
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                nn.meta.unbox(boxed), shardings)
+        self.family = build_family(self.cfg.model)
+        self.abstract = model_abstract_params(self.cfg.model)
+        abstract = self.abstract.placed(self.mesh, self.rules)
         ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
         try:
             self.step, self.params = ckpt.restore_params(abstract)
@@ -70,10 +68,14 @@ class Loaded:
 
         return load_or_train_tokenizer(self.cfg, load_corpus(self.cfg))
 
+    def quantized(self) -> Any:
+        """The parameters in int8 (`llmjax.infer.quantize`: matrices, experts and embeddings)."""
+        return jax.jit(lambda p: quantize(p, self.abstract.logical))(self.params)
+
     def engine(self, int8: bool = False) -> Engine:
         params, transform = self.params, None
         if int8:
-            params = jax.jit(quantize)(self.params)
+            params = self.quantized()
             dt = jnp.dtype(self.cfg.model.param_dtype)
             transform = lambda p: dequantize(p, dt)  # noqa: E731
         return Engine(self.cfg.model, params, self.mesh, self.rules, transform)
@@ -171,10 +173,10 @@ def token_bytes(tokenizer: Any) -> np.ndarray:
 def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], transform: Any = None
              ) -> tuple[float, float]:
     """-> (summed NLL in nats, summed weight) over `batches`."""
+    from llmjax.models.families import batch_from_dict
     from llmjax.train.step import make_eval_step
 
-    model = Transformer(loaded.cfg.model)
-    step = make_eval_step(model)
+    step = make_eval_step(loaded.family, loaded.family.module())
 
     def fn(p, batch):
         with use_sharding(loaded.mesh, loaded.rules):
@@ -187,7 +189,8 @@ def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], 
         rows = next(iter(b.values())).shape[0]
         sharded = rows % int(np.prod([loaded.mesh.shape[a] for a in (spec[0] or ())] or [1])) == 0
         put = (lambda x: jax.device_put(x, NamedSharding(loaded.mesh, spec))) if sharded else jnp.asarray
-        s = jax.device_get(jitted(params, {k: put(v) for k, v in b.items()}))
+        batch = batch_from_dict(loaded.family.batch_type, {k: put(v) for k, v in b.items()})
+        s = jax.device_get(jitted(params, batch))
         nll += float(s["nll_sum"])
         weight += float(s["weight_sum"])
     return nll, weight
@@ -228,12 +231,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{loaded.step}")
     loss = report("float: " if args.int8 else "", *evaluate(loaded, loaded.params, batches))
     if args.int8:
-        q = jax.jit(quantize)(loaded.params)
+        q = loaded.quantized()
         dt = jnp.dtype(cfg.model.param_dtype)
         loss8 = report("int8:  ", *evaluate(loaded, q, batches, lambda p: dequantize(p, dt)))
         fb, qb = nbytes(loaded.params), nbytes(q)
+        paths = quantized_paths(q)
         print(f"int8 weights: {qb / 2**20:.2f} MiB vs {fb / 2**20:.2f} MiB ({cfg.model.param_dtype}), "
-              f"{100 * (1 - qb / fb):.1f}% saved; perplexity change {100 * (math.exp(loss8 - loss) - 1):+.2f}%")
+              f"{100 * (1 - qb / fb):.1f}% saved; perplexity change {100 * (math.exp(loss8 - loss) - 1):+.2f}%; "
+              f"{len(paths)} tensors quantized: {', '.join(paths)}")
     return 0
 
 
@@ -241,8 +246,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llmjax.infer.sample import generate as uncached_generate
-
     if min(args.batch, args.prompt_len, args.new_tokens) < 1:
         raise ConfigError("--batch, --prompt-len and --new-tokens must be >= 1")
     loaded = Loaded(args.workdir)
@@ -265,37 +268,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for _ in range(reps):
         prefill()
     t_prefill = (time.perf_counter() - t0) / reps
-    engine.generate(prompts, sp)  # compile the decode step
-    t0 = time.perf_counter()
-    engine.generate(prompts, sp)
-    t_gen = time.perf_counter() - t0
-    t_decode = max(t_gen - t_prefill, 1e-9)
-    decode_tps = args.batch * (args.new_tokens - 1) / t_decode
-    print(f"model: {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}; {jax.device_count()} "
+    timings = {}
+    for label, on_device in (("on-device loop", True), ("host loop", False)):
+        engine.generate(prompts, sp, device_loop=on_device)  # compile
+        t0 = time.perf_counter()
+        engine.generate(prompts, sp, device_loop=on_device)
+        timings[label] = max(time.perf_counter() - t0 - t_prefill, 1e-9)
+    print(f"model: {m.family}, {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}; {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s); batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens{', int8 weights' if args.int8 else ''}")
     print(f"prefill: {args.batch * args.prompt_len / t_prefill:,.0f} tokens/s ({1e3 * t_prefill:.1f} ms)")
-    print(f"decode (KV cache): {decode_tps:,.1f} tokens/s ({1e3 * t_decode / (args.new_tokens - 1 or 1):.2f} "
-          "ms/token)")
-    model = Transformer(m)
-    with use_sharding(loaded.mesh, loaded.rules):
-        uncached_generate(model, loaded.params, prompts[0], 2, m.max_seq_len)  # compile
-        t0 = time.perf_counter()
-        uncached_generate(model, loaded.params, prompts[0], args.new_tokens, m.max_seq_len)
-        t_unc = time.perf_counter() - t0
-    # the uncached loop recompiles for a new total length: time a second identical call
-    with use_sharding(loaded.mesh, loaded.rules):
-        t0 = time.perf_counter()
-        uncached_generate(model, loaded.params, prompts[0], args.new_tokens, m.max_seq_len)
-        t_unc = min(t_unc, time.perf_counter() - t0)
-    unc_tps = args.new_tokens / t_unc
-    one = Engine(m, loaded.params, loaded.mesh, loaded.rules)
-    one.generate(prompts[:1], sp)
-    t0 = time.perf_counter()
-    one.generate(prompts[:1], sp)
-    cached_tps = args.new_tokens / (time.perf_counter() - t0)
-    print(f"uncached decode (full forward per token, batch 1): {unc_tps:,.1f} tokens/s; cached (batch 1, "
-          f"prefill included): {cached_tps:,.1f} tokens/s; speed-up {cached_tps / unc_tps:.1f}x")
+    steps = max(args.new_tokens - 1, 1)
+    for label, t in timings.items():
+        print(f"decode, {label} (KV cache): {args.batch * steps / t:,.1f} tokens/s ({1e3 * t / steps:.2f} ms/step)")
     return 0
 
 

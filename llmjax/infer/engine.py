@@ -1,12 +1,17 @@
-"""KV-cache generation: prefill a batch of prompts, then decode one token per jitted step.
+"""Generation for any model family with a KV cache: prefill a batch of prompts, then decode.
 
-Prompts of different lengths are left-padded to the longest, so every row's next token is
-written at the same cache slot. Pad slots carry segment id 0 and real tokens 1: the
-segment-restricted causal mask of training (`attention.MaskSpec`) then keeps every
-query off the padding, and positions count from 0 in each prompt, so a padded row computes
-exactly what it would alone. The cache is a preallocated [layers, batch, slots, kv heads,
-head dim] buffer sharded like training activations (batch over `data`/`fsdp`, kv heads
-over `tensor`), updated in place (donated) by each step.
+The family does the model-specific part (`prefill`, `step`, `new_cache`, `cache_axes`;
+`llmjax.models.families`); the engine pads, shards, samples and stops. Prompts of different
+lengths are left-padded to the longest, so every row's next token is written at the same cache
+slot; pad slots carry segment id 0 and real tokens 1, and positions count from 0 in each prompt,
+so a padded row computes exactly what it would alone.
+
+Decoding runs on the device as one jitted `lax.while_loop` (sampling included; no host round
+trip per token) until every row has produced EOS or `max_new_tokens`. Streaming (`on_text`),
+per-token logits (`return_logits`) and beam search run a host loop of jitted steps instead.
+Stop strings are applied to the text afterwards: the output ends before the first stop string,
+as the host loop's would. The cache is sharded like training activations (batch over the data
+axes, kv heads over `tensor`) and donated to each step.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.infer.sampling import SamplingParams, sample
-from llmjax.models.transformer import Transformer, cache_logical_axes, init_cache
+from llmjax.models.families import build_family
 from llmjax.parallel.rules import Rules, logical_to_spec, use_sharding
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 64
@@ -41,17 +46,26 @@ class Generation:
     logits: np.ndarray | None = None  # [T, V] per generated token (return_logits=True)
 
 
+def _map_with_axes(fn: Callable[[jax.Array, tuple], Any], tree: Any, axes: Any) -> Any:
+    """fn(leaf, its logical axes) over a cache (nested dicts) and its axes tree (tuples at the leaves)."""
+    if isinstance(tree, dict):
+        return {k: _map_with_axes(fn, v, axes[k]) for k, v in tree.items()}
+    return fn(tree, axes)
+
+
 class Engine:
     """Prefill + cached decoding for one model and its (sharded) parameters.
 
-    `mesh`/`rules` (optional) are the layout: the cache and the batch are sharded over the
-    mesh by the same logical rules as in training; without them everything runs unsharded.
-    """
+    `mesh`/`rules` (optional) are the layout: the cache and the batch are sharded over the mesh by the
+    same logical rules as in training; without them everything runs unsharded."""
 
     def __init__(self, cfg: ModelConfig, params: Any, mesh: Mesh | None = None, rules: Rules | None = None,
                  param_transform: Callable[[Any], Any] | None = None):
         self.cfg = cfg
-        self.model = Transformer(cfg)
+        self.family = build_family(cfg)
+        if not hasattr(self.family, "step"):
+            raise ConfigError(f"model.family={cfg.family} has no decoder to generate with")
+        self.model = self.family.module()
         self.params = params
         self.mesh, self.rules = mesh, rules
         # e.g. int8 dequantization, applied inside each jitted function
@@ -77,33 +91,45 @@ class Engine:
     def _sharding(self, names: tuple) -> NamedSharding | None:
         return None if self.mesh is None else NamedSharding(self.mesh, logical_to_spec(names, self.rules))
 
+    def _replicated(self) -> NamedSharding | None:
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
     def _jit(self, name: str, fn: Callable, **kw) -> Callable:
         if name not in self._jits:
             self._jits[name] = jax.jit(self._ctx(fn), **kw)
         return self._jits[name]
 
-    def new_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+    def new_cache(self, batch: int, length: int, prompt_len: int = 0) -> dict[str, Any]:
+        make = partial(self.family.new_cache, batch, length, prompt_len)
         shardings = None
         if self.mesh is not None:
-            shardings = {k: self._sharding(v) for k, v in cache_logical_axes().items()}
-        make = jax.jit(partial(init_cache, self.cfg, batch, length), out_shardings=shardings)
-        return make()
+            axes = self.family.cache_axes(jax.eval_shape(make))
+            shardings = _map_with_axes(lambda _, a: self._sharding(a), jax.eval_shape(make), axes)
+        return jax.jit(make, out_shardings=shardings)()
 
-    def forward(self, params: Any, cache: dict, tokens_BL: jax.Array, segment_ids_BL: jax.Array,
-                positions_BL: jax.Array) -> tuple[jax.Array, dict]:
-        """Jitted: run a chunk through the model with the cache -> (logits of its last token [B, V], cache)."""
-
+    def _prefill(self, params: Any, cache: dict, tokens: jax.Array, segs: jax.Array, pos: jax.Array
+                 ) -> tuple[jax.Array, dict]:
         def fn(params, cache, tokens, segs, pos):
-            logits, cache = self.model.apply({"params": self.param_transform(params)}, tokens, segs, pos,
-                                             cache=cache)
-            return logits[:, -1], cache
+            return self.family.prefill(self.model, self.param_transform(params), tokens, segs, pos, cache)
 
-        return self._jit("forward", fn, donate_argnums=(1,))(params, cache, tokens_BL, segment_ids_BL, positions_BL)
+        return self._jit("prefill", fn, donate_argnums=(1,))(params, cache, tokens, segs, pos)
+
+    def step(self, params: Any, cache: dict, token_B: jax.Array) -> tuple[jax.Array, dict]:
+        """Jitted: one token per row -> (next-token logits [B, V], cache)."""
+        def fn(params, cache, tok):
+            return self.family.step(self.model, self.param_transform(params), cache, tok)
+
+        return self._jit("step", fn, donate_argnums=(1,))(params, cache, token_B)
 
     def _sample(self, logits_BV: jax.Array, step: int, sp: SamplingParams) -> jax.Array:
         fn = self._jit(f"sample/{sp.temperature}/{sp.top_k}/{sp.top_p}",
-                       lambda lg, key: sample(lg, key, sp.temperature, sp.top_k, sp.top_p))
+                       lambda lg, key: sample(lg, key, sp.temperature, sp.top_k, sp.top_p),
+                       out_shardings=self._replicated())
         return fn(logits_BV, jax.random.fold_in(jax.random.PRNGKey(sp.seed), step))
+
+    def _host(self, x: jax.Array) -> np.ndarray:
+        """A replicated (or single-device) array on the host; works in every process of a multi-process run."""
+        return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
     # ------------------------------------------------------------------ prefill
 
@@ -122,8 +148,8 @@ class Engine:
             tokens[b, P - len(p):] = p
             segs[b, P - len(p):] = 1
             pos[b, P - len(p):] = np.arange(len(p))
-        cache = self.new_cache(len(rows), slots)
-        logits, cache = self.forward(self.params, cache, *map(self._put_batch, (tokens, segs, pos)))
+        cache = self.new_cache(len(rows), slots, P)
+        logits, cache = self._prefill(self.params, cache, *map(self._put_batch, (tokens, segs, pos)))
         return logits, cache, lengths
 
     @staticmethod
@@ -137,7 +163,9 @@ class Engine:
 
     def _put_batch(self, x: np.ndarray) -> jax.Array:
         sharding = self._sharding(("act_batch",) + (None,) * (x.ndim - 1))
-        return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
+        if sharding is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])  # every process holds x
 
     # ------------------------------------------------------------------ generation
 
@@ -154,24 +182,71 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, eos_id: int | None = None,
                  tokenizer: Any = None, on_text: Callable[[int, str], None] | None = None,
-                 return_logits: bool = False) -> list[Generation]:
+                 return_logits: bool = False, device_loop: bool | None = None) -> list[Generation]:
         """Continue each prompt (token ids); beam search when `sp.beams > 1` (one prompt at a time).
 
         Stops a row at `eos_id`, at a stop string (needs `tokenizer`; the text is cut before it),
         after `sp.max_new_tokens`, or when the context (model.max_seq_len) is full.
-        `on_text(row, piece)` receives each row's text as it is produced (streaming).
+        `on_text(row, piece)` receives each row's text as it is produced (streaming). `device_loop`:
+        decode on the device in one `while_loop` (default: unless streaming or returning logits).
         """
         sp.validate()
         self.check_prompts(prompts)
         if sp.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if sp.beams > 1:
-            return [self.beam_search(list(p), sp, eos_id, tokenizer, on_text, return_logits, row=i)
+            from llmjax.infer.beam import beam_search
+
+            return [beam_search(self, list(p), sp, eos_id, tokenizer, on_text, row=i)
                     for i, p in enumerate(prompts)]
+        if device_loop is None:
+            device_loop = on_text is None and not return_logits
         n = len(prompts)
         P = max(len(p) for p in prompts)
         T = min(sp.max_new_tokens, self.cfg.max_seq_len - P)
-        logits, cache, lengths = self.prefill(prompts, self.cache_slots(P, T))
+        logits, cache, _ = self.prefill(prompts, self.cache_slots(P, T))
+        if device_loop:
+            tokens = self._decode_on_device(logits, cache, T, sp, eos_id)
+            out = [[int(t) for t in row] for row in tokens[:n]]
+            finish = ["length"] * n
+            for b, row in enumerate(out):
+                if eos_id is not None and eos_id in row:
+                    out[b], finish[b] = row[:row.index(eos_id)], "eos"
+            return [self._finish_text(Generation(out[b], None, finish[b]), tokenizer, sp.stop) for b in range(n)]
+        return self._decode_on_host(logits, cache, n, T, sp, eos_id, tokenizer, on_text, return_logits)
+
+    def _decode_on_device(self, logits: jax.Array, cache: dict, T: int, sp: SamplingParams,
+                          eos_id: int | None) -> np.ndarray:
+        """Sample T tokens per row in one jitted while_loop; stops early when every row has produced EOS.
+        -> tokens [B, T] (entries after a row's EOS are unspecified)."""
+        eos = -1 if eos_id is None else eos_id
+
+        def loop(params, logits, cache):
+            B = logits.shape[0]
+            key = jax.random.PRNGKey(sp.seed)
+
+            def cond(c):
+                t, _, _, _, done = c
+                return jnp.logical_and(t < T, jnp.logical_not(jnp.all(done)))
+
+            def body(c):
+                t, logits, cache, out, done = c
+                tok = sample(logits, jax.random.fold_in(key, t), sp.temperature, sp.top_k, sp.top_p)
+                out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
+                done = jnp.logical_or(done, tok == eos)
+                logits, cache = self.family.step(self.model, self.param_transform(params), cache, tok)
+                return t + 1, logits, cache, out, done
+
+            init = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((B, T), jnp.int32), jnp.zeros((B,), bool))
+            return jax.lax.while_loop(cond, body, init)[3]
+
+        name = f"loop/{T}/{eos}/{sp.temperature}/{sp.top_k}/{sp.top_p}/{sp.seed}"
+        fn = self._jit(name, loop, out_shardings=self._replicated())
+        return self._host(fn(self.params, logits, cache))
+
+    def _decode_on_host(self, logits: jax.Array, cache: dict, n: int, T: int, sp: SamplingParams,
+                        eos_id: int | None, tokenizer: Any, on_text: Callable[[int, str], None] | None,
+                        return_logits: bool) -> list[Generation]:
         out: list[list[int]] = [[] for _ in range(n)]
         texts = ["" for _ in range(n)]
         finish = ["length"] * n
@@ -179,8 +254,7 @@ class Engine:
         for t in range(T):
             if return_logits:
                 kept_logits.append(np.asarray(jax.device_get(logits))[:n])
-            tok = self._sample(logits, t, sp)
-            host = np.asarray(jax.device_get(tok))
+            host = self._host(self._sample(logits, t, sp))
             for b in range(n):
                 if finish[b] != "length":
                     continue
@@ -192,9 +266,7 @@ class Engine:
                     self._emit(b, out[b], texts, tokenizer, sp.stop, finish, on_text)
             if all(f != "length" for f in finish) or t == T - 1:
                 break
-            pos = (lengths + t)[:, None]
-            logits, cache = self.forward(self.params, cache, *map(self._put_batch, (
-                host[:, None].astype(np.int32), np.ones_like(pos), pos.astype(np.int32))))
+            logits, cache = self.step(self.params, cache, self._put_batch(host.astype(np.int32)))
         results = []
         for b in range(n):
             g = Generation(out[b], texts[b] if tokenizer is not None else None, finish[b])
@@ -202,6 +274,21 @@ class Engine:
                 g.logits = np.stack([lg[b] for lg in kept_logits[: len(out[b]) + (finish[b] == "eos")]])
             results.append(g)
         return results
+
+    @staticmethod
+    def _finish_text(g: Generation, tokenizer: Any, stop: Sequence[str]) -> Generation:
+        """Decode the tokens; cut at the first stop string (tokens and text), as streaming would have."""
+        if tokenizer is None:
+            return g
+        text = tokenizer.decode(g.tokens)
+        if any(s in text for s in stop):
+            for k in range(1, len(g.tokens) + 1):  # the shortest prefix whose text holds a stop string
+                piece = tokenizer.decode(g.tokens[:k])
+                hits = [piece.find(s) for s in stop if s in piece]
+                if hits:
+                    return Generation(g.tokens[:k], piece[: min(hits)], "stop")
+        g.text = text
+        return g
 
     @staticmethod
     def _emit(b: int, ids: list[int], texts: list[str], tokenizer: Any, stop: Sequence[str], finish: list[str],
@@ -216,72 +303,3 @@ class Engine:
         if on_text is not None and len(text) > len(texts[b]) and text.startswith(texts[b]):
             on_text(b, text[len(texts[b]):])
         texts[b] = text
-
-    # ------------------------------------------------------------------ beam search
-
-    def _beam_select(self, logits_RV: jax.Array, scores_R: jax.Array, finished_R: jax.Array, cache: dict,
-                     beams: int, eos_id: int) -> tuple:
-        def fn(logits, scores, finished, cache):
-            R, V = logits.shape
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            # a finished beam only continues with EOS, at no cost: its score stays fixed
-            eos_only = jnp.where(jnp.arange(V) == eos_id, 0.0, -jnp.inf)
-            logp = jnp.where(finished[:, None], eos_only[None], logp)
-            vals, flat = jax.lax.top_k((scores[:, None] + logp).reshape(-1), beams)
-            origin, tok = flat // V, (flat % V).astype(jnp.int32)
-            pad = R - beams  # rows beyond `beams` (data-parallel padding) stay dead
-            origin = jnp.concatenate([origin, jnp.zeros(pad, origin.dtype)])
-            tok = jnp.concatenate([tok, jnp.zeros(pad, tok.dtype)])
-            vals = jnp.concatenate([vals, jnp.full(pad, -jnp.inf)])
-            new_finished = finished[origin] | (tok == eos_id)
-            cache = dict(cache, k=jnp.take(cache["k"], origin, axis=1), v=jnp.take(cache["v"], origin, axis=1),
-                         segment_ids=jnp.take(cache["segment_ids"], origin, axis=0))
-            return tok, origin, vals, new_finished, cache
-
-        f = self._jit(f"beam/{beams}/{eos_id}", fn, donate_argnums=(3,))
-        return f(logits_RV, scores_R, finished_R, cache)
-
-    def beam_search(self, prompt: list[int], sp: SamplingParams, eos_id: int | None, tokenizer: Any,
-                     on_text: Callable[[int, str], None] | None, return_logits: bool, row: int) -> Generation:
-        """Keep the `sp.beams` most likely continuations (summed log-probabilities, no length
-        normalisation); a beam ends at EOS. Returns the best one when all have ended or at the limit."""
-        W = sp.beams
-        R = W + (-W % self.batch_multiple)
-        P = len(prompt)
-        T = min(sp.max_new_tokens, self.cfg.max_seq_len - P)
-        logits, cache, _ = self.prefill([prompt] * R, self.cache_slots(P, T))
-        eos = -1 if eos_id is None else eos_id
-        scores = jnp.asarray(np.array([0.0] + [-np.inf] * (R - 1), np.float32))  # all beams start as beam 0
-        finished = jnp.zeros(R, bool)
-        hist: list[list[int]] = [[] for _ in range(R)]
-        for t in range(T):
-            tok, origin, scores, finished, cache = self._beam_select(logits, scores, finished, cache, W, eos)
-            tok_h, origin_h, fin_h = (np.asarray(x) for x in jax.device_get((tok, origin, finished)))
-            hist = [hist[o] + ([] if (hist[o] and hist[o][-1] == eos) else [int(k)])
-                    for o, k in zip(origin_h, tok_h, strict=True)]
-            if fin_h[:W].all() or t == T - 1:
-                break
-            pos = np.full((R, 1), P + t, np.int32)
-            logits, cache = self.forward(self.params, cache, *map(self._put_batch, (
-                tok_h[:, None].astype(np.int32), np.ones_like(pos), pos)))
-        scores_h = np.asarray(jax.device_get(scores))
-        best = int(np.argmax(scores_h[:W]))
-        ids, finish = hist[best], "length"
-        if ids and ids[-1] == eos:
-            ids, finish = ids[:-1], "eos"
-        text = None
-        if tokenizer is not None:
-            text = tokenizer.decode(ids)
-            hits = [text.find(s) for s in sp.stop if s in text]
-            if hits:
-                text, finish = text[: min(hits)], "stop"
-            if on_text is not None:
-                on_text(row, text)
-        return Generation(ids, text, finish, float(scores_h[best]))
-
-
-def generate_simple(cfg: ModelConfig, params: Any, prompt_ids: list[int], max_new_tokens: int,
-                    temperature: float = 0.0, seed: int = 0, eos_id: int | None = None) -> list[int]:
-    """One prompt, unsharded: the new token ids (a convenience for scripts and tests)."""
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    return Engine(cfg, params).generate([prompt_ids], sp, eos_id)[0].tokens

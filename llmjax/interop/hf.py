@@ -15,7 +15,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +30,10 @@ from llmjax.interop.hf_weights import (
     sources,
     write_safetensors,
 )
+from llmjax.models.families import build_family
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.rules import Rules, make_rules, tree_shardings
+from llmjax.train.setup import model_abstract_params
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -44,10 +45,9 @@ def load_model_config(hf_dir: str | Path, base: ModelConfig | None = None) -> tu
 
 
 def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
-    """(ShapeDtypeStructs of `Transformer(cfg)`'s parameters, their logical PartitionSpecs)."""
-    model = Transformer(cfg)
-    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.PRNGKey(0))
-    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+    """(ShapeDtypeStructs of the model's parameters, their logical PartitionSpecs)."""
+    params = model_abstract_params(cfg)
+    return params.shapes, params.logical
 
 
 def _uses_fused_experts(reader: SafetensorsReader, cfg: ModelConfig) -> bool:
@@ -89,7 +89,7 @@ def load(hf_dir: str | Path, mesh: Mesh | None = None, rules: Rules | None = Non
     else:
         rules = rules if rules is not None else make_rules(None, dict(mesh.shape), cfg.n_kv_heads)
         shardings = tree_shardings(logical, mesh, rules)
-    return Transformer(cfg), load_params(hf_dir, cfg, shardings)
+    return build_family(cfg).module(), load_params(hf_dir, cfg, shardings)
 
 
 def save(cfg: ModelConfig, params: Any, hf_dir: str | Path, dtype: str | None = None,

@@ -167,6 +167,11 @@ def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.
     return out.astype(x_BLHE.dtype)
 
 
+def mlp_matrices(mlp: str) -> int:
+    """Dense matrices in one MLP block: 3 for gated (swiglu, geglu), 2 otherwise (gelu, relu)."""
+    return 3 if mlp in ("swiglu", "geglu") else 2
+
+
 _ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}
 
 
@@ -183,7 +188,7 @@ class MLP(nn.Module):
         )
         act = _ACTIVATIONS[cfg.mlp]
         h = act(Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, name="wi_0", **common)(x_BLD))
-        if cfg.mlp in ("swiglu", "geglu"):
+        if mlp_matrices(cfg.mlp) == 3:
             h = h * Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, name="wi_1", **common)(x_BLD)
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5

@@ -36,7 +36,7 @@ to one peer), sorted by expert, so nothing is ever dropped. Router statistics ar
 batch axes, so losses and metrics equal the one-device values.
 
 Parameters (logical axes):
-  router/kernel                [D, X]      ("embed", None)
+  router/kernel                [D, X]      ("embed", "router")
   experts/{wi_0,wi_1}_kernel   [X, D, F]   ("expert", "embed", "mlp")      wi_1: gated MLPs only
   experts/wo_kernel            [X, F, D]   ("expert", "mlp", "embed")
   experts/{wi_0,wi_1,wo}_bias  [X, F] / [X, D]                             use_bias only
@@ -56,10 +56,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
-from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype
+from llmjax.models.feedforward import Aux, FeedForward
+from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype, mlp_matrices
 from llmjax.parallel.rules import constrain, current_sharding
-
-Aux = dict[str, jax.Array]
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -315,7 +314,7 @@ class MoE(nn.Module):
             noise = jax.random.uniform(self.make_rng("router"), x_BLD.shape, jnp.float32,
                                        1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
             router_in = x_BLD.astype(jnp.float32) * noise
-        logits_BLX = Linear((X,), ("embed", None), init_std=cfg.init_std, compute_dtype=jnp.float32,
+        logits_BLX = Linear((X,), ("embed", "router"), init_std=cfg.init_std, compute_dtype=jnp.float32,
                             param_dtype=dtype(cfg.param_dtype), output_dtype=jnp.float32, name="router")(router_in)
         w = ExpertWeights(cfg, name="experts")()
         plan = expert_parallel_plan(B)
@@ -346,3 +345,61 @@ def merge_microbatch_aux(mean_aux: Aux) -> Aux:
     num_experts = mean_aux["load"].shape[-1]
     lb = num_experts * jnp.sum(jax.lax.stop_gradient(mean_aux["load"]) * mean_aux["mean_probs"], axis=-1)
     return {**mean_aux, "lb_loss": lb}
+
+
+class MoEFeedForward(FeedForward):
+    """The Mixture-of-Experts kind (`model.moe`): parameters under `moe`, router statistics as aux.
+
+    Loss terms: (aux_loss_weight * lb + z_loss_weight * router_z) * weight, lb and router_z being the
+    load-balancing and router z-losses averaged over MoE layers, so that after division by the batch
+    weight the loss holds their weighted values. Metrics (weighted means over the batch and its
+    microbatches): moe_aux_loss, moe_z_loss, moe_dropped_fraction (means over MoE layers), and per
+    layer i: moe_lb_loss/layer{i}, moe_z_loss/layer{i}, moe_dropped/layer{i}, moe_load_max/layer{i}
+    (largest expert load x num_experts: 1 is perfectly balanced) and moe_load/layer{i}/expert{j}
+    (fraction of the layer's token->expert assignments that went to expert j). i is the layer's index in
+    the whole stack: MoE layers are every-1, 2*every-1, ..."""
+
+    name = "moe"
+
+    def apply(self, cfg: ModelConfig, x_BLD: jax.Array) -> tuple[jax.Array, Aux]:
+        return MoE(cfg, name=self.name)(x_BLD)
+
+    def loss_terms(self, cfg: ModelConfig, aux: Aux, weight: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        lb, rz = jnp.mean(aux["lb_loss"]), jnp.mean(aux["z_loss"])
+        total = (cfg.moe.aux_loss_weight * lb + cfg.moe.z_loss_weight * rz) * weight
+        sums = dict(moe_aux_sum=lb * weight, moe_z_sum=rz * weight,
+                    moe_dropped_sum=jnp.mean(aux["dropped_fraction"]) * weight, moe_load_sum=aux["load"] * weight,
+                    moe_layer_lb_sum=aux["lb_loss"] * weight, moe_layer_z_sum=aux["z_loss"] * weight,
+                    moe_layer_dropped_sum=aux["dropped_fraction"] * weight)
+        return total, sums
+
+    def metrics(self, cfg: ModelConfig, sums: dict[str, jax.Array], total_weight: jax.Array) -> dict[str, jax.Array]:
+        if "moe_aux_sum" not in sums:
+            return {}
+        every = cfg.moe.every
+        out = {"moe_aux_loss": sums["moe_aux_sum"] / total_weight, "moe_z_loss": sums["moe_z_sum"] / total_weight,
+               "moe_dropped_fraction": sums["moe_dropped_sum"] / total_weight}
+        load = sums["moe_load_sum"] / total_weight  # [N, X]
+        n_layers, n_experts = load.shape
+        for n in range(n_layers):
+            i = n * every + every - 1
+            out[f"moe_lb_loss/layer{i}"] = sums["moe_layer_lb_sum"][n] / total_weight
+            out[f"moe_z_loss/layer{i}"] = sums["moe_layer_z_sum"][n] / total_weight
+            out[f"moe_dropped/layer{i}"] = sums["moe_layer_dropped_sum"][n] / total_weight
+            out[f"moe_load_max/layer{i}"] = jnp.max(load[n]) * n_experts
+            for j in range(n_experts):
+                out[f"moe_load/layer{i}/expert{j}"] = load[n, j]
+        return out
+
+    def uses_rng(self, cfg: ModelConfig) -> bool:
+        return cfg.moe.router_jitter > 0
+
+    def merge_microbatches(self, mean_aux: Aux) -> Aux:
+        return merge_microbatch_aux(mean_aux)
+
+    def matmul_params(self, cfg: ModelConfig) -> int:
+        """The token's top_k experts and the shared experts, plus the router d_model x num_experts (the
+        capacity path's one-hot dispatch/combine einsums are routing overhead, not counted)."""
+        e = cfg.moe
+        experts = mlp_matrices(cfg.mlp) * cfg.d_model * cfg.d_ff * (e.top_k + e.shared_experts)
+        return experts + cfg.d_model * e.num_experts

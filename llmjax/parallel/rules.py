@@ -35,6 +35,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "stage": ("pipeline",),  # pipeline stages (the stage dimension of the pipelined layer stack)
     "norm": (),
+    "position": (),  # rows of a learned position table
+    "router": (),  # the MoE router's output (one score per expert)
     "expert": ("expert",),  # MoE expert dimension
     # activations
     "act_batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis splits the batch

@@ -177,20 +177,11 @@ def _write_done(run_dir: Path, point: Any, timed: bool) -> None:
 
 
 def _model_params(cfg: Any) -> dict[str, int]:
-    import jax
-    import jax.numpy as jnp
-
-    from llmjax.models.transformer import Transformer
     from llmjax.train.metrics import param_counts
+    from llmjax.train.setup import model_abstract_params
 
-    model = Transformer(cfg.model)
-    tokens = jnp.zeros((1, min(cfg.data.seq_len, cfg.model.max_seq_len)), jnp.int32)
-    shapes = jax.eval_shape(lambda r: model.init(r, tokens)["params"], jax.random.PRNGKey(0))
-    try:  # with a model config, `active` counts only the experts a token uses (MoE)
-        counts = param_counts(shapes, cfg.model)
-    except TypeError:  # an older param_counts(params)
-        counts = param_counts(shapes)
-    return {"active": counts["total"], **counts}
+    params = model_abstract_params(cfg.model)
+    return param_counts(params.shapes, params.logical, cfg.model)
 
 
 def collect_row(run_dir: Path, budgets: dict[str, float], relative_to: Path) -> dict[str, Any] | None:

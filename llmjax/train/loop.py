@@ -21,13 +21,12 @@ import numpy as np
 
 from llmjax.config import Config, ConfigError, deep_merge, load_yaml, save_config, to_dict, validate
 from llmjax.data.pipeline import DataModule
-from llmjax.infer.sample import generate
+from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.metrics import (
     MetricsWriter,
     ProgressBar,
-    flops_per_token,
     memory_summary,
     mfu,
     param_counts,
@@ -151,9 +150,9 @@ def train(cfg: Config, workdir: str | Path) -> int:
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary:
         save_config(cfg, workdir / "config.yaml")
-    counts = param_counts(setup.abstract_state.params, cfg.model)
+    counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
     L = cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, L)
+    fpt = setup.family.flops_per_token(L)
     peak, peak_source = peak_flops(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
     active = f", {counts['active']:,} active" if cfg.model.moe.enabled else ""
     log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding"
@@ -161,6 +160,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
         f"{fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     if setup.schedule is not None:
         log(setup.schedule.describe())
+    log(describe_decay(setup.params.roles, decay_mask(setup.params.roles, cfg.optim.decay_embeddings)))
 
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary)
     restored = ckpt.restore_latest(setup.abstract_state)
@@ -273,14 +273,20 @@ def train(cfg: Config, workdir: str | Path) -> int:
 
 
 def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> None:
-    """Print a greedy and a temperature continuation of `sample.prompt` (every process decodes
-    with the sharded parameters; process 0 prints)."""
+    """Print a greedy and a temperature continuation of `sample.prompt`, decoded by the same engine as
+    `llmjax generate` (every process decodes with the sharded parameters; process 0 prints)."""
+    from llmjax.infer.engine import Engine
+    from llmjax.infer.sampling import SamplingParams
+
     s = cfg.sample
-    if s.max_new_tokens == 0:
+    if s.max_new_tokens == 0 or not hasattr(setup.family, "step"):
         return
-    prompt = data.tokenizer.encode([s.prompt])[0]
+    prompt = data.tokenizer.encode([s.prompt])[0][-(cfg.model.max_seq_len - 1):]
+    if not prompt:
+        return
+    engine = Engine(cfg.model, params, setup.mesh, setup.rules)
     for label, temp in (("greedy", 0.0), (f"temperature {s.temperature}", s.temperature)):
-        new = generate(setup.decode_model, params, prompt, s.max_new_tokens, cfg.model.max_seq_len, temp, cfg.seed,
-                       data.tokenizer.eos_id)
+        sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=temp, seed=cfg.seed)
+        new = engine.generate([prompt], sp, data.tokenizer.eos_id)[0].tokens
         if jax.process_index() == 0:
             print(f"--- sample ({label}) ---\n{s.prompt}{data.tokenizer.decode(new)}\n", flush=True)

@@ -26,36 +26,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.config import ModelConfig
+from llmjax.models.layers import mlp_matrices  # noqa: F401  (re-exported)
 
 MIB = 1024.0**2
 
 # ----------------------------------------------------------------------------- sizes and FLOPs
 
 
-def _last_dict_key(path: tuple[Any, ...]) -> str | None:
-    for entry in reversed(path):
-        if isinstance(entry, jax.tree_util.DictKey):
-            return str(entry.key)
-    return None
+def param_counts(params: Any, logical: Any, model: ModelConfig | None = None) -> dict[str, int]:
+    """`total` parameters, `non_embedding` (total minus the `embedding` role) and `active`.
 
-
-def param_counts(params: Any, model: ModelConfig | None = None) -> dict[str, int]:
-    """`total` parameters, `non_embedding` (total minus every `embedding` leaf) and `active`.
-
-    Embedding leaves are the token table and, with learned positions, the position table; an
-    untied `lm_head` counts as non-embedding. `active` is what one token uses: the total for a
-    dense model; for a Mixture-of-Experts `model` the routed expert weights (leaves under an
-    `experts` module) count top_k / num_experts of their size, while routers and shared
-    experts count whole. Without `model`, active = total. Works on arrays and on abstract
-    shapes (`jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`), boxed or not.
+    `logical`: the params' logical PartitionSpecs (same tree); roles come from them
+    (`llmjax.models.roles`). Embeddings are the token table and, with learned positions, the
+    position table; an untied output head counts as non-embedding. `active` is what one token uses:
+    the total for a dense model; for a Mixture-of-Experts `model` every leaf with an `expert`
+    dimension (routed expert matrices and their biases) counts top_k / num_experts of its size,
+    while routers and shared experts count whole. Works on arrays and on abstract shapes
+    (`jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`).
     """
+    from jax.sharding import PartitionSpec
+
+    from llmjax.models.roles import role_of
+
+    specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
     total = embedding = experts = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for leaf, spec in zip(jax.tree.leaves(params), specs, strict=True):
         n = math.prod(getattr(leaf, "shape", np.shape(leaf)))
         total += n
-        if _last_dict_key(path) == "embedding":
+        axes = tuple(spec)
+        if role_of(axes) == "embedding":
             embedding += n
-        if any(isinstance(e, jax.tree_util.DictKey) and e.key == "experts" for e in path):
+        if "expert" in axes:
             experts += n
     active = total
     if model is not None and model.moe.enabled:
@@ -63,31 +64,14 @@ def param_counts(params: Any, model: ModelConfig | None = None) -> dict[str, int
     return {"total": int(total), "non_embedding": int(total - embedding), "active": int(active)}
 
 
-def mlp_matrices(mlp: str) -> int:
-    """Dense matrices in one MLP block: 3 for gated (swiglu, geglu), 2 otherwise (gelu, relu)."""
-    return 3 if mlp in ("swiglu", "geglu") else 2
-
-
 def matmul_params(model: ModelConfig) -> int:
-    """Parameters that take part in a matmul for every token (biases excluded).
+    """Parameters that take part in a matmul for every token (biases excluded), from the model's family
+    (`ModelFamily.matmul_params`): per layer q (d·H·h) + k, v (2·d·K·h) + o (H·h·d) + its feed-forward
+    kind (m·d·F for a dense MLP with m = `mlp_matrices`; for MoE the top_k and shared experts plus the
+    router d·X), plus the LM head V·d (the embedding table when tied)."""
+    from llmjax.models.families import build_family
 
-    Per layer: q (d·H·h) + k, v (2·d·K·h) + o (H·h·d) + MLP (m·d·F), with d = d_model,
-    H = n_heads, K = n_kv_heads, h = head_dim, F = d_ff, m = `mlp_matrices`. Plus the LM head
-    V·d, which is the embedding table when embeddings are tied. The embedding lookup (and a
-    learned position table) is a gather, not a matmul, so it is not counted.
-
-    Mixture-of-Experts layers (n_layers / every of them) count only what a token uses: its top_k
-    experts and the shared experts, (top_k + shared_experts)·m·d·F, plus the router d·X (X = num_experts). The
-    capacity path's one-hot dispatch/combine einsums are routing overhead, not counted.
-    """
-    d, h = model.d_model, model.resolved_head_dim
-    attn = d * model.n_heads * h * 2 + d * model.n_kv_heads * h * 2
-    mlp = mlp_matrices(model.mlp) * d * model.d_ff
-    if model.moe.enabled:
-        n_moe = model.n_layers // model.moe.every
-        moe = mlp * (model.moe.top_k + model.moe.shared_experts) + d * model.moe.num_experts
-        return model.n_layers * attn + n_moe * moe + (model.n_layers - n_moe) * mlp + model.vocab_size * d
-    return model.n_layers * (attn + mlp) + model.vocab_size * d
+    return build_family(model).matmul_params()
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -112,8 +96,9 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     performs, not the minimum needed (which would halve the attention term).
     Remat (recomputation) is not counted either, as usual for MFU.
     """
-    attention = 12 * model.n_layers * model.n_heads * model.resolved_head_dim * seq_len
-    return float(6 * matmul_params(model) + attention)
+    from llmjax.models.families import build_family
+
+    return build_family(model).flops_per_token(seq_len)
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s

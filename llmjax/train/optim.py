@@ -1,8 +1,8 @@
 """Learning-rate schedules, weight-decay masks, optimizers and optimizer-state shardings.
 
 Everything here works on plain parameter trees (nested dicts of arrays, logical-partition
-boxes removed). Gradient accumulation is not done here: the train step scans over
-microbatches itself, so there is no `optax.MultiSteps`.
+boxes removed) and the matching tree of parameter roles. Gradient accumulation is not done here:
+the train step scans over microbatches itself, so there is no `optax.MultiSteps`.
 
 The learning rate is not stored in the optimizer state; `current_lr` evaluates the same
 schedule on the host for logging.
@@ -10,9 +10,7 @@ schedule on the host for logging.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from llmjax.config import ConfigError, OptimConfig, choices
+from llmjax.models.roles import decay_mask
 
 SCHEDULES = choices(OptimConfig, "schedule")
 OPTIMIZERS = choices(OptimConfig, "name")
@@ -77,30 +76,10 @@ def current_lr(cfg: OptimConfig, total_steps: int, step: int) -> float:
     return float(make_schedule(cfg, total_steps)(step))
 
 
-# ----------------------------------------------------------------------------- masks
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str | None:
-    """The last dict key on a tree path (skips attribute keys such as a box's `.value`)."""
-    for entry in reversed(path):
-        if isinstance(entry, jax.tree_util.DictKey):
-            return str(entry.key)
-    return None
-
-
-def weight_decay_mask(params: Any, decay_embeddings: bool) -> Any:
-    """Tree of bools like `params`: True for `kernel` leaves (and `embedding` leaves if asked).
-
-    Norm scales, biases and anything else are not decayed.
-    """
-    decayed = {"kernel", "embedding"} if decay_embeddings else {"kernel"}
-    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in decayed, params)
-
-
 # ----------------------------------------------------------------------------- optimizers
 
 
-def _adafactor(cfg: OptimConfig, schedule: optax.Schedule, mask: Callable[[Any], Any]) -> optax.GradientTransformation:
+def _adafactor(cfg: OptimConfig, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
     """optax.adafactor's default recipe with decoupled, learning-rate-scaled, masked weight decay.
 
     `optax.adafactor(weight_decay_rate=...)` adds the decay after the learning-rate scaling, so
@@ -121,8 +100,8 @@ def _adafactor(cfg: OptimConfig, schedule: optax.Schedule, mask: Callable[[Any],
     return optax.chain(*parts)
 
 
-def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    mask = functools.partial(weight_decay_mask, decay_embeddings=cfg.decay_embeddings)
+def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule, roles: Any) -> optax.GradientTransformation:
+    mask = decay_mask(roles, cfg.decay_embeddings)
     if cfg.name == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     if cfg.name == "adafactor":
@@ -134,16 +113,20 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.Gradien
     raise ConfigError(f"optim.name: '{cfg.name}' is not one of {', '.join(OPTIMIZERS)}")
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, roles: Any) -> optax.GradientTransformation:
     """Global-norm clipping (skipped when `clip_norm <= 0`) followed by the configured optimizer.
 
-    - `adamw`: b1, b2, eps, decoupled weight decay (scaled by the lr) on the `weight_decay_mask`.
+    `roles` is the tree of parameter roles (`llmjax.models.roles.param_roles`): weight decay applies to
+    matrices, experts, the output head and the router, to embeddings only with `decay_embeddings`,
+    never to norms and biases (`roles.decay_mask`).
+
+    - `adamw`: b1, b2, eps, decoupled weight decay (scaled by the lr) on the decay mask.
     - `adafactor`: see `_adafactor` (factored second moments, lr-scaled masked weight decay).
     - `lion`: b1, b2, masked weight decay (scaled by the lr).
     - `sgd`: plain SGD with heavy-ball momentum b1 (none when b1 == 0); no weight decay.
     """
     schedule = make_schedule(cfg, total_steps)
-    tx = _base_optimizer(cfg, schedule)
+    tx = _base_optimizer(cfg, schedule, roles)
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx

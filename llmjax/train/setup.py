@@ -1,8 +1,9 @@
-"""Put a config on a mesh: model, optimizer, shardings, sharded init, jitted steps.
+"""Put a config on a mesh: family, model, optimizer, shardings, sharded init, jitted steps.
 
-`Setup` is the one place where the pure pieces (model, `train.step`, optimizer) meet the
-mesh. Parameters are created under `jit` with output shardings computed from
-`eval_shape` and the logical rules, so no host ever materialises the whole model.
+`Setup` is the one place where the pure pieces (the model family, `train.step`, the optimizer)
+meet the mesh. Parameters are created under `jit` with output shardings computed from
+`eval_shape` and the logical rules (`abstract_params`), so no host ever materialises the
+whole model.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from llmjax.config import Config
-from llmjax.models.transformer import Transformer
+from llmjax.config import Config, ModelConfig
+from llmjax.models.families import ModelFamily, batch_from_dict, build_family
+from llmjax.models.roles import param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
@@ -29,19 +30,56 @@ from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step
 BATCH_AXES = ("act_batch", "act_length")
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractParams:
+    """A model's parameters without values: shapes/dtypes, logical PartitionSpecs and roles (same trees)."""
+
+    shapes: Any  # jax.ShapeDtypeStruct leaves
+    logical: Any  # PartitionSpec of logical names per leaf
+    roles: Any  # `llmjax.models.roles` role per leaf
+
+    def shardings(self, mesh: Mesh, rules: Rules) -> Any:
+        """NamedShardings of every parameter under `rules` on `mesh`."""
+        return tree_shardings(self.logical, mesh, rules)
+
+    def placed(self, mesh: Mesh, rules: Rules) -> Any:
+        """ShapeDtypeStructs carrying their shardings (for restoring or lowering without values)."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.shapes,
+                            self.shardings(mesh, rules))
+
+
+def abstract_params(family: ModelFamily, seq_len: int | None = None) -> AbstractParams:
+    """Shapes, logical axes and roles of `family.module()`'s parameters, from `jax.eval_shape` (no values)."""
+    model = family.module()
+    args = family.init_args(seq_len or family.cfg.max_seq_len)
+    boxed = jax.eval_shape(lambda r: model.init(r, *args)["params"], jax.random.PRNGKey(0))
+    logical = nn.get_partition_spec(boxed)
+    return AbstractParams(nn.meta.unbox(boxed), logical, param_roles(logical))
+
+
+def model_abstract_params(cfg: ModelConfig) -> AbstractParams:
+    """`abstract_params` of the family a model config names."""
+    return abstract_params(build_family(cfg))
+
+
 @dataclasses.dataclass
 class Setup:
-    """Model, optimizer and shardings for one config on one mesh."""
+    """Family, model, optimizer and shardings for one config on one mesh."""
 
     cfg: Config
     mesh: Mesh
     rules: Rules
+    family: ModelFamily
     model: nn.Module
     tx: optax.GradientTransformation
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
     batch_sharding: NamedSharding
-    param_logical_specs: Any
+    params: AbstractParams
+
+    @property
+    def param_logical_specs(self) -> Any:
+        return self.params.logical
 
     @property
     def schedule(self) -> Schedule | None:
@@ -50,7 +88,7 @@ class Setup:
 
     @property
     def decode_model(self) -> nn.Module:
-        """The model without a pipeline schedule (same parameters), for batch-1 decoding."""
+        """The model without a pipeline schedule (same parameters), for decoding."""
         return self.model.clone(pipeline=None)
 
     def init_state(self) -> TrainState:
@@ -59,7 +97,7 @@ class Setup:
         return init(jax.random.PRNGKey(self.cfg.seed))
 
     def _init_fn(self, rng: jax.Array) -> TrainState:
-        return _fresh_state(self.cfg, self.model, self.tx, rng)
+        return _fresh_state(self.cfg, self.family, self.model, self.tx, rng)
 
     def _in_mesh_context(self, fn: Callable) -> Callable:
         def wrapped(*args):
@@ -71,7 +109,7 @@ class Setup:
     def jit_train_step(self) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
         """Jitted train step: state donated, batch sharded over (data, fsdp), metrics replicated."""
         o = self.cfg.optim
-        step = make_train_step(self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps)
+        step = make_train_step(self.family, self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps)
         return jax.jit(
             self._in_mesh_context(step),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -84,7 +122,7 @@ class Setup:
         o = self.cfg.optim
 
         def gradients(params: Any, batch: Batch) -> tuple[Any, dict]:
-            return batch_gradients(self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps)
+            return batch_gradients(self.family, self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps)
 
         return jax.jit(
             self._in_mesh_context(gradients),
@@ -94,33 +132,33 @@ class Setup:
 
     def jit_eval_step(self) -> Callable[[Any, Batch], dict]:
         return jax.jit(
-            self._in_mesh_context(make_eval_step(self.model)),
+            self._in_mesh_context(make_eval_step(self.family, self.model)),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=replicated(self.mesh),
         )
 
     def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
-        """This process's rows of the global batch (numpy) -> global arrays sharded over the batch axes."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()
-        }
+        """This process's rows of the global batch (numpy, the family's field names) -> the family's typed
+        batch of global arrays sharded over the batch axes."""
+        arrays = {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                  for k, v in local.items()}
+        return batch_from_dict(self.family.batch_type, arrays)
 
     def abstract_batch(self) -> Batch:
         """ShapeDtypeStructs of one global batch (for lowering without data)."""
-        B, L = self.cfg.train.batch_size, self.cfg.data.seq_len
-        shapes = {k: ((B, L), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-        shapes["weights"] = ((B, L), jnp.float32)
-        return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding) for k, (s, d) in shapes.items()}
+        B = self.cfg.train.batch_size
+        shapes = self.family.example_shapes(self.cfg.data.seq_len)
+        return batch_from_dict(self.family.batch_type, {
+            k: jax.ShapeDtypeStruct((B, *s), np.dtype(d), sharding=self.batch_sharding)
+            for k, (s, d) in shapes.items()})
 
 
-def _fresh_state(cfg: Config, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def _fresh_state(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation,
+                 rng: jax.Array) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
-    params = nn.meta.unbox(model.init(params_rng, _dummy_tokens(cfg))["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
-
-
-def _dummy_tokens(cfg: Config) -> jax.Array:
-    return jnp.zeros((1, min(cfg.data.seq_len, cfg.model.max_seq_len)), jnp.int32)
+    params = nn.meta.unbox(model.init(params_rng, *family.init_args(cfg.data.seq_len))["params"])
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
 
 
 def pipeline_schedule(cfg: Config, stages: int) -> Schedule | None:
@@ -131,17 +169,16 @@ def pipeline_schedule(cfg: Config, stages: int) -> Schedule | None:
 
 
 def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Setup:
-    """Mesh, rules, model, optimizer and every sharding for `cfg` (validated beforehand)."""
+    """Mesh, rules, family, model, optimizer and every sharding for `cfg` (validated beforehand)."""
     mesh = build_mesh(cfg.mesh, devices)
     rules = make_rules(cfg.mesh.rules, dict(mesh.shape), cfg.model.n_kv_heads)
-    model = Transformer(cfg.model, pipeline_schedule(cfg, mesh.shape["pipeline"]))
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    family = build_family(cfg.model)
+    model = family.module(pipeline_schedule(cfg, mesh.shape["pipeline"]))
+    params = abstract_params(family, cfg.data.seq_len)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, params.roles)
     repl = replicated(mesh)
-
-    boxed = jax.eval_shape(lambda r: model.init(r, _dummy_tokens(cfg))["params"], jax.random.PRNGKey(0))
-    logical = nn.get_partition_spec(boxed)
-    param_shardings = tree_shardings(logical, mesh, rules)
-    state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, model, tx, r), jax.random.PRNGKey(0))
+    param_shardings = params.shardings(mesh, rules)
+    state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r), jax.random.PRNGKey(0))
     state_shardings = TrainState(
         step=repl,
         params=param_shardings,
@@ -152,4 +189,4 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
     )
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
-    return Setup(cfg, mesh, rules, model, tx, abstract_state, state_shardings, batch_sharding, logical)
+    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params)

@@ -1,0 +1,161 @@
+"""The model-family contract: what training, evaluation, inference and the sweep runner ask of a family.
+
+A family (`model.family`: decoder, encoder, encoder_decoder) owns its module, the batch it
+consumes (a typed pytree, `batch_type`), how examples are made from packed token rows (its
+host-side `objective`), its loss as sums (the differentiated total including already-weighted
+auxiliary losses, and metric sums), evaluation sums, FLOPs per token and, where it has one, its
+decoding (KV cache). Callers go through `llmjax.models.families.build_family` and never branch on
+the family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from llmjax.config import ModelConfig
+from llmjax.models.feedforward import aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
+from llmjax.models.losses import weighted_nll
+from llmjax.parallel.pipeline import Schedule
+
+Sums = dict[str, jax.Array]
+
+
+@struct.dataclass
+class LMBatch:
+    """A language-modelling batch: every field [B, L]; `weights` 0 where a token carries no loss.
+
+    `inputs` feed the model, `targets` are what each position predicts (next token for a decoder,
+    the original token at masked positions for a masked LM); `segment_ids` number the packed
+    documents of a row (0: padding) and `positions` count from 0 in each."""
+
+    inputs: jax.Array  # int32
+    targets: jax.Array  # int32
+    segment_ids: jax.Array  # int32
+    positions: jax.Array  # int32
+    weights: jax.Array  # float32
+
+    FIELDS: ClassVar[dict[str, Any]] = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
+                                        "positions": np.int32, "weights": np.float32}
+
+
+def batch_from_dict(batch_type: type, arrays: dict[str, Any]) -> Any:
+    """A typed batch from a dict of arrays with its field names (a loader's output); ValueError naming what
+    is missing or extra."""
+    names = {f.name for f in dataclasses.fields(batch_type)}
+    if set(arrays) != names:
+        raise ValueError(f"{batch_type.__name__} needs fields {sorted(names)}, got {sorted(arrays)}")
+    return batch_type(**arrays)
+
+
+def forward(model: nn.Module, params: Any, *args: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """`model.apply` that also returns what the feed-forward layers sowed ({kind: aux stacked over its
+    layers}, empty for a dense model). `rng` feeds MoE router jitter (training only)."""
+    rngs = {"router": rng} if rng is not None else None
+    out, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])
+    aux = state.get("intermediates", {}).get("ffn_aux", ({},))[0]
+    return out, aux
+
+
+class ModelFamily:
+    """Base class of the families; subclasses set `name`, `batch_type` and override what differs."""
+
+    name: ClassVar[str] = ""
+    batch_type: ClassVar[type] = LMBatch
+    supports_pipeline: ClassVar[bool] = True
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    @property
+    def uses_rng(self) -> bool:
+        """Whether the training loss is random (e.g. MoE router jitter): the step then passes a fresh key."""
+        kinds = ffn_kinds()
+        return any(kinds[k].uses_rng(self.cfg) for k in set(layer_kinds(self.cfg)))
+
+    # ------------------------------------------------------------------ model and data
+    def module(self, pipeline: Schedule | None = None) -> nn.Module:
+        """The linen module (parameters are the same with or without a pipeline schedule)."""
+        raise NotImplementedError
+
+    def init_args(self, seq_len: int) -> tuple[jax.Array, ...]:
+        """Dummy inputs for `module().init` (shapes only matter for the parameters' shapes: none)."""
+        return (jnp.zeros((1, min(seq_len, self.cfg.max_seq_len)), jnp.int32),)
+
+    def example_shapes(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Per-example field shapes and numpy dtypes of `batch_type` at `data.seq_len`."""
+        return {k: ((seq_len,), dt) for k, dt in self.batch_type.FIELDS.items()}
+
+    def objective(self, seq_len: int, vocab_size: int) -> Any:
+        """The host-side example maker for the data pipeline (`llmjax.models.families.objectives`)."""
+        from llmjax.models.families.objectives import NextToken
+
+        return NextToken()
+
+    def reserved_ids(self) -> int:
+        """Token ids a family reserves at the top of the vocabulary (mask, sentinels); a trained tokenizer
+        gets model.vocab_size minus these."""
+        return 0
+
+    # ------------------------------------------------------------------ loss
+    def logits(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, dict]:
+        """-> (logits [B, L, V] float32 for `batch.targets`, feed-forward aux)."""
+        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng)
+
+    def loss(self, model: nn.Module, params: Any, batch: Any, z_loss: float, rng: jax.Array | None = None
+             ) -> tuple[jax.Array, Sums]:
+        """-> (the sum to differentiate, metric sums): sum over tokens of weights x (NLL + z_loss logZ^2),
+        plus the feed-forward kinds' already-weighted auxiliary losses. Dividing by the batch's total
+        weight gives the mean loss; sums add up exactly over microbatches."""
+        logits_BLV, aux = self.logits(model, params, batch, rng)
+        total, sums = weighted_nll(logits_BLV, batch.targets, batch.weights, z_loss)
+        if aux:
+            extra, aux_sums = aux_loss_terms(self.cfg, aux, jnp.sum(batch.weights))
+            total, sums = total + extra, {**sums, **aux_sums}
+        return total, sums
+
+    def metrics(self, sums: Sums, total_weight: jax.Array) -> dict[str, jax.Array]:
+        """Logged training metrics from the summed `loss` sums: loss, z_loss and the kinds' metrics."""
+        return {"loss": sums["nll_sum"] / total_weight, "z_loss": sums["z_sum"] / total_weight,
+                **aux_metrics(self.cfg, sums, total_weight)}
+
+    def eval_sums(self, model: nn.Module, params: Any, batch: Any) -> Sums:
+        """Sums over a validation batch, added over batches: nll_sum, weight_sum (+ family extras)."""
+        logits_BLV, _ = self.logits(model, params, batch)
+        _, sums = weighted_nll(logits_BLV, batch.targets, batch.weights, 0.0)
+        return {"nll_sum": sums["nll_sum"], "weight_sum": jnp.sum(batch.weights)}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """eval_loss (mean NLL per weighted token), eval_ppl (+ family extras) from summed `eval_sums`."""
+        import math
+
+        loss = sums["nll_sum"] / max(sums["weight_sum"], 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------ cost
+    def matmul_params(self) -> int:
+        """Matmul parameters one token uses (biases excluded), for FLOPs: the layers' attention
+        q (d·H·h) + k, v (2·d·K·h) + o (H·h·d), each layer's feed-forward kind (`FeedForward.matmul_params`,
+        only the active experts for MoE), and the LM head V·d (the embedding table when tied). The
+        embedding lookup (and a learned position table) is a gather, not a matmul."""
+        m = self.cfg
+        attn = m.d_model * m.resolved_head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+        kinds = ffn_kinds()
+        ffn = sum(kinds[k].matmul_params(m) for k in layer_kinds(m))
+        return m.n_layers * attn + ffn + m.vocab_size * m.d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N + 12·L·H·h·T (PaLM, Chowdhery et al. 2022, app. B), see
+        `llmjax.train.metrics.flops_per_token` for the derivation."""
+        m = self.cfg
+        return float(6 * self.matmul_params() + 12 * m.n_layers * m.n_heads * m.resolved_head_dim * seq_len)
+
+    def describe(self) -> str:
+        return self.name

@@ -8,11 +8,14 @@ nothing. Data loading is excluded (random tokens, one document per row).
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 
 from llmjax.config import Config, validate
+from llmjax.data.objectives import number_documents
+from llmjax.models.families import build_family
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.train.metrics import memory_summary, mfu, param_counts, peak_flops
 from llmjax.train.setup import build_setup
@@ -21,16 +24,15 @@ WARMUP_STEPS = 2
 
 
 def random_batch(cfg: Config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`rows` examples of the model family's objective on random tokens (one document per row)."""
+    family = build_family(cfg.model)
+    tokenizer = SimpleNamespace(eos_id=3, vocab_size=cfg.model.vocab_size - cfg.model.reserved_ids)
+    objective = family.objective(cfg.data.seq_len, tokenizer)
     rng = np.random.default_rng(seed)
-    L = cfg.data.seq_len
-    tokens = rng.integers(0, cfg.model.vocab_size, size=(rows, L + 1), dtype=np.int32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": np.ones((rows, L), np.int32),
-        "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (rows, L)).copy(),
-        "weights": np.ones((rows, L), np.float32),
-    }
+    n = objective.raw_length(cfg.data.seq_len)
+    examples = [objective(number_documents(rng.integers(4, tokenizer.vocab_size, n, dtype=np.int32), 3), rng)
+                for _ in range(rows)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def bench(cfg: Config, steps: int = 10) -> int:
@@ -57,11 +59,12 @@ def bench(cfg: Config, steps: int = 10) -> int:
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / steps
 
-    tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+    tokens_per_s = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len) / step_s
     util = mfu(tokens_per_s, fpt, peak)
     m = cfg.model
     lines = [
-        f"config: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} kv), d_ff {m.d_ff}, "
+        f"config: {m.family}, {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} kv), "
+        f"d_ff {m.d_ff}, "
         f"vocab {m.vocab_size}, batch {cfg.train.batch_size}x{cfg.data.seq_len}, "
         f"{m.compute_dtype} compute / {m.param_dtype} params, remat {m.remat}",
         f"{describe_mesh(setup.mesh)}",
@@ -70,7 +73,7 @@ def bench(cfg: Config, steps: int = 10) -> int:
         *([f"moe: {m.moe.num_experts} experts, top-{m.moe.top_k}, "
            + (f"capacity factor {m.moe.capacity_factor}" if m.moe.capacity_factor > 0 else "dropless")
            + f", {m.moe.shared_experts} shared (FLOPs/MFU count active experts only)"] if m.moe.enabled else []),
-        f"flops/token: {fpt / 1e6:.2f} MFLOP (6N + 12*L*H*E*T)",
+        f"flops/token: {fpt / 1e6:.2f} MFLOP ({setup.family.name}: 6N + attention, see ModelFamily.flops_per_token)",
         f"compile time: {compile_s:.2f} s",
         f"step time: {step_s * 1e3:.1f} ms (mean of {steps} steps after {WARMUP_STEPS} warm-up)",
         f"tokens/s: {tokens_per_s:,.0f}",

@@ -232,7 +232,7 @@ def test_datamodule_sharding_resume_eval(shared):
     assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(evals, dm.eval_batches(), strict=True))
     first = next(halves[1].eval_batches())
     assert np.array_equal(first["targets"], evals[0]["targets"][2:4])
-    rows = PackedRows(np.arange(20, dtype=np.int32), 8)
+    rows = PackedRows(np.arange(20, dtype=np.int32), 9, 8)  # next-token rows: seq_len + 1 tokens every seq_len
     assert len(rows) == 2 and rows[1].tolist() == list(range(8, 17))
     text = dm.describe()
     assert "train" in text and "validation" in text and str(dm.num_train_rows) in text

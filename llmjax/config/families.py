@@ -1,13 +1,111 @@
-"""Model families (`model.family`) by name: where each one's code lives.
+"""Model families (`model.family`): each one's config class and where its code lives.
 
-Jax-free, so that config validation can check a name without importing jax; the family
-classes themselves are in `llmjax.models.families` (`build_family` imports them). Adding a
-family is its module plus one line here.
+A family may add model keys of its own by subclassing `ModelConfig` here (frozen, with defaults);
+`model.family` picks the class when a config is built, so `model.mask_prob` is a key of the
+encoder family only, and an unknown family or key fails with a message naming it. Jax-free, so
+config validation never imports jax; the family classes are in `llmjax.models.families`
+(`build_family` imports them). Adding a family is its module plus an entry here.
 """
 
 from __future__ import annotations
 
-# name -> "module:class"
+import dataclasses
+
+from llmjax.config.schema import ConfigError, ModelConfig
+
+# name -> "module:class" of the family implementation
 FAMILY_CLASSES: dict[str, str] = {
     "decoder": "llmjax.models.families.decoder:DecoderFamily",
+    "encoder": "llmjax.models.families.encoder:EncoderFamily",
+    "encoder_decoder": "llmjax.models.families.encoder_decoder:EncoderDecoderFamily",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig(ModelConfig):
+    """BERT-style encoder trained by masked language modelling (`model.family=encoder`).
+
+    Each token (EOS excepted) is selected for prediction with probability `mask_prob`; a selected
+    token is replaced by the mask id (the last id of the vocabulary, reserved) with probability
+    `mask_token_prob`, by a random token with `random_token_prob`, and kept otherwise (BERT: 15%,
+    80/10/10). The loss and accuracy are over the selected tokens."""
+
+    family: str = "encoder"
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+
+    @property
+    def reserved_ids(self) -> int:
+        return 1
+
+    def check(self, seq_len: int) -> None:
+        for name in ("mask_prob", "mask_token_prob", "random_token_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mask_prob == 0:
+            raise ConfigError("model.mask_prob must be positive (no token would carry a loss)")
+        if self.mask_token_prob + self.random_token_prob > 1.0:
+            raise ConfigError(f"model.mask_token_prob + model.random_token_prob = "
+                              f"{self.mask_token_prob + self.random_token_prob} must be <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig(ModelConfig):
+    """T5-style encoder-decoder trained by span corruption (`model.family=encoder_decoder`).
+
+    `n_layers` is the decoder's depth, `n_encoder_layers` the encoder's (0: the same). Span corruption
+    (Raffel et al. 2020): `noise_density` of each row's tokens, in spans of mean length
+    `mean_span_length`, are replaced in the encoder input by one sentinel id per span; the decoder
+    predicts each sentinel followed by its span. Sentinels and the decoder-start id are the top
+    `sentinels + 1` ids of the vocabulary (reserved). `data.seq_len` is the encoder input length; the
+    target length follows from it."""
+
+    family: str = "encoder_decoder"
+    n_encoder_layers: int = 0
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    sentinels: int = 100
+
+    @property
+    def reserved_ids(self) -> int:
+        return self.sentinels + 1
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_encoder_layers or self.n_layers
+
+    supports_pipeline = False  # two stacks: not split into pipeline stages
+
+    def check(self, seq_len: int) -> None:
+        from llmjax.data.objectives import corrupted_lengths, corruption_row_length, span_lengths
+
+        if self.n_encoder_layers < 0:
+            raise ConfigError(f"model.n_encoder_layers must be >= 0 (0 = model.n_layers), got {self.n_encoder_layers}")
+        if not 0.0 < self.noise_density < 1.0:
+            raise ConfigError(f"model.noise_density must be in (0, 1), got {self.noise_density}")
+        if self.mean_span_length < 1.0:
+            raise ConfigError(f"model.mean_span_length must be >= 1, got {self.mean_span_length}")
+        if self.sentinels < 1:
+            raise ConfigError(f"model.sentinels must be >= 1, got {self.sentinels}")
+        raw = corruption_row_length(seq_len, self.noise_density, self.mean_span_length)  # numpy only, no jax
+        spans = span_lengths(raw, self.noise_density, self.mean_span_length)[1]
+        if spans > self.sentinels:
+            raise ConfigError(f"model.sentinels={self.sentinels}: span corruption of data.seq_len={seq_len} makes "
+                              f"{spans} spans per example, each needs its own sentinel id")
+        targets = corrupted_lengths(raw, self.noise_density, self.mean_span_length)[1]
+        if targets > self.max_seq_len:
+            raise ConfigError(f"model.max_seq_len={self.max_seq_len} is shorter than the decoder's target length "
+                              f"{targets} (data.seq_len={seq_len}, model.noise_density={self.noise_density})")
+
+
+# family -> its config class (ModelConfig for families without keys of their own)
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
+    "decoder": ModelConfig, "encoder": EncoderConfig, "encoder_decoder": EncoderDecoderConfig}
+
+
+def model_config_class(family: object) -> type[ModelConfig]:
+    """The config class of `model.family`; ConfigError naming the key for an unknown family."""
+    if family not in MODEL_CONFIGS:
+        raise ConfigError(f"model.family: {family!r} is not one of {', '.join(MODEL_CONFIGS)}")
+    return MODEL_CONFIGS[family]

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from llmjax.config.schema import Config, ConfigError
+from llmjax.config.families import model_config_class
+from llmjax.config.schema import Config, ConfigError, ModelConfig
 
 # Presets ship inside the package (so a wheel install finds them); experiments/configs links here.
 PRESETS_DIR = Path(str(resources.files("llmjax") / "configs"))
@@ -103,6 +104,8 @@ def _parse_number(text: str, key: str) -> float | int:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if cls is ModelConfig:  # the family decides which keys the model section has
+        cls = model_config_class(data.get("family", "decoder"))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

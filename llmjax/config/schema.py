@@ -47,7 +47,9 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder shape and numerics. LLaMA-style by default; GPT-2 style via norm/position/mlp.
+    """Model shape and numerics, shared by every family. LLaMA-style by default; GPT-2 style via
+    norm/position/mlp. `family` picks the model family (`llmjax.config.families`), whose config class
+    may add keys of its own (a subclass of this one).
 
     Frozen (hashable): the model module that holds it is a static argument under jit.
     """
@@ -79,6 +81,18 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    # Family hooks (`llmjax.config.families` subclasses override them).
+    supports_pipeline = True  # class attribute, not a key: whether mesh.pipeline > 1 is allowed
+
+    @property
+    def reserved_ids(self) -> int:
+        """Ids at the top of the vocabulary the family reserves (mask, sentinels): a trained tokenizer gets
+        vocab_size minus these."""
+        return 0
+
+    def check(self, seq_len: int) -> None:
+        """Family-specific rules (ConfigError naming the key); `seq_len` is data.seq_len."""
 
 
 @dataclasses.dataclass

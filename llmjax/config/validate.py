@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
-from llmjax.config.families import FAMILY_CLASSES
+from llmjax.config.families import model_config_class
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.kernels import attention_names
 from llmjax.parallel.mesh import mesh_shape
@@ -48,7 +48,9 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     _check_choices(cfg, "")
     _positive(m, "model", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
     _choice("model.attention", m.attention, attention_names())
-    _choice("model.family", m.family, tuple(FAMILY_CLASSES))
+    if type(m) is not model_config_class(m.family):
+        raise ConfigError(f"model.family={m.family}: the model section is a {type(m).__name__}")
+    m.check(d.seq_len)
     if m.head_dim < 0:
         raise ConfigError(f"model.head_dim must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
     if m.head_dim == 0 and m.d_model % m.n_heads:
@@ -94,6 +96,9 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError("sample.max_new_tokens and sample.temperature must be >= 0")
 
     shape = mesh_shape(cfg.mesh, n_devices)
+    if shape["pipeline"] > 1 and not m.supports_pipeline:
+        raise ConfigError(f"mesh.pipeline={shape['pipeline']}: model.family={m.family} does not support pipeline "
+                          "parallelism")
     tensor = shape["tensor"]
     if m.n_heads % tensor:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by mesh.tensor={tensor}")

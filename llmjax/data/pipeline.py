@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from llmjax.config import Config, ConfigError
+from llmjax.data.objectives import NextToken, number_documents
 from llmjax.data.sources import Corpus, file_lock, load_corpus, resolve_cache_dir
 from llmjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -103,47 +104,37 @@ def load_or_build_tokens(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, spli
 
 
 class PackedRows:
-    """Random-access rows of `seq_len + 1` tokens, stride `seq_len`, over a token stream (grain source)."""
+    """Random-access rows of `length` tokens, every `stride` tokens, over a token stream (grain source).
 
-    def __init__(self, stream: np.ndarray, seq_len: int):
+    The next-token objective reads rows of seq_len + 1 tokens every seq_len tokens (each row's last
+    token is the next row's first input); the other objectives read disjoint rows."""
+
+    def __init__(self, stream: np.ndarray, length: int, stride: int | None = None):
         self._stream = stream
-        self.seq_len = seq_len
-        self._n = max(0, (len(stream) - 1) // seq_len)
+        self.length, self.stride = length, stride or length
+        self._n = max(0, (len(stream) - length) // self.stride + 1) if len(stream) >= length else 0
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """Row i: int32 [seq_len + 1]."""
+        """Row i: int32 [length]."""
         i = int(i)
         if not 0 <= i < self._n:
             raise IndexError(f"row {i} out of range [0, {self._n})")
-        start = i * self.seq_len
-        return np.array(self._stream[start:start + self.seq_len + 1], dtype=np.int32)
+        start = i * self.stride
+        return np.array(self._stream[start:start + self.length], dtype=np.int32)
 
 
 def row_features(row: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
-    """One packed row [L+1] -> inputs/targets/segment_ids/positions (int32 [L]) and weights (float32 [L]).
+    """One packed row [L+1] -> the next-token example: inputs/targets/segment_ids/positions (int32 [L]) and
+    weights (float32 [L]) (`objectives.NextToken` on `objectives.number_documents`)."""
+    return NextToken()(number_documents(row, eos_id))
 
-    A position's segment is 1 + the number of EOS tokens strictly before it in `inputs` (an EOS
-    belongs to the document it ends); positions count from 0 within each segment.
-    """
-    inputs, targets = row[:-1], row[1:]
-    length = len(inputs)
-    is_eos = inputs == eos_id
-    starts = np.zeros(length, dtype=bool)
-    starts[0] = True
-    starts[1:] = is_eos[:-1]
-    segment_ids = np.cumsum(starts, dtype=np.int32)
-    idx = np.arange(length, dtype=np.int32)
-    positions = idx - np.maximum.accumulate(np.where(starts, idx, 0)).astype(np.int32)
-    return {
-        "inputs": inputs.astype(np.int32),
-        "targets": targets.astype(np.int32),
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "weights": np.ones(length, dtype=np.float32),
-    }
+
+def example_fn(objective: Any, eos_id: int) -> Any:
+    """grain random_map transform: a raw row and its rng -> the objective's example."""
+    return lambda row, rng: objective(number_documents(row, eos_id), rng)
 
 
 class ProcessSlice(grain.MapDataset):
@@ -176,22 +167,25 @@ def shuffle_seed(seed: int) -> int:
 
 
 def train_dataset(rows: PackedRows, eos_id: int, seed: int, shuffle: bool, global_batch: int,
-                  process_index: int, process_count: int) -> grain.MapDataset:
-    """Infinite MapDataset of this process's batches: element k = dict of [B/P, L] arrays of global batch k."""
+                  process_index: int, process_count: int, objective: Any = None) -> grain.MapDataset:
+    """Infinite MapDataset of this process's batches: element k = dict of [B/P, ...] arrays of global batch k.
+
+    `objective` (default next-token) turns each row into an example with an rng seeded by (seed, global
+    example index), before the process slice, so examples do not depend on the process count."""
     ds = grain.MapDataset.source(rows)
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed(seed))
-    ds = ds.repeat()
+    ds = ds.repeat().random_map(example_fn(objective or NextToken(), eos_id), seed=shuffle_seed(seed) ^ 1)
     ds = ProcessSlice(ds, global_batch, process_index, process_count)
-    ds = ds.map(lambda row: row_features(row, eos_id))
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
 def eval_dataset(rows: PackedRows, eos_id: int, global_batch: int, num_batches: int,
-                 process_index: int, process_count: int) -> grain.MapDataset:
-    """The first `num_batches` global batches of `rows` in order, this process's slice: dicts of [B/P, L]."""
-    ds = ProcessSlice(grain.MapDataset.source(rows), global_batch, process_index, process_count, num_batches)
-    ds = ds.map(lambda row: row_features(row, eos_id))
+                 process_index: int, process_count: int, objective: Any = None) -> grain.MapDataset:
+    """The first `num_batches` global batches of `rows` in order, this process's slice (the same examples at
+    every evaluation: the objective's rng is seeded by the row index)."""
+    ds = grain.MapDataset.source(rows).random_map(example_fn(objective or NextToken(), eos_id), seed=7)
+    ds = ProcessSlice(ds, global_batch, process_index, process_count, num_batches)
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
@@ -240,7 +234,7 @@ class BatchIterator:
 
 def _rows_error(split: str, tokens: int, rows: int, cfg: Config, hint: str) -> ConfigError:
     return ConfigError(
-        f"data: the {split} split has {tokens} tokens = {rows} rows of data.seq_len+1={cfg.data.seq_len + 1} "
+        f"data: the {split} split has {tokens} tokens = {rows} rows of {cfg.data.seq_len} tokens (data.seq_len) "
         f"tokens, fewer than one global batch of train.batch_size={cfg.train.batch_size} rows; {hint}"
     )
 
@@ -248,7 +242,9 @@ def _rows_error(split: str, tokens: int, rows: int, cfg: Config, hint: str) -> C
 class DataModule:
     """Sources + tokenizer + token caches for one process; hands out train/eval batches."""
 
-    def __init__(self, cfg: Config, process_index: int = 0, process_count: int = 1):
+    def __init__(self, cfg: Config, process_index: int = 0, process_count: int = 1, objective: Any = None):
+        """`objective`: how an example is made from a packed row (default: the model family's,
+        `ModelFamily.objective`)."""
         t0 = time.perf_counter()
         self.cfg = cfg
         self.process_index, self.process_count = process_index, process_count
@@ -260,8 +256,14 @@ class DataModule:
         self._train_stream = load_or_build_tokens(cfg, self.corpus, self.tokenizer, "train")
         self._eval_stream = (load_or_build_tokens(cfg, self.corpus, self.tokenizer, "validation")
                              if len(self.corpus.validation) else np.zeros(0, np.int32))
-        self.train_rows = PackedRows(self._train_stream, cfg.data.seq_len)
-        self.eval_rows = PackedRows(self._eval_stream, cfg.data.seq_len)
+        if objective is None:
+            from llmjax.models.families import build_family
+
+            objective = build_family(cfg.model).objective(cfg.data.seq_len, self.tokenizer)
+        self.objective = objective
+        length, stride = objective.raw_length(cfg.data.seq_len), objective.stride(cfg.data.seq_len)
+        self.train_rows = PackedRows(self._train_stream, length, stride)
+        self.eval_rows = PackedRows(self._eval_stream, length, stride)
         self.num_train_rows = len(self.train_rows)
         self.num_eval_rows = len(self.eval_rows)
         self.num_train_tokens = len(self._train_stream)
@@ -303,7 +305,7 @@ class DataModule:
     def train_iterator(self, start_step: int = 0) -> BatchIterator:
         """This process's part of global batches start_step, start_step+1, ...: dicts of [B/P, seq_len] arrays."""
         ds = train_dataset(self.train_rows, self.tokenizer.eos_id, self.cfg.seed, self.cfg.data.shuffle,
-                           self.global_batch, self.process_index, self.process_count)
+                           self.global_batch, self.process_index, self.process_count, self.objective)
         return BatchIterator(ds, start_step)
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
@@ -311,7 +313,7 @@ class DataModule:
         if self.num_eval_batches == 0:
             return iter(())
         ds = eval_dataset(self.eval_rows, self.tokenizer.eos_id, self.global_batch, self.num_eval_batches,
-                          self.process_index, self.process_count)
+                          self.process_index, self.process_count, self.objective)
         return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
     def describe(self) -> str:
@@ -321,6 +323,6 @@ class DataModule:
         return (
             f"data: {c.description}; docs train {len(c.train)} / validation {len(c.validation)}{skipped}\n"
             f"data: tokens train {self.num_train_tokens} / validation {self.num_eval_tokens}; rows of "
-            f"{self.cfg.data.seq_len}+1 train {self.num_train_rows} / validation {self.num_eval_rows}; "
+            f"{self.train_rows.length} tokens train {self.num_train_rows} / validation {self.num_eval_rows}; "
             f"tokenizer {Path(self.tokenizer.path).name} (vocab {self.tokenizer.vocab_size})"
         )

@@ -64,11 +64,12 @@ def _load_user_tokenizer(cfg: Config) -> Tokenizer:
         tok = Tokenizer(path)
     except (RuntimeError, OSError) as e:
         raise ConfigError(f"data.tokenizer: {path} is not a sentencepiece model ({e})") from None
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"data.tokenizer: {path} has vocab size {tok.vocab_size}, larger than "
-            f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size to at least {tok.vocab_size}"
-        )
+    if tok.vocab_size > trained_vocab_size(cfg):
+        reserved, vocab = cfg.model.reserved_ids, cfg.model.vocab_size
+        msg = f"data.tokenizer: {path} has vocab size {tok.vocab_size}, larger than model.vocab_size={vocab}"
+        if reserved:
+            msg += f" minus the {reserved} ids model.family={cfg.model.family} reserves"
+        raise ConfigError(f"{msg}; raise model.vocab_size to at least {tok.vocab_size + reserved}")
     return tok
 
 
@@ -155,9 +156,10 @@ def load_or_train_tokenizer(cfg: Config, corpus) -> Tokenizer:
     if cfg.data.tokenizer:
         return _load_user_tokenizer(cfg)
     d = cfg.data
-    key_src = f"{corpus.fingerprint}|{cfg.model.vocab_size}|{d.tokenizer_type}|{d.tokenizer_train_bytes}|v1"
+    vocab = trained_vocab_size(cfg)
+    key_src = f"{corpus.fingerprint}|{vocab}|{d.tokenizer_type}|{d.tokenizer_train_bytes}|v1"
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = resolve_cache_dir(cfg) / "tokenizers" / f"sp_{d.tokenizer_type}_{cfg.model.vocab_size}_{key}.model"
+    path = resolve_cache_dir(cfg) / "tokenizers" / f"sp_{d.tokenizer_type}_{vocab}_{key}.model"
     with file_lock(path):
         if not path.exists():
             t0 = time.perf_counter()
@@ -165,15 +167,21 @@ def load_or_train_tokenizer(cfg: Config, corpus) -> Tokenizer:
             if not sentences:
                 raise ConfigError(f"data: no training text to train a tokenizer on ({corpus.description})")
             try:
-                blob = train_sentencepiece(sentences, cfg.model.vocab_size, d.tokenizer_type)
+                blob = train_sentencepiece(sentences, vocab, d.tokenizer_type)
             except RuntimeError as e:
                 raise ConfigError(
-                    f"model.vocab_size={cfg.model.vocab_size}: cannot train a {d.tokenizer_type} tokenizer ({e})"
-                ) from None
+                    f"model.vocab_size={cfg.model.vocab_size}: cannot train a {d.tokenizer_type} tokenizer of {vocab} "
+                    f"pieces ({e})") from None
             atomic_write_bytes(path, blob)
-            log.info("trained %s tokenizer (vocab %d) in %.1fs -> %s", d.tokenizer_type, cfg.model.vocab_size,
+            log.info("trained %s tokenizer (vocab %d) in %.1fs -> %s", d.tokenizer_type, vocab,
                      time.perf_counter() - t0, path)
     tok = Tokenizer(path)
-    if tok.vocab_size > cfg.model.vocab_size:  # cannot happen with hard_vocab_limit=False, kept as a guard
+    if tok.vocab_size > vocab:  # cannot happen with hard_vocab_limit=False, kept as a guard
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < trained tokenizer vocab {tok.vocab_size}")
     return tok
+
+
+def trained_vocab_size(cfg: Config) -> int:
+    """Pieces of a tokenizer trained for `cfg`: model.vocab_size minus the ids the model family reserves at
+    the top of the vocabulary (the encoder's mask id, the encoder-decoder's sentinels and start id)."""
+    return cfg.model.vocab_size - cfg.model.reserved_ids

@@ -55,7 +55,7 @@ def beam_search(engine: Any, prompt: list[int], sp: SamplingParams, eos_id: int 
     W = sp.beams
     R = W + (-W % engine.batch_multiple)
     P = len(prompt)
-    T = min(sp.max_new_tokens, engine.cfg.max_seq_len - P)
+    T = min(sp.max_new_tokens, engine.family.decode_budget(P))
     logits, cache, _ = engine.prefill([prompt] * R, engine.cache_slots(P, T))
     eos = -1 if eos_id is None else eos_id
     scores = jnp.asarray(np.array([0.0] + [-np.inf] * (R - 1), np.float32))  # all beams start as beam 0

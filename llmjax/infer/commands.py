@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from llmjax.config import Config, ConfigError, MeshConfig, load_config
+from llmjax.data.text import ModelVocabulary
 from llmjax.infer.engine import Engine
 from llmjax.infer.quantize import dequantize, nbytes, quantize, quantized_paths
 from llmjax.infer.sampling import SamplingParams
@@ -123,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sp = sampling_params(args)
     prompts = read_prompts(args)
     loaded = Loaded(args.workdir)
-    tok = loaded.tokenizer()
+    tok = ModelVocabulary(loaded.tokenizer(), loaded.family.token_names())
     ids = tok.encode(prompts)
     engine = loaded.engine(args.int8)
     engine.check_prompts(ids)
@@ -171,8 +172,8 @@ def token_bytes(tokenizer: Any) -> np.ndarray:
 
 
 def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], transform: Any = None
-             ) -> tuple[float, float]:
-    """-> (summed NLL in nats, summed weight) over `batches`."""
+             ) -> dict[str, float]:
+    """-> the family's evaluation sums (nll_sum in nats, weight_sum, ...) over `batches`."""
     from llmjax.models.families import batch_from_dict
     from llmjax.train.step import make_eval_step
 
@@ -184,16 +185,15 @@ def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], 
 
     jitted = jax.jit(fn)
     spec = logical_to_spec(("act_batch", "act_length"), loaded.rules)
-    nll, weight = 0.0, 0.0
+    totals: dict[str, float] = {}
     for b in batches:
         rows = next(iter(b.values())).shape[0]
         sharded = rows % int(np.prod([loaded.mesh.shape[a] for a in (spec[0] or ())] or [1])) == 0
         put = (lambda x: jax.device_put(x, NamedSharding(loaded.mesh, spec))) if sharded else jnp.asarray
         batch = batch_from_dict(loaded.family.batch_type, {k: put(v) for k, v in b.items()})
-        s = jax.device_get(jitted(params, batch))
-        nll += float(s["nll_sum"])
-        weight += float(s["weight_sum"])
-    return nll, weight
+        for k, v in jax.device_get(jitted(params, batch)).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return totals
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -217,23 +217,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         it = data.train_iterator(0)
         batches = [next(it) for _ in range(n)]
-    nbytes_tok = token_bytes(data.tokenizer)
-    total_bytes = sum(float((nbytes_tok[b["targets"]] * b["weights"]).sum()) for b in batches)
-    tokens = sum(int(b["weights"].sum()) for b in batches)
+    from llmjax.models.families import batch_from_dict
 
-    def report(label: str, nll: float, weight: float) -> float:
-        loss = nll / max(weight, 1.0)
-        bpb = nll / math.log(2) / max(total_bytes, 1.0)
-        print(f"{label}loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.3f}  bits/byte {bpb:.4f}")
-        return loss
+    nbytes_tok = np.zeros(cfg.model.vocab_size, np.int64)  # ids the tokenizer does not know stand for 0 bytes
+    known = token_bytes(data.tokenizer)[: cfg.model.vocab_size]
+    nbytes_tok[: len(known)] = known
+    typed = [batch_from_dict(loaded.family.batch_type, b) for b in batches]
+    total_bytes = sum(float((nbytes_tok[b.targets] * b.weights).sum()) for b in typed)
+    tokens = sum(int(b.weights.sum()) for b in typed)
+
+    def report(label: str, sums: dict[str, float]) -> float:
+        metrics = loaded.family.eval_metrics(sums)
+        bpb = sums["nll_sum"] / math.log(2) / max(total_bytes, 1.0)
+        extra = "".join(f"  {k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items()
+                        if k not in ("eval_loss", "eval_ppl"))
+        print(f"{label}loss {metrics['eval_loss']:.4f}  perplexity {metrics['eval_ppl']:.3f}  bits/byte {bpb:.4f}"
+              f"{extra}")
+        return metrics["eval_loss"]
 
     print(f"{args.split}: {len(batches)} batches, {tokens} tokens, {int(total_bytes)} bytes; checkpoint step "
           f"{loaded.step}")
-    loss = report("float: " if args.int8 else "", *evaluate(loaded, loaded.params, batches))
+    loss = report("float: " if args.int8 else "", evaluate(loaded, loaded.params, batches))
     if args.int8:
         q = loaded.quantized()
         dt = jnp.dtype(cfg.model.param_dtype)
-        loss8 = report("int8:  ", *evaluate(loaded, q, batches, lambda p: dequantize(p, dt)))
+        loss8 = report("int8:  ", evaluate(loaded, q, batches, lambda p: dequantize(p, dt)))
         fb, qb = nbytes(loaded.params), nbytes(q)
         paths = quantized_paths(q)
         print(f"int8 weights: {qb / 2**20:.2f} MiB vs {fb / 2**20:.2f} MiB ({cfg.model.param_dtype}), "

@@ -158,8 +158,9 @@ class Engine:
         return -(-n // PROMPT_BUCKET) * PROMPT_BUCKET
 
     def cache_slots(self, prompt_len: int, new_tokens: int) -> int:
-        """Cache length for a batch: rounded up to CACHE_BUCKET slots (fewer compilations)."""
-        return -(-(self.padded_prompt_len(prompt_len) + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        """Cache length for a batch (the family's need), rounded up to CACHE_BUCKET slots (fewer compilations)."""
+        need = self.family.cache_length(self.padded_prompt_len(prompt_len), new_tokens)
+        return -(-need // CACHE_BUCKET) * CACHE_BUCKET
 
     def _put_batch(self, x: np.ndarray) -> jax.Array:
         sharding = self._sharding(("act_batch",) + (None,) * (x.ndim - 1))
@@ -175,7 +176,7 @@ class Engine:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ConfigError(f"prompt {i + 1} is empty (it encodes to no tokens)")
-            if len(p) >= self.cfg.max_seq_len:
+            if self.family.decode_budget(len(p)) < 1:
                 raise ConfigError(f"prompt {i + 1} is {len(p)} tokens long; the model's context is "
                                   f"{self.cfg.max_seq_len} tokens (model.max_seq_len), which leaves no room to "
                                   "generate: shorten the prompt")
@@ -203,7 +204,7 @@ class Engine:
             device_loop = on_text is None and not return_logits
         n = len(prompts)
         P = max(len(p) for p in prompts)
-        T = min(sp.max_new_tokens, self.cfg.max_seq_len - P)
+        T = min(sp.max_new_tokens, self.family.decode_budget(P))
         logits, cache, _ = self.prefill(prompts, self.cache_slots(P, T))
         if device_loop:
             tokens = self._decode_on_device(logits, cache, T, sp, eos_id)

@@ -176,6 +176,8 @@ def model_config_from_hf(data: dict[str, Any], where: str = "config.json",
 
 def check_exportable(m: ModelConfig) -> None:
     """ConfigError naming the model.* key when `m` has no Llama/Mixtral equivalent."""
+    if m.family != "decoder":
+        raise ConfigError(f"model.family={m.family}: only decoder models export to Hugging Face Llama/Mixtral")
     required = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "use_bias": False}
     for key, value in required.items():
         if getattr(m, key) != value:

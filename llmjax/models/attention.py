@@ -150,15 +150,15 @@ class Attention(nn.Module):
         Self-attention with `cache` = {"k", "v"} (each [B, S, K, E]): this chunk's keys/values are
         written at slots [mask.q_offset, mask.q_offset + L) and the queries attend over all S slots under
         `mask` (whose kv_segment_ids are the cache's, this chunk's already written).
-        Cross-attention with a `cache`: its keys/values are used as they are (computed once from `kv_x`
-        at prefill, returned as the cache when `cache` is an empty dict)."""
+        Cross-attention: keys/values from `kv_x` when it is given (and stored as the new cache when a cache
+        is passed: prefill), else the cache's (decode steps)."""
         cfg = self.cfg
         E, H, K = cfg.resolved_head_dim, cfg.n_heads, cfg.n_kv_heads
         common = dict(use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype))
         q = Linear((H, E), ("embed", "heads", "head_dim"), init_std=cfg.init_std, name="q", **common)(x_BLD)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         new_cache = None
-        if self.cross and cache:
+        if self.cross and kv_x_BSD is None:
             k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
             new_cache = cache
         else:
@@ -167,12 +167,12 @@ class Attention(nn.Module):
             v = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="v", **common)(src)
             k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
             v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+            if self.cross and cache is not None:
+                new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
         if cfg.position == "rope" and not self.cross:
             q = apply_rope(q, positions_BL, cfg.rope_theta)
             k = apply_rope(k, positions_BL, cfg.rope_theta)
-        if self.cross and cache is not None and not cache:
-            new_cache = {"k": k, "v": v}
-        elif not self.cross and cache is not None:
+        if not self.cross and cache is not None:
             cache_axes = ("act_batch", None, "act_kv_heads", None)
             start = (0, mask.q_offset, 0, 0)
             k = constrain(jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start), cache_axes)

@@ -44,18 +44,24 @@ CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", None)
 LOGITS = ("act_batch", "act_length", "act_vocab")
 
 
-def embed_tokens(cfg: ModelConfig, tokens_BL: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, Embed]:
-    """Inside a compact method: token embeddings (+ learned positions) [B, L, D] and the token table module
-    (for tied output logits). Creates `embed` (and `pos_embed`) in the calling module."""
+def make_embeddings(cfg: ModelConfig) -> tuple[Embed, Embed | None]:
+    """Inside a compact method: the token table `embed` and, with learned positions, `pos_embed`."""
     compute, params = dtype(cfg.compute_dtype), dtype(cfg.param_dtype)
     embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, compute_dtype=compute, param_dtype=params,
                   name="embed")
-    x = embed(tokens_BL)
+    pos = None
     if cfg.position == "learned":
         pos = Embed(cfg.max_seq_len, cfg.d_model, axes=("position", "embed"), init_std=cfg.init_std,
                     compute_dtype=compute, param_dtype=params, name="pos_embed")
-        x = x + pos(positions_BL)
-    return constrain(x, ("act_batch", "act_length", "act_embed")), embed
+    return embed, pos
+
+
+def embed_tokens(embed: Embed, pos_embed: Embed | None, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    """Token embeddings (+ learned positions) [B, L, D], sharded ("act_batch", "act_length", "act_embed")."""
+    x = embed(tokens_BL)
+    if pos_embed is not None:
+        x = x + pos_embed(positions_BL)
+    return constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
 def output_logits(cfg: ModelConfig, x_BLD: jax.Array, embed: Embed, norm_name: str = "final_norm") -> jax.Array:
@@ -137,7 +143,8 @@ class Transformer(nn.Module):
             segment_ids_BL = jnp.ones((B, L), jnp.int32)
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        x, embed = embed_tokens(cfg, tokens_BL, positions_BL)
+        embed, pos_embed = make_embeddings(cfg)
+        x = embed_tokens(embed, pos_embed, tokens_BL, positions_BL)
         unit, n_units = stack_unit(cfg)
         if cache is None:
             mask, layer_cache = MaskSpec.self_attention(segment_ids_BL, self.causal), None

@@ -21,6 +21,7 @@ import numpy as np
 
 from llmjax.config import Config, ConfigError, deep_merge, load_yaml, save_config, to_dict, validate
 from llmjax.data.pipeline import DataModule
+from llmjax.data.text import ModelVocabulary
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.train.checkpoint import Checkpointer
@@ -124,14 +125,15 @@ def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
     return lo // b
 
 
-def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> float:
-    """Mean validation NLL per token over `eval.batches` batches."""
-    nll, weight = 0.0, 0.0
+def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dict[str, float]:
+    """The family's validation metrics (eval_loss = mean NLL per weighted token, eval_ppl, ...) over
+    `eval.batches` batches."""
+    totals: dict[str, float] = {}
     sums = [eval_step(params, setup.put_batch(b)) for b in data.eval_batches()]
     for s in jax.device_get(sums):
-        nll += float(s["nll_sum"])
-        weight += float(s["weight_sum"])
-    return nll / max(weight, 1.0)
+        for k, v in s.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return setup.family.eval_metrics(totals)
 
 
 def train(cfg: Config, workdir: str | Path) -> int:
@@ -182,7 +184,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard)
     bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every)
     signals = _Signals()
-    tokens_per_step = cfg.train.batch_size * L
+    tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(L)
     steps = cfg.train.steps
     end = cfg.train.stop_after or steps  # the schedule follows `steps`; the run stops at `end`
     last_saved = start if restored else -1
@@ -207,9 +209,10 @@ def train(cfg: Config, workdir: str | Path) -> int:
     def run_eval(step: int) -> None:
         if cfg.eval.every_steps <= 0:
             return
-        loss = evaluate(setup, eval_step, state.params, data)
-        writer.write(step, {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}, kind="eval")
-        say(f"step {step}: eval_loss {loss:.4f}")
+        metrics = evaluate(setup, eval_step, state.params, data)
+        writer.write(step, metrics, kind="eval")
+        extra = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl"))
+        say(f"step {step}: eval_loss {metrics['eval_loss']:.4f}{extra}")
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -285,8 +288,9 @@ def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> No
     if not prompt:
         return
     engine = Engine(cfg.model, params, setup.mesh, setup.rules)
+    vocab = ModelVocabulary(data.tokenizer, setup.family.token_names())
     for label, temp in (("greedy", 0.0), (f"temperature {s.temperature}", s.temperature)):
         sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=temp, seed=cfg.seed)
         new = engine.generate([prompt], sp, data.tokenizer.eos_id)[0].tokens
         if jax.process_index() == 0:
-            print(f"--- sample ({label}) ---\n{s.prompt}{data.tokenizer.decode(new)}\n", flush=True)
+            print(f"--- sample ({label}) ---\n{s.prompt}{vocab.decode(new)}\n", flush=True)

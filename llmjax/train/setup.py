@@ -84,12 +84,12 @@ class Setup:
     @property
     def schedule(self) -> Schedule | None:
         """The pipeline schedule of the training forward pass (None: unpipelined)."""
-        return self.model.pipeline
+        return getattr(self.model, "pipeline", None)
 
     @property
     def decode_model(self) -> nn.Module:
         """The model without a pipeline schedule (same parameters), for decoding."""
-        return self.model.clone(pipeline=None)
+        return self.family.module()
 
     def init_state(self) -> TrainState:
         """Fresh, sharded train state from `cfg.seed` (same values whatever the mesh)."""

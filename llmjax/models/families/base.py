@@ -92,16 +92,20 @@ class ModelFamily:
         """Per-example field shapes and numpy dtypes of `batch_type` at `data.seq_len`."""
         return {k: ((seq_len,), dt) for k, dt in self.batch_type.FIELDS.items()}
 
-    def objective(self, seq_len: int, vocab_size: int) -> Any:
-        """The host-side example maker for the data pipeline (`llmjax.models.families.objectives`)."""
-        from llmjax.models.families.objectives import NextToken
+    def objective(self, seq_len: int, tokenizer: Any) -> Any:
+        """The host-side example maker for the data pipeline (`llmjax.data.objectives`); `tokenizer` gives
+        the special ids and the ordinary vocabulary."""
+        from llmjax.data.objectives import NextToken
 
         return NextToken()
 
-    def reserved_ids(self) -> int:
-        """Token ids a family reserves at the top of the vocabulary (mask, sentinels); a trained tokenizer
-        gets model.vocab_size minus these."""
-        return 0
+    def token_names(self) -> dict[int, str]:
+        """Names of the ids the family reserves (rendered in decoded text, `llmjax.data.text`)."""
+        return {}
+
+    def tokens_per_example(self, seq_len: int) -> int:
+        """Tokens one example counts for throughput and MFU (`flops_per_token` is per such token)."""
+        return seq_len
 
     # ------------------------------------------------------------------ loss
     def logits(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
@@ -129,6 +133,9 @@ class ModelFamily:
     def eval_sums(self, model: nn.Module, params: Any, batch: Any) -> Sums:
         """Sums over a validation batch, added over batches: nll_sum, weight_sum (+ family extras)."""
         logits_BLV, _ = self.logits(model, params, batch)
+        return self.eval_sums_from_logits(logits_BLV, batch)
+
+    def eval_sums_from_logits(self, logits_BLV: jax.Array, batch: Any) -> Sums:
         _, sums = weighted_nll(logits_BLV, batch.targets, batch.weights, 0.0)
         return {"nll_sum": sums["nll_sum"], "weight_sum": jnp.sum(batch.weights)}
 

@@ -26,6 +26,14 @@ class DecoderFamily(ModelFamily):
         return Transformer(self.cfg, pipeline)
 
     # ------------------------------------------------------------------ decoding
+    def decode_budget(self, prompt_len: int) -> int:
+        """New tokens a prompt of this length leaves room for in the context (0: too long)."""
+        return max(self.cfg.max_seq_len - prompt_len, 0)
+
+    def cache_length(self, padded_prompt_len: int, new_tokens: int) -> int:
+        """Cache slots for a prompt batch of this (padded) length and this many new tokens."""
+        return padded_prompt_len + new_tokens
+
     def new_cache(self, batch: int, slots: int, prompt_len: int) -> dict[str, Any]:
         """An empty cache for `batch` rows of `slots` tokens (prompt_len: unused by a decoder)."""
         return {**init_cache(self.cfg, batch, slots), "next_position": jnp.zeros((batch,), jnp.int32)}

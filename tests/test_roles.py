@@ -107,3 +107,29 @@ def test_int8_quantizes_expert_kernels():
     np.testing.assert_allclose(back["layers"]["moe"]["experts"]["wo_kernel"], w,
                                atol=float(jnp.abs(w).max()) / 127 + 1e-7)
     assert nbytes(q) < 0.4 * nbytes(params)
+
+
+def test_cli_eval_int8_on_an_moe_run_quantizes_the_experts(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import small_corpus, tiny_train_overrides
+
+    root = Path(__file__).resolve().parent.parent
+    corpus = small_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+
+    def llmjax(*args):
+        return subprocess.run([sys.executable, "-m", "llmjax.cli", *map(str, args)], cwd=root, capture_output=True,
+                              text=True, timeout=600)
+
+    r = llmjax("train", "--workdir", run, *tiny_train_overrides(corpus), "model.moe.num_experts=4", "train.steps=4",
+               "eval.every_steps=0", "sample.max_new_tokens=0")
+    assert r.returncode == 0, r.stderr
+    assert "layers/moe/experts/wi_0_kernel (expert)" in r.stderr.split("weight decay on")[1].split("not decayed")[0]
+    r = llmjax("eval", "--workdir", run, "--int8", "--batches", 1)
+    assert r.returncode == 0, r.stderr
+    saved = next(line for line in r.stdout.splitlines() if line.startswith("int8 weights"))
+    assert "layers/moe/experts/wi_0_kernel" in saved and "layers/moe/experts/wo_kernel" in saved and "saved" in saved
+    assert "router" not in saved

@@ -131,6 +131,8 @@ def summary(fit: dict[str, Any]) -> str:
         if r:
             lines.append(f"C = {row['C']:.3g}: N_opt {r['N_opt']:.3g}, D_opt {r['D_opt']:.3g}, "
                          f"{r['tokens_per_param']:.1f} tokens/param, loss {r['loss']:.4f} (approach 3)")
+    for note in fit.get("notes", []):
+        lines.append(f"note: {note}")
     sel = fit.get("selection")
     if sel and sel.get("kept") != sel.get("rows"):
         lines.append(f"selection: {sel['note']}: {sel['kept']} of {sel['rows']} runs fitted")

@@ -247,7 +247,7 @@ def test_hyperparameter_axes_grids_rules_and_laws(tmp_path):
                                              "optim.b2": 0.99}))
     assert len(sweep.points) == 3 * 2 * 2
     by_name = {p.name: p for p in sweep.points}
-    a, b = by_name["C6e10_d64_L1_lr0.001_bs4"], by_name["C6e10_d64_L1_lr0.004_bs8"]
+    a, b = by_name["C6e10_d64_L1_b2-0.99_lr0.001_bs4"], by_name["C6e10_d64_L1_b2-0.99_lr0.004_bs8"]
     assert a.hyperparameters == {"optim.lr": 1e-3, "train.batch_size": 4, "optim.b2": 0.99}
     cfg_a, cfg_b = point_config(sweep, a), point_config(sweep, b)
     assert (cfg_a.optim.lr, cfg_a.train.batch_size, cfg_b.optim.lr, cfg_b.train.batch_size) == (1e-3, 4, 4e-3, 8)
@@ -288,6 +288,31 @@ def test_bad_hyperparameter_axes_exit_2(tmp_path, axes, message):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_spec_extends_another_and_two_specs_share_a_directory(tmp_path):
+    from llmjax.scaling.runner import _write_listing
+
+    parent = write_spec(tmp_path, {"optim.lr": [1e-3, 4e-3]})
+    child = tmp_path / "wider.yaml"
+    child.write_text(yaml.safe_dump({"extends": parent.name, "sizes": {"d_model": [128]},
+                                     "hyperparameters": {"optim.lr": [1.6e-2]}}))
+    wide = load_sweep(child)
+    assert wide.name == "hp" and [p.name for p in wide.points] == ["C6e10_d128_L2_lr0.016"]
+    assert point_config(wide, wide.points[0]).data.seq_len == 64  # the parent's overrides
+    first = load_sweep(parent)
+    listing = lambda sweep: [{"name": p.name, "budget": p.budget} for p in sweep.points]  # noqa: E731
+    _write_listing(tmp_path, first, listing(first))
+    _write_listing(tmp_path, wide, listing(wide))  # the second spec keeps the first one's points listed
+    names = [p["name"] for p in json.loads((tmp_path / "sweep.json").read_text())["points"]]
+    assert names == [p.name for p in first.points] + ["C6e10_d128_L2_lr0.016"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"extends": "loop.yaml"}))
+    with pytest.raises(ScalingError, match="'extends' loops back"):
+        load_sweep(loop)
+    child.write_text(yaml.safe_dump({"extends": "missing.yaml"}))
+    with pytest.raises(ScalingError, match="extends 'missing.yaml': no such file"):
+        load_sweep(child)
+
+
 def fake_run(run_dir: Path, steps: int, final: float, overrides: list[str], info: dict | None = None,
              finished: bool = True) -> None:
     run_dir.mkdir(parents=True)
@@ -307,6 +332,8 @@ def test_collect_keeps_hyperparameters_status_and_bits_per_byte(tmp_path):
     fake_run(tmp_path / "a_lr0.1", 10, 6.0, ["optim.lr=0.1"], {**info, "xla_flops_exact": False}, finished=False)
     (tmp_path / "a_lr0.1" / "FAILED").write_text(json.dumps({"exit_status": 1}))
     fake_run(tmp_path / "old", 10, 4.5, ["optim.lr=0.01"])  # from before run_info.json
+    # not in sweep.json (another spec's point): budget and hyperparameters from its DONE marker
+    (tmp_path / "old" / "DONE").write_text(json.dumps({"budget": 2e9, "hyperparameters": {"warmup_fraction": 0.2}}))
     (tmp_path / "sweep.json").write_text(json.dumps({"points": [
         {"name": "a_lr0.01", "budget": 1e9, "hyperparameters": {"optim.lr": 0.01, "warmup_fraction": 0.1}},
         {"name": "a_lr0.1", "budget": 1e9, "hyperparameters": {"optim.lr": 0.1, "warmup_fraction": 0.1}}]}))
@@ -319,6 +346,7 @@ def test_collect_keeps_hyperparameters_status_and_bits_per_byte(tmp_path):
     assert float(a["optim.lr"]) == 0.01 and float(failed["optim.lr"]) == 0.1 and a["warmup_fraction"] == "0.1"
     assert a["d_model"] == "64" and a["train.batch_size"] == "8"
     assert float(a["final_bpb"]) == pytest.approx(4.0 / math.log(2) / 2.0) and old["final_bpb"] == ""
+    assert float(old["budget"]) == 2e9 and old["warmup_fraction"] == "0.2"
     assert float(a["flops_xla"]) == pytest.approx(1.5e6 * 10 * 8 * 32) and failed["flops_xla"] == ""
     runs = load_runs(tmp_path / "runs.csv")
     assert sorted(runs.names) == ["a_lr0.01", "old"] and "status is not 'done': a_lr0.1" in runs.notes[0]

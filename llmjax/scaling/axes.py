@@ -236,12 +236,10 @@ def _format(value: Any) -> str:
 
 
 def name_suffix(axes: list[Axis], hyperparameters: dict[str, Any]) -> str:
-    """`_lr0.003_bs16_b2-0.99`: one tag per axis that can take several values (a one-value grid is a
-    constant and adds nothing), empty without axes."""
+    """`_lr0.003_bs16_b2-0.99`: one tag per axis (a one-value axis too: specs that extend another and
+    train into its directory keep distinct names), empty without axes."""
     parts = []
     for ax in axes:
-        if ax.kind == "grid" and len(ax.values) == 1:
-            continue
         sep = "-" if ax.tag[-1].isdigit() else ""
         parts.append(f"_{ax.tag}{sep}{_format(hyperparameters[ax.key])}")
     return "".join(parts)

@@ -18,7 +18,8 @@ then one column per hyperparameter):
   wall_time                     seconds spent in `llmjax train` for the point, summed over every
                                 attempt (WALL_TIME, copied to DONE), else the sum of the train
                                 records' step_time (a run not started by `sweep run`);
-  budget                        the point's IsoFLOP budget from sweep.json (empty otherwise);
+  budget                        the point's IsoFLOP budget from sweep.json or its DONE marker (empty
+                                otherwise);
   status                        done (the last step and the final eval are recorded), failed (a
                                 FAILED marker from `sweep run --keep-going`, e.g. a diverged
                                 learning rate) or unfinished; `llmjax fit` uses `done` rows only;
@@ -98,7 +99,7 @@ def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: P
     wall = marker(run_dir, DONE).get("wall_time")
     if wall is None:
         wall = sum(float(r.get("step_time", 0.0)) for r in train.values())
-    point = points.get(run_dir.name, {})
+    point = points.get(run_dir.name) or marker(run_dir, DONE)  # sweep.json, else the DONE marker
     info = read_run_info(run_dir)
     xla = info.get("xla_flops_per_token") if info.get("xla_flops_exact") else None
     bpt = info.get("eval_bytes_per_token")

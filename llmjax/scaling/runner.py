@@ -5,7 +5,9 @@ command `--dry-run` prints) in `WORKDIR/<point name>`. A point is finished when 
 marker exists, or when its metrics.jsonl has the train record of the last step and the final
 eval record (a DONE marker is then written). An interrupted point is simply run again: the
 trainer resumes from its newest checkpoint. `WORKDIR/sweep.json` lists the points (budget,
-steps, tokens, flops, hyperparameters) for `collect` (`scaling/collect.py`).
+steps, tokens, flops, hyperparameters) for `collect` (`scaling/collect.py`), keeping the points
+that other specs trained into the same directory listed; each point's DONE marker repeats its
+budget and hyperparameters.
 
 A failing point stops the sweep (its exit status is returned), unless `keep_going`
 (`--keep-going`, for hyperparameter grids where some learning rates diverge): the point then gets
@@ -53,8 +55,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
     listing = [{"name": p.name, "budget": p.budget, "steps": p.steps, "tokens": p.tokens, "flops": p.flops,
                 "shape": p.shape, "hyperparameters": p.hyperparameters, "overrides": p.overrides}
                for p in sweep.points]
-    (workdir / "sweep.json").write_text(json.dumps({"name": sweep.name, "base": sweep.base,
-                                                    "axes": describe_axes(sweep.axes), "points": listing}, indent=1))
+    _write_listing(workdir, sweep, listing)
     n, failed = len(sweep.points), []
     for i, p in enumerate(sweep.points, 1):
         run_dir = workdir / p.name
@@ -147,11 +148,25 @@ def _add_wall_time(run_dir: Path, seconds: float) -> None:
         path.write_text(f"{before + seconds:.3f}\n")
 
 
+def _write_listing(workdir: Path, sweep: Sweep, listing: list[dict[str, Any]]) -> None:
+    """Write WORKDIR/sweep.json, keeping the points another spec listed there before (several specs may
+    train into one directory, e.g. a grid widened where its optima fell on an edge)."""
+    path = workdir / "sweep.json"
+    names = {p["name"] for p in listing}
+    try:
+        before = json.loads(path.read_text()).get("points", [])
+    except (OSError, ValueError, AttributeError):
+        before = []
+    kept = [p for p in before if isinstance(p, dict) and p.get("name") not in names]
+    path.write_text(json.dumps({"name": sweep.name, "base": sweep.base, "axes": describe_axes(sweep.axes),
+                                "points": kept + listing}, indent=1))
+
+
 def _write_done(run_dir: Path, point: Any, timed: bool) -> None:
     """Mark a point finished (with its accumulated wall time when the runner timed it)."""
     if not run_dir.is_dir() or (not timed and (run_dir / "DONE").is_file()):
         return
-    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps}
+    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps, "hyperparameters": point.hyperparameters}
     try:
         info["wall_time"] = float((run_dir / "WALL_TIME").read_text())
     except (OSError, ValueError):

@@ -23,6 +23,8 @@ A spec (see `experiments/sweeps/*.yaml`)::
       optim.lr: [1.0e-3, 3.0e-3]               # grids, rules per size or fitted laws: see scaling/axes.py
     warmup_fraction: 0.05                      # optim.warmup_steps = round(fraction * steps)
     cooldown_branches: false                   # true (needs optim.schedule=wsd): see below
+    # extends: other.yaml                      # start from another spec's keys; each key given here
+                                               # replaces its value whole
     evals: 1                                   # eval.every_steps = ceil(steps / evals)
 
 Tokens. A point trains for `steps = round(D / (batch_size * seq_len))` steps, so it sees
@@ -57,7 +59,7 @@ from llmjax.scaling.axes import OF_CHOICES, Axis, axis_overrides, combinations, 
 SIZE_RULE_DEFAULTS = {"width_per_layer": 64, "min_layers": 1, "head_dim": 64, "ff_mult": 4, "ff_multiple_of": 64}
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 SPEC_KEYS = {"name", "base", "overrides", "sizes", "shapes", "isoflop", "grid", "warmup_fraction", "evals",
-             "description", "cooldown_branches", "hyperparameters"}
+             "description", "cooldown_branches", "hyperparameters", "extends"}
 
 
 @dataclass
@@ -173,6 +175,23 @@ def _validate_point(cfg: Config) -> None:
     validate(cfg, math.prod(abs(s) for s in sizes))
 
 
+def read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec's YAML, with `extends: other.yaml` resolved: the other spec's keys (relative to the working
+    directory, else to this spec), each replaced whole by this spec's own."""
+    spec = load_yaml(path)
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    parent_path = Path(str(parent))
+    if not parent_path.is_file() and not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise ScalingError(f"sweep spec {path}: extends {parent!r}: no such file")
+    if parent_path.resolve() in seen:
+        raise ScalingError(f"sweep spec {path}: 'extends' loops back to {parent_path}")
+    return {**read_spec(parent_path, (*seen, path.resolve())), **spec}
+
+
 def model_param_counts(cfg: Config) -> dict[str, int]:
     """`total`, `non_embedding` and `active` parameters of `cfg.model` (from abstract shapes: nothing is
     allocated)."""
@@ -204,7 +223,7 @@ def load_sweep(path: str | Path) -> Sweep:
     from llmjax.train.metrics import flops_per_token  # imports jax: only when a spec is expanded
 
     path = Path(path)
-    spec = load_yaml(path)
+    spec = read_spec(path)
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ScalingError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")

@@ -2,7 +2,8 @@
 
 - `plot_hparam_laws` (`hparams.png`, from `llmjax plot --fit`): for the learning rate and the batch
   size, the optimum at each (N, D) configuration (filled; hollow where it is only a bound, at the end
-  of the values tried) against N and against C, with the fitted power laws and their 95% bands.
+  of the values tried) against N and (when the optima span several budgets) against C, with the
+  fitted power laws and their 95% bands.
 - `lr_transfer_table` / `plot_lr_transfer` (`lr_transfer.png`, `llmjax plot --kind lr-transfer`):
   loss against learning rate, one curve per width (`d_model`), one panel per parametrization
   (`model.parametrization`, "standard" where the CSV has no such column), each width's best
@@ -24,7 +25,7 @@ import numpy as np
 from llmjax.scaling import ScalingError
 from llmjax.scaling.hparams import LAW_AXES
 from llmjax.scaling.lse import law_at, law_interval
-from llmjax.scaling.runs import loss_unit
+from llmjax.scaling.runs import group_budgets, loss_unit
 
 LABELS = {"optim.lr": "learning rate", "train.batch_size": "batch size (sequences)"}
 
@@ -46,13 +47,17 @@ def plot_hparam_laws(plt: Any, fit: dict[str, Any], out: Path) -> list[Path]:
     keys = [k for k in LAW_AXES if (laws.get(k) or {}).get("optima")]
     if not keys:
         return []
-    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 4.2 * len(keys)), layout="constrained", squeeze=False)
-    n_of = (fit.get("options") or {}).get("params", "total")
+    # against C only when the optima span several budgets (one budget: C is constant to 1%)
+    spans = any(len(group_budgets(np.array([o["C"] for o in laws[k]["optima"]]))[1]) > 1 for k in keys)
+    panels = [("vs_N", "N", f"parameters N ({(fit.get('options') or {}).get('params', 'total')})")]
+    if spans:
+        panels.append(("vs_C", "C", "training compute C (FLOPs)"))
+    fig, axes = plt.subplots(len(keys), len(panels), figsize=(5.5 * len(panels) + 0.5, 4.2 * len(keys)),
+                             layout="constrained", squeeze=False)
     for row, key in zip(axes, keys, strict=True):
         entry = laws[key]
         optima = entry["optima"]
-        for ax, vs, x_key, x_label in ((row[0], "vs_N", "N", f"parameters N ({n_of})"),
-                                       (row[1], "vs_C", "C", "training compute C (FLOPs)")):
+        for ax, (vs, x_key, x_label) in zip(row, panels, strict=True):
             x = np.array([o[x_key] for o in optima])
             y = np.array([o["optimum"] for o in optima])
             edge = np.array([o["at_edge"] for o in optima])

@@ -213,9 +213,14 @@ def _grid_values(key: str, body: Any, tp: Any) -> list[Any]:
     values = body if isinstance(body, list) else [body]
     if not values:
         raise ScalingError(f"sweep spec: hyperparameters.{key}: an empty list of values")
-    if tp in (int, float):
-        return _number_list(values, f"hyperparameters.{key}") if tp is float else \
-            [int(v) for v in _number_list(values, f"hyperparameters.{key}")]
+    if tp in (int, float):  # the config's own checks (e.g. optim.lr > 0) run on every point's config
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ScalingError(f"sweep spec: hyperparameters.{key} must be numbers, got {body!r}") from None
+        if not all(math.isfinite(v) for v in numbers) or (tp is int and not all(v.is_integer() for v in numbers)):
+            raise ScalingError(f"sweep spec: hyperparameters.{key} must be finite {tp.__name__}s, got {body!r}")
+        return [int(v) for v in numbers] if tp is int else numbers
     return list(values)
 
 

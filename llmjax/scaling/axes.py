@@ -42,7 +42,8 @@ from typing import Any
 
 from llmjax.scaling import ScalingError
 
-OF_CHOICES = ("d_model", "n_layers", "params", "non_embedding_params", "active_params", "tokens", "flops")
+PARAMS_OF = ("params", "non_embedding_params", "active_params")  # parameter counts a rule may scale with
+OF_CHOICES = ("d_model", "n_layers", *PARAMS_OF, "tokens", "flops")
 SPEC_AXES = ("warmup_fraction",)  # axes that are spec keys, not config keys
 # Keys the sweep sets per point: an axis may not set them.
 RESERVED = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff", "train.steps",

@@ -54,7 +54,7 @@ from typing import Any
 
 from llmjax.config import Config, ConfigError, load_config, load_yaml
 from llmjax.scaling import ScalingError
-from llmjax.scaling.axes import OF_CHOICES, Axis, axis_overrides, combinations, name_suffix, parse_axes
+from llmjax.scaling.axes import PARAMS_OF, Axis, axis_overrides, combinations, name_suffix, parse_axes
 
 SIZE_RULE_DEFAULTS = {"width_per_layer": 64, "min_layers": 1, "head_dim": 64, "ff_mult": 4, "ff_multiple_of": 64}
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
@@ -211,7 +211,7 @@ def _context(cfg: Config, shape: dict[str, int], tokens: float, flops: float, ax
     """What an axis rule may scale with (`axes.OF_CHOICES`); parameter counts only when a rule needs them."""
     out = {"d_model": float(shape["d_model"]), "n_layers": float(shape["n_layers"]), "tokens": tokens,
            "flops": flops}
-    if any(ax.rule and ax.rule["of"] in OF_CHOICES[2:5] for ax in axes):
+    if any(ax.rule and ax.rule["of"] in PARAMS_OF for ax in axes):
         counts = model_param_counts(cfg)
         out.update(params=counts["total"], non_embedding_params=counts["non_embedding"],
                    active_params=counts["active"])

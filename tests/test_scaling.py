@@ -301,3 +301,17 @@ def test_wsd_cooldown_branches_equal_independent_runs(tmp_path):
     assert final("w/" + middle.name)[24] == pytest.approx(final("solo")[24], rel=1e-6)
     with open(collect(tmp_path / "w")) as f:
         assert {r["name"] for r in csv.DictReader(f)} == {p.name for p in sweep.points}
+
+
+def test_committed_sweep_results_reproduce_all_three_approaches():
+    """experiments/results/cpu_isoflop holds the curves approach 1 needs (runs/<name>/, not ignored by git)."""
+    results = ROOT / "experiments" / "results" / "cpu_isoflop"
+    tracked = subprocess.run(["git", "ls-files", str(results / "runs")], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode == 0:  # in a git checkout: the curves are committed
+        assert tracked.stdout.count("metrics.jsonl") == 32, tracked.stdout[:500]
+    committed = json.loads((results / "fit.json").read_text())
+    fit = fit_all(load_runs(results / "runs.csv"), bootstrap=0)
+    for name in ("approach1", "approach2", "approach3"):
+        assert "skipped" not in fit[name], fit[name]
+        assert fit[name]["a"] == pytest.approx(committed[name]["a"], abs=1e-6), name
+        assert fit[name]["b"] == pytest.approx(committed[name]["b"], abs=1e-6), name

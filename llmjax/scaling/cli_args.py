@@ -21,6 +21,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--dry-run", action="store_true", help="print one launch command per point and exit")
     r.add_argument("--launcher", default="", metavar="PREFIX",
                    help="prefix of each --dry-run command, e.g. 'launch/slurm_submit.sh ... --'")
+    r.add_argument("--keep-going", action="store_true",
+                   help="after a failing point (e.g. a diverging learning rate) mark it FAILED and go on "
+                        "(exit status 1 at the end if any failed)")
     c = ssub.add_parser("collect", help="write DIR/runs.csv from the run directories under DIR")
     c.add_argument("dir", help="sweep directory")
     c.add_argument("--out", help="CSV path (default: DIR/runs.csv)")
@@ -29,18 +32,37 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("fit", help="fit scaling laws (Hoffmann approaches 1-3, Kaplan) to a runs.csv")
     f.add_argument("--csv", required=True, help="runs CSV: params, tokens, loss (or final_loss)[, flops, budget, "
-                                                 "workdir]")
+                                                 "workdir, ...] (see llmjax/scaling/runs.py)")
     f.add_argument("--out", required=True, help="output directory for fit.json")
     f.add_argument("--budgets", help="comma-separated FLOPs budgets for compute-optimal N, D (e.g. 1e18,1e19)")
     f.add_argument("--holdout", help="'largest' (the largest IsoFLOP budget) or a FLOPs value: refit without "
                                      "those runs and predict their losses")
     f.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for approach 3's intervals")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_run_options(f)
 
     p = sub.add_parser("plot", help="plot IsoFLOP curves, the frontier, N_opt(C), D_opt(C) and residuals")
     p.add_argument("--csv", required=True, help="runs CSV")
-    p.add_argument("--fit", required=True, help="fit.json from `llmjax fit`")
+    p.add_argument("--fit", help="fit.json from `llmjax fit` (its options choose N, L and C); needed by the "
+                                 "scaling plots")
     p.add_argument("--out", required=True, help="output directory (PNG and SVG)")
+    p.add_argument("--kind", choices=("scaling", "lr-transfer"), default="scaling",
+                   help="scaling: IsoFLOP curves, frontier, N_opt/D_opt, residuals (default); lr-transfer: loss "
+                        "against learning rate per width, one panel per parametrization")
+    p.add_argument("--loss", help="lr-transfer: the loss column (default final_loss)")
+
+
+def _add_run_options(f: argparse.ArgumentParser) -> None:
+    f.add_argument("--params", default="total", choices=("total", "non_embedding", "active"),
+                   help="N: the params, non_embedding_params or active_params column (default total)")
+    f.add_argument("--loss", help="the loss column (default: loss, else final_loss; final_bpb: bits per byte)")
+    f.add_argument("--flops", default="formula", choices=("formula", "xla", "6nd"),
+                   help="C: the flops column (our formula; default), flops_xla (XLA's cost analysis of the compiled "
+                        "step) or 6*N*D")
+    f.add_argument("--select", default="best", choices=("best", "all"),
+                   help="with several runs per (N, D) (hyperparameter axes): fit the best of each (default) or all")
+    f.add_argument("--hparams", metavar="COLS",
+                   help="comma-separated hyperparameter columns (default: detected, see llmjax/scaling/hparams.py)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
         sweep = load_sweep(args.spec)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / sweep.name
-        return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher)
+        return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher, keep_going=args.keep_going)
     if args.verb == "sweep":
         from llmjax.scaling.runner import collect
 
@@ -70,12 +92,22 @@ def run(args: argparse.Namespace) -> int:
             from llmjax.scaling import ScalingError
 
             raise ScalingError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-        path = write_fit(args.csv, args.out, args.budgets, args.holdout, args.bootstrap, args.seed)
+        path = write_fit(args.csv, args.out, args.budgets, args.holdout, args.bootstrap, args.seed, params=args.params,
+                         loss=args.loss, flops=args.flops, select=args.select, hparams=args.hparams)
         print(summary(json.loads(path.read_text())))
         print(f"wrote {path}")
         return 0
-    from llmjax.scaling.plots import write_plots
+    if args.kind == "lr-transfer":
+        from llmjax.scaling.plots_hparams import write_lr_transfer
 
-    for path in write_plots(args.csv, args.fit, args.out):
+        paths = write_lr_transfer(args.csv, args.out, loss=args.loss)
+    else:
+        from llmjax.scaling import ScalingError
+        from llmjax.scaling.plots import write_plots
+
+        if not args.fit:
+            raise ScalingError("llmjax plot: --fit FIT.json is needed for the scaling plots (--kind scaling)")
+        paths = write_plots(args.csv, args.fit, args.out)
+    for path in paths:
         print(f"wrote {path}")
     return 0

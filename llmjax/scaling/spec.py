@@ -19,12 +19,17 @@ A spec (see `experiments/sweeps/*.yaml`)::
       min_steps: 20                            # points with fewer steps are left out ...
       max_steps: 2000                          # ... and with more (optional): a window of sizes per budget
     # grid: {tokens: [1e6, 4e6]}               # ... or a grid of sizes x token budgets
+    hyperparameters:                           # axes: every point at every combination (optional)
+      optim.lr: [1.0e-3, 3.0e-3]               # grids, rules per size or fitted laws: see scaling/axes.py
     warmup_fraction: 0.05                      # optim.warmup_steps = round(fraction * steps)
     cooldown_branches: false                   # true (needs optim.schedule=wsd): see below
+    # extends: other.yaml                      # start from another spec's keys; each key given here
+                                               # replaces its value whole
     evals: 1                                   # eval.every_steps = ceil(steps / evals)
 
 Tokens. A point trains for `steps = round(D / (batch_size * seq_len))` steps, so it sees
-`tokens = steps * batch_size * seq_len`. For an IsoFLOP budget C the target is
+`tokens = steps * batch_size * seq_len` (with a `train.batch_size` axis, its own batch size: D is
+the same for every batch size of a point). For an IsoFLOP budget C the target is
 `D = C / flops_per_token(model, seq_len)`, the project's own training-FLOPs formula
 (`llmjax.train.metrics.flops_per_token`: 6 x matmul parameters + the attention term), so that
 the run's `flops = flops_per_token * tokens` equals C up to the rounding to whole steps
@@ -49,11 +54,12 @@ from typing import Any
 
 from llmjax.config import Config, ConfigError, load_config, load_yaml
 from llmjax.scaling import ScalingError
+from llmjax.scaling.axes import PARAMS_OF, Axis, axis_overrides, combinations, name_suffix, parse_axes
 
 SIZE_RULE_DEFAULTS = {"width_per_layer": 64, "min_layers": 1, "head_dim": 64, "ff_mult": 4, "ff_multiple_of": 64}
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 SPEC_KEYS = {"name", "base", "overrides", "sizes", "shapes", "isoflop", "grid", "warmup_fraction", "evals",
-             "description", "cooldown_branches"}
+             "description", "cooldown_branches", "hyperparameters", "extends"}
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Point:
     overrides: list[str] = field(default_factory=list)  # every override, spec-wide ones first
     trunk: str | None = None  # cooldown branches: the point whose run this one branches from ...
     branch_at: int = 0  # ... at this step
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # the axes' values (scaling/axes.py)
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Sweep:
     base: str | None
     points: list[Point]
     path: Path
+    axes: list[Axis] = field(default_factory=list)
 
 
 def format_number(x: float) -> str:
@@ -167,12 +175,50 @@ def _validate_point(cfg: Config) -> None:
     validate(cfg, math.prod(abs(s) for s in sizes))
 
 
+def read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec's YAML, with `extends: other.yaml` resolved: the other spec's keys (relative to the working
+    directory, else to this spec), each replaced whole by this spec's own."""
+    spec = load_yaml(path)
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    parent_path = Path(str(parent))
+    if not parent_path.is_file() and not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise ScalingError(f"sweep spec {path}: extends {parent!r}: no such file")
+    if parent_path.resolve() in seen:
+        raise ScalingError(f"sweep spec {path}: 'extends' loops back to {parent_path}")
+    return {**read_spec(parent_path, (*seen, path.resolve())), **spec}
+
+
+def model_param_counts(cfg: Config) -> dict[str, int]:
+    """`total`, `non_embedding` and `active` parameters of `cfg.model` (from abstract shapes: nothing is
+    allocated)."""
+    from llmjax.train.metrics import param_counts
+    from llmjax.train.setup import model_abstract_params
+
+    params = model_abstract_params(cfg.model)
+    return param_counts(params.shapes, params.logical, cfg.model)
+
+
+def _context(cfg: Config, shape: dict[str, int], tokens: float, flops: float, axes: list[Axis]) -> dict[str, float]:
+    """What an axis rule may scale with (`axes.OF_CHOICES`); parameter counts only when a rule needs them."""
+    out = {"d_model": float(shape["d_model"]), "n_layers": float(shape["n_layers"]), "tokens": tokens,
+           "flops": flops}
+    if any(ax.rule and ax.rule["of"] in PARAMS_OF for ax in axes):
+        counts = model_param_counts(cfg)
+        out.update(params=counts["total"], non_embedding_params=counts["non_embedding"],
+                   active_params=counts["active"])
+    return out
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and expand a sweep spec. Every point's config is validated (ConfigError otherwise)."""
     from llmjax.train.metrics import flops_per_token  # imports jax: only when a spec is expanded
 
     path = Path(path)
-    spec = load_yaml(path)
+    spec = read_spec(path)
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ScalingError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
@@ -184,19 +230,29 @@ def load_sweep(path: str | Path) -> Sweep:
     warmup_fraction = float(spec.get("warmup_fraction", 0.05))
     evals = max(1, int(spec.get("evals", 1)))
     shapes = _shapes(spec)
-    base_cfg = load_config(base, common)
-    row_tokens = base_cfg.train.batch_size * base_cfg.data.seq_len
+    axes = parse_axes(spec.get("hyperparameters"), path)
 
-    def make(shape: dict[str, int], target_tokens: float, budget: float | None, name_: str) -> Point:
-        cfg = load_config(base, common + shape_overrides(shape))
-        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-        steps = max(1, int(round(target_tokens / row_tokens)))
-        per_point = [f"train.steps={steps}", f"optim.warmup_steps={max(1, round(warmup_fraction * steps))}",
-                     f"eval.every_steps={math.ceil(steps / evals)}"]
-        overrides = common + shape_overrides(shape) + per_point
-        _validate_point(load_config(base, overrides))
-        tokens = steps * row_tokens
-        return Point(name_, shape, steps, tokens, fpt * tokens, budget, overrides)
+    def make(shape: dict[str, int], target_tokens: float, budget: float | None, name_: str) -> list[Point]:
+        """The point of `shape` at `target_tokens`, once per combination of the hyperparameter axes."""
+        shape_cfg = load_config(base, common + shape_overrides(shape))
+        target_flops = budget or flops_per_token(shape_cfg.model, shape_cfg.data.seq_len) * target_tokens
+        out = []
+        for hp in combinations(axes, _context(shape_cfg, shape, target_tokens, target_flops, axes)):
+            cfg = load_config(base, common + shape_overrides(shape) + axis_overrides(hp))
+            row_tokens = cfg.train.batch_size * cfg.data.seq_len
+            steps = max(1, int(round(target_tokens / row_tokens)))
+            fraction = float(hp.get("warmup_fraction", warmup_fraction))
+            per_point = [f"train.steps={steps}", f"optim.warmup_steps={max(1, round(fraction * steps))}",
+                         f"eval.every_steps={math.ceil(steps / evals)}"]
+            # the axes come last: an optim.warmup_steps axis wins over warmup_fraction
+            overrides = common + shape_overrides(shape) + per_point + axis_overrides(hp)
+            cfg = load_config(base, overrides)
+            _validate_point(cfg)
+            tokens = steps * row_tokens
+            fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+            out.append(Point(name_ + name_suffix(axes, hp), shape, steps, tokens, fpt * tokens, budget, overrides,
+                             hyperparameters=hp))
+        return out
 
     points: list[Point] = []
     if "isoflop" in spec:
@@ -211,16 +267,15 @@ def load_sweep(path: str | Path) -> Sweep:
             for shape in shapes:
                 cfg = load_config(base, common + shape_overrides(shape))
                 d = c / flops_per_token(cfg.model, cfg.data.seq_len)
-                point = make(shape, d, c, f"C{format_number(c)}_d{shape['d_model']}_L{shape['n_layers']}")
-                if point.steps >= min_steps and (max_steps is None or point.steps <= max_steps):
-                    points.append(point)
+                for point in make(shape, d, c, f"C{format_number(c)}_d{shape['d_model']}_L{shape['n_layers']}"):
+                    if point.steps >= min_steps and (max_steps is None or point.steps <= max_steps):
+                        points.append(point)
     else:
         grid = dict(spec["grid"] or {})
         tokens = _numbers(grid.get("tokens"), "grid.tokens")
         for shape in shapes:
             for d in tokens:
-                point = make(shape, d, None, f"d{shape['d_model']}_L{shape['n_layers']}_T{format_number(d)}")
-                points.append(point)
+                points += make(shape, d, None, f"d{shape['d_model']}_L{shape['n_layers']}_T{format_number(d)}")
     if spec.get("cooldown_branches"):
         _make_branches(points, base, warmup_fraction, path)
     if not points:
@@ -229,20 +284,24 @@ def load_sweep(path: str | Path) -> Sweep:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ScalingError(f"sweep spec {path}: two points share a name: {dupes} (repeated sizes or budgets?)")
-    return Sweep(name, base, points, path)
+    return Sweep(name, base, points, path, axes)
 
 
 def _make_branches(points: list[Point], base: str | None, warmup_fraction: float, path: Path) -> None:
-    """Turn every shape's shorter points into cooldown branches of its longest point (module docstring)."""
+    """Turn every shape's shorter points into cooldown branches of its longest point (module docstring).
+    Points with different hyperparameters have different trunks."""
     groups: dict[tuple, list[Point]] = {}
     for p in points:
-        groups.setdefault(tuple(sorted(p.shape.items())), []).append(p)
+        key = (tuple(sorted(p.shape.items())), tuple(sorted((k, str(v)) for k, v in p.hyperparameters.items())))
+        groups.setdefault(key, []).append(p)
     for group in groups.values():
         group.sort(key=lambda p: p.steps)
-        warmup = max(1, round(warmup_fraction * group[0].steps))
+        fraction = float(group[0].hyperparameters.get("warmup_fraction", warmup_fraction))
+        warmup = max(1, round(fraction * group[0].steps))
         for p in group:
-            p.overrides = [o for o in p.overrides if not o.startswith("optim.warmup_steps=")]
-            p.overrides.append(f"optim.warmup_steps={warmup}")
+            if "optim.warmup_steps" not in p.hyperparameters:
+                p.overrides = [o for o in p.overrides if not o.startswith("optim.warmup_steps=")]
+                p.overrides.append(f"optim.warmup_steps={warmup}")
             cfg = load_config(base, p.overrides)
             if cfg.optim.schedule != "wsd":
                 raise ScalingError(f"sweep spec {path}: cooldown_branches needs optim.schedule=wsd, "
@@ -270,4 +329,5 @@ def launch_command(sweep: Sweep, point: Point, workdir: str | Path, prefix: str 
     return f"{prefix.strip()} {cmd}" if prefix.strip() else cmd
 
 
-__all__ = ["ConfigError", "Point", "Sweep", "launch_command", "load_sweep", "point_config", "rule_shape"]
+__all__ = ["ConfigError", "Point", "Sweep", "launch_command", "load_sweep", "model_param_counts", "point_config",
+           "rule_shape"]

@@ -34,6 +34,7 @@ from llmjax.train.metrics import (
     peak_flops,
 )
 from llmjax.train.optim import current_lr
+from llmjax.train.run_info import write_run_info
 from llmjax.train.setup import Setup, build_setup
 
 # Keys of a saved config that must match to resume from its checkpoints.
@@ -179,6 +180,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
+    write_run_info(workdir, cfg, step_fn, data)  # XLA's FLOPs of the step, eval bytes/token (for sweeps)
     eval_step = setup.jit_eval_step()
 
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard)

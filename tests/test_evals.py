@@ -212,7 +212,7 @@ def test_accuracy_and_length_normalised_accuracy():
     task = ChoiceTask("t", "t.jsonl", (Example("q", ("a", "bbbb"), 1), Example("q", ("cc", "d"), 0)))
     # example 1: bbbb has the lower total but the higher per-character score; example 2: cc wins both ways
     got = evaluate_task(FixedScores({"a": -1.0, "bbbb": -2.0, "cc": -0.5, "d": -3.0}), task)
-    assert got == {"acc": 0.5, "acc_norm": 1.0, "n": 2.0}
+    assert got == {"acc": 0.5, "acc_norm": 1.0, "logprob": -1.25, "n": 2.0}
 
 
 # ----------------------------------------------------------------------------- in the training loop

@@ -31,6 +31,8 @@ LOCAL = str(ROOT / "launch" / "local.sh")
 
 MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 RUN = ("train.steps=10", "checkpoint.every_steps=5", "checkpoint.keep=10", "eval.every_steps=5")
+# In-loop multiple-choice scoring: every process scores the same requests on the global mesh.
+TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "eval.tasks_limit=6")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -70,7 +72,7 @@ def checkpoint_steps(workdir) -> list[int]:
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("single")
-    r = one_process(workdir, corpus, *RUN)
+    r = one_process(workdir, corpus, *RUN, *TASKS)
     assert r.returncode == 0, r.stderr
     return workdir
 
@@ -78,7 +80,7 @@ def single(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def multi(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multi")
-    r = two_processes(workdir, corpus, *RUN)
+    r = two_processes(workdir, corpus, *RUN, *TASKS)
     assert r.returncode == 0, r.stderr[-5000:]
     return workdir, r
 
@@ -93,6 +95,12 @@ def test_two_processes_match_one_process(single, multi):
     ref_eval, got_eval = losses(single, "eval", "eval_loss"), losses(workdir, "eval", "eval_loss")
     assert sorted(got_eval) == [0, 5, 10]
     np.testing.assert_allclose([got_eval[s] for s in (0, 5, 10)], [ref_eval[s] for s in (0, 5, 10)], rtol=1e-6)
+    ref_tasks, got_tasks = (read_metrics(Path(w) / "metrics.jsonl", "tasks") for w in (single, workdir))
+    assert sorted(got_tasks) == [0, 5, 10]
+    for s in (0, 5, 10):
+        assert [got_tasks[s][k] for k in ("python_mc/acc", "python_mc/acc_norm", "python_mc/n")] == \
+            [ref_tasks[s][k] for k in ("python_mc/acc", "python_mc/acc_norm", "python_mc/n")]
+        np.testing.assert_allclose(got_tasks[s]["python_mc/logprob"], ref_tasks[s]["python_mc/logprob"], rtol=1e-5)
     # Only process 0 logs and samples; each process wrote its own checkpoint shards.
     assert r.stdout.count("--- sample (greedy) ---") == 1
     assert r.stderr.count("compiled train step") == 1

@@ -176,7 +176,7 @@ class EvalConfig:
     every_steps: int = 200
     batches: int = 8  # validation batches per evaluation (0: whole split)
     # Multiple-choice JSONL tasks scored by log-likelihood at every evaluation (llmjax.evals.tasks),
-    # e.g. [experiments/data/python_mc.jsonl]; metrics "<task>/acc", "<task>/acc_norm" (kind "tasks").
+    # e.g. [experiments/data/python_mc.jsonl]; metrics "<task>/acc", "<task>/acc_norm", "<task>/logprob" (kind "tasks").
     tasks: list[str] = dataclasses.field(default_factory=list)
     tasks_limit: int = 0  # examples per task (0: all)
 

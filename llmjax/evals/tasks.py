@@ -7,6 +7,7 @@ without the extension. Metrics per task, as lm-eval computes them for multiple c
 
 - `acc`: the right choice has the highest log-likelihood;
 - `acc_norm`: the same with each log-likelihood divided by its choice's length in characters;
+- `logprob`: the mean log-likelihood of the right choice (a smooth signal while accuracy is at chance);
 - `n`: the number of examples.
 
 `experiments/data/python_mc.jsonl` is a small task of this kind for the default corpus.
@@ -93,21 +94,23 @@ def load_tasks(paths: list[str], limit: int = 0) -> list[ChoiceTask]:
 
 
 def evaluate_task(text: TextModel, task: ChoiceTask) -> dict[str, float]:
-    """-> {"acc", "acc_norm", "n"} for one task (every process must call it: the scoring is SPMD)."""
+    """-> {"acc", "acc_norm", "logprob", "n"} for one task (every process must call it: the scoring is SPMD)."""
     pairs = [(ex.context, choice) for ex in task.examples for choice in ex.choices]
     scores = iter(logprob for logprob, _ in text.loglikelihood(pairs))
     correct = correct_norm = 0
+    right = 0.0
     for ex in task.examples:
         ll = np.array([next(scores) for _ in ex.choices])
         lengths = np.array([len(c) for c in ex.choices], np.float64)
         correct += int(np.argmax(ll) == ex.label)
         correct_norm += int(np.argmax(ll / lengths) == ex.label)
+        right += float(ll[ex.label])
     n = len(task.examples)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": float(n)}
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "logprob": right / n, "n": float(n)}
 
 
 def evaluate_tasks(text: TextModel, tasks: list[ChoiceTask]) -> dict[str, float]:
-    """-> {"<task>/acc", "<task>/acc_norm", "<task>/n"} for every task."""
+    """-> {"<task>/acc", "<task>/acc_norm", "<task>/logprob", "<task>/n"} for every task."""
     out = {}
     for task in tasks:
         for key, value in evaluate_task(text, task).items():

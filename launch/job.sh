@@ -53,7 +53,13 @@ alive() {  # alive PIDFILE: the process named in PIDFILE exists
   [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
 }
 
-running() { alive "$dir/supervisor.pid"; }
+# The job's supervisor still runs (and the pid was not reused by another program since, e.g. after a reboot).
+running() {
+  alive "$dir/supervisor.pid" || return 1
+  local cmdline
+  cmdline="/proc/$(cat "$dir/supervisor.pid")/cmdline"
+  [[ ! -r "$cmdline" ]] || tr '\0' ' ' <"$cmdline" | grep -q -- "_supervise"
+}
 
 need_job() {
   [[ -s "$dir/supervisor.pid" ]] || { echo "job.sh: no job in $dir" >&2; exit 4; }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_config, tiny_train_overrides
+from helpers import TASK, read_records, run_llmjax, tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError, MeshConfig
 from llmjax.evals.loglik import LoglikScorer, Request, bucket_length, rolling_requests
@@ -28,7 +27,6 @@ from llmjax.parallel.mesh import build_mesh
 from llmjax.parallel.rules import make_rules, tree_shardings
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = ROOT / "experiments" / "data" / "python_mc.jsonl"
 
 
 # ----------------------------------------------------------------------------- the scorer
@@ -218,40 +216,8 @@ def test_accuracy_and_length_normalised_accuracy():
 # ----------------------------------------------------------------------------- in the training loop
 
 
-def llmjax(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmjax.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def wandb_env(tmp: Path) -> dict[str, str]:
-    """wandb's own files (settings, caches) under `tmp`, not the home directory."""
-    return {"WANDB_CONFIG_DIR": str(tmp / "wandb-config"), "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
-            "WANDB_DATA_DIR": str(tmp / "wandb-data"), "WANDB_SILENT": "true"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """10 steps with the committed task scored at every evaluation, TensorBoard on and W&B offline."""
-    tmp = tmp_path_factory.mktemp("evals")
-    corpus = small_corpus(tmp / "corpus")
-    workdir = tmp / "run"
-    wandb_installed = __import__("importlib").util.find_spec("wandb") is not None
-    tracking = ["log.wandb.project=llmjax-tests", "log.wandb.mode=offline"] if wandb_installed else []
-    r = llmjax("train", "--workdir", workdir, *tiny_train_overrides(corpus), "train.steps=10", "eval.every_steps=5",
-               "sample.max_new_tokens=0", "train.tensorboard=true", f"eval.tasks=[{TASK}]", "eval.tasks_limit=12",
-               *tracking, env=wandb_env(tmp))
-    assert r.returncode == 0, r.stderr[-4000:]
-    return workdir, corpus, r
-
-
-def read_records(workdir: Path, kind: str) -> dict[int, dict]:
-    from llmjax.train.metrics import read_metrics
-
-    return read_metrics(workdir / "metrics.jsonl", kind)
-
-
-def test_tasks_are_scored_at_every_evaluation(trained):
-    workdir, _, r = trained
+def test_tasks_are_scored_at_every_evaluation(eval_run):
+    workdir, _, r = eval_run
     records = read_records(workdir, "tasks")
     assert sorted(records) == [0, 5, 10]
     for rec in records.values():
@@ -259,14 +225,14 @@ def test_tasks_are_scored_at_every_evaluation(trained):
     assert "step 10: python_mc acc" in r.stderr
 
 
-def test_bad_task_file_exits_2_before_compiling(trained, tmp_path):
-    _, corpus, _ = trained
+def test_bad_task_file_exits_2_before_compiling(eval_run, tmp_path):
+    _, corpus, _ = eval_run
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "x", "choices": ["a"], "label": 0}\n')
     for value, message in ((bad, "bad.jsonl:1: choices must be"), (tmp_path / "nope.jsonl", "not found")):
-        r = llmjax("train", "--workdir", tmp_path / "w", *tiny_train_overrides(corpus), f"eval.tasks=[{value}]")
+        r = run_llmjax("train", "--workdir", tmp_path / "w", *tiny_train_overrides(corpus), f"eval.tasks=[{value}]")
         assert r.returncode == 2 and message in r.stderr and "compiled" not in r.stderr and "Traceback" not in r.stderr
-    r = llmjax("train", "--workdir", tmp_path / "w", *tiny_train_overrides(corpus), f"eval.tasks=[{TASK}]",
+    r = run_llmjax("train", "--workdir", tmp_path / "w", *tiny_train_overrides(corpus), f"eval.tasks=[{TASK}]",
                "eval.every_steps=0")
     assert r.returncode == 2 and "eval.every_steps > 0" in r.stderr
 
@@ -275,11 +241,11 @@ def test_bad_task_file_exits_2_before_compiling(trained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def harness_lm(trained):
+def harness_lm(eval_run):
     pytest.importorskip("lm_eval")
     from llmjax.evals.harness import lm_class, text_model
 
-    workdir, _, _ = trained
+    workdir, _, _ = eval_run
     text, loaded = text_model(workdir, batch_size=4)
     return lm_class()(text), text, loaded
 
@@ -345,11 +311,11 @@ def test_harness_generate_until_matches_the_engine(harness_lm):
         assert out == want.text
 
 
-def test_harness_cli_matches_the_in_loop_task(trained, tmp_path):
+def test_harness_cli_matches_the_in_loop_task(eval_run, tmp_path):
     pytest.importorskip("lm_eval")
-    workdir, _, _ = trained
+    workdir, _, _ = eval_run
     out = tmp_path / "results.json"
-    r = llmjax("harness", "--workdir", workdir, "--tasks", "python_mc", "--include-path",
+    r = run_llmjax("harness", "--workdir", workdir, "--tasks", "python_mc", "--include-path",
                ROOT / "experiments" / "harness", "--limit", 12, "--output", out,
                env={"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
@@ -360,8 +326,8 @@ def test_harness_cli_matches_the_in_loop_task(trained, tmp_path):
     assert theirs["acc,none"] == ours["python_mc/acc"] and theirs["acc_norm,none"] == ours["python_mc/acc_norm"]
 
 
-def test_harness_usage_errors(trained, tmp_path, monkeypatch):
-    workdir, _, _ = trained
+def test_harness_usage_errors(eval_run, tmp_path, monkeypatch):
+    workdir, _, _ = eval_run
     code = ("import sys; sys.modules['lm_eval'] = None; from llmjax.cli import main; "
             f"sys.exit(main(['harness', '--workdir', {str(workdir)!r}, '--tasks', 'x']))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -369,7 +335,7 @@ def test_harness_usage_errors(trained, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     for args, message in ((["--tasks", ","], "at least one task"), (["--tasks", "x", "--limit", "0"], "--limit"),
                           (["--tasks", "x", "--include-path", tmp_path / "none"], "is not a directory")):
-        r = llmjax("harness", "--workdir", workdir, *args)
+        r = run_llmjax("harness", "--workdir", workdir, *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
     from llmjax.evals import harness
@@ -386,70 +352,3 @@ def test_harness_usage_errors(trained, tmp_path, monkeypatch):
     assert harness.task_manager(["hellaswag"], str(ROOT)).names == ["python_mc", "hellaswag"]
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         harness.task_manager(["python_mc", "nope"], None)
-
-
-# ----------------------------------------------------------------------------- tracking
-
-
-def test_wandb_offline_writes_a_run_with_config_hardware_and_metrics(trained):
-    pytest.importorskip("wandb")
-    workdir, _, _ = trained
-    run_id = (workdir / "wandb_run_id").read_text().strip()
-    (run_dir,) = (workdir / "wandb").glob(f"offline-run-*-{run_id}")
-    data = (run_dir / f"run-{run_id}.wandb").read_bytes()
-    # the resolved config (as JSON values), the hardware record and the logged metric names
-    for needle in (b'"d_model":64', b'"vocab_size":512', b"hardware", b'"device_kind":"cpu"', b"train/loss",
-                   b"eval/eval_loss", b"tasks/python_mc/acc", b"llmjax-tests"):
-        assert needle in data, needle
-
-
-def _tensorboard_summaries(workdir: Path) -> dict[str, list]:
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    values: dict[str, list] = {}
-    for path in (workdir / "tensorboard").glob("events.*"):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[pos + 12:pos + 12 + n])
-            pos += n + 16
-            for v in event.summary.value:
-                values.setdefault(v.tag, []).append(v)
-    return values
-
-
-def test_tensorboard_gets_the_config_as_hparams_and_text(trained):
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
-
-    workdir, _, _ = trained
-    tb = _tensorboard_summaries(workdir)
-    (start,) = tb["_hparams_/session_start_info"]
-    hp = HParamsPluginData.FromString(start.metadata.plugin_data.content).session_start_info.hparams
-    assert hp["model.d_model"].number_value == 64 and hp["optim.name"].string_value == "adamw"
-    assert hp["eval.tasks"].string_value == json.dumps([str(TASK)])
-    (config,) = tb["config/text_summary"]
-    assert b"d_model: 64" in config.tensor.string_val[0]
-    (hardware,) = tb["hardware/text_summary"]
-    assert b"device_kind: cpu" in hardware.tensor.string_val[0]
-    assert len(tb["tasks/python_mc/acc"]) == 3
-
-
-def test_wandb_resume_continues_the_run_and_env_offline_is_honoured(trained, tmp_path):
-    pytest.importorskip("wandb")
-    workdir, corpus, _ = trained
-    import shutil
-
-    copy = tmp_path / "run"
-    shutil.copytree(workdir, copy)
-    run_id = (copy / "wandb_run_id").read_text().strip()
-    r = llmjax("train", "--workdir", copy, *tiny_train_overrides(corpus), "train.steps=12", "eval.every_steps=0",
-               "sample.max_new_tokens=0", "log.wandb.project=llmjax-tests",
-               env={**wandb_env(tmp_path), "WANDB_MODE": "offline"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = sorted((copy / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(runs) == 2  # the same run id: `wandb sync` appends the resumed part to the same run
-    r = llmjax("train", "--workdir", tmp_path / "w2", *tiny_train_overrides(corpus), 'log.wandb.project=""')
-    assert r.returncode == 2 and "log.wandb.project is empty" in r.stderr

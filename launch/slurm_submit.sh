@@ -19,12 +19,25 @@ Options:
   --time T             time limit [24:00:00]
   --job-name NAME      job name [llmjax]
   --cpus-per-task C    CPUs per process [8 per GPU / 8*G per node]
+  --output FILE        Slurm output file (appended to across requeues) [llmjax-%j.out]
+  --grace SECONDS      signal the job this long before its time limit to checkpoint and requeue [180]
+  --max-restarts N     requeue after the time limit at most N times [20]
+  --no-requeue         neither requeue after the time limit nor let Slurm requeue the job
+  --env-setup CMD      shell command run in every task before COMMAND (module load, conda activate, ...)
+  --venv DIR           activate this virtual environment in every task
+  --container-image I  run the tasks in this container image (pyxis: srun --container-image)
+  --container-mounts M container mounts, e.g. /shared:/shared
+  --srun-arg ARG       extra srun argument (repeatable)
+  --xla-flags FLAGS    XLA flags instead of the recommended GPU flags ('' for none)
   --dry-run            print the sbatch command and the srun line the job would run; submit nothing
   -h, --help           show this help
 
+The job is requeued (and resumes from its checkpoint) after a node failure, a preemption or,
+up to --max-restarts times, its time limit; see launch/slurm_gpu.sbatch --help.
+
 Example (8 nodes x 8 H100):
-  launch/slurm_submit.sh --nodes 8 --gpus-per-node 8 --partition h100 -- \
-    llmjax train --config experiments/configs/default.yaml --workdir /shared/runs/h100 mesh.fsdp=8
+  launch/slurm_submit.sh --nodes 8 --gpus-per-node 8 --partition h100 --venv /shared/venvs/llmjax -- \
+    llmjax train --config experiments/configs/llama_400m.yaml --workdir /shared/runs/h100 mesh.fsdp=8
 USAGE
 }
 
@@ -46,6 +59,10 @@ account=""
 time_limit="24:00:00"
 job_name="llmjax"
 cpus=""
+output="llmjax-%j.out"
+grace=180
+requeue=1
+job_args=()
 dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -59,6 +76,11 @@ while [[ $# -gt 0 ]]; do
     --time) [[ $# -ge 2 ]] || die "--time needs a value"; time_limit="$2"; shift 2 ;;
     --job-name) [[ $# -ge 2 ]] || die "--job-name needs a value"; job_name="$2"; shift 2 ;;
     --cpus-per-task) [[ $# -ge 2 ]] || die "--cpus-per-task needs a value"; cpus="$2"; shift 2 ;;
+    --output) [[ $# -ge 2 ]] || die "--output needs a value"; output="$2"; shift 2 ;;
+    --grace) [[ $# -ge 2 ]] || die "--grace needs a value"; grace="$2"; shift 2 ;;
+    --no-requeue) requeue=0; job_args+=(--no-requeue); shift ;;
+    --max-restarts | --env-setup | --venv | --container-image | --container-mounts | --srun-arg | --xla-flags)
+      [[ $# -ge 2 ]] || die "$1 needs a value"; job_args+=("$1" "$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; break ;;
     *) die "unknown option $1 (the command goes after --)" ;;
@@ -67,6 +89,7 @@ done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$gpus'"
+[[ "$grace" =~ ^[1-9][0-9]*$ ]] || die "--grace must be a positive number of seconds, got '$grace'"
 
 if [[ "$mode" == per-gpu ]]; then
   tasks="$gpus"
@@ -78,21 +101,26 @@ fi
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, got '$cpus'"
 
 sbatch_args=(--job-name="$job_name" --nodes="$nodes" --gpus-per-node="$gpus" --ntasks-per-node="$tasks"
-  --cpus-per-task="$cpus" --time="$time_limit")
+  --cpus-per-task="$cpus" --time="$time_limit" --output="$output" --open-mode=append --signal="B:USR1@$grace")
+if [[ $requeue -eq 1 ]]; then
+  sbatch_args+=(--requeue)
+else
+  sbatch_args+=(--no-requeue)
+fi
 if [[ -n "$partition" ]]; then
   sbatch_args+=(--partition="$partition")
 fi
 if [[ -n "$account" ]]; then
   sbatch_args+=(--account="$account")
 fi
-cmd=(sbatch "${sbatch_args[@]}" "$here/slurm_gpu.sbatch" "--$mode" -- "$@")
+cmd=(sbatch "${sbatch_args[@]}" "$here/slurm_gpu.sbatch" "--$mode" "${job_args[@]+"${job_args[@]}"}" -- "$@")
 
 if [[ $dry_run -eq 1 ]]; then
   quoted="$(shquote "${cmd[@]}")"
   printf '%s\n' "$quoted"
   # The srun line the job will run (its first node is only known once the job starts).
   SLURM_JOB_NUM_NODES="$nodes" SLURM_GPUS_ON_NODE="$gpus" SLURM_CPUS_PER_TASK="$cpus" SLURM_JOB_NODELIST="" \
-    "$here/slurm_gpu.sbatch" --dry-run "--$mode" -- "$@"
+    "$here/slurm_gpu.sbatch" --dry-run "--$mode" "${job_args[@]+"${job_args[@]}"}" -- "$@"
   exit 0
 fi
 exec "${cmd[@]}"

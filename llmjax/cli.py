@@ -4,6 +4,7 @@
   llmjax bench [--config FILE] [--steps N] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
   llmjax eval --workdir DIR [--split validation|train] [--int8]
+  llmjax harness --workdir DIR --tasks T1,T2 [--num-fewshot K --limit N --include-path DIR]
   llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N]
   llmjax sweep run SPEC [--workdir DIR] [--dry-run] | llmjax sweep collect DIR
   llmjax fit --csv runs.csv --out DIR [--budgets 1e18,1e19] [--holdout largest]
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 from llmjax.config import ConfigError, load_config
+from llmjax.evals import cli_args as harness_cli
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
 from llmjax.scaling import cli_args as scaling_cli
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     add_config_args(b)
     b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     add_arguments(sub)
+    harness_cli.add_arguments(sub)
     scaling_cli.add_arguments(sub)
     convert_cli.add_arguments(sub)
     return p
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             from llmjax.infer.commands import run
 
             return run(args)
+        if args.verb in harness_cli.HARNESS_VERBS:
+            return harness_cli.run(args)
         if args.verb in scaling_cli.SCALING_VERBS:
             return scaling_cli.run(args)
         if args.verb in convert_cli.CONVERT_VERBS:

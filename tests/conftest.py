@@ -21,3 +21,14 @@ os.environ["LLMJAX_CACHE"] = str(CACHE / "data")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    """One tiny training run shared by test_evals.py and test_tracking.py (helpers.eval_run)."""
+    from helpers import eval_run as run
+
+    return run(tmp_path_factory.mktemp("eval_run"))

@@ -81,3 +81,44 @@ def family_loss(model, params, batch, z_loss=0.0):
     from llmjax.models.families import build_family
 
     return build_family(model.cfg).loss(model, params, lm_batch(batch), z_loss)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+TASK = ROOT / "experiments" / "data" / "python_mc.jsonl"  # the committed multiple-choice task
+
+
+def run_llmjax(*args, env: dict | None = None, timeout: int = 600):
+    """`python -m llmjax.cli ARGS` from the repository root -> CompletedProcess (text)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmjax.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def wandb_env(tmp) -> dict[str, str]:
+    """wandb's own files (settings, caches) under `tmp`, not the home directory."""
+    return {"WANDB_CONFIG_DIR": str(tmp / "wandb-config"), "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
+            "WANDB_DATA_DIR": str(tmp / "wandb-data"), "WANDB_SILENT": "true"}
+
+
+def read_records(workdir, kind: str) -> dict[int, dict]:
+    from llmjax.train.metrics import read_metrics
+
+    return read_metrics(workdir / "metrics.jsonl", kind)
+
+
+def eval_run(tmp):
+    """10 training steps of a tiny model with the committed task scored at every evaluation (5 steps),
+    TensorBoard on and, when wandb is installed, W&B offline -> (workdir, corpus, CompletedProcess)."""
+    import importlib.util
+
+    corpus = small_corpus(tmp / "corpus")
+    workdir = tmp / "run"
+    tracking = ["log.wandb.project=llmjax-tests", "log.wandb.mode=offline"] if importlib.util.find_spec("wandb") else []
+    r = run_llmjax("train", "--workdir", workdir, *tiny_train_overrides(corpus), "train.steps=10",
+                   "eval.every_steps=5", "sample.max_new_tokens=0", "train.tensorboard=true", f"eval.tasks=[{TASK}]",
+                   "eval.tasks_limit=12", *tracking, env=wandb_env(tmp))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return workdir, corpus, r

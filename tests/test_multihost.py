@@ -1,5 +1,5 @@
-"""Multi-process runs on one machine (launch/local.sh), hybrid-mesh shapes, distributed
-settings, and dry runs of the TPU and Slurm launchers.
+"""Multi-process runs on one machine (launch/local.sh), hybrid-mesh shapes and distributed
+settings (the cluster launchers' dry runs are in test_launch.py).
 
 The end-to-end tests start real `jax.distributed` runs: 2 processes x 4 CPU devices
 against 1 process x 8 devices, with the same {data=2, fsdp=2, tensor=2} mesh.
@@ -8,7 +8,6 @@ against 1 process x 8 devices, with the same {data=2, fsdp=2, tensor=2} mesh.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,12 +28,11 @@ from llmjax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = str(ROOT / "launch" / "local.sh")
-TPU = str(ROOT / "launch" / "tpu_pod.sh")
-SBATCH = str(ROOT / "launch" / "slurm_gpu.sbatch")
-SUBMIT = str(ROOT / "launch" / "slurm_submit.sh")
 
 MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 RUN = ("train.steps=10", "checkpoint.every_steps=5", "checkpoint.keep=10", "eval.every_steps=5")
+# In-loop multiple-choice scoring: every process scores the same requests on the global mesh.
+TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "eval.tasks_limit=6")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -74,7 +72,7 @@ def checkpoint_steps(workdir) -> list[int]:
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("single")
-    r = one_process(workdir, corpus, *RUN)
+    r = one_process(workdir, corpus, *RUN, *TASKS)
     assert r.returncode == 0, r.stderr
     return workdir
 
@@ -82,7 +80,7 @@ def single(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def multi(corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multi")
-    r = two_processes(workdir, corpus, *RUN)
+    r = two_processes(workdir, corpus, *RUN, *TASKS)
     assert r.returncode == 0, r.stderr[-5000:]
     return workdir, r
 
@@ -97,6 +95,12 @@ def test_two_processes_match_one_process(single, multi):
     ref_eval, got_eval = losses(single, "eval", "eval_loss"), losses(workdir, "eval", "eval_loss")
     assert sorted(got_eval) == [0, 5, 10]
     np.testing.assert_allclose([got_eval[s] for s in (0, 5, 10)], [ref_eval[s] for s in (0, 5, 10)], rtol=1e-6)
+    ref_tasks, got_tasks = (read_metrics(Path(w) / "metrics.jsonl", "tasks") for w in (single, workdir))
+    assert sorted(got_tasks) == [0, 5, 10]
+    for s in (0, 5, 10):
+        assert [got_tasks[s][k] for k in ("python_mc/acc", "python_mc/acc_norm", "python_mc/n")] == \
+            [ref_tasks[s][k] for k in ("python_mc/acc", "python_mc/acc_norm", "python_mc/n")]
+        np.testing.assert_allclose(got_tasks[s]["python_mc/logprob"], ref_tasks[s]["python_mc/logprob"], rtol=1e-5)
     # Only process 0 logs and samples; each process wrote its own checkpoint shards.
     assert r.stdout.count("--- sample (greedy) ---") == 1
     assert r.stderr.count("compiled train step") == 1
@@ -369,97 +373,3 @@ def test_cli_reports_incomplete_distributed_settings():
                        cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={k: v for k, v in os.environ.items() if not k.startswith(("LLMJAX_", "SLURM_"))})
     assert r.returncode == 2 and "--num-processes, --process-id missing" in r.stderr
-
-
-# ----------------------------------------------------------------------------- cluster dry runs
-
-
-def _dry(cmd, env=None) -> list[list[str]]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_"))}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
-    assert r.returncode == 0, r.stderr
-    return _commands(r.stdout)
-
-
-def _commands(text: str) -> list[list[str]]:
-    """One command per line, except where a quoted argument spans lines (a newline in it)."""
-    cmds, pending = [], ""
-    for line in text.splitlines(keepends=True):
-        pending += line
-        try:
-            cmds.append(shlex.split(pending))
-        except ValueError:  # "No closing quotation": the argument goes on
-            continue
-        pending = ""
-    assert not pending, f"unterminated quoting in {pending!r}"
-    return cmds
-
-
-TRAIN = ["llmjax", "train", "--workdir", "/mnt/runs/my run", "sample.prompt=def f(x):\n  return 'y'",
-         "mesh.fsdp=8"]
-
-
-def _flags(argv: list[str]) -> dict[str, str]:
-    return dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-
-
-def test_tpu_pod_dry_run():
-    cmds = _dry([TPU, "--dry-run", "--name", "llmjax-v5p", "--zone", "us-east5-a", "--project", "proj",
-                 "--type", "v5p-64", "--spot", "--delete-after", "run", "--", *TRAIN])
-    gcloud = [c for c in cmds if c[0] == "gcloud"]
-    assert all(c[1:3] == ["compute", "tpus"] for c in gcloud)
-    sub = [" ".join(c[3:5]) for c in gcloud]
-    assert sub == ["tpu-vm describe", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh", "tpu-vm delete"]
-    create = gcloud[1]
-    assert create[5] == "llmjax-v5p" and "--spot" in create
-    assert _flags(create) == {"zone": "us-east5-a", "project": "proj", "accelerator-type": "v5p-64",
-                              "version": "v2-alpha-tpuv5"}
-    install, run = gcloud[3], gcloud[4]
-    assert _flags(install)["worker"] == "all" and "jax[tpu]" in _flags(install)["command"]
-    remote = shlex.split(_flags(run)["command"])
-    assert remote[:4] == ["cd", "llmjax", "&&", "llmjax"] and remote[3:] == TRAIN  # forwarded intact
-    assert _flags(run)["worker"] == "all"
-    assert "--quiet" in gcloud[5]
-
-
-def test_tpu_pod_dry_run_queued_and_delete():
-    cmds = _dry([TPU, "--dry-run", "--queued", "--type", "v5p-128", "run", "--", "llmjax", "train"])
-    create = next(c for c in cmds if c[3:5] == ["queued-resources", "create"])
-    assert _flags(create)["node-id"] == create[5] == "llmjax" and _flags(create)["runtime-version"]
-    assert [c[3:5] for c in _dry([TPU, "--dry-run", "--queued", "delete"])] == [["queued-resources", "delete"]]
-    assert [c[3:5] for c in _dry([TPU, "--dry-run", "delete"])] == [["tpu-vm", "delete"]]
-
-
-def test_tpu_pod_usage_and_errors():
-    r = subprocess.run([TPU, "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "Usage: launch/tpu_pod.sh" in r.stdout
-    for args in ([], ["run"], ["run", "llmjax"], ["frob"], ["--name", "Bad_Name", "up"]):
-        assert subprocess.run([TPU, "--dry-run", *args], capture_output=True).returncode == 2, args
-
-
-def test_slurm_dry_runs():
-    (srun,) = _dry([SBATCH, "--dry-run", "--", *TRAIN],
-                   {"SLURM_JOB_NODELIST": "gpu[003-010]", "SLURM_JOB_ID": "41", "SLURM_JOB_NUM_NODES": "8",
-                    "SLURM_GPUS_ON_NODE": "8", "PATH": "/usr/bin:/bin"})
-    i = srun.index("srun")
-    assert srun[:i] == ["env", "LLMJAX_COORDINATOR=gpu003:12041"]
-    assert _flags(srun[i:i + 5]) == {"nodes": "8", "kill-on-bad-exit": "1", "gpus-per-node": "8",
-                                     "ntasks-per-node": "8"}
-    assert srun[i + 5:] == TRAIN
-    (srun,) = _dry([SBATCH, "--dry-run", "--per-node", "--", "llmjax", "train"])
-    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in srun and "--ntasks-per-node=1" in srun
-
-    sbatch, srun = _dry([SUBMIT, "--dry-run", "--nodes", "8", "--gpus-per-node", "8", "--partition", "h100",
-                         "--", *TRAIN])
-    assert sbatch[0] == "sbatch" and sbatch[sbatch.index("--") + 1:] == TRAIN
-    assert _flags(sbatch) == {"job-name": "llmjax", "nodes": "8", "gpus-per-node": "8", "ntasks-per-node": "8",
-                              "cpus-per-task": "8", "time": "24:00:00", "partition": "h100"}
-    assert sbatch[sbatch.index("--") - 2].endswith("launch/slurm_gpu.sbatch")
-    assert srun[srun.index("srun") + 1:][-len(TRAIN):] == TRAIN and "--cpus-per-task=8" in srun
-
-
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_launch_scripts_are_shellcheck_clean():
-    scripts = [LOCAL, TPU, SBATCH, SUBMIT]
-    r = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)  # -x: follow shquote.sh
-    assert r.returncode == 0, r.stdout

@@ -26,6 +26,7 @@ from llmjax.config.schema import (
     DataConfig,
     DistributedConfig,
     EvalConfig,
+    LogConfig,
     MeshConfig,
     ModelConfig,
     MoEConfig,
@@ -33,6 +34,7 @@ from llmjax.config.schema import (
     PipelineConfig,
     SampleConfig,
     TrainConfig,
+    WandbConfig,
     choices,
     mesh_axis_names,
 )
@@ -40,7 +42,7 @@ from llmjax.config.validate import validate
 
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-    "DistributedConfig", "EvalConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PipelineConfig",
-    "SampleConfig", "TrainConfig", "choices", "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names",
-    "parse_override", "save_config", "to_dict", "validate",
+    "DistributedConfig", "EvalConfig", "LogConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig",
+    "PipelineConfig", "SampleConfig", "TrainConfig", "WandbConfig", "choices", "deep_merge", "from_dict",
+    "load_config", "load_yaml", "mesh_axis_names", "parse_override", "save_config", "to_dict", "validate",
 ]

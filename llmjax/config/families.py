@@ -31,6 +31,7 @@ class EncoderConfig(ModelConfig):
     80/10/10). The loss and accuracy are over the selected tokens."""
 
     family: str = "encoder"
+    causal_lm = False  # class attribute: masked-LM scores are not sequence log-likelihoods
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
@@ -76,6 +77,7 @@ class EncoderDecoderConfig(ModelConfig):
         return self.n_encoder_layers or self.n_layers
 
     supports_pipeline = False  # two stacks: not split into pipeline stages
+    causal_lm = False  # class attribute: scores continuations given an encoded input, not a text's likelihood
 
     def check(self, seq_len: int) -> None:
         from llmjax.data.objectives import corrupted_lengths, corruption_row_length, span_lengths

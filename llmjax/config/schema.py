@@ -84,6 +84,7 @@ class ModelConfig:
 
     # Family hooks (`llmjax.config.families` subclasses override them).
     supports_pipeline = True  # class attribute, not a key: whether mesh.pipeline > 1 is allowed
+    causal_lm = True  # class attribute: a next-token model (log-likelihood tasks, `llmjax harness`)
 
     @property
     def reserved_ids(self) -> int:
@@ -189,6 +190,10 @@ class TrainConfig:
 class EvalConfig:
     every_steps: int = 200
     batches: int = 8  # validation batches per evaluation (0: whole split)
+    # Multiple-choice JSONL tasks scored by log-likelihood at every evaluation (llmjax.evals.tasks),
+    # e.g. [experiments/data/python_mc.jsonl]; metrics "<task>/acc", "<task>/acc_norm", "<task>/logprob" (kind "tasks").
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    tasks_limit: int = 0  # examples per task (0: all)
 
 
 @dataclasses.dataclass
@@ -203,6 +208,31 @@ class SampleConfig:
     prompt: str = "def fibonacci(n):\n"
     max_new_tokens: int = 64
     temperature: float = 0.8
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases logging from process 0 (`llmjax.train.tracking`); off unless `project` is set.
+
+    The run records the resolved config and the hardware, and every metrics.jsonl record
+    (`train/*`, `eval/*`, `tasks/*` against `step`). Its files go to WORKDIR/wandb; a resumed
+    run continues the same W&B run (its id is kept in WORKDIR/wandb_run_id).
+    """
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # run name; unset: the workdir's name
+    group: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    # unset: wandb decides (WANDB_MODE, else online); offline writes the run to disk only (`wandb sync` later)
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+
+@dataclasses.dataclass
+class LogConfig:
+    """Experiment tracking beyond metrics.jsonl and TensorBoard (`train.tensorboard`)."""
+
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 
 @dataclasses.dataclass
@@ -233,6 +263,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 

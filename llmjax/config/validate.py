@@ -125,6 +125,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     _check_rules(cfg.mesh.rules)
     if shape["expert"] > 1:
         _check_expert_rules(cfg.mesh.rules)
+    _validate_tasks_and_tracking(cfg)
     dist = cfg.distributed
     if dist.num_processes < 0 or dist.process_id < -1 or dist.initialization_timeout <= 0:
         raise ConfigError("distributed.num_processes must be >= 0, distributed.process_id >= -1 and "
@@ -200,3 +201,28 @@ def _check_rules(rules: dict[str, Any]) -> None:
             raise ConfigError(
                 f"mesh.rules.{name}: {target!r} must be null, a mesh axis or a list of mesh axes {sorted(axes)}"
             )
+
+
+def _validate_tasks_and_tracking(cfg: Config) -> None:
+    """eval.tasks entries and log.wandb (the task files themselves are read by `evals.tasks.load_tasks`)."""
+    import importlib.util
+
+    for i, path in enumerate(cfg.eval.tasks):
+        if not path.strip():
+            raise ConfigError(f"eval.tasks[{i}] is empty (give the path of a JSONL task file)")
+    if cfg.eval.tasks and not cfg.model.causal_lm:
+        raise ConfigError(f"eval.tasks: model.family={cfg.model.family} is not a next-token model; log-likelihood "
+                          "tasks need model.family=decoder")
+    if cfg.eval.tasks and cfg.eval.every_steps <= 0:
+        raise ConfigError("eval.tasks are scored at every evaluation: set eval.every_steps > 0")
+    if cfg.eval.tasks_limit < 0:
+        raise ConfigError(f"eval.tasks_limit must be >= 0 (0: every example), got {cfg.eval.tasks_limit}")
+    w = cfg.log.wandb
+    for key in ("project", "entity", "name", "group"):
+        value = getattr(w, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"log.wandb.{key} is empty (leave it unset instead)")
+    if any(not t.strip() for t in w.tags):
+        raise ConfigError("log.wandb.tags: tags must not be empty")
+    if w.project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb.project is set but wandb is not installed: pip install 'llmjax[wandb]'")

@@ -22,6 +22,7 @@ import numpy as np
 from llmjax.config import Config, ConfigError, deep_merge, load_yaml, save_config, to_dict, validate
 from llmjax.data.pipeline import DataModule
 from llmjax.data.text import ModelVocabulary
+from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.train.checkpoint import Checkpointer
@@ -36,6 +37,7 @@ from llmjax.train.metrics import (
 from llmjax.train.optim import current_lr
 from llmjax.train.run_info import write_run_info
 from llmjax.train.setup import Setup, build_setup
+from llmjax.train.tracking import hardware_info, open_wandb
 
 # Keys of a saved config that must match to resume from its checkpoints.
 RESUME_KEYS = ("model", "optim.name")
@@ -141,9 +143,12 @@ def train(cfg: Config, workdir: str | Path) -> int:
     """Train `cfg` in `workdir`, resuming from its newest checkpoint. Returns the exit status."""
     workdir = Path(workdir)
     primary = jax.process_index() == 0
-    validate(cfg, jax.device_count())
+    mesh_shape = validate(cfg, jax.device_count())
     workdir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, workdir)
+    tasks = load_tasks(cfg.eval.tasks, cfg.eval.tasks_limit)  # a bad task file: exit 2 before any compile
+    hardware = hardware_info(mesh_shape)
+    tracker = open_wandb(cfg, workdir, hardware) if primary else None
 
     t_start = time.time()
     setup = build_setup(cfg)
@@ -182,8 +187,14 @@ def train(cfg: Config, workdir: str | Path) -> int:
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
     write_run_info(workdir, cfg, step_fn, data)  # XLA's FLOPs of the step, eval bytes/token (for sweeps)
     eval_step = setup.jit_eval_step()
+    task_eval = None
+    if tasks:
+        task_eval = TaskEvaluator(tasks, setup.family, setup.decode_model, setup.mesh, setup.rules,
+                                  data.tokenizer, cfg.model.max_seq_len)
 
-    writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard)
+    writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard,
+                           sinks=[tracker] if tracker is not None else [])
+    writer.write_config(to_dict(cfg), hardware)
     bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every)
     signals = _Signals()
     tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(L)
@@ -215,6 +226,10 @@ def train(cfg: Config, workdir: str | Path) -> int:
         writer.write(step, metrics, kind="eval")
         extra = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl"))
         say(f"step {step}: eval_loss {metrics['eval_loss']:.4f}{extra}")
+        if task_eval is not None:
+            scores = task_eval(state.params)
+            writer.write(step, scores, kind="tasks")
+            say(f"step {step}: {task_eval.summary(scores)}")
 
     def save(step: int) -> None:
         nonlocal last_saved

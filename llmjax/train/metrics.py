@@ -299,13 +299,16 @@ class MetricsWriter:
     """Appends one JSON object per line to `workdir/metrics.jsonl` and scalars to TensorBoard.
 
     Never truncates an existing metrics file (resumed runs append). With `enabled=False`
-    (non-zero processes) every method is a no-op and nothing is created.
+    (non-zero processes) every method is a no-op and nothing is created. `sinks` (e.g.
+    `tracking.WandbSink`) get every record too: `sink.log(kind, step, values)`, `sink.close()`.
     """
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 sinks: Sequence[Any] = ()) -> None:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._sinks = list(sinks) if enabled else []
         if not enabled:
             return
         workdir = Path(workdir)
@@ -341,6 +344,15 @@ class MetricsWriter:
                 if _is_number(value):
                     self._tb.add_scalar(f"{kind}/{name}", value, int(step))
             self._tb.flush()
+        for sink in self._sinks:
+            sink.log(kind, int(step), values)
+
+    def write_config(self, config: dict[str, Any], hardware: dict[str, Any]) -> None:
+        """The resolved config (hparams + text) and the hardware (text) in TensorBoard."""
+        if self._tb is not None:
+            from llmjax.train.tracking import tensorboard_config
+
+            tensorboard_config(self._tb, config, hardware)
 
     def close(self) -> None:
         if self._file is not None:
@@ -349,6 +361,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
 
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict[str, Any]]:

@@ -18,6 +18,7 @@ from llmjax.config import ModelConfig, OptimConfig
 from llmjax.models.roles import decay_mask
 from llmjax.train import metrics as M
 from llmjax.train import optim as O
+from llmjax.train import peak
 from llmjax.train.setup import model_abstract_params
 
 # ----------------------------------------------------------------------------- schedules
@@ -356,7 +357,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
         calls.append(dtype)
         return real(dtype, n=512, seconds=0.1)
 
-    monkeypatch.setattr(M, "measure_matmul_flops", measure)
+    monkeypatch.setattr(peak, "measure_matmul_flops", measure)
     cpus = [_dev("cpu", "cpu")] * 8  # virtual devices share the cores: counted once
     first, desc1 = M.peak_flops(cpus, "float32", str(tmp_path))
     second, desc2 = M.peak_flops(cpus, "float32", str(tmp_path))

@@ -38,6 +38,7 @@ class Loaded:
     def __init__(self, workdir: str | Path):
         from llmjax.runtime import setup_jax
         from llmjax.train.checkpoint import Checkpointer
+        from llmjax.train.compat import check_matches
 
         self.workdir = Path(workdir)
         cfg_path = self.workdir / "config.yaml"
@@ -57,7 +58,8 @@ class Loaded:
         abstract = self.abstract.placed(self.mesh, self.rules)
         ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
         try:
-            self.step, self.params = ckpt.restore_params(abstract)
+            self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
+                self.cfg.model, step_dir, abstract, nn.get_partition_spec(boxed), str(cfg_path)))
         finally:
             ckpt.close()
         print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import jax
@@ -358,6 +359,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
         return real(dtype, n=512, seconds=0.1)
 
     monkeypatch.setattr(peak, "measure_matmul_flops", measure)
+    monkeypatch.setattr(peak, "others_cpu_share", lambda fn: (fn(), 0.02))  # a quiet machine
     cpus = [_dev("cpu", "cpu")] * 8  # virtual devices share the cores: counted once
     first, desc1 = M.peak_flops(cpus, "float32", str(tmp_path))
     second, desc2 = M.peak_flops(cpus, "float32", str(tmp_path))
@@ -368,6 +370,45 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
     assert "float32" in key and jax.__version__ in key and M.cpu_model_name() in key
     monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path))
     assert M.peak_flops(cpus, "float32", None)[0] == first and calls == ["float32"]
+
+
+def test_cpu_peak_under_load_is_measured_again_and_marked_unreliable(tmp_path, monkeypatch) -> None:
+    figures = iter([5e10, 4e10, 2e11, 1e11])  # slow (busy), slower (busier), fast (quiet), never reached
+    shares = iter([0.6, 0.7, 0.01])
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dtype: next(figures))
+    monkeypatch.setattr(peak, "others_cpu_share", lambda fn: (fn(), next(shares)))
+    cpus = [_dev("cpu", "cpu")]
+    flops, source, reliable = peak.peak_info(cpus, "float32", str(tmp_path))
+    assert (flops, reliable) == (5e10, False) and "under load" in source and "60%" in source
+    flops, source, reliable = peak.peak_info(cpus, "float32", str(tmp_path))
+    assert (flops, reliable) == (5e10, False)  # measured again; the fastest figure so far is kept
+    flops, source, reliable = peak.peak_info(cpus, "float32", str(tmp_path))
+    assert (flops, reliable) == (2e11, True) and "measured now" in source
+    flops, source, reliable = peak.peak_info(cpus, "float32", str(tmp_path))
+    assert (flops, reliable) == (2e11, True) and "cached" in source  # quiet figure: not measured again
+
+
+def test_others_cpu_share_sees_a_busy_neighbour() -> None:
+    """A process spinning on every one of our CPUs while we sleep: most of their time is someone else's."""
+    import multiprocessing
+    import os
+
+    n = len(os.sched_getaffinity(0))
+    ctx = multiprocessing.get_context("spawn")
+    spinners = [ctx.Process(target=_spin, args=(1.5,)) for _ in range(n)]
+    for p in spinners:
+        p.start()
+    time.sleep(0.3)
+    _, busy = peak.others_cpu_share(lambda: time.sleep(0.5))
+    for p in spinners:
+        p.join()
+    assert busy is not None and busy > 0.5, busy
+
+
+def _spin(seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
 
 
 # ----------------------------------------------------------------------------- writers, progress, memory

@@ -123,32 +123,93 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def cpu_peak_flops(compute_dtype: str, cache_dir: str | os.PathLike | None = None) -> tuple[float, str]:
-    """The machine's matmul FLOP/s in `compute_dtype`: measured once, then read from the cache.
+LOADED_SHARE = 0.15  # other processes using more than this share of our CPUs during the measurement: "under load"
+
+
+def _cpu_ticks(cpus: set[int]) -> int | None:
+    """Busy clock ticks (user, nice, system, irq, softirq, steal) of `cpus` from /proc/stat, or None."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus and len(fields) >= 8:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+            busy += user + nice + system + irq + softirq + steal
+    return busy
+
+
+def others_cpu_share(fn: Any) -> tuple[Any, float | None]:
+    """Run `fn()`; return its result and the share (0..1) of this process's CPUs that *other* processes
+    used meanwhile (busy time of those CPUs minus this process's own CPU time), or None where /proc/stat
+    is not available. A measurement of peak speed is only meaningful when this is small."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return fn(), None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    ticks0, own0, t0 = _cpu_ticks(cpus), sum(os.times()[:2]), time.perf_counter()
+    result = fn()
+    ticks1, own1, t1 = _cpu_ticks(cpus), sum(os.times()[:2]), time.perf_counter()
+    if ticks0 is None or ticks1 is None or t1 <= t0:
+        return result, None
+    others = (ticks1 - ticks0) / hz - (own1 - own0)
+    return result, min(max(others / (len(cpus) * (t1 - t0)), 0.0), 1.0)
+
+
+def cpu_peak(compute_dtype: str, cache_dir: str | os.PathLike | None = None) -> tuple[float, str, bool]:
+    """The machine's matmul FLOP/s in `compute_dtype`, where the figure comes from, and whether it is reliable.
 
     Cached in `<cache_dir>/cpu_peak_flops.json`, keyed by CPU model, a hash of the CPU feature flags,
-    usable CPU count, dtype and jax version.
-    The measurement is only as good as the moment it was taken: on a busy shared machine it
-    comes out low (and MFU high); the 1-minute load average is stored with it, and deleting
-    the entry (or the file) makes the next call measure again.
+    usable CPU count, dtype and jax version. A measurement is only as good as the moment it was taken:
+    on a busy machine it comes out low (and MFU high). So the share of the CPUs other processes used
+    during the measurement is recorded with it; a figure taken under load (> LOADED_SHARE) is not
+    trusted: the next call measures again and keeps the fastest figure seen, until one measurement
+    is taken on a quiet machine. Until then the figure is returned as unreliable (MFU is marked so).
     """
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     path = path / "cpu_peak_flops.json"
     key = _cpu_cache_key(compute_dtype)
-    cache = _read_cache(path)
-    entry = cache.get(key)
-    if isinstance(entry, dict) and float(entry.get("flops", 0)) > 0:
-        return float(entry["flops"]), f"CPU {compute_dtype} matmul peak measured earlier (cached in {path})"
-    flops = measure_matmul_flops(compute_dtype)
+    entry = _read_cache(path).get(key)
+    cached = float(entry.get("flops", 0)) if isinstance(entry, dict) else 0.0
+    if cached > 0 and entry.get("quiet") is True:  # entries of older versions (no "quiet") are measured again
+        return cached, f"CPU {compute_dtype} matmul peak measured earlier on a quiet machine (cached in {path})", True
+    measured, share = others_cpu_share(lambda: measure_matmul_flops(compute_dtype))
+    quiet = share is not None and share <= LOADED_SHARE
+    flops = max(measured, cached)
     cache = _read_cache(path)  # re-read: another process may have written meanwhile
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    cache[key] = {"flops": flops, "measured_at": time.time(), "load_average": load}
+    cache[key] = {"flops": flops, "measured_at": time.time(), "load_average": load, "others_share": share,
+                  "quiet": quiet}
     try:
         _write_cache(path, cache)
         where = f"cached in {path}"
     except OSError as e:
         where = f"not cached: {e}"
-    return flops, f"CPU {compute_dtype} matmul peak measured now ({where})"
+    if quiet:
+        return flops, f"CPU {compute_dtype} matmul peak measured now ({where})", True
+    busy = "unknown" if share is None else f"{100 * share:.0f}%"
+    return flops, (f"CPU {compute_dtype} matmul peak measured under load (other processes used {busy} of the CPUs; "
+                   f"best of the measurements so far, {where}): MFU is unreliable (reads high) and the peak is "
+                   "measured again next run"), False
+
+
+def cpu_peak_flops(compute_dtype: str, cache_dir: str | os.PathLike | None = None) -> tuple[float, str]:
+    """`cpu_peak` without the reliability flag."""
+    flops, source, _ = cpu_peak(compute_dtype, cache_dir)
+    return flops, source
+
+
+def peak_info(devices: Sequence[Any], compute_dtype: str, cache_dir: str | os.PathLike | None = None
+              ) -> tuple[float, str, bool]:
+    """`peak_flops` plus whether the figure is reliable (False: a CPU peak measured under load)."""
+    devices = list(devices)
+    if devices and all(getattr(d, "platform", "") == "cpu" for d in devices):
+        return cpu_peak(compute_dtype, cache_dir)
+    total, source = peak_flops(devices, compute_dtype, cache_dir)
+    return total, source, True
 
 
 def peak_flops(

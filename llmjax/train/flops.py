@@ -82,3 +82,22 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     from llmjax.models.families import build_family
 
     return build_family(model).flops_per_token(seq_len)
+
+
+def estimate_params(model: ModelConfig) -> dict[str, int]:
+    """Parameters by part, from the config alone (no model is built): `embedding` (V·d), `lm_head` (V·d,
+    0 when tied), `positions` (learned table), `layers` (every layer's attention, MLP or all experts and
+    router, and norms). Biases are left out, so this is an estimate (within a fraction of a percent for
+    the presets); it is exact arithmetic on Python ints, so absurd sizes do not overflow."""
+    d, h, V = model.d_model, model.resolved_head_dim, model.vocab_size
+    attention = d * model.n_heads * h * 2 + d * model.n_kv_heads * h * 2
+    mlp = mlp_matrices(model.mlp) * d * model.d_ff
+    n_moe = model.n_layers // model.moe.every if model.moe.enabled else 0
+    moe = mlp * (model.moe.num_experts + model.moe.shared_experts) + d * model.moe.num_experts
+    layers = model.n_layers * (attention + 2 * d) + n_moe * moe + (model.n_layers - n_moe) * mlp
+    return {
+        "embedding": V * d,
+        "lm_head": 0 if model.tie_embeddings else V * d,
+        "positions": model.max_seq_len * d if model.position == "learned" else 0,
+        "layers": layers,
+    }

@@ -118,10 +118,20 @@ def load_runs(path: str | Path) -> Runs:
     path = Path(path)
     if not path.is_file():
         raise ScalingError(f"runs CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise ScalingError(f"runs CSV {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (OSError, csv.Error) as e:
+        raise ScalingError(f"runs CSV {path}: cannot read it ({e})") from None
+    for i, r in enumerate(rows):
+        if None in r:  # DictReader puts the values past the header under the key None
+            raise ScalingError(f"runs CSV {path}: row {i + 2} has {len(header) + len(r[None])} fields, the header "
+                               f"{len(header)}")
+    rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in rows]
     loss_col = "loss" if "loss" in header else "final_loss" if "final_loss" in header else None
     missing = [c for c in ("params", "tokens") if c not in header] + ([] if loss_col else ["loss"])
     if missing:
@@ -134,6 +144,10 @@ def load_runs(path: str | Path) -> Runs:
     loss = [_float(r[loss_col], i + 2, loss_col) for i, r in enumerate(rows)]
     flops_given = "flops" in header
     c = [_float(r["flops"], i + 2, "flops") if flops_given else 6 * n[i] * d[i] for i, r in enumerate(rows)]
+    for i, x in enumerate(c):
+        if not math.isfinite(x):
+            raise ScalingError(f"runs CSV {path}: row {i + 2}: 6 x params x tokens = {x} overflows (give a 'flops' "
+                               "column, or check the values)")
     N, D, L, C = (np.array(x, float) for x in (n, d, loss, c))
     if "budget" in header and all(r.get("budget") for r in rows):
         given = np.array([_float(r["budget"], i + 2, "budget") for i, r in enumerate(rows)])
@@ -365,7 +379,7 @@ def load_curves(runs: Runs) -> list[tuple[np.ndarray, np.ndarray]] | str:
         if not path.is_file():
             return f"{path} not found"
         records = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
@@ -562,7 +576,12 @@ def write_fit(csv_path: str | Path, out_dir: str | Path, budgets: str | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fit.json"
-    path.write_text(json.dumps(fit, indent=1, default=float) + "\n")
+    try:
+        text = json.dumps(fit, indent=1, default=float, allow_nan=False)
+    except ValueError:
+        raise ScalingError(f"the fit of {csv_path} has non-finite values (inputs out of range? values near 1e308 "
+                           "overflow): nothing was written") from None
+    path.write_text(text + "\n")
     return path
 
 

@@ -129,15 +129,21 @@ def detach_handler() -> None:
         _State.handler, _State.removed = None, []
 
 
-def detach() -> None:
-    """Stop routing logs here; copy the log next to a remote workdir."""
-    detach_handler()
-    threading.excepthook = threading.__excepthook__
+def upload() -> None:
+    """Copy the log next to a remote workdir (no-op for a local one)."""
     if _State.upload_to is not None and _State.path and os.path.exists(_State.path):
         from llmjax.storage import as_path
 
         try:
-            (as_path(_State.upload_to) / LOG_NAME).write_text(open(_State.path, encoding="utf-8").read())
+            with open(_State.path, "rb") as f:
+                (as_path(_State.upload_to) / LOG_NAME).write_bytes(f.read())
         except OSError:
             pass
+
+
+def detach() -> None:
+    """Stop routing logs here; copy the log next to a remote workdir."""
+    detach_handler()
+    threading.excepthook = threading.__excepthook__
+    upload()
     _State.path = _State.upload_to = None

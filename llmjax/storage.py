@@ -63,6 +63,21 @@ def as_path(path: Any) -> Any:
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+def check_backend(path: Any) -> None:
+    """ConfigError when `path` is a URL whose scheme has no storage backend installed (gs:// needs gcsfs,
+    or TensorFlow's gfile), instead of an ImportError deep inside a run."""
+    if not is_url(path):
+        return
+    try:
+        as_path(path).exists()
+    except ImportError as e:
+        from llmjax.config import ConfigError
+
+        scheme = os.fspath(path).split("://", 1)[0]
+        raise ConfigError(f"{path}: no backend for {scheme}:// paths is installed ({e}); for gs:// "
+                          "`pip install gcsfs`") from None
+
+
 def free_space(path: Any) -> str:
     """'1.2 GiB free of 20.0 GiB' for the file system holding `path` (or its nearest existing parent)."""
     if is_url(path):

@@ -176,9 +176,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
     if not str(path).strip():
         raise ConfigError("--config: empty path")
+    if "://" in str(path):  # gs://... : through etils.epath (imported only for URLs)
+        from llmjax.storage import as_path
+
+        path = as_path(path)
+    else:
+        path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -17,7 +17,6 @@ import yaml
 from llmjax.config.fields import doc_of, range_of
 from llmjax.config.schema import Config
 
-
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
 
 

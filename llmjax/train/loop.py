@@ -137,8 +137,8 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     for note in config_warnings(cfg):
         log(f"llmjax: warning: {note}")
     workdir = as_path(workdir)
-    check_resumable(cfg, workdir)
     run_dir.check_writable(workdir)
+    check_resumable(cfg, workdir)
     if not check_only:
         run_dir.create(workdir)
         if primary:
@@ -177,6 +177,8 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     except Exception as e:
         e.llmjax_log = runlog.record_exception(e, "training failed")  # type: ignore[attr-defined]
         raise
+    finally:
+        runlog.upload()
     return status
 
 

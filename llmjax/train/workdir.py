@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from llmjax.config import Config, ConfigError, deep_merge, parse_yaml, to_dict
-from llmjax.storage import StorageError, as_path, reraise_storage, writable_ancestor
+from llmjax.storage import StorageError, as_path, check_backend, reraise_storage, writable_ancestor
 
 # Keys of a saved config that must match to resume from its checkpoints.
 RESUME_KEYS = ("model", "optim.name")
@@ -68,6 +68,7 @@ def check_resumable(cfg: Config, workdir: Any) -> None:
 def check_writable(workdir: Any) -> None:
     """ConfigError when `workdir` is a file; StorageError when it cannot be created or written (local paths;
     URLs are not probed)."""
+    check_backend(workdir)
     workdir = as_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir: {workdir} exists and is not a directory")

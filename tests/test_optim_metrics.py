@@ -460,3 +460,35 @@ def test_memory_summary() -> None:
     assert "arguments 1.0" in M.memory_summary(
         SimpleNamespace(memory_analysis=lambda: SimpleNamespace(argument_size_in_bytes=2**20))
     )
+
+
+def test_progress_bar_fits_narrow_terminals() -> None:
+    """At every width the line fits; the bar is either at least MIN_BAR wide or left out, never a sliver; the
+    least important fields go first."""
+    from tqdm import tqdm
+
+    from llmjax.train import progress as P
+
+    variants = P.stats_variants(3.21234, 3.3, 2345.0, 0.45, 3e-3)
+    seen = []
+    for width in range(20, 200, 3):
+        line = tqdm.format_meter(37, 600, 12.3, ncols=width, bar_format=P.bar_layout(width, variants))
+        assert len(line) <= width, (width, line)
+        bar = line.split("|")[1] if line.count("|") >= 2 else ""
+        assert bar == "" or len(bar) >= P.MIN_BAR, (width, line)
+        seen.append(line)
+    assert "lr 3.00e-03" in seen[-1] and "MFU 45.0%" in seen[-1] and "(avg 3.3000)" in seen[-1]
+    at80 = tqdm.format_meter(37, 600, 12.3, ncols=80, bar_format=P.bar_layout(80, variants))
+    assert "loss 3.2123 (avg 3.3000)" in at80 and "lr" not in at80
+    assert "loss 3.300" in tqdm.format_meter(37, 600, 12.3, ncols=40, bar_format=P.bar_layout(40, variants))
+
+
+def test_progress_bar_smoothed_loss(capsys) -> None:
+    bar = M.ProgressBar(total_steps=40, enabled=True, log_every=40, tty=False, mfu_mark="?")
+    for step in range(1, 41):
+        bar.update(step, loss=2.0 + (1.0 if step % 2 else -1.0), tokens_per_s=1.0, mfu=0.5, lr=1e-3)
+    line = capsys.readouterr().out.strip()
+    avg = float(line.split("(avg ")[1].split(")")[0])
+    assert abs(avg - 2.0) < 0.1  # the noisy step loss (1 or 3) averages out
+    assert "MFU 50.0%?" in line  # an unreliable peak is marked
+    assert bar.smoothed(float("nan")) != bar.smoothed(float("nan"))  # a NaN is shown, not averaged away

@@ -292,3 +292,46 @@ def test_fuzz_train_check_exits_0_or_2(capsys, tmp_path, corpus):
         outcomes[code] += 1
     assert outcomes[0] >= 10 and outcomes[2] >= 100, outcomes  # both kinds were exercised
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- other verbs' file inputs
+
+
+def test_prompt_file_that_is_not_text(capsys, tmp_path):
+    path = tmp_path / "prompts.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    code, err = run_main(capsys, "generate", "--workdir", str(tmp_path), "--prompt-file", str(path))
+    assert code == 2 and f"--prompt-file: {path} is not UTF-8 text" in err and "Traceback" not in err, err
+
+
+_CSV = "name,params,tokens,loss\na,1e5,2e6,3.1\nb,2e5,4e6,2.9\nc,4e5,8e6,2.8\n"
+
+
+@pytest.mark.parametrize("content, needle", [
+    (_CSV.replace("b,2e5,4e6,2.9", "b,2e5,4e6,2.9,extra,more"), "row 3 has 6 fields, the header 4"),
+    (_CSV.encode().replace(b"name", b"n\xffme"), "not UTF-8 text"),
+    (_CSV.replace("1e5", "1e308"), "overflows"),
+    (_CSV.replace("2e6", "inf"), "positive and finite"),
+])
+def test_fit_on_a_malformed_csv(capsys, tmp_path, content, needle):
+    path = tmp_path / "runs.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = run_main(capsys, "fit", "--csv", str(path), "--out", str(tmp_path / "fit"), "--bootstrap", "0")
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "fit" / "fit.json").exists()
+
+
+def test_sweep_spec_with_duplicate_keys(capsys, tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: s\nname: t\ngrid: {tokens: [1e6]}\n")
+    code, err = run_main(capsys, "sweep", "run", str(path), "--dry-run")
+    assert code == 2 and "duplicate key 'name'" in err, err
+
+
+def test_preparing_a_local_corpus_does_not_claim_a_download(capsys, tmp_path, corpus):
+    code = cli.main(["train", "--check", "--workdir", str(tmp_path / "run"), *TINY, f"data.path={corpus}",
+                     f"data.cache_dir={tmp_path / 'fresh-cache'}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Downloading" not in captured.out + captured.err
+    assert "downloaded and prepared" not in captured.out + captured.err

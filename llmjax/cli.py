@@ -111,6 +111,8 @@ def _workdir(args: argparse.Namespace) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb in INFER_VERBS or args.verb in convert_cli.CONVERT_VERBS:
+        runlog.attach(None)  # orbax's and absl's logs to a temporary file, not the terminal (workdir untouched)
     if args.verb in INFER_VERBS:
         from llmjax.infer.commands import run
 

@@ -83,10 +83,13 @@ def _thread_hook(args: threading.ExceptHookArgs) -> None:
 
 
 def attach(workdir: Any) -> str:
-    """Send library logs and thread failures to `workdir/llmjax.log`; returns the local path written."""
+    """Send library logs and thread failures to `workdir/llmjax.log` (None: a temporary file, for commands
+    that must not write into their workdir); returns the local path written."""
     from llmjax.storage import is_url
 
-    if is_url(workdir):
+    if workdir is None:
+        _State.path, _State.upload_to = _fallback_path(), None
+    elif is_url(workdir):
         from llmjax.storage import as_path
 
         _State.path, _State.upload_to = _fallback_path(), workdir

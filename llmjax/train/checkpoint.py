@@ -212,10 +212,10 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         failures = []
         for step in steps:
-            if check is not None:
-                check(self.step_dir(step))
-            problem = self._verify(step)
+            problem = self._verify(step)  # first: a corrupted step must fall back, not look like another model
             if problem is None:
+                if check is not None:
+                    check(self.step_dir(step))
                 try:
                     restored = self.manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -252,10 +252,10 @@ class Checkpointer:
         item = {"params": abstract_params}
         failures = []
         for step in steps:
-            if check is not None:
-                check(self.step_dir(step))
             problem = self._verify(step)
             if problem is None:
+                if check is not None:
+                    check(self.step_dir(step))
                 try:
                     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),

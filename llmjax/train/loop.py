@@ -284,15 +284,21 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     except NonFiniteLoss as e:
         say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         status = EXIT_FAILED
+    except BaseException:
+        writer.close()
+        raise
     finally:
         try:
             ckpt.close()
+        except BaseException:
+            writer.close()
+            raise
         finally:
             bar.close()
             signals.restore()
-            if status != EXIT_OK:
-                writer.close()
-    late = signals.received if status == EXIT_OK else None
+    late = None
+    if status == EXIT_OK:  # every process gets here; they must agree (the samples are a collective)
+        late = agree_on_signal(signals.received) if multi else signals.received
     if late:  # a signal during the last step's eval or save: the checkpoint is saved, skip the samples
         log(f"{signal.Signals(late).name} received after the last step: checkpoint {last_saved} is saved in "
             f"{ckpt.directory}; skipping the samples")

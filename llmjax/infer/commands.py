@@ -61,7 +61,7 @@ class Loaded:
         ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
         try:
             self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
-                self.cfg.model, step_dir, abstract, nn.get_partition_spec(boxed), str(cfg_path)))
+                self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
         finally:
             ckpt.close()
         print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)

@@ -31,7 +31,7 @@ AXIS_KEYS = {
 }
 # keys that change the function a checkpoint computes (besides shapes); numerics and layout keys are free
 ARCHITECTURE_KEYS = (
-    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "norm", "norm_eps",
+    "family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "norm", "norm_eps",
     "position", "rope_theta", "mlp", "use_bias", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every",
     "moe.shared_experts", "moe.score", "moe.renormalize",
 )

@@ -2,8 +2,9 @@
 
 Once a command knows its workdir it calls `attach(workdir)`: from then on the warnings and
 errors of the libraries (orbax and absl log whole tracebacks when a save or restore fails),
-exceptions in background threads (orbax's save threads, TensorBoard's writer) and the
-traceback of any failure are appended there, while the terminal gets one line per problem.
+exceptions in background threads (orbax's save threads) and in callbacks (unraisable ones),
+and the traceback of any failure are appended there, while the terminal gets one line per
+problem.
 Before a workdir is known (or when it cannot be written) a temporary file is used. For a
 `gs://` workdir the log is written locally and copied next to the run by `detach`.
 """
@@ -82,6 +83,24 @@ def _thread_hook(args: threading.ExceptHookArgs) -> None:
           f"(details in {path})", file=sys.stderr, flush=True)
 
 
+def _unraisable_hook(args: Any) -> None:
+    """Exceptions nothing can catch (raised in callbacks, e.g. tensorstore completing a future on an event loop
+    orbax already closed after a failed save): into the log, not as tracebacks on the terminal."""
+    exc = args.exc_value or (args.exc_type() if args.exc_type else None)
+    if exc is not None:
+        record_exception(exc, f"unraisable exception ({args.err_msg or 'ignored'} in {args.object!r})")
+
+
+def _excepthook(exc_type: type, exc: BaseException, tb: Any) -> None:
+    """sys.excepthook: extension modules report errors in their callbacks through it (tensorstore completing
+    a future on an event loop orbax already closed after a failed save); into the log, not the terminal."""
+    if issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    exc.__traceback__ = tb
+    record_exception(exc, "exception reported by a library callback")
+
+
 def attach(workdir: Any) -> str:
     """Send library logs and thread failures to `workdir/llmjax.log` (None: a temporary file, for commands
     that must not write into their workdir); returns the local path written."""
@@ -118,6 +137,8 @@ def attach(workdir: Any) -> str:
         root.addHandler(handler)
         _State.handler = handler
     threading.excepthook = _thread_hook
+    # Kept after `detach`: such callbacks also fire while the interpreter shuts down (then into the temp file).
+    sys.unraisablehook, sys.excepthook = _unraisable_hook, _excepthook
     return current_path()
 
 

@@ -390,3 +390,27 @@ def test_sigint_during_the_final_evaluation_is_honoured(corpus, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--- sample" not in out
     assert (work / "checkpoints" / "6").is_dir()
+
+
+def test_library_noise_goes_to_the_log_not_the_terminal(tmp_path):
+    """What orbax/absl log, what fails in background threads, and what extension modules report through
+    sys.excepthook (tensorstore after a failed save: 'Event loop is closed') end up in WORKDIR/llmjax.log."""
+    code = f"""
+import logging, sys, threading
+from llmjax import runlog
+runlog.attach({str(tmp_path)!r})
+logging.getLogger("absl").error("orbax: a page of traceback")
+try:
+    raise RuntimeError("Event loop is closed")
+except RuntimeError:
+    sys.excepthook(*sys.exc_info())
+t = threading.Thread(target=lambda: 1 / 0, name="save_finalize")
+t.start(); t.join()
+runlog.detach()
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "Event loop" not in r.stderr and "a page of traceback" not in r.stderr
+    assert "a background thread (save_finalize) failed: ZeroDivisionError" in r.stderr  # one line
+    log = (tmp_path / "llmjax.log").read_text()
+    assert "a page of traceback" in log and "Event loop is closed" in log and "ZeroDivisionError" in log

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - one line on the terminal, the traceback in the log
         if os.environ.get("LLMJAX_DEBUG"):
+            sys.excepthook = sys.__excepthook__  # runlog's hook would send the traceback to the log
             raise
         reason = storage_problem(e)
         path = getattr(e, "llmjax_log", None) or runlog.record_exception(e, "unexpected failure")

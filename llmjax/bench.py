@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 
-from llmjax.config import Config, validate
+from llmjax.config import Config
 from llmjax.data.objectives import number_documents
 from llmjax.models.families import build_family
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.train.metrics import memory_summary, mfu, param_counts, peak_flops
+from llmjax.train.preflight import preflight
 from llmjax.train.setup import build_setup
 
 WARMUP_STEPS = 2
@@ -37,7 +38,7 @@ def random_batch(cfg: Config, rows: int, seed: int = 0) -> dict[str, np.ndarray]
 
 def bench(cfg: Config, steps: int = 10) -> int:
     """Compile and time `steps` train steps of `cfg`; print the figures. Returns 0."""
-    validate(cfg, jax.device_count())
+    preflight(cfg)  # the config's rules, and a parameter estimate against the devices' memory
     setup = build_setup(cfg)
     counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
     fpt = setup.family.flops_per_token(cfg.data.seq_len)

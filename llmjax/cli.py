@@ -1,6 +1,7 @@
 """`llmjax <verb>`: the command line.
 
-  llmjax train [--config FILE] [--workdir DIR] [section.key=value ...]
+  llmjax train [--config FILE] [--workdir DIR|gs://BUCKET/DIR] [--check] [section.key=value ...]
+  llmjax config show [--config FILE] [section.key=value ...]
   llmjax bench [--config FILE] [--steps N] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
   llmjax eval --workdir DIR [--split validation|train] [--int8]
@@ -16,28 +17,51 @@ Multi-process runs (one process per host, GPU or CPU-device group) add
 `--coordinator HOST:PORT --num-processes N --process-id I` (or the LLMJAX_* variables
 that launch/local.sh sets); TPU pods and Slurm job steps are detected automatically.
 
-Exit status: 0 success, 2 usage or configuration error (reported before anything is
-compiled), 1 a run that failed (e.g. a non-finite loss), 128+N after signal N (the run
-saved a checkpoint and can be resumed with the same command).
+`llmjax --version` prints the version; `llmjax train --check` validates the config, builds
+the data pipeline and the model, compiles the train and eval steps and exits, writing nothing.
+
+Exit status: 0 success; 2 usage or configuration error (reported before anything is
+compiled); 1 a run that failed (e.g. a non-finite loss, or an internal error); 3 a storage
+error (disk full, quota exceeded, read-only or forbidden path: the message names the path and
+its free space, and checkpoints saved before are intact); 128+N after signal N (the run saved
+a checkpoint and can be resumed with the same command). Every failure prints one line; the
+full detail (tracebacks, library logs) goes to WORKDIR/llmjax.log, or to a temporary file
+named in the message when there is no workdir. LLMJAX_DEBUG=1 shows tracebacks instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
+from llmjax import runlog
 from llmjax.config import ConfigError, load_config
 from llmjax.evals import cli_args as harness_cli
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
 from llmjax.scaling import cli_args as scaling_cli
+from llmjax.storage import EXIT_STORAGE, StorageError, storage_problem
 
-EXIT_USAGE = 2
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def version() -> str:
+    """'llmjax X (jax Y, Python Z)' from the installed package metadata (no jax import)."""
+    from importlib import metadata
+
+    def of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"llmjax {of('llmjax')} (jax {of('jax')}, Python {sys.version.split()[0]})"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax", description="Train and benchmark LLMs with JAX.")
+    p.add_argument("--version", action="version", version=version())
     sub = p.add_subparsers(dest="verb", required=True)
 
     def add_config_args(sp: argparse.ArgumentParser) -> None:
@@ -50,7 +74,15 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (resumes from the workdir's newest checkpoint)")
     add_config_args(t)
-    t.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+    t.add_argument("--workdir", help="run directory, a path or gs://BUCKET/PATH (default: runs/<config name>)")
+    t.add_argument("--check", action="store_true", help="validate, build and compile, then exit without training "
+                                                        "or writing anything")
+    c = sub.add_parser("config", help="print the resolved config: every key with its value, description, range "
+                                      "and default")
+    csub = c.add_subparsers(dest="config_verb", required=True)
+    show = csub.add_parser("show", help="the resolved config as commented YAML (usable as a config file)")
+    show.add_argument("--config", help="YAML config (default: experiments/configs/default.yaml)")
+    show.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     b = sub.add_parser("bench", help="print tokens/s, step time, MFU, compile time and memory for a config")
     add_config_args(b)
     b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
@@ -64,56 +96,100 @@ def _parser() -> argparse.ArgumentParser:
 def _checkpoint_error() -> type[Exception]:
     # Imported only when an exception reaches its `except` clause: `llmjax --help` and config
     # errors stay fast (the checkpoint module imports orbax).
+    if "llmjax.train.checkpoint" not in sys.modules:
+        return ()  # type: ignore[return-value] - nothing raised it: matches no exception
     from llmjax.train.checkpoint import CheckpointError
 
     return CheckpointError
 
 
+def _workdir(args: argparse.Namespace) -> str:
+    if args.workdir is None:
+        from pathlib import Path
+
+        return str(Path("runs") / Path(args.config or "default").stem)
+    if not args.workdir.strip():
+        raise ConfigError("--workdir: empty path")
+    return args.workdir
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb in INFER_VERBS or args.verb in convert_cli.CONVERT_VERBS or args.verb in harness_cli.HARNESS_VERBS:
+        runlog.attach(None)  # orbax's and absl's logs to a temporary file, not the terminal (workdir untouched)
+    if args.verb in INFER_VERBS:
+        from llmjax.infer.commands import run
+
+        return run(args)
+    if args.verb in harness_cli.HARNESS_VERBS:
+        return harness_cli.run(args)
+    if args.verb in scaling_cli.SCALING_VERBS:
+        return scaling_cli.run(args)
+    if args.verb in convert_cli.CONVERT_VERBS:
+        from llmjax.interop.convert import run as convert
+
+        return convert(args)
+    if args.verb == "bench" and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    cfg = load_config(args.config, args.overrides)
+    if args.verb == "config":
+        from llmjax.config import check_keys
+        from llmjax.config.show import render
+
+        check_keys(cfg)
+        where = args.config or "the default config (experiments/configs/default.yaml)"
+        print(render(cfg, where + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
+        return 0
+    workdir = _workdir(args) if args.verb == "train" else None
+    from llmjax.parallel.distributed import initialize
+
+    initialize(cfg, args.coordinator, args.num_processes, args.process_id)  # before any device use
+    from llmjax.runtime import setup_jax
+
+    setup_jax(cfg)
+    if args.verb == "train":
+        from llmjax.train.loop import train
+
+        return train(cfg, workdir, check_only=args.check)
+    from llmjax.bench import bench
+
+    return bench(cfg, args.steps)
+
+
+def _error(msg: str) -> None:
+    print(f"llmjax: error: {msg}", file=sys.stderr, flush=True)
+    runlog.record(f"error: {msg}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.verb in INFER_VERBS:
-            from llmjax.infer.commands import run
-
-            return run(args)
-        if args.verb in harness_cli.HARNESS_VERBS:
-            return harness_cli.run(args)
-        if args.verb in scaling_cli.SCALING_VERBS:
-            return scaling_cli.run(args)
-        if args.verb in convert_cli.CONVERT_VERBS:
-            from llmjax.interop.convert import run as convert
-
-            return convert(args)
-        if args.verb == "bench" and args.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-        cfg = load_config(args.config, args.overrides)
-        from llmjax.parallel.distributed import initialize
-
-        initialize(cfg, args.coordinator, args.num_processes, args.process_id)  # before any device use
-        from llmjax.runtime import setup_jax
-
-        setup_jax(cfg)
-        if args.verb == "train":
-            from llmjax.train.loop import train
-
-            workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config or "default").stem
-            if workdir.exists() and not workdir.is_dir():
-                raise ConfigError(f"--workdir: {workdir} exists and is not a directory")
-            return train(cfg, workdir)
-        if args.verb == "bench":
-            from llmjax.bench import bench
-
-            return bench(cfg, args.steps)
+        return _dispatch(args)
     except ConfigError as e:
-        print(f"llmjax: error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
+    except StorageError as e:
+        _error(str(e))
+        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("llmjax: interrupted", file=sys.stderr)
         return 130
     except _checkpoint_error() as e:
-        print(f"llmjax: error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
-    return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - one line on the terminal, the traceback in the log
+        if os.environ.get("LLMJAX_DEBUG"):
+            sys.excepthook = sys.__excepthook__  # runlog's hook would send the traceback to the log
+            raise
+        reason = storage_problem(e)
+        path = getattr(e, "llmjax_log", None) or runlog.record_exception(e, "unexpected failure")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if reason is not None:
+            _error(f"{reason}: {type(e).__name__}: {first[:300]} (details in {path})")
+            return EXIT_STORAGE
+        _error(f"{type(e).__name__}: {first[:300]} (the full traceback is in {path})")
+        return EXIT_FAILED
+    finally:
+        runlog.detach()
 
 
 if __name__ == "__main__":

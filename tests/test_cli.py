@@ -52,10 +52,11 @@ def train(tmp_path: Path, *args: str, workdir: Path | None = None) -> subprocess
 
 
 def assert_nothing_trained(tmp_path: Path, workdir: Path | None = None) -> None:
-    """The run stopped before setup: at most the saved config.yaml in the workdir, no checkpoints/metrics."""
+    """The run stopped before setup: at most the saved config.yaml and the log of the failure in the workdir,
+    no checkpoints/metrics."""
     workdir = workdir or tmp_path / "run"
     if workdir.exists():
-        assert {p.name for p in workdir.iterdir()} <= {"config.yaml"}, sorted(workdir.iterdir())
+        assert {p.name for p in workdir.iterdir()} <= {"config.yaml", "llmjax.log"}, sorted(workdir.iterdir())
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_bench_steps_zero(tmp_path):
         (["mesh.data=1", "mesh.tensor=8"], ["model.n_heads=4", "mesh.tensor=8"]),
         (["train.batch_size=12"], ["train.batch_size=12", "mesh.data", "mesh.fsdp"]),
         (["data.seq_len=128"], ["data.seq_len=128", "model.max_seq_len=64"]),
-        (["optim.warmup_steps=5"], ["optim.warmup_steps=5", "train.steps=4"]),
+        (["optim.b2=5"], ["optim.b2=5", "[0, 1)"]),
         (["optim.name=adam"], ["optim.name", "adam"]),
         (["mesh.rules.embedding=null"], ["mesh.rules.embedding"]),
     ],

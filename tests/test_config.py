@@ -241,7 +241,6 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         (["mesh.rules.embed=model"], ["mesh.rules.embed", "'model'"]),
         (["mesh.rules.vocab=[tensor, model]"], ["mesh.rules.vocab", "model"]),
         (["mesh.rules.vocab=3"], ["mesh.rules.vocab"]),
-        (["optim.warmup_steps=11"], ["optim.warmup_steps=11", "train.steps=10"]),
         (["optim.warmup_steps=-1"], ["optim.warmup_steps=-1"]),
         (["model.head_dim=5"], ["model.position=rope", "model.head_dim", "5"]),
         (["model.d_model=12", "model.n_heads=4", "model.n_kv_heads=4"], ["model.position=rope", "3"]),

@@ -130,6 +130,10 @@ def test_two_process_checkpoint_restores_in_one_process(single, multi, tmp_path,
     r = one_process(workdir, corpus, *RUN)
     assert r.returncode == 0, r.stderr
     assert f"resumed from {workdir / 'checkpoints' / '5'}" in r.stderr
+    # Each process hashed its share of the checkpoint's files; one process verifies them all.
+    manifests = sorted(p.name for p in (multi[0] / "checkpoints" / "5").glob("llmjax_checksums.*"))
+    assert manifests == ["llmjax_checksums.0-of-2.json", "llmjax_checksums.1-of-2.json"]
+    assert "is unreadable" not in r.stderr and "not verified" not in r.stderr
     ref, got = losses(single), losses(workdir)
     np.testing.assert_allclose([got[s] for s in range(5, 10)], [ref[s] for s in range(5, 10)], rtol=1e-6)
 

@@ -15,6 +15,7 @@ from llmjax.config.loading import (
     load_config,
     load_yaml,
     parse_override,
+    parse_yaml,
     save_config,
     to_dict,
 )
@@ -38,11 +39,12 @@ from llmjax.config.schema import (
     choices,
     mesh_axis_names,
 )
-from llmjax.config.validate import validate
+from llmjax.config.validate import check_keys, config_warnings, validate
 
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DistributedConfig", "EvalConfig", "LogConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig",
-    "PipelineConfig", "SampleConfig", "TrainConfig", "WandbConfig", "choices", "deep_merge", "from_dict",
-    "load_config", "load_yaml", "mesh_axis_names", "parse_override", "save_config", "to_dict", "validate",
+    "PipelineConfig", "SampleConfig", "TrainConfig", "WandbConfig", "check_keys", "choices", "config_warnings",
+    "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names", "parse_override", "parse_yaml",
+    "save_config", "to_dict", "validate",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llmjax.config.fields import option
 from llmjax.config.schema import ConfigError, ModelConfig
 
 # name -> "module:class" of the family implementation
@@ -30,11 +31,11 @@ class EncoderConfig(ModelConfig):
     `mask_token_prob`, by a random token with `random_token_prob`, and kept otherwise (BERT: 15%,
     80/10/10). The loss and accuracy are over the selected tokens."""
 
-    family: str = "encoder"
+    family: str = option("encoder", "model family (llmjax.config.families)")
     causal_lm = False  # class attribute: masked-LM scores are not sequence log-likelihoods
-    mask_prob: float = 0.15
-    mask_token_prob: float = 0.8
-    random_token_prob: float = 0.1
+    mask_prob: float = option(0.15, "share of the tokens selected for prediction (masked LM)")
+    mask_token_prob: float = option(0.8, "a selected token is replaced by the mask id with this probability")
+    random_token_prob: float = option(0.1, "a selected token is replaced by a random token with this probability")
 
     @property
     def reserved_ids(self) -> int:
@@ -62,11 +63,11 @@ class EncoderDecoderConfig(ModelConfig):
     `sentinels + 1` ids of the vocabulary (reserved). `data.seq_len` is the encoder input length; the
     target length follows from it."""
 
-    family: str = "encoder_decoder"
-    n_encoder_layers: int = 0
-    noise_density: float = 0.15
-    mean_span_length: float = 3.0
-    sentinels: int = 100
+    family: str = option("encoder_decoder", "model family (llmjax.config.families)")
+    n_encoder_layers: int = option(0, "encoder blocks; 0: model.n_layers (the decoder's depth)")
+    noise_density: float = option(0.15, "share of each row's tokens corrupted (span corruption)")
+    mean_span_length: float = option(3.0, "mean length of a corrupted span, in tokens")
+    sentinels: int = option(100, "sentinel ids reserved at the top of the vocabulary (one per span)")
 
     @property
     def reserved_ids(self) -> int:

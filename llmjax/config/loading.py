@@ -137,6 +137,30 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are not duplicates
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` that rejects duplicate keys (yaml.YAMLError)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], yaml-parsed value)."""
     if "=" not in item:
@@ -146,27 +170,50 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
+        raise ConfigError(f"override '{item}': cannot parse the value: {_one_line(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"override '{item}': the value is nested too deeply") from None
     return key.split("."), value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    if not str(path).strip():
+        raise ConfigError("--config: empty path")
+    if "://" in str(path):  # gs://... : through etils.epath (imported only for URLs)
+        from llmjax.storage import as_path
+
+        path = as_path(path)
+    else:
+        path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path}: cannot read: {e}") from None
+        raise ConfigError(f"config file {path}: invalid YAML: {_one_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read: {e.strerror or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where ('line 3, column 5')."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -2,8 +2,10 @@
 
 Every key's type is its annotation; a key with a fixed set of values is a `Literal`, and
 that annotation is the one place the allowed values are declared (`choices` reads them
-back, e.g. for a CLI's `choices=`). Loading and type checks live in `config.loading`,
-cross-field rules in `config.validate`.
+back, e.g. for a CLI's `choices=`). Every key is declared with `option(default, doc,
+range)` (`config.fields`): its one-line description and its allowed range live next to it,
+`llmjax config show` prints both and `validate` checks every range. Loading and type checks
+live in `config.loading`, cross-field rules in `config.validate`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 from typing import Any, Literal
+
+from llmjax.config.fields import INT32_MAX, option, section
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
@@ -29,16 +33,18 @@ class MoEConfig:
     `shared_experts` x d_ff of always-on (shared) MLP width. See `llmjax.models.moe`.
     """
 
-    num_experts: int = 0  # 0: dense
-    top_k: int = 2
-    capacity_factor: float = 0.0  # <= 0: dropless (grouped matmul); > 0: fixed capacity, overflow dropped
-    every: int = 1  # every `every`-th layer is MoE (layers every-1, 2*every-1, ...), dense layers between
-    shared_experts: int = 0  # always-on MLP of width shared_experts * d_ff (DeepSeek style)
-    aux_loss_weight: float = 0.01  # Switch/GShard load-balancing loss
-    z_loss_weight: float = 0.001  # router z-loss
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = True  # top-k weights divided by their sum
-    router_jitter: float = 0.0  # training only: router input scaled by U(1-j, 1+j) (needs a "router" rng)
+    num_experts: int = option(0, "routed experts per MoE layer; 0: a dense model", ge=0)
+    top_k: int = option(2, "experts each token is routed to (<= num_experts)", ge=1)
+    capacity_factor: float = option(
+        0.0, "<= 0: dropless (grouped matmul); > 0: slots per expert = factor x tokens x top_k / experts, "
+        "overflow dropped")
+    every: int = option(1, "every `every`-th layer is MoE (layers every-1, 2*every-1, ...), dense between", ge=1)
+    shared_experts: int = option(0, "always-on MLP of width shared_experts x d_ff (DeepSeek style)", ge=0)
+    aux_loss_weight: float = option(0.01, "weight of the Switch/GShard load-balancing loss", ge=0)
+    z_loss_weight: float = option(0.001, "weight of the router z-loss", ge=0)
+    score: Literal["softmax", "sigmoid"] = option("softmax", "router scores over the experts")
+    renormalize: bool = option(True, "divide the top-k weights by their sum")
+    router_jitter: float = option(0.0, "training only: router input scaled by U(1-j, 1+j)", ge=0, lt=1)
 
     @property
     def enabled(self) -> bool:
@@ -54,29 +60,32 @@ class ModelConfig:
     Frozen (hashable): the model module that holds it is a static argument under jit.
     """
 
-    family: str = "decoder"  # a model family of llmjax.config.families (decoder, encoder, encoder_decoder)
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    head_dim: int = 0  # 0: d_model // n_heads
-    d_ff: int = 1024
-    max_seq_len: int = 1024
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    norm_eps: float = 1e-5
-    position: Literal["rope", "learned"] = "rope"
-    rope_theta: float = 10000.0
-    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
-    use_bias: bool = False
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    compute_dtype: Dtype = "bfloat16"
-    param_dtype: Dtype = "float32"
-    remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
-    scan_layers: bool = True  # False: a Python loop over the same stacked params (faster small models)
-    attention: str = "xla"  # an implementation of llmjax.kernels.ATTENTION_MODULES (xla = the einsum reference)
-    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    family: str = option("decoder", "model family (llmjax.config.families): decoder, ...")
+    vocab_size: int = option(8192, "token ids 0 .. vocab_size-1 (>= the tokenizer's pieces)", gt=0)
+    d_model: int = option(256, "model width (residual stream)", gt=0)
+    n_layers: int = option(4, "decoder blocks", gt=0)
+    n_heads: int = option(4, "query heads", gt=0)
+    n_kv_heads: int = option(4, "key/value heads (grouped-query attention; n_heads: MHA, 1: MQA)", gt=0)
+    head_dim: int = option(0, "per-head width; 0: d_model // n_heads", ge=0)
+    d_ff: int = option(1024, "MLP hidden width (also each MoE expert's)", gt=0)
+    max_seq_len: int = option(1024, "longest context (learned position table size, KV cache limit)", gt=0)
+    norm: Literal["rmsnorm", "layernorm"] = option("rmsnorm", "normalisation layer")
+    norm_eps: float = option(1e-5, "epsilon of the norms", gt=0, lt=1)
+    position: Literal["rope", "learned"] = option("rope", "position encoding: rotary (rotate-half) or a learned table")
+    rope_theta: float = option(10000.0, "RoPE base wavelength", gt=0)
+    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = option("swiglu", "MLP kind (gated: swiglu, geglu)")
+    use_bias: bool = option(False, "biases in the dense layers")
+    tie_embeddings: bool = option(False, "the LM head reuses the token embedding table")
+    init_std: float = option(0.02, "standard deviation of the normal weight initialisation", gt=0)
+    compute_dtype: Dtype = option("bfloat16", "matmul input dtype (accumulation is float32)")
+    param_dtype: Dtype = option("float32", "dtype the parameters are stored and updated in")
+    remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = option(
+        "none", "activation recomputation policy per layer")
+    scan_layers: bool = option(True, "nn.scan over the layers; false: a Python loop over the same stacked params "
+                                     "(faster for small models)")
+    attention: str = option("xla", "attention implementation (llmjax.kernels): xla (the einsum reference; "
+                                   "alias einsum) | dot_product_attention")
+    moe: MoEConfig = section(MoEConfig, "Mixture-of-Experts layers (num_experts > 0)")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -100,20 +109,23 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from and how they are cut into rows."""
 
-    path: str | None = None  # local text file, directory or glob; unset = embedded default corpus
-    tfds_name: str | None = None  # a TFDS dataset the user prepared under tfds_data_dir
-    tfds_data_dir: str | None = None
-    tfds_train_split: str = "train"
-    tfds_eval_split: str = "validation"  # falls back to carving validation_fraction off train
-    text_key: str = "text"
-    extensions: list[str] = dataclasses.field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
-    seq_len: int = 256
-    validation_fraction: float = 0.01
-    tokenizer: str | None = None  # path to a sentencepiece .model; unset = train one (cached)
-    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
-    tokenizer_train_bytes: int = 20_000_000
-    cache_dir: str | None = None  # unset: $LLMJAX_CACHE or ~/.cache/llmjax
-    shuffle: bool = True
+    path: str | None = option(None, "local text file, directory or glob; null: the embedded default corpus")
+    tfds_name: str | None = option(None, "a TFDS dataset the user prepared under data.tfds_data_dir")
+    tfds_data_dir: str | None = option(None, "directory the TFDS dataset was prepared in")
+    tfds_train_split: str = option("train", "TFDS split to train on")
+    tfds_eval_split: str = option("validation", "TFDS split to evaluate on (absent: validation_fraction of train)")
+    text_key: str = option("text", "TFDS feature that holds the text")
+    extensions: list[str] = option(factory=lambda: [".py", ".txt", ".md", ".rst"],
+                                   doc="file endings read when data.path is a directory")
+    seq_len: int = option(256, "tokens per training row", gt=0)
+    validation_fraction: float = option(0.01, "share of the documents held out for validation", ge=0, lt=1)
+    tokenizer: str | None = option(None, "a sentencepiece .model file; null: train one on the corpus (cached)")
+    tokenizer_type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type when training one")
+    tokenizer_train_bytes: int = option(20_000_000, "bytes of the corpus the tokenizer is trained on", gt=0,
+                                        le=2**62)
+    cache_dir: str | None = option(None, "tokenizer/corpus/compilation caches; null: $LLMJAX_CACHE or "
+                                         "~/.cache/llmjax")
+    shuffle: bool = option(True, "shuffle the rows (an epoch-by-epoch permutation, a function of the seed)")
 
 
 @dataclasses.dataclass
@@ -127,18 +139,18 @@ class MeshConfig:
     `data` then has `dcn_data * data` devices. They are not mesh axes of their own.
     """
 
-    pipeline: int = 1
-    data: int = -1
-    fsdp: int = 1
-    expert: int = 1
-    tensor: int = 1
-    dcn_pipeline: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_expert: int = 1
-    dcn_tensor: int = 1
-    # Overrides of the logical->mesh rules, e.g. {"embed": null, "vocab": ["tensor"]}.
-    rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pipeline: int = option(1, "pipeline stages (-1: the remaining devices)", ge=-1)
+    data: int = option(-1, "data-parallel replicas (-1: the remaining devices)", ge=-1)
+    fsdp: int = option(1, "fully-sharded data parallelism: parameters split, batch split", ge=-1)
+    expert: int = option(1, "expert parallelism (MoE experts split over it)", ge=-1)
+    tensor: int = option(1, "tensor parallelism: heads, MLP width and vocabulary split", ge=-1)
+    dcn_pipeline: int = option(1, "slices the pipeline axis spans (multi-slice)", ge=1)
+    dcn_data: int = option(1, "slices the data axis spans (multi-slice)", ge=1)
+    dcn_fsdp: int = option(1, "slices the fsdp axis spans (multi-slice)", ge=1)
+    dcn_expert: int = option(1, "slices the expert axis spans (multi-slice)", ge=1)
+    dcn_tensor: int = option(1, "slices the tensor axis spans (multi-slice)", ge=1)
+    rules: dict[str, Any] = option(factory=dict, doc="logical->mesh rule overrides, e.g. {embed: null, vocab: "
+                                                     "[tensor]}")
 
 
 @dataclasses.dataclass
@@ -151,63 +163,63 @@ class PipelineConfig:
     (S-1)/(R*M+S-1) for S stages, R repeats, M microbatches.
     """
 
-    microbatches: int = 1
-    repeats: int = 1
+    microbatches: int = option(1, "microbatches per (accumulation) batch", ge=1)
+    repeats: int = option(1, "layer groups per stage (circular schedule when > 1)", ge=1)
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    name: Literal["adamw", "adafactor", "lion", "sgd"] = "adamw"
-    lr: float = 3e-3
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_embeddings: bool = False
-    clip_norm: float = 1.0  # <= 0 disables clipping
-    grad_accum_steps: int = 1
+    name: Literal["adamw", "adafactor", "lion", "sgd"] = option("adamw", "optimizer")
+    lr: float = option(3e-3, "peak learning rate", gt=0)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = option("cosine", "decay after the linear warmup")
+    warmup_steps: int = option(100, "linear warmup steps from 0 (longer than train.steps: clamped, with a warning)",
+                               ge=0)
+    decay_fraction: float = option(0.2, "wsd: share of the steps spent decaying", ge=0, le=1)
+    min_lr_ratio: float = option(0.1, "final learning rate / peak", ge=0, le=1)
+    b1: float = option(0.9, "first-moment decay (adamw, lion; sgd: momentum, 0 = none)", ge=0, lt=1)
+    b2: float = option(0.95, "second-moment decay (adamw, lion)", ge=0, lt=1)
+    eps: float = option(1e-8, "adamw/adafactor denominator epsilon", gt=0)
+    weight_decay: float = option(0.1, "decoupled weight decay (norms, biases and embeddings excluded)", ge=0)
+    decay_embeddings: bool = option(False, "also decay the embedding tables")
+    clip_norm: float = option(1.0, "global gradient-norm clip; <= 0 disables clipping")
+    grad_accum_steps: int = option(1, "microbatches accumulated per update (divides train.batch_size)", ge=1)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 8  # global, in sequences
-    z_loss: float = 0.0
-    log_every: int = 10
-    progress: bool = True
-    tensorboard: bool = True
-    stop_on_nonfinite: bool = True
-    # Stop (with a checkpoint, exit 0) once this many steps are done, as if preempted, while the
-    # schedule still follows train.steps; 0: run to train.steps. Used for WSD cooldown branches.
-    stop_after: int = 0
+    steps: int = option(1000, "optimizer updates of the run (the schedule's length)", gt=0)
+    batch_size: int = option(8, "global batch, in sequences", gt=0)
+    z_loss: float = option(0.0, "weight of the z-loss on the logits' log-partition", ge=0)
+    log_every: int = option(10, "steps between log lines when stderr is not a terminal", ge=1)
+    progress: bool = option(True, "progress bar (loss, smoothed loss, tokens/s, MFU, ETA)")
+    tensorboard: bool = option(True, "write TensorBoard events to WORKDIR/tensorboard")
+    stop_on_nonfinite: bool = option(True, "stop the run on a non-finite loss")
+    stop_after: int = option(0, "stop with a checkpoint (exit 0) after this many steps while the schedule "
+                                "follows train.steps; 0: run to train.steps", ge=0)
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    every_steps: int = 200
-    batches: int = 8  # validation batches per evaluation (0: whole split)
-    # Multiple-choice JSONL tasks scored by log-likelihood at every evaluation (llmjax.evals.tasks),
-    # e.g. [experiments/data/python_mc.jsonl]; metrics "<task>/acc", "<task>/acc_norm", "<task>/logprob" (kind "tasks").
-    tasks: list[str] = dataclasses.field(default_factory=list)
-    tasks_limit: int = 0  # examples per task (0: all)
+    every_steps: int = option(200, "steps between validation evaluations; 0: none", ge=0)
+    batches: int = option(8, "validation batches per evaluation; 0: the whole split", ge=0)
+    tasks: list[str] = option(factory=list, doc="multiple-choice JSONL tasks scored by log-likelihood at every "
+                              "evaluation (llmjax.evals.tasks), e.g. [experiments/data/python_mc.jsonl]")
+    tasks_limit: int = option(0, "examples scored per task; 0: all", ge=0)
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every_steps: int = 250
-    keep: int = 3
-    async_save: bool = True
+    every_steps: int = option(250, "steps between checkpoints (and one at the end); 0: only at the end", ge=0)
+    keep: int = option(3, "newest checkpoints kept", ge=1)
+    async_save: bool = option(True, "write checkpoints in the background while training goes on")
+    checksums: bool = option(True, "SHA-256 of every checkpoint file, written at save and verified at restore")
 
 
 @dataclasses.dataclass
 class SampleConfig:
-    prompt: str = "def fibonacci(n):\n"
-    max_new_tokens: int = 64
-    temperature: float = 0.8
+    prompt: str = option("def fibonacci(n):\n", "prompt of the end-of-run samples")
+    max_new_tokens: int = option(64, "tokens sampled at the end of the run; 0: no samples", ge=0)
+    temperature: float = option(0.8, "temperature of the second end-of-run sample", ge=0)
 
 
 @dataclasses.dataclass
@@ -219,20 +231,20 @@ class WandbConfig:
     run continues the same W&B run (its id is kept in WORKDIR/wandb_run_id).
     """
 
-    project: str | None = None
-    entity: str | None = None
-    name: str | None = None  # run name; unset: the workdir's name
-    group: str | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
-    # unset: wandb decides (WANDB_MODE, else online); offline writes the run to disk only (`wandb sync` later)
-    mode: Literal["online", "offline", "disabled"] | None = None
+    project: str | None = option(None, "W&B project; null: no W&B logging")
+    entity: str | None = option(None, "W&B entity (user or team); null: the account's default")
+    name: str | None = option(None, "run name; null: the workdir's name")
+    group: str | None = option(None, "W&B group of the run")
+    tags: list[str] = option(factory=list, doc="W&B tags of the run")
+    mode: Literal["online", "offline", "disabled"] | None = option(
+        None, "null: wandb decides (WANDB_MODE, else online); offline: to disk only (`wandb sync` later)")
 
 
 @dataclasses.dataclass
 class LogConfig:
     """Experiment tracking beyond metrics.jsonl and TensorBoard (`train.tensorboard`)."""
 
-    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases logging from process 0")
 
 
 @dataclasses.dataclass
@@ -244,27 +256,27 @@ class DistributedConfig:
     take precedence over these keys.
     """
 
-    coordinator: str | None = None  # host:port of process 0
-    num_processes: int = 0  # 0: unset
-    process_id: int = -1  # -1: unset
-    auto_detect: bool = True  # call jax.distributed.initialize() on a detected TPU pod / Slurm job
-    initialization_timeout: int = 300  # seconds to wait for every process to join
+    coordinator: str | None = option(None, "host:port of process 0's coordinator")
+    num_processes: int = option(0, "processes in the run; 0: unset", ge=0)
+    process_id: int = option(-1, "this process's index; -1: unset", ge=-1)
+    auto_detect: bool = option(True, "call jax.distributed.initialize() on a detected TPU pod / Slurm job")
+    initialization_timeout: int = option(300, "seconds to wait for every process to join", gt=0)
 
 
 @dataclasses.dataclass
 class Config:
-    seed: int = 0
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    log: LogConfig = dataclasses.field(default_factory=LogConfig)
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    seed: int = option(0, "seed of the initialisation, the data order and the samples", ge=0, le=INT32_MAX)
+    model: ModelConfig = section(ModelConfig, "the network")
+    data: DataConfig = section(DataConfig, "corpus, tokenizer, rows")
+    mesh: MeshConfig = section(MeshConfig, "device mesh and sharding rules")
+    pipeline: PipelineConfig = section(PipelineConfig, "pipeline schedule")
+    optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "the training loop")
+    eval: EvalConfig = section(EvalConfig, "in-loop validation and downstream tasks")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "orbax checkpoints in WORKDIR/checkpoints")
+    sample: SampleConfig = section(SampleConfig, "end-of-run samples")
+    log: LogConfig = section(LogConfig, "experiment tracking (Weights & Biases)")
+    distributed: DistributedConfig = section(DistributedConfig, "multi-process runtime")
 
 
 def choices(cls: type, name: str) -> tuple[Any, ...]:

@@ -1,33 +1,67 @@
-"""Cross-field rules of a `Config`, checked before anything is compiled.
+"""The rules of a `Config`, checked before anything is compiled.
 
-`validate(cfg, n_devices)` checks divisibility, lengths, mesh sizes against the device
-count, pipeline and MoE settings, and the logical-rule overrides; every problem raises
-`ConfigError` naming the key. Per-key types and `Literal` choices are checked when the
-config is built (`config.loading`); `validate` checks the choices again for configs
-assembled in code (`dataclasses.replace`).
+`validate(cfg, n_devices)` first checks every key on its own (`check_keys`: the `Literal`
+choices, the ranges declared in the schema, 32-bit integers, no empty strings), then the
+cross-field rules: divisibility, lengths, mesh sizes against the device count, pipeline and
+MoE settings, and the logical-rule overrides. Every problem raises `ConfigError` naming the
+key. Types are checked when the config is built (`config.loading`); the per-key checks run
+here so that configs assembled in code (`dataclasses.replace`) are checked too.
+`config_warnings` lists accepted settings that are adjusted (a warmup longer than the run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal
 
 from llmjax.config.families import model_config_class
+from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.kernels import attention_names
 from llmjax.parallel.mesh import mesh_shape
 
 
-def _check_choices(node: Any, prefix: str) -> None:
-    """Every `Literal` field of the dataclass tree `node` holds one of its declared values."""
+def check_keys(node: Any, prefix: str = "") -> None:
+    """Per-key rules of the dataclass tree `node`: every `Literal` field holds one of its values, every
+    number is in its declared range (integers also within 32 bits), no string is empty unless its field
+    allows it. Raises ConfigError naming the first offending key."""
     hints = typing.get_type_hints(type(node))
     for f in dataclasses.fields(node):
-        value, tp = getattr(node, f.name), hints[f.name]
+        key, value, tp = f"{prefix}{f.name}", getattr(node, f.name), hints[f.name]
         if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
-        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
-            raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(typing.get_args(tp))}")
+            check_keys(value, f"{key}.")
+            continue
+        if typing.get_origin(tp) is Literal:
+            if value not in typing.get_args(tp):
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+            continue
+        base = _number_type(tp)
+        if base is not None and value is not None:
+            problem = check_range(key, value, range_of(f, base))
+            if problem:
+                raise ConfigError(problem)
+        if not allows_empty(f):
+            strings = value if isinstance(value, list) else [value]
+            for i, v in enumerate(strings):
+                if isinstance(v, str) and not v.strip():
+                    where = f"{key}[{i}]" if isinstance(value, list) else key
+                    unset = " (null unsets it)" if _optional(tp) else ""
+                    raise ConfigError(f"{where}: empty string; give a value{unset}")
+
+
+def _number_type(tp: Any) -> type | None:
+    """int or float for a numeric annotation (optional or not), else None; bool is not a number."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for arg in args:
+        if arg in (int, float):
+            return arg
+    return None
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -35,24 +69,24 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
 
 
-def _positive(cfg: Any, section: str, *names: str) -> None:
-    for n in names:
-        v = getattr(cfg, n)
-        if v <= 0:
-            raise ConfigError(f"{section}.{n} must be positive, got {v}")
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are accepted but adjusted, one message each (the trainer logs them)."""
+    notes = []
+    o, t = cfg.optim, cfg.train
+    if o.warmup_steps > t.steps:
+        notes.append(f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}: warming up over "
+                     f"all {t.steps} steps (set optim.warmup_steps to choose)")
+    return notes
 
 
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     """Check every cross-field rule; return the resolved mesh shape. Raises ConfigError."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    _check_choices(cfg, "")
-    _positive(m, "model", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
+    check_keys(cfg)
     _choice("model.attention", m.attention, attention_names())
     if type(m) is not model_config_class(m.family):
         raise ConfigError(f"model.family={m.family}: the model section is a {type(m).__name__}")
     m.check(d.seq_len)
-    if m.head_dim < 0:
-        raise ConfigError(f"model.head_dim must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
     if m.head_dim == 0 and m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)"
@@ -67,33 +101,12 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
     _validate_moe(m)
 
-    _positive(d, "data", "seq_len")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if d.path and d.tfds_name:
         raise ConfigError("set only one of data.path and data.tfds_name")
-    if not 0.0 <= d.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction must be in [0, 1), got {d.validation_fraction}")
-
-    _positive(o, "optim", "lr", "grad_accum_steps")
-    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
-    if not 0.0 <= o.decay_fraction <= 1.0:
-        raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-
-    _positive(t, "train", "steps", "batch_size", "log_every")
-    if not 0 <= t.stop_after <= t.steps:
+    if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
-    if cfg.eval.every_steps < 0 or cfg.eval.batches < 0:
-        raise ConfigError("eval.every_steps and eval.batches must be >= 0")
-    if cfg.checkpoint.every_steps < 0:
-        raise ConfigError(f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
-    if cfg.sample.max_new_tokens < 0 or cfg.sample.temperature < 0:
-        raise ConfigError("sample.max_new_tokens and sample.temperature must be >= 0")
 
     shape = mesh_shape(cfg.mesh, n_devices)
     if shape["pipeline"] > 1 and not m.supports_pipeline:
@@ -126,10 +139,6 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if shape["expert"] > 1:
         _check_expert_rules(cfg.mesh.rules)
     _validate_tasks_and_tracking(cfg)
-    dist = cfg.distributed
-    if dist.num_processes < 0 or dist.process_id < -1 or dist.initialization_timeout <= 0:
-        raise ConfigError("distributed.num_processes must be >= 0, distributed.process_id >= -1 and "
-                          "distributed.initialization_timeout positive")
     return shape
 
 
@@ -137,7 +146,6 @@ def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
     """Stages x repeats must divide the scanned layer units; microbatches the per-replica batch (and,
     for a circular schedule, be at least the stages)."""
     p, m = cfg.pipeline, cfg.model
-    _positive(p, "pipeline", "microbatches", "repeats")
     stages = shape["pipeline"]
     units = m.n_layers // m.moe.every if m.moe.enabled and m.moe.every > 1 else m.n_layers
     what = f"model.n_layers={m.n_layers}" + (f" / model.moe.every={m.moe.every} = {units} layer groups"
@@ -157,22 +165,12 @@ def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
 
 def _validate_moe(m: ModelConfig) -> None:
     e = m.moe
-    if e.num_experts < 0:
-        raise ConfigError(f"model.moe.num_experts must be >= 0 (0 = dense), got {e.num_experts}")
     if not e.enabled:
         return
     if not 1 <= e.top_k <= e.num_experts:
         raise ConfigError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.num_experts={e.num_experts}]")
-    if e.every < 1:
-        raise ConfigError(f"model.moe.every must be >= 1, got {e.every}")
     if m.n_layers % e.every:
         raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by model.moe.every={e.every}")
-    if e.shared_experts < 0:
-        raise ConfigError(f"model.moe.shared_experts must be >= 0, got {e.shared_experts}")
-    if e.aux_loss_weight < 0 or e.z_loss_weight < 0:
-        raise ConfigError("model.moe.aux_loss_weight and model.moe.z_loss_weight must be >= 0")
-    if not 0.0 <= e.router_jitter < 1.0:
-        raise ConfigError(f"model.moe.router_jitter must be in [0, 1), got {e.router_jitter}")
 
 
 def _check_expert_rules(rules: dict[str, Any]) -> None:

@@ -225,6 +225,7 @@ def _make_builder_class():
         RELEASE_NOTES = {"1.0.0": "Initial release."}
         # Not a TFDS package: no checksums file to look up (tfds' lookup needs importlib_resources).
         code_path = None
+        _log_download_bytes = _log_download_done = lambda self: None  # nothing is downloaded: no "Downloading"
 
         def __init__(self, *, split_docs: dict[str, list[str]] | None = None, **kwargs: Any):
             self._split_docs = split_docs

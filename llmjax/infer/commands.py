@@ -38,9 +38,12 @@ class Loaded:
 
     def __init__(self, workdir: str | Path):
         from llmjax.runtime import setup_jax
+        from llmjax.storage import as_path, check_backend
         from llmjax.train.checkpoint import Checkpointer
+        from llmjax.train.compat import check_matches
 
-        self.workdir = Path(workdir)
+        check_backend(workdir)
+        self.workdir = as_path(workdir)
         cfg_path = self.workdir / "config.yaml"
         if not self.workdir.is_dir():
             raise ConfigError(f"--workdir: {self.workdir} is not a directory")
@@ -58,7 +61,8 @@ class Loaded:
         abstract = self.abstract.placed(self.mesh, self.rules)
         ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
         try:
-            self.step, self.params = ckpt.restore_params(abstract)
+            self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
+                self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
         finally:
             ckpt.close()
         print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)
@@ -108,7 +112,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise ConfigError(f"--prompt-file: {path} not found")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompt-file: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"--prompt-file: cannot read {path}: {e.strerror or e}") from None
+        lines = [line for line in text.splitlines() if line.strip()]
         if not lines:
             raise ConfigError(f"--prompt-file: {path} holds no prompt")
         prompts += lines

@@ -48,7 +48,7 @@ def load_curves(runs: Runs) -> list[tuple[np.ndarray, np.ndarray]] | str:
         if not path.is_file():
             return f"{path} not found"
         records = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:

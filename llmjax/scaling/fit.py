@@ -98,7 +98,12 @@ def write_fit(csv_path: str | Path, out_dir: str | Path, budgets: str | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fit.json"
-    path.write_text(json.dumps(fit, indent=1, default=float) + "\n")
+    try:
+        text = json.dumps(fit, indent=1, default=float, allow_nan=False)
+    except ValueError:
+        raise ScalingError(f"the fit of {csv_path} has non-finite values (inputs out of range? values near 1e308 "
+                           "overflow): nothing was written") from None
+    path.write_text(text + "\n")
     return path
 
 

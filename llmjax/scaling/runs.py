@@ -113,11 +113,20 @@ def group_budgets(C: np.ndarray, tolerance: float = BUDGET_TOLERANCE) -> tuple[n
 def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise ScalingError(f"runs CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    return header, rows
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise ScalingError(f"runs CSV {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (OSError, csv.Error) as e:
+        raise ScalingError(f"runs CSV {path}: cannot read it ({e})") from None
+    for i, r in enumerate(rows):
+        if None in r:  # DictReader puts the values past the header under the key None
+            raise ScalingError(f"runs CSV {path}: row {i + 2} has {len(header) + len(r[None])} fields, the header "
+                               f"{len(header)}")
+    return header, [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in rows]
 
 
 def _choose_columns(path: Path, header: list[str], params: str, loss: str | None, flops: str) -> tuple[str, str]:
@@ -172,6 +181,10 @@ def load_runs(path: str | Path, params: str = "total", loss: str | None = None, 
         c = [_float(r["flops"], i + 2, "flops") for i, r in enumerate(rows)]
     else:
         c = [6 * n[i] * d[i] for i in range(len(rows))]
+        for i, x in enumerate(c):
+            if not math.isfinite(x):
+                raise ScalingError(f"runs CSV {path}: row {i + 2}: 6 x params x tokens = {x} overflows (give a "
+                                   "'flops' column, or check the values)")
     N, D, L, C = (np.array(x, float) for x in (n, d, losses, c))
     if "budget" in header and all(r.get("budget") for r in rows):
         given = np.array([_float(r["budget"], i + 2, "budget") for i, r in enumerate(rows)])

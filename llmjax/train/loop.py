@@ -13,73 +13,43 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from llmjax.config import Config, ConfigError, deep_merge, load_yaml, save_config, to_dict, validate
+from llmjax import runlog
+from llmjax.config import Config, ConfigError, config_warnings, to_dict
 from llmjax.data.pipeline import DataModule
 from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
+from llmjax.storage import EXIT_STORAGE, StorageError, as_path
+from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint import Checkpointer
-from llmjax.train.metrics import (
-    MetricsWriter,
-    ProgressBar,
-    memory_summary,
-    mfu,
-    param_counts,
-    peak_flops,
-)
+from llmjax.train.compat import check_matches
+from llmjax.train.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
 from llmjax.train.optim import current_lr
+from llmjax.train.peak import peak_info
+from llmjax.train.preflight import preflight
 from llmjax.train.run_info import write_run_info
 from llmjax.train.setup import Setup, build_setup
 from llmjax.train.tracking import hardware_info, open_wandb
-
-# Keys of a saved config that must match to resume from its checkpoints.
-RESUME_KEYS = ("model", "optim.name")
+from llmjax.train.workdir import RESUME_KEYS, check_resumable  # noqa: F401 - re-exported (old import path)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
-
-
-def check_resumable(cfg: Config, workdir: Path) -> None:
-    """Refuse to resume a workdir whose checkpoints belong to a different model or optimizer."""
-    saved_path = workdir / "config.yaml"
-    if not saved_path.exists() or not (workdir / "checkpoints").exists():
-        return
-    # Keys the saved file lacks (added to the config since, e.g. model.moe) take today's defaults,
-    # which by convention keep the old behaviour.
-    saved, now = deep_merge(to_dict(Config()), load_yaml(saved_path)), to_dict(cfg)
-    for key in RESUME_KEYS:
-        a, b = _lookup(saved, key), _lookup(now, key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs = [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        else:
-            diffs = [f"{key}: {a!r} -> {b!r}"] if a != b else []
-        if diffs:
-            raise ConfigError(
-                f"{workdir} holds checkpoints of a different configuration ({'; '.join(diffs)}); "
-                "use another --workdir, or restore the original values"
-            )
-
-
-def _lookup(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree
 
 
 class _Signals:
@@ -139,39 +109,104 @@ def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dic
     return setup.family.eval_metrics(totals)
 
 
-def train(cfg: Config, workdir: str | Path) -> int:
-    """Train `cfg` in `workdir`, resuming from its newest checkpoint. Returns the exit status."""
-    workdir = Path(workdir)
+def _newest_step_dir(checkpoints: Any) -> Any | None:
+    """The newest `<step>` directory under `checkpoints` (read-only: no orbax manager is created)."""
+    if not checkpoints.is_dir():
+        return None
+    steps = [c for c in checkpoints.iterdir() if c.name.isdigit() and c.is_dir()]
+    return max(steps, key=lambda c: int(c.name)) if steps else None
+
+
+def check_run(cfg: Config, workdir: Any, setup: Setup, data: DataModule) -> int:
+    """`llmjax train --check`: everything a run does before its first step, without writing anything:
+    the checkpoint it would resume from must match, and the train and eval steps must compile."""
+    newest = _newest_step_dir(workdir / "checkpoints")
+    if newest is not None:
+        check_matches(cfg.model, newest, setup.abstract_state.params, setup.params.logical, "the config")
+        log(f"would resume from {newest} (its parameter shapes match)")
+    t0 = time.time()
+    step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
+    setup.jit_eval_step().lower(setup.abstract_state.params, setup.abstract_batch()).compile()
+    log(f"compiled the train and eval steps in {time.time() - t0:.1f}s; per-device memory: "
+        f"{memory_summary(step_fn)}")
+    log(f"check passed: {workdir} would train {cfg.train.steps} steps of {cfg.train.batch_size} x "
+        f"{cfg.data.seq_len} tokens (nothing was written)")
+    return EXIT_OK
+
+
+def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
+    """Train `cfg` in `workdir` (a path or a gs:// URL), resuming from its newest checkpoint. Returns the
+    exit status. `check_only`: validate, build the data and the model, compile, and return (`check_run`)."""
     primary = jax.process_index() == 0
-    mesh_shape = validate(cfg, jax.device_count())
-    workdir.mkdir(parents=True, exist_ok=True)
+    mesh_shape = preflight(cfg)  # the config's rules and a parameter estimate against the devices' memory
+    for note in config_warnings(cfg):
+        log(f"llmjax: warning: {note}")
+    workdir = as_path(workdir)
+    run_dir.check_writable(workdir)
     check_resumable(cfg, workdir)
     tasks = load_tasks(cfg.eval.tasks, cfg.eval.tasks_limit)  # a bad task file: exit 2 before any compile
     hardware = hardware_info(mesh_shape)
-    tracker = open_wandb(cfg, workdir, hardware) if primary else None
+    tracker = None
+    if not check_only:
+        run_dir.create(workdir)
+        if primary:
+            runlog.attach(workdir)
+            tracker = open_wandb(cfg, workdir, hardware)
 
     t_start = time.time()
     setup = build_setup(cfg)
-    multi = jax.process_count() > 1
     # Each process reads only the rows of every global batch that its devices hold.
     data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count())
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
-    if primary:
-        save_config(cfg, workdir / "config.yaml")
+    if primary and not check_only:
+        run_dir.save_config(cfg, workdir)
     counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
-    L = cfg.data.seq_len
-    fpt = setup.family.flops_per_token(L)
-    peak, peak_source = peak_flops(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
+    fpt = setup.family.flops_per_token(cfg.data.seq_len)
+    peak, peak_source, peak_reliable = peak_info(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
     active = f", {counts['active']:,} active" if cfg.model.moe.enabled else ""
     log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding"
-        f"{active}; "
-        f"{fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        f"{active}; {fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     if setup.schedule is not None:
         log(setup.schedule.describe())
     log(describe_decay(setup.params.roles, decay_mask(setup.params.roles, cfg.optim.decay_embeddings)))
+    if check_only:
+        return check_run(cfg, workdir, setup, data)
 
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary)
-    restored = ckpt.restore_latest(setup.abstract_state)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary,
+                        cfg.checkpoint.checksums)
+    try:
+        status = _run(cfg, workdir, setup, data, ckpt, fpt, (peak, peak_reliable), t_start,
+                      _Extras(tasks, tracker, hardware))
+    except StorageError as e:
+        good = ckpt.steps()
+        newest = ckpt.directory / str(good[-1]) if good else "none"
+        log(f"llmjax: error: {e}. Last good checkpoint: {newest} (nothing saved earlier was changed); free some "
+            "space or fix the permissions and run the same command to resume")
+        runlog.record_exception(e, "storage error")
+        return EXIT_STORAGE
+    except Exception as e:
+        e.llmjax_log = runlog.record_exception(e, "training failed")  # type: ignore[attr-defined]
+        raise
+    finally:
+        runlog.upload()
+    return status
+
+
+class _Extras(NamedTuple):
+    """What the step loop reports to besides metrics.jsonl: in-loop tasks, a W&B sink, the hardware record."""
+
+    tasks: list[Any]
+    tracker: Any
+    hardware: dict[str, Any]
+
+
+def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkpointer, fpt: float,
+         peak_and_reliable: tuple[float, bool], t_start: float, extras: _Extras) -> int:
+    """Restore or initialise, then the step loop (see the module docstring). Returns the exit status."""
+    primary, multi = jax.process_index() == 0, jax.process_count() > 1
+    peak, peak_reliable = peak_and_reliable
+    restored = ckpt.restore_latest(setup.abstract_state, check=lambda step_dir: check_matches(
+        cfg.model, step_dir, setup.abstract_state.params, setup.params.logical, "the config"))
     if restored is None:
         state, start = setup.init_state(), 0
         iterator = data.train_iterator(0)
@@ -188,16 +223,17 @@ def train(cfg: Config, workdir: str | Path) -> int:
     write_run_info(workdir, cfg, step_fn, data)  # XLA's FLOPs of the step, eval bytes/token (for sweeps)
     eval_step = setup.jit_eval_step()
     task_eval = None
-    if tasks:
-        task_eval = TaskEvaluator(tasks, setup.family, setup.decode_model, setup.mesh, setup.rules,
+    if extras.tasks:
+        task_eval = TaskEvaluator(extras.tasks, setup.family, setup.decode_model, setup.mesh, setup.rules,
                                   data.tokenizer, cfg.model.max_seq_len)
 
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard,
-                           sinks=[tracker] if tracker is not None else [])
-    writer.write_config(to_dict(cfg), hardware)
-    bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every)
+                           sinks=[extras.tracker] if extras.tracker is not None else [])
+    writer.write_config(to_dict(cfg), extras.hardware)
+    bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every,
+                      mfu_mark="" if peak_reliable else "?")
     signals = _Signals()
-    tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(L)
+    tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
     steps = cfg.train.steps
     end = cfg.train.stop_after or steps  # the schedule follows `steps`; the run stops at `end`
     last_saved = start if restored else -1
@@ -210,7 +246,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
             raise NonFiniteLoss(f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
-                                f"{m['param_norm']}) at step {step}")
+                                f"{m['param_norm']}) at step {step}", step)
         tps = tokens_per_step / dt if dt > 0 else 0.0
         util = mfu(tps, fpt, peak)
         m.update(lr=current_lr(cfg.optim, steps, step), tokens_per_s=tps, step_time=dt)
@@ -234,7 +270,8 @@ def train(cfg: Config, workdir: str | Path) -> int:
     def save(step: int) -> None:
         nonlocal last_saved
         if step != last_saved:
-            ckpt.save(step, state, {"iterator": iterator.get_state(), "step": step})
+            ckpt.save(step, state, {"iterator": iterator.get_state(), "step": step, "model": to_dict(cfg.model)})
+            writer.sync()
             last_saved = step
 
     try:
@@ -275,21 +312,48 @@ def train(cfg: Config, workdir: str | Path) -> int:
             jax.block_until_ready(pending[1])
             record(pending[0], pending[1], time.time() - t_prev)
     except NonFiniteLoss as e:
-        good = ckpt.steps()
-        say(f"llmjax: {e}; stopping. Last good checkpoint: {ckpt.directory / str(good[-1]) if good else 'none'}")
+        say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         status = EXIT_FAILED
+    except BaseException:
+        writer.close()
+        raise
     finally:
-        ckpt.close()
-        bar.close()
-        signals.restore()
-
-    if status == EXIT_OK and end < steps:
+        try:
+            ckpt.close()
+        except BaseException:
+            writer.close()
+            raise
+        finally:
+            bar.close()
+            signals.restore()
+    late = None
+    if status == EXIT_OK:  # every process gets here; they must agree (the samples are a collective)
+        late = agree_on_signal(signals.received) if multi else signals.received
+    if late:  # a signal during the last step's eval or save: the checkpoint is saved, skip the samples
+        log(f"{signal.Signals(late).name} received after the last step: checkpoint {last_saved} is saved in "
+            f"{ckpt.directory}; skipping the samples")
+        status = 128 + late
+    elif status == EXIT_OK and end < steps:
         log(f"stopped after step {end} of {steps} (train.stop_after): checkpoint {end} in {ckpt.directory}")
     elif status == EXIT_OK:
         show_samples(cfg, setup, state.params, data)
     writer.close()
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
     return status
+
+
+def _blame(ckpt: Checkpointer, resumed_at: int | None, e: NonFiniteLoss) -> str:
+    """Which checkpoint to trust after a non-finite loss. Right after a restore the restored checkpoint is the
+    suspect (its values restored finite but may be corrupt), not a good one."""
+    good = ckpt.steps()
+    if resumed_at is not None and e.step == resumed_at:
+        suspect = ckpt.directory / str(resumed_at)
+        older = [s for s in good if s < resumed_at]
+        before = f"; the one before it is {ckpt.directory / str(older[-1])}" if older else ""
+        return (f"This is the first step after restoring {suspect}: that checkpoint is the likely cause (corrupt "
+                f"values that are still finite). Move it out of {ckpt.directory} and run the same command to resume "
+                f"from the previous one{before}")
+    return f"Last good checkpoint: {ckpt.directory / str(good[-1]) if good else 'none'}"
 
 
 def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> None:

@@ -28,10 +28,17 @@ OPTIMIZERS = choices(OptimConfig, "name")
 
 def _decay_start(cfg: OptimConfig, total_steps: int) -> int:
     """First step of the decay phase: after warmup, or (wsd) the last `decay_fraction` of the run."""
+    warmup = warmup_steps(cfg, total_steps)
     if cfg.schedule == "wsd":
         decay_steps = int(round(cfg.decay_fraction * total_steps))
-        return max(cfg.warmup_steps, total_steps - decay_steps)
-    return cfg.warmup_steps
+        return max(warmup, total_steps - decay_steps)
+    return warmup
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """`optim.warmup_steps`, clamped to the run's length (a warmup longer than the run warms up over all of it;
+    `config_warnings` says so)."""
+    return min(int(cfg.warmup_steps), int(total_steps))
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -52,7 +59,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         raise ConfigError(f"optim.schedule: '{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
     peak = float(cfg.lr)
     final = peak * float(cfg.min_lr_ratio)
-    warmup = int(cfg.warmup_steps)
+    warmup = warmup_steps(cfg, total_steps)
     start = _decay_start(cfg, total_steps)
     length = max(total_steps - start, 1)
 

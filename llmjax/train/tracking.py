@@ -79,12 +79,13 @@ def _markdown_code(text: str) -> str:
 
 
 def tensorboard_config(writer: Any, config: dict[str, Any], hardware: dict[str, Any]) -> None:
-    """Write `config` as an hparams session and as YAML text, `hardware` as text, to a tensorboardX writer."""
+    """Write `config` as an hparams session and as YAML text, `hardware` as text, to an
+    `llmjax.train.writers.EventWriter`."""
     from tensorboardX.summary import hparams
 
     experiment, session_start, _ = hparams(flat_config(config), dict.fromkeys(HPARAM_METRICS))
-    writer.file_writer.add_summary(experiment)
-    writer.file_writer.add_summary(session_start)
+    writer.add_summary(experiment)
+    writer.add_summary(session_start)
     writer.add_text("config", _markdown_code(yaml.safe_dump(config, sort_keys=False)), 0)
     writer.add_text("hardware", _markdown_code(yaml.safe_dump(hardware, sort_keys=False)), 0)
     writer.flush()

@@ -1,0 +1,154 @@
+"""Where a run writes: local paths and object-store URLs (`gs://bucket/run`) through one API.
+
+Workdirs, checkpoints and metrics go through `etils.epath` (`as_path`), which orbax uses
+too, so `--workdir gs://bucket/run` works wherever epath has a backend for the scheme
+(gcsfs or TensorFlow's gfile for gs://). Object stores cannot append to a file; writers
+that append (metrics.jsonl, TensorBoard events) stage locally and upload (`writers`).
+
+Storage failures (a full disk, a quota, a read-only or forbidden path) become one
+`StorageError` that names the path and its free space, so the CLI can print one line and
+exit with `EXIT_STORAGE` instead of a traceback (`storage_problem` recognises them in the
+many exception types orbax, tensorstore and the OS raise).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from typing import Any
+
+EXIT_STORAGE = 3  # a storage (resource) error: disk full, quota, read-only or forbidden path
+
+# errno values that are a property of the storage, not of llmjax or the config.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for the file system",
+}
+# The same problems as tensorstore / gRPC / cloud clients spell them in messages.
+STORAGE_TEXT = (
+    ("No space left on device", "no space left on the device"),
+    ("Disk quota exceeded", "disk quota exceeded"),
+    ("Read-only file system", "read-only file system"),
+    ("PERMISSION_DENIED", "permission denied"),
+    ("Permission denied", "permission denied"),
+    ("File too large", "file too large for the file system"),
+    ("RESOURCE_EXHAUSTED", "the storage is out of resources (RESOURCE_EXHAUSTED)"),
+)
+
+
+class StorageError(RuntimeError):
+    """A write or read that the storage refused. The message names the path, the reason and the free space."""
+
+    def __init__(self, action: str, path: Any, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot {action} {path}: {reason} ({free_space(path)})")
+
+
+def is_url(path: Any) -> bool:
+    """True for `scheme://...` paths (gs://, s3://, ...)."""
+    return "://" in os.fspath(path) if isinstance(path, (str, os.PathLike)) else False
+
+
+def as_path(path: Any) -> Any:
+    """An `etils.epath.Path`: URLs as they are, local paths made absolute (and `~` expanded)."""
+    from etils import epath
+
+    if is_url(path):
+        return epath.Path(os.fspath(path))
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def check_backend(path: Any) -> None:
+    """ConfigError when `path` is a URL whose scheme has no storage backend installed (gs:// needs gcsfs,
+    or TensorFlow's gfile), instead of an ImportError deep inside a run."""
+    if not is_url(path):
+        return
+    try:
+        as_path(path).exists()
+    except ImportError as e:
+        from llmjax.config import ConfigError
+
+        scheme = os.fspath(path).split("://", 1)[0]
+        raise ConfigError(f"{path}: no backend for {scheme}:// paths is installed ({e}); for gs:// "
+                          "`pip install gcsfs`") from None
+
+
+def free_space(path: Any) -> str:
+    """'1.2 GiB free of 20.0 GiB' for the file system holding `path` (or its nearest existing parent)."""
+    if is_url(path):
+        return "object store: free space not reported"
+    probe = os.path.abspath(os.fspath(path))
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return "free space unknown"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on {probe}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e`, its causes and contexts, and the members of exception groups, each once."""
+    seen, todo, out = set(), [e], []
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        out.append(x)
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return out
+
+
+def storage_problem(e: BaseException) -> str | None:
+    """The storage reason behind `e` ('no space left on the device', ...), or None if it is something else."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
+            return STORAGE_ERRNOS[x.errno]
+    for x in _chain(e):
+        text = str(x)
+        for needle, reason in STORAGE_TEXT:
+            if needle in text:
+                return reason
+    return None
+
+
+def reraise_storage(e: BaseException, action: str, path: Any) -> None:
+    """Raise StorageError(action, path) from `e` when `e` is a storage problem; otherwise return."""
+    reason = storage_problem(e)
+    if reason is not None:
+        raise StorageError(action, path, reason) from e
+
+
+def writable_ancestor(path: Any) -> str | None:
+    """None when `path` could be created or written (its nearest existing ancestor is a writable directory),
+    else why not. Object-store URLs are not probed (None)."""
+    if is_url(path):
+        return None
+    probe = os.path.abspath(os.fspath(path))
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None

@@ -32,6 +32,7 @@ from llmjax.config.schema import (
     OptimConfig,
     PipelineConfig,
     SampleConfig,
+    SourceConfig,
     TrainConfig,
     choices,
     mesh_axis_names,
@@ -41,6 +42,6 @@ from llmjax.config.validate import validate
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DistributedConfig", "EvalConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PipelineConfig",
-    "SampleConfig", "TrainConfig", "choices", "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names",
-    "parse_override", "save_config", "to_dict", "validate",
+    "SampleConfig", "SourceConfig", "TrainConfig", "choices", "deep_merge", "from_dict", "load_config", "load_yaml",
+    "mesh_axis_names", "parse_override", "save_config", "to_dict", "validate",
 ]

@@ -82,23 +82,56 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class DataConfig:
-    """Where tokens come from and how they are cut into rows."""
+class SourceConfig:
+    """One source of a mixture (`data.sources[i]`): local text, a prepared directory, or a TFDS dataset.
 
-    path: str | None = None  # local text file, directory or glob; unset = embedded default corpus
+    `weight` is the source's share of the packed rows (so of the tokens, with `data.packing=concat`);
+    weights are normalised by their sum.
+    """
+
+    name: str = ""  # label in logs and metrics; default: derived from path / tfds_name
+    weight: float = 1.0
+    path: str | None = None  # text files (file, directory, glob) or a directory from `llmjax data prepare`
+    tfds_name: str | None = None  # a TFDS dataset prepared (array_record) under tfds_data_dir
+    tfds_data_dir: str | None = None
+    tfds_train_split: str = "train"
+    tfds_eval_split: str = "validation"  # falls back to carving validation_fraction off the train split
+    text_key: str = "text"  # the text field of TFDS examples and of JSON-lines records
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where tokens come from, how documents are packed into rows, and how they are read.
+
+    One source is given by `path` or `tfds_name` (and the keys next to them); a mixture by
+    `sources`, a list of `SourceConfig`. See llmjax/data/__init__.py for the pipeline.
+    """
+
+    path: str | None = None  # text files (file, directory or glob) or a prepared directory; unset = embedded corpus
     tfds_name: str | None = None  # a TFDS dataset the user prepared under tfds_data_dir
     tfds_data_dir: str | None = None
     tfds_train_split: str = "train"
     tfds_eval_split: str = "validation"  # falls back to carving validation_fraction off train
     text_key: str = "text"
-    extensions: list[str] = dataclasses.field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)  # a mixture (instead of path/tfds_name)
+    extensions: list[str] = dataclasses.field(
+        default_factory=lambda: [".py", ".txt", ".md", ".rst", ".jsonl"])
     seq_len: int = 256
     validation_fraction: float = 0.01
-    tokenizer: str | None = None  # path to a sentencepiece .model; unset = train one (cached)
+    # A SentencePiece .model, a Hugging Face tokenizer.json, or a directory holding either; unset = train one.
+    tokenizer: str | None = None
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     tokenizer_train_bytes: int = 20_000_000
+    add_bos: bool | None = None  # start every document with BOS; unset = the tokenizer's own convention
+    packing: Literal["concat", "best_fit"] = "concat"  # concatenate-and-split, or best-fit bins (padding)
+    packing_bins: int = 16  # best_fit: rows open at once
+    shuffle: bool = True  # documents in a new random order each epoch, and rows within shuffle_window
+    shuffle_window: int = 256  # packed rows shuffled together (0 or 1: no row shuffle)
+    workers: int = 0  # tokenizer processes per source and data share (0: in the training process)
+    shares: int = 0  # disjoint shares of the data, each filling batch_size/shares rows; 0 = one per process
+    prefetch: int = 2  # batches prepared ahead in a background thread (per share)
+    block_bytes: int = 1 << 20  # files larger than this are read as line-aligned blocks of about this size
     cache_dir: str | None = None  # unset: $LLMJAX_CACHE or ~/.cache/llmjax
-    shuffle: bool = True
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from llmjax.train.data_state import DataStateRestore, DataStateSave
+
 
 class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored."""
@@ -42,17 +44,21 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-        """Start saving `state` (a pytree of jax arrays) and the JSON-able data iterator state."""
+        """Start saving `state` (a pytree of jax arrays) and the data iterator state (`BatchIterator.get_state()`,
+        or {"step": k}); each process writes its own data shares' files (`train.data_state`)."""
         if step in self.manager.all_steps():
             return
         self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(data_state)),
             force=True,
         )
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_latest(self, abstract_state: Any, data_shares: list[int] | None = None
+                       ) -> tuple[int, Any, dict[str, Any]] | None:
         """Newest readable checkpoint as (step, state, data_state), or None if there is none.
+
+        `data_shares`: the data shares whose iterator states this process reads.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings: arrays are
         read directly into that layout. Unreadable checkpoints are reported on stderr and
@@ -65,7 +71,7 @@ class Checkpointer:
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                        state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(data_shares)
                     ),
                 )
             except Exception as e:  # orbax raises many types for unreadable files

@@ -20,10 +20,12 @@ import jax
 import numpy as np
 
 from llmjax.config import Config, ConfigError, deep_merge, load_yaml, save_config, to_dict, validate
-from llmjax.data.pipeline import DataModule
+from llmjax.data.module import DataModule
+from llmjax.data.run_tokenizer import run_tokenizer, save_copy, tokenizer_dir
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.train.checkpoint import Checkpointer
+from llmjax.train.data_state import latest_saved_shares
 from llmjax.train.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -125,9 +127,22 @@ def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
 
 
 def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> float:
-    """Mean validation NLL per token over `eval.batches` batches."""
+    """Mean validation NLL per token over `eval.batches` batches (fewer if the split ends first:
+    processes agree to stop at the first batch some process lacks)."""
     nll, weight = 0.0, 0.0
-    sums = [eval_step(params, setup.put_batch(b)) for b in data.eval_batches()]
+    sums = []
+    batches = data.eval_batches()
+    while True:
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if int(np.min(multihost_utils.process_allgather(np.int32(batch is not None)))) == 0:
+                break
+        if batch is None:
+            break
+        sums.append(eval_step(params, setup.put_batch(batch)))
+    batches.close()
     for s in jax.device_get(sums):
         nll += float(s["nll_sum"])
         weight += float(s["weight_sum"])
@@ -145,10 +160,15 @@ def train(cfg: Config, workdir: str | Path) -> int:
     t_start = time.time()
     setup = build_setup(cfg)
     multi = jax.process_count() > 1
-    # Each process reads only the rows of every global batch that its devices hold.
-    data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count())
+    # Each process reads only the rows of every global batch that its devices hold; a resumed run
+    # keeps the checkpoint's data shares (unless data.shares says otherwise).
+    shares = latest_saved_shares(workdir / "checkpoints")
+    data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count(),
+                      tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary:
+        if not (tokenizer_dir(workdir) / "llmjax_tokenizer.json").is_file():
+            save_copy(data.tokenizer, tokenizer_dir(workdir))
         save_config(cfg, workdir / "config.yaml")
     counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
     L = cfg.data.seq_len
@@ -163,16 +183,16 @@ def train(cfg: Config, workdir: str | Path) -> int:
     log(describe_decay(setup.params.roles, decay_mask(setup.params.roles, cfg.optim.decay_embeddings)))
 
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary)
-    restored = ckpt.restore_latest(setup.abstract_state)
+    restored = ckpt.restore_latest(setup.abstract_state, data.local_shares)
     if restored is None:
         state, start = setup.init_state(), 0
-        iterator = data.train_iterator(0)
+        iterator = data.train_iterator()
     else:
         start, state, data_state = restored
-        iterator = data.train_iterator(start)
-        if "iterator" in data_state:
-            iterator.set_state(data_state["iterator"])
+        iterator, note = data.restore_iterator(data_state, start)
         log(f"resumed from {ckpt.directory / str(start)}")
+        if note:
+            log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
 
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
@@ -199,6 +219,8 @@ def train(cfg: Config, workdir: str | Path) -> int:
         tps = tokens_per_step / dt if dt > 0 else 0.0
         util = mfu(tps, fpt, peak)
         m.update(lr=current_lr(cfg.optim, steps, step), tokens_per_s=tps, step_time=dt)
+        if len(data.sources) > 1:  # realised mixture (this process's tokens so far)
+            m.update({f"data_fraction/{k}": v for k, v in iterator.source_fractions().items()})
         if util is not None:
             m["mfu"] = util
         writer.write(step, m, kind="train")
@@ -214,7 +236,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
     def save(step: int) -> None:
         nonlocal last_saved
         if step != last_saved:
-            ckpt.save(step, state, {"iterator": iterator.get_state(), "step": step})
+            ckpt.save(step, state, iterator.get_state())
             last_saved = step
 
     try:
@@ -259,6 +281,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
         say(f"llmjax: {e}; stopping. Last good checkpoint: {ckpt.directory / str(good[-1]) if good else 'none'}")
         status = EXIT_FAILED
     finally:
+        iterator.close()
         ckpt.close()
         bar.close()
         signals.restore()

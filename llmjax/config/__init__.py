@@ -38,10 +38,11 @@ from llmjax.config.schema import (
     mesh_axis_names,
 )
 from llmjax.config.validate import validate
+from llmjax.config.validate_data import validate_data
 
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DistributedConfig", "EvalConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PipelineConfig",
     "SampleConfig", "SourceConfig", "TrainConfig", "choices", "deep_merge", "from_dict", "load_config", "load_yaml",
-    "mesh_axis_names", "parse_override", "save_config", "to_dict", "validate",
+    "mesh_axis_names", "parse_override", "save_config", "to_dict", "validate", "validate_data",
 ]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from llmjax.config.families import FAMILY_CLASSES
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
+from llmjax.config.validate_data import validate_data
 from llmjax.kernels import attention_names
 from llmjax.parallel.mesh import mesh_shape
 
@@ -65,13 +66,9 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
     _validate_moe(m)
 
-    _positive(d, "data", "seq_len")
+    validate_data(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if d.path and d.tfds_name:
-        raise ConfigError("set only one of data.path and data.tfds_name")
-    if not 0.0 <= d.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction must be in [0, 1), got {d.validation_fraction}")
 
     _positive(o, "optim", "lr", "grad_accum_steps")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:

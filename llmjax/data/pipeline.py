@@ -55,15 +55,20 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def record_stream(records: Sequence[Any], name: str, spec: StreamSpec, share: int, train: bool) -> grain.MapDataset:
+    """The records share `share` reads, in order: every `shares`-th of the epoch-by-epoch order."""
+    ds = grain.MapDataset.source(records)
+    if train and spec.shuffle:
+        ds = ds.shuffle(seed=derive_seed(spec.seed, name, "documents"))
+    if train:
+        ds = ds.repeat()
+    return ds[share::spec.shares]
+
+
 def source_rows(source: Source, index: int, records: Sequence[Any], tokenizer: Any, spec: StreamSpec, share: int,
                 train: bool) -> grain.IterDataset:
     """Packed rows of one source for one share (infinite when `train`, one pass otherwise)."""
-    ds = grain.MapDataset.source(records)
-    if train and spec.shuffle:
-        ds = ds.shuffle(seed=derive_seed(spec.seed, source.name, "documents"))
-    if train:
-        ds = ds.repeat()
-    ds = ds[share::spec.shares]
+    ds = record_stream(records, source.name, spec, share, train)
     ds = ds.map(TokenizeDocuments(tokenizer, spec.add_bos, source.kind))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_READ_AHEAD))
     workers = spec.workers if train else 0

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmjax.config import Config, ConfigError, SourceConfig
+from llmjax.config.validate_data import check_weights
 from llmjax.data.files import (
     fingerprint_files,
     list_local_files,
@@ -81,16 +82,6 @@ def source_configs(cfg: Config) -> list[tuple[str, SourceConfig]]:
     one = SourceConfig(path=d.path, tfds_name=d.tfds_name, tfds_data_dir=d.tfds_data_dir,
                        tfds_train_split=d.tfds_train_split, tfds_eval_split=d.tfds_eval_split, text_key=d.text_key)
     return [("data.path" if d.path else "data.tfds_name" if d.tfds_name else "data", one)]
-
-
-def check_weights(items: list[tuple[str, SourceConfig]]) -> None:
-    """Weights are finite, >= 0 and sum to a positive number (ConfigError naming the key)."""
-    for key, s in items:
-        if not math.isfinite(s.weight) or s.weight < 0:
-            raise ConfigError(f"{key}.weight must be a number >= 0, got {s.weight}")
-    total = sum(s.weight for _, s in items)
-    if not total > 0:
-        raise ConfigError(f"data.sources: the weights sum to {total}; they must sum to a positive number")
 
 
 def resolve_sources(cfg: Config) -> list[Source]:

@@ -13,6 +13,8 @@ windows of `data.shuffle_window` rows, turned into examples by the objective and
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +67,20 @@ def record_stream(records: Sequence[Any], name: str, spec: StreamSpec, share: in
     return ds[share::spec.shares]
 
 
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """In a grain worker: exit as soon as the training process is gone (e.g. after kill -9), instead of
+    lingering as an orphan."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="llmjax-parent-watch", daemon=True).start()
+
+
 def source_rows(source: Source, index: int, records: Sequence[Any], tokenizer: Any, spec: StreamSpec, share: int,
                 train: bool) -> grain.IterDataset:
     """Packed rows of one source for one share (infinite when `train`, one pass otherwise)."""
@@ -74,7 +90,8 @@ def source_rows(source: Source, index: int, records: Sequence[Any], tokenizer: A
     workers = spec.workers if train else 0
     if workers > 0:
         _mark_absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_READ_AHEAD))
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_READ_AHEAD)
+        it = it.mp_prefetch(options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     max_len = spec.raw_length if spec.packing == "best_fit" else None
     pieces = DocumentPieces(it, max_len, f"{source.key} ({source.name}, share {share})")
     rows = pack_rows(pieces, spec.raw_length, spec.packing, spec.packing_bins,

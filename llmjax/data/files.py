@@ -76,11 +76,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def list_stdlib_files() -> tuple[Path, list[Path]]:
     """All `*.py` files of the running interpreter's stdlib (no site-/dist-packages), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p for p in root.rglob("*.py")
-        if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
-    ]
-    return root, sorted(files)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]  # not walked at all
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return root, sorted(p for p in files if p.is_file())
 
 
 def _visible(path: Path, root: Path) -> bool:

@@ -198,7 +198,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     loaded = Loaded(args.workdir)
     cfg = loaded.cfg
-    data = DataModule(cfg, tokenizer=loaded.tokenizer())
+    from llmjax.train.data_state import latest_saved_shares
+
+    # the run's data shares, so the validation batches are the ones the trainer evaluated
+    data = DataModule(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
     n = args.batches or cfg.eval.batches or 16
     if args.split == "validation":
         batches = []

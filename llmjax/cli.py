@@ -12,6 +12,8 @@
   llmjax plot --csv runs.csv --fit DIR/fit.json --out DIR
   llmjax convert from-hf HF_DIR WORKDIR [--config FILE] [section.key=value ...]
   llmjax convert to-hf WORKDIR HF_DIR [--dtype bfloat16] [--max-shard-size 5GB]
+  llmjax data prepare OUT [--config FILE] [--workers N] [--runner local|beam] [key=value ...] [-- BEAM_ARGS]
+  llmjax bench-data [--config FILE] [--batches N] [section.key=value ...]
 
 Multi-process runs (one process per host, GPU or CPU-device group) add
 `--coordinator HOST:PORT --num-processes N --process-id I` (or the LLMJAX_* variables
@@ -37,6 +39,7 @@ import sys
 
 from llmjax import runlog
 from llmjax.config import ConfigError, load_config
+from llmjax.data import cli_args as data_cli
 from llmjax.evals import cli_args as harness_cli
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
@@ -90,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     harness_cli.add_arguments(sub)
     scaling_cli.add_arguments(sub)
     convert_cli.add_arguments(sub)
+    data_cli.add_arguments(sub)
     return p
 
 
@@ -113,7 +117,9 @@ def _workdir(args: argparse.Namespace) -> str:
     return args.workdir
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
+    if args.verb in data_cli.DATA_VERBS:
+        return data_cli.run(args, beam_args)
     if args.verb in INFER_VERBS or args.verb in convert_cli.CONVERT_VERBS or args.verb in harness_cli.HARNESS_VERBS:
         runlog.attach(None)  # orbax's and absl's logs to a temporary file, not the terminal (workdir untouched)
     if args.verb in INFER_VERBS:
@@ -161,9 +167,14 @@ def _error(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_args: list[str] = []
+    if argv[:2] == ["data", "prepare"] and "--" in argv:  # the rest goes to Apache Beam
+        cut = argv.index("--")
+        argv, beam_args = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _dispatch(args, beam_args)
     except ConfigError as e:
         _error(str(e))
         return EXIT_USAGE

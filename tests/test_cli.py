@@ -201,7 +201,7 @@ def test_tokenizer_file_missing(tmp_path, tiny_text):
     missing = tmp_path / "nope.model"
     result = train(tmp_path, f"data.path={tiny_text}", f"data.tokenizer={missing}")
     assert_usage_error(result, "data.tokenizer", str(missing))
-    assert not (tmp_path / "cache" / "tfds").exists()  # refused before the corpus was prepared
+    assert not (tmp_path / "cache" / "tokenizers").exists()  # refused before a tokenizer was trained
     assert_nothing_trained(tmp_path)
 
 

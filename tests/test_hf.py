@@ -273,13 +273,13 @@ def llmjax(*args) -> subprocess.CompletedProcess:
 
 def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
     _, _, path, _ = llama
-    from llmjax.data.tokenizer import sample_training_text, train_sentencepiece
+    from llmjax.data.sp_tokenizer import train_sentencepiece, training_sentences
 
     corpus = small_corpus(tmp_path / "corpus")
     text = [p.read_text() for p in sorted(Path(corpus).iterdir())]
     hf_dir = tmp_path / "hf"
     shutil.copytree(path, hf_dir)
-    (hf_dir / "tokenizer.model").write_bytes(train_sentencepiece(sample_training_text(text, 200_000), 512, "bpe"))
+    (hf_dir / "tokenizer.model").write_bytes(train_sentencepiece(training_sentences(text, 200_000), 512, "bpe"))
     overrides = [o for o in tiny_train_overrides(corpus) if not o.startswith("model.")]
     overrides += ["model.compute_dtype=float32", "train.steps=2", "eval.every_steps=0", "sample.max_new_tokens=0"]
     work = tmp_path / "work"
@@ -287,8 +287,8 @@ def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
     assert r.returncode == 0, r.stderr
     saved_cfg = yaml.safe_load((work / "config.yaml").read_text())
     assert saved_cfg["model"]["head_dim"] == 32 and saved_cfg["model"]["rope_theta"] == 5000.0
-    assert saved_cfg["data"]["tokenizer"] == str((work / "tokenizer.model").absolute())
-    assert (work / "tokenizer.model").read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
+    assert saved_cfg["data"]["tokenizer"] == str((work / "tokenizer").absolute())  # the workdir's tokenizer copy
+    assert (work / "tokenizer" / "tokenizer.model").read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
 
     r = llmjax("eval", "--workdir", work, "--batches", 1)
     assert r.returncode == 0, r.stderr
@@ -306,6 +306,34 @@ def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
     assert (out / "tokenizer.model").is_file()
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert back.config.head_dim == 32 and back.config.num_key_value_heads == 2
+
+
+def test_cli_convert_stores_the_models_tokenizer_json(llama, tmp_path):
+    """A model shipping a tokenizer.json (+ tokenizer_config.json): generate uses it with no data setting."""
+    from tokenizers import Tokenizer as T
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    _, _, path, _ = llama
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(path, hf_dir)
+    tok = T(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x\n"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    work = tmp_path / "work"
+    r = llmjax("convert", "from-hf", hf_dir, work, "model.compute_dtype=float32", "data.seq_len=32")
+    assert r.returncode == 0, r.stderr
+    assert (work / "tokenizer" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert (work / "tokenizer" / "tokenizer_config.json").is_file()
+    r = llmjax("generate", "--workdir", work, "--prompt", "def f(", "--max-new-tokens", 4)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def f(")
+    out = tmp_path / "exported"
+    r = llmjax("convert", "to-hf", work, out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
 
 
 @pytest.mark.parametrize("case, needles", [

@@ -21,7 +21,6 @@ import pytest
 from helpers import full_mesh_shape, small_corpus, tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError, load_config, mesh_axis_names, validate
-from llmjax.data.pipeline import BatchIterator, eval_dataset, train_dataset
 from llmjax.parallel import distributed
 from llmjax.parallel.mesh import hybrid_mesh_shape, mesh_shape
 from llmjax.train.metrics import read_metrics
@@ -29,7 +28,8 @@ from llmjax.train.metrics import read_metrics
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = str(ROOT / "launch" / "local.sh")
 
-MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+# data.shares=2 in both the 1- and the 2-process runs: the same global batches (see llmjax/data/module.py).
+MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shares=2")
 RUN = ("train.steps=10", "checkpoint.every_steps=5", "checkpoint.keep=10", "eval.every_steps=5")
 # In-loop multiple-choice scoring: every process scores the same requests on the global mesh.
 TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "eval.tasks_limit=6")
@@ -256,22 +256,60 @@ sys.exit(3 if i == 1 else 0)
 # ----------------------------------------------------------------------------- data shares
 
 
-@pytest.mark.parametrize("procs", [2, 4])
-def test_process_shares_are_disjoint_and_cover_the_batch(procs):
-    from test_data import _IdRows
+_READER = """
+import json, sys
+import numpy as np
+import jax
+from llmjax.config import load_config
+from llmjax.data import records
+from llmjax.data.module import DataModule
+from llmjax.parallel.distributed import initialize
+from llmjax.runtime import setup_jax
+from llmjax.train.loop import batch_block
+from llmjax.train.setup import build_setup
 
-    batch, steps = 8, 6
-    whole = BatchIterator(train_dataset(_IdRows(50), -1, 1, True, batch, 0, 1))
-    ref = [next(whole)["inputs"][:, 0].tolist() for _ in range(steps)]
-    iters = [BatchIterator(train_dataset(_IdRows(50), -1, 1, True, batch, p, procs)) for p in range(procs)]
-    for k in range(steps):
-        shares = [next(it)["inputs"][:, 0].tolist() for it in iters]
-        assert all(len(s) == batch // procs for s in shares)
-        assert len(set().union(*map(set, shares))) == batch  # disjoint
-        assert sum(shares, []) == ref[k]  # together, the global batch in order
-    ev = [list(eval_dataset(_IdRows(50), -1, batch, 3, p, procs)) for p in range(procs)]
-    for k in range(3):
-        assert sum((ev[p][k]["inputs"][:, 0].tolist() for p in range(procs)), []) == list(range(k * 8, k * 8 + 8))
+out, overrides = sys.argv[1], sys.argv[2:]
+cfg = load_config(None, overrides)
+initialize(cfg, None, None, None)
+setup_jax(cfg)
+p = jax.process_index()
+data = DataModule(cfg, batch_block(build_setup(cfg), p, jax.process_count()), jax.process_count())
+read = []  # the records the training stream reads (not the tokenizer's training sample)
+original = records.FileBlocks.__getitem__
+records.FileBlocks.__getitem__ = lambda self, i: read.append(self.name(i)) or original(self, i)
+it = data.train_iterator()
+batches = [next(it) for _ in range(6)]
+it.close()
+np.savez(f"{out}/batches_{p}.npz", **{f"{k}_{i}": b[k] for i, b in enumerate(batches) for k in b})
+json.dump({"read": read, "shares": data.local_shares}, open(f"{out}/read_{p}.json", "w"))
+"""
+
+
+def test_two_processes_read_disjoint_shares_whose_union_is_the_global_batch(corpus, tmp_path):
+    """launch/local.sh 2 4: each process reads only its own records (no file block in both) and its own
+    rows; concatenated in process order they are the global batch one process reads (data.shares=2)."""
+    import json
+
+    from llmjax.data.module import DataModule
+
+    script = tmp_path / "reader.py"
+    script.write_text(_READER)
+    overrides = [*tiny_train_overrides(corpus), *MESH, "data.shuffle_window=0", "data.prefetch=0",
+                 "data.validation_fraction=0.0", "eval.every_steps=0"]
+    r = subprocess.run([LOCAL, "2", "4", "--", sys.executable, str(script), str(tmp_path), *overrides], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    reads = [json.loads((tmp_path / f"read_{p}.json").read_text()) for p in range(2)]
+    assert [x["shares"] for x in reads] == [[0], [1]]
+    assert reads[0]["read"] and reads[1]["read"] and not set(reads[0]["read"]) & set(reads[1]["read"])
+    got = [np.load(tmp_path / f"batches_{p}.npz") for p in range(2)]
+    one = DataModule(load_config(None, [*overrides, "data.shares=2"]))
+    it = one.train_iterator()
+    for k in range(6):
+        ref = next(it)
+        for key in ref:
+            assert np.array_equal(np.concatenate([got[0][f"{key}_{k}"], got[1][f"{key}_{k}"]]), ref[key]), (k, key)
+    it.close()
 
 
 # ----------------------------------------------------------------------------- hybrid mesh

@@ -62,10 +62,13 @@ def uninterrupted(corpus, tmp_path_factory):
     return workdir, losses(workdir)
 
 
-def test_kill9_then_resume_reproduces_the_loss_curve(corpus, uninterrupted, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill9_then_resume_reproduces_the_loss_curve(corpus, uninterrupted, tmp_path, workers):
+    """Also with tokenizer worker processes (grain mp_prefetch): the same curve as the run without them."""
     _, reference = uninterrupted
     assert sorted(reference) == list(range(60))
-    proc = subprocess.Popen(train_cmd(tmp_path, corpus, *STEPS), cwd=ROOT, stdout=subprocess.DEVNULL,
+    extra = (f"data.workers={workers}",)
+    proc = subprocess.Popen(train_cmd(tmp_path, corpus, *STEPS, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     reached = wait_for_step(proc, tmp_path, 25)
     proc.kill()
@@ -73,7 +76,7 @@ def test_kill9_then_resume_reproduces_the_loss_curve(corpus, uninterrupted, tmp_
     assert reached and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     before = losses(tmp_path)
     assert max(before) < 59
-    r = run(train_cmd(tmp_path, corpus, *STEPS))
+    r = run(train_cmd(tmp_path, corpus, *STEPS, *extra))
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stderr
     after = losses(tmp_path)

@@ -34,17 +34,19 @@ from llmjax.config.schema import (
     OptimConfig,
     PipelineConfig,
     SampleConfig,
+    SourceConfig,
     TrainConfig,
     WandbConfig,
     choices,
     mesh_axis_names,
 )
 from llmjax.config.validate import check_keys, config_warnings, validate
+from llmjax.config.validate_data import validate_data
 
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DistributedConfig", "EvalConfig", "LogConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig",
-    "PipelineConfig", "SampleConfig", "TrainConfig", "WandbConfig", "check_keys", "choices", "config_warnings",
-    "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names", "parse_override", "parse_yaml",
-    "save_config", "to_dict", "validate",
+    "PipelineConfig", "SampleConfig", "SourceConfig", "TrainConfig", "WandbConfig", "check_keys", "choices",
+    "config_warnings", "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names", "parse_override",
+    "parse_yaml", "save_config", "to_dict", "validate", "validate_data",
 ]

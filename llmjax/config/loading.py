@@ -55,6 +55,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):  # e.g. the items of data.sources
+        return _build(tp, value if value is not None else {}, f"{key}.")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

@@ -106,26 +106,61 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class DataConfig:
-    """Where tokens come from and how they are cut into rows."""
+class SourceConfig:
+    """One source of a mixture (`data.sources[i]`): local text, a prepared directory, or a TFDS dataset.
 
-    path: str | None = option(None, "local text file, directory or glob; null: the embedded default corpus")
+    `weight` is the source's share of the packed rows (so of the tokens, with `data.packing=concat`);
+    weights are normalised by their sum.
+    """
+
+    name: str = option("", "label in logs and metrics; empty: derived from path / tfds_name", allow_empty=True)
+    weight: float = option(1.0, "the source's share of the packed rows (normalised by the sum of the weights)")
+    path: str | None = option(None, "text files (file, directory, glob) or a directory from `llmjax data prepare`")
+    tfds_name: str | None = option(None, "a TFDS dataset prepared (array_record) under tfds_data_dir")
+    tfds_data_dir: str | None = option(None, "directory the TFDS dataset was prepared in")
+    tfds_train_split: str = option("train", "TFDS split to train on")
+    tfds_eval_split: str = option("validation", "TFDS split to evaluate on (absent: validation_fraction of train)")
+    text_key: str = option("text", "the text field of TFDS examples and of JSON-lines records")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where tokens come from, how documents are packed into rows, and how they are read.
+
+    One source is given by `path` or `tfds_name` (and the keys next to them); a mixture by
+    `sources`, a list of `SourceConfig`. See llmjax/data/__init__.py for the pipeline.
+    """
+
+    path: str | None = option(None, "text files (file, directory or glob) or a prepared directory; null: the "
+                                    "embedded default corpus")
     tfds_name: str | None = option(None, "a TFDS dataset the user prepared under data.tfds_data_dir")
     tfds_data_dir: str | None = option(None, "directory the TFDS dataset was prepared in")
     tfds_train_split: str = option("train", "TFDS split to train on")
     tfds_eval_split: str = option("validation", "TFDS split to evaluate on (absent: validation_fraction of train)")
-    text_key: str = option("text", "TFDS feature that holds the text")
-    extensions: list[str] = option(factory=lambda: [".py", ".txt", ".md", ".rst"],
+    text_key: str = option("text", "the text field of TFDS examples and of JSON-lines records")
+    sources: list[SourceConfig] = option(factory=list, doc="a weighted mixture of sources (instead of path / "
+                                         "tfds_name): [{name, weight, path | tfds_name, ...}, ...]")
+    extensions: list[str] = option(factory=lambda: [".py", ".txt", ".md", ".rst", ".jsonl"],
                                    doc="file endings read when data.path is a directory")
     seq_len: int = option(256, "tokens per training row", gt=0)
     validation_fraction: float = option(0.01, "share of the documents held out for validation", ge=0, lt=1)
-    tokenizer: str | None = option(None, "a sentencepiece .model file; null: train one on the corpus (cached)")
+    tokenizer: str | None = option(None, "a SentencePiece .model, a Hugging Face tokenizer.json or a directory "
+                                         "holding either; null: train one on the corpus (cached)")
     tokenizer_type: Literal["bpe", "unigram"] = option("bpe", "sentencepiece model type when training one")
     tokenizer_train_bytes: int = option(20_000_000, "bytes of the corpus the tokenizer is trained on", gt=0,
                                         le=2**62)
-    cache_dir: str | None = option(None, "tokenizer/corpus/compilation caches; null: $LLMJAX_CACHE or "
-                                         "~/.cache/llmjax")
-    shuffle: bool = option(True, "shuffle the rows (an epoch-by-epoch permutation, a function of the seed)")
+    add_bos: bool | None = option(None, "start every document with BOS; null: the tokenizer's own convention")
+    packing: Literal["concat", "best_fit"] = option("concat", "concatenate-and-split, or best-fit bins (padding)")
+    packing_bins: int = option(16, "best_fit: rows open at once", ge=1)
+    shuffle: bool = option(True, "documents in a new random order each epoch, and rows within shuffle_window")
+    shuffle_window: int = option(256, "packed rows shuffled together (0 or 1: no row shuffle)", ge=0)
+    workers: int = option(0, "tokenizer processes per source and data share; 0: in the training process", ge=0)
+    shares: int = option(0, "disjoint shares of the data, each filling batch_size/shares rows; 0: one per process",
+                         ge=0)
+    prefetch: int = option(2, "batches prepared ahead in a background thread (per share)", ge=0)
+    block_bytes: int = option(1 << 20, "files larger than this are read as line-aligned blocks of about this size",
+                              ge=4096, le=2**62)
+    cache_dir: str | None = option(None, "tokenizer and compilation caches; null: $LLMJAX_CACHE or ~/.cache/llmjax")
 
 
 @dataclasses.dataclass

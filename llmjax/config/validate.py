@@ -19,6 +19,7 @@ from typing import Any, Literal
 from llmjax.config.families import model_config_class
 from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
+from llmjax.config.validate_data import validate_data
 from llmjax.kernels import attention_names
 from llmjax.parallel.mesh import mesh_shape
 
@@ -101,10 +102,9 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
     _validate_moe(m)
 
+    validate_data(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if d.path and d.tfds_name:
-        raise ConfigError("set only one of data.path and data.tfds_name")
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
 

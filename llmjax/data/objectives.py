@@ -1,10 +1,12 @@
-"""Host-side objectives: how one training example is made from a packed row of tokens.
+"""Host-side objectives: the last, replaceable step of the data pipeline, from a packed row to an example.
 
-The data pipeline cuts the token stream into rows of `raw_length(seq_len)` tokens, numbers
-the documents of each row (`segment_ids`, from 1) and each token's position in its document,
-and calls the family's objective on every row with a `np.random.Generator` seeded from
-(seed, global example index), so examples do not depend on worker or process counts. An
-objective returns the example's fields (numpy arrays) named as its family's batch type.
+The packer (`llmjax.data.stages`) cuts the token stream into rows of `raw_length(seq_len)`
+tokens: int32 `tokens`, `segment_ids` (1, 2, ... per document piece; 0 is padding) and
+`positions` (0, 1, ... within each piece). The model family's objective
+(`ModelFamily.objective`) turns every row into one example with a `np.random.Generator` seeded
+from (seed, global example index), so examples do not depend on worker or process counts. An
+objective returns the example's fields (numpy arrays of fixed shapes) named as its family's
+batch type.
 """
 
 from __future__ import annotations
@@ -30,39 +32,41 @@ def number_documents(tokens: np.ndarray, eos_id: int) -> Row:
 
 
 class Objective:
-    """The interface: rows of `raw_length(seq_len)` tokens, one every `stride(seq_len)` tokens of the stream."""
+    """The interface: how many tokens of the packed stream one example consumes, and the example of a row."""
 
     def raw_length(self, seq_len: int) -> int:
+        """Tokens of the packed stream that one example of length `seq_len` consumes."""
         return seq_len
-
-    def stride(self, seq_len: int) -> int:
-        return self.raw_length(seq_len)
 
     def __call__(self, row: Row, rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
 
 class NextToken(Objective):
-    """Causal language modelling: inputs = row[:-1], targets = row[1:] (a row is seq_len + 1 tokens; rows
-    overlap by one token, so every token of the stream is a target once)."""
+    """Causal language modelling: `inputs`, `targets`, `segment_ids`, `positions` (int32 [L]) and `weights`
+    (float32 [L]) from a row of L + 1 tokens: inputs = tokens[:-1], targets = tokens[1:].
+
+    A target counts (weight 1) only when it belongs to the same document piece as its input: padding
+    and the step from one document's last token (its EOS) to the next document's first are not
+    trained on."""
 
     def raw_length(self, seq_len: int) -> int:
         return seq_len + 1
 
-    def stride(self, seq_len: int) -> int:
-        return seq_len
-
     def __call__(self, row: Row, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        tokens = row["tokens"]
-        return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": row["segment_ids"][:-1],
-                "positions": row["positions"][:-1], "weights": np.ones(len(tokens) - 1, np.float32)}
+        tokens, seg = row["tokens"], row["segment_ids"]
+        seg_in, seg_out = seg[:-1], seg[1:]
+        return {"inputs": tokens[:-1].astype(np.int32), "targets": tokens[1:].astype(np.int32),
+                "segment_ids": seg_in.astype(np.int32), "positions": row["positions"][:-1].astype(np.int32),
+                "weights": ((seg_in == seg_out) & (seg_in > 0)).astype(np.float32)}
 
 
 class MaskedLM(Objective):
     """BERT's masked-LM recipe on a row of `seq_len` tokens (documents keep their segment ids; attention is
-    bidirectional within a document). Each token other than EOS is selected with probability `mask_prob`
-    (independently); a selected token becomes `mask_id` with probability `mask_token_prob`, a uniformly
-    random ordinary token (ids [first_id, vocab)) with `random_token_prob`, and stays itself otherwise.
+    bidirectional within a document). Each token other than EOS and padding (segment 0) is selected with
+    probability `mask_prob` (independently); a selected token becomes `mask_id` with probability
+    `mask_token_prob`, a uniformly random ordinary token (ids [first_id, vocab)) with `random_token_prob`,
+    and stays itself otherwise.
     targets = the original tokens, weights = 1 exactly at the selected positions."""
 
     def __init__(self, mask_prob: float, mask_token_prob: float, random_token_prob: float, mask_id: int,
@@ -76,7 +80,7 @@ class MaskedLM(Objective):
     def __call__(self, row: Row, rng: np.random.Generator) -> dict[str, np.ndarray]:
         tokens = row["tokens"]
         n = len(tokens)
-        selected = (rng.random(n) < self.mask_prob) & (tokens != self.eos_id)
+        selected = (rng.random(n) < self.mask_prob) & (tokens != self.eos_id) & (row["segment_ids"] > 0)
         how = rng.random(n)
         inputs = tokens.copy()
         to_mask = selected & (how < self.mask_token_prob)
@@ -189,3 +193,12 @@ def uncorrupt(encoder_inputs: np.ndarray, targets: np.ndarray, sentinel_ids: lis
     for t in encoder_inputs[:-1].tolist():
         out.extend(pieces[sentinel[t]] if t in sentinel else [t])
     return np.asarray(out, np.int32)
+
+
+def example_spec(objective: Objective, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{field: (shape, dtype)} of one example, found by running the objective on a dummy row."""
+    n = objective.raw_length(seq_len)
+    row = {"tokens": np.full(n, 4, np.int32), "segment_ids": np.ones(n, np.int32),
+           "positions": np.arange(n, dtype=np.int32)}
+    out = objective(row, np.random.default_rng(0))
+    return {k: (tuple(v.shape), v.dtype) for k, v in out.items()}

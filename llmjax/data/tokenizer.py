@@ -1,187 +1,141 @@
-"""SentencePiece tokenizer: loading a user model, or training one (cached) on the training documents.
+"""The tokenizer interface shared by SentencePiece and Hugging Face `tokenizers`, and how a run gets one.
 
-Trained models round-trip code and whitespace exactly (identity normalisation, byte fallback,
-no dummy prefix) and reserve fixed special ids: pad=0, unk=1, bos=2, eos=3.
+`data.tokenizer` names a SentencePiece `.model`, a Hugging Face `tokenizer.json` or a directory
+holding either (`tokenizer.json` wins; `tokenizer_config.json` / `special_tokens_map.json` next to
+it give BOS/EOS/pad). Unset, a SentencePiece model is trained on the corpus (cached), with the
+vocabulary size given by `trained_vocab_size`; a source prepared by `llmjax data prepare` brings
+its own tokenizer.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
-import io
-import logging
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-import sentencepiece as spm
+import numpy as np
 
 from llmjax.config import Config, ConfigError
-from llmjax.data.sources import atomic_write_bytes, file_lock, resolve_cache_dir
-
-log = logging.getLogger(__name__)
-
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-# SentencePiece drops training "sentences" longer than this (bytes); documents are cut into chunks below it.
-_MAX_SENTENCE_BYTES = 8192
-_CHUNK_CHARS = 2048
-_SAMPLE_SEED = "llmjax-tokenizer-sample-v1"
 
 
-class Tokenizer:
-    """A loaded SentencePiece model with batch encoding."""
+class Tokenizer(abc.ABC):
+    """Batch encoding/decoding plus the special ids and files that define the tokenizer.
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
-        self.vocab_size: int = self._sp.get_piece_size()
-        self.eos_id: int = self._sp.eos_id()
-        self.bos_id: int = self._sp.bos_id()
-        self.pad_id: int = self._sp.pad_id()
-        if self.eos_id < 0:
-            raise ConfigError(f"data.tokenizer: the sentencepiece model {self.path} defines no EOS id (eos_id)")
+    Attributes: `kind` ("sentencepiece" or "huggingface"), `vocab_size` (ids are < it), `eos_id`,
+    `bos_id`, `pad_id` (None when the tokenizer has none), `add_bos` (its own convention for
+    starting a document with BOS) and `files` ({name: path} of the files to copy with a run).
+    Picklable (it reloads from its files), so grain worker processes can use it.
+    """
 
+    kind: str
+    vocab_size: int
+    eos_id: int | None
+    bos_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    files: dict[str, Path]
+
+    @abc.abstractmethod
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Batch-encode `texts` (no BOS/EOS added) -> one list of ids per text."""
-        return self._sp.encode(list(texts), out_type=int)
+        """Batch-encode `texts` without adding BOS/EOS -> one list of ids per text."""
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int] | Iterable[int]) -> str:
-        """Ids -> text. Special ids (pad/bos/eos) decode to the empty string."""
-        return self._sp.decode([int(i) for i in ids])
+        """Ids -> text; special tokens (pad/bos/eos) decode to the empty string."""
+
+    @abc.abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: the UTF-8 bytes each id stands for (special ids 0), for bits per byte."""
+
+    @property
+    def path(self) -> str:
+        """The main file (tokenizer.model or tokenizer.json)."""
+        return str(next(iter(self.files.values())))
 
     def file_hash(self) -> str:
-        """sha256 of the model file (keys the token caches)."""
-        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
+        """sha256 (first 16 hex digits) over the defining files, by name: keys caches and workdir copies."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(name.encode() + b"\0" + Path(self.files[name]).read_bytes() + b"\0")
+        return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
-
-
-def _load_user_tokenizer(cfg: Config) -> Tokenizer:
-    path = Path(cfg.data.tokenizer).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.tokenizer: file not found: {path}")
-    try:
-        tok = Tokenizer(path)
-    except (RuntimeError, OSError) as e:
-        raise ConfigError(f"data.tokenizer: {path} is not a sentencepiece model ({e})") from None
-    if tok.vocab_size > trained_vocab_size(cfg):
-        reserved, vocab = cfg.model.reserved_ids, cfg.model.vocab_size
-        msg = f"data.tokenizer: {path} has vocab size {tok.vocab_size}, larger than model.vocab_size={vocab}"
-        if reserved:
-            msg += f" minus the {reserved} ids model.family={cfg.model.family} reserves"
-        raise ConfigError(f"{msg}; raise model.vocab_size to at least {tok.vocab_size + reserved}")
-    return tok
-
-
-def _chunks(text: str) -> Iterator[str]:
-    """Cut a document into training sentences of about _CHUNK_CHARS characters, on line boundaries."""
-    buf: list[str] = []
-    size = 0
-    for line in text.splitlines(keepends=True):
-        while len(line) > _CHUNK_CHARS:  # very long lines: hard cut
-            if buf:
-                yield "".join(buf)
-                buf, size = [], 0
-            yield line[:_CHUNK_CHARS]
-            line = line[_CHUNK_CHARS:]
-        if size + len(line) > _CHUNK_CHARS and buf:
-            yield "".join(buf)
-            buf, size = [], 0
-        buf.append(line)
-        size += len(line)
-    if buf:
-        yield "".join(buf)
-
-
-def sample_training_text(docs: Sequence[str], max_bytes: int) -> list[str]:
-    """A deterministic sample of at most `max_bytes` (UTF-8) of `docs`, cut into training sentences.
-
-    Documents are visited in an order fixed by a hash of their index, so the sample spreads over
-    the corpus instead of taking its first files.
-    """
-    order = sorted(range(len(docs)), key=lambda i: hashlib.sha1(f"{_SAMPLE_SEED}:{i}".encode()).digest())
-    out: list[str] = []
-    total = 0
-    for i in order:
-        for chunk in _chunks(docs[i]):
-            n = len(chunk.encode("utf-8"))
-            if n > _MAX_SENTENCE_BYTES or not chunk:
-                continue
-            if total + n > max_bytes:
-                return out
-            out.append(chunk)
-            total += n
-    return out
-
-
-def train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str) -> bytes:
-    """Train a SentencePiece model on `sentences`; return the serialized model bytes."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        model_type=model_type,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,  # small corpora: vocab_size is an upper bound
-        character_coverage=1.0,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        split_by_whitespace=True,
-        max_sentence_length=_MAX_SENTENCE_BYTES,
-        max_sentencepiece_length=16,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        user_defined_symbols=["\n", "\t"],
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        num_threads=2,
-        seed_sentencepiece_size=1_000_000,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-def load_or_train_tokenizer(cfg: Config, corpus) -> Tokenizer:
-    """Load `cfg.data.tokenizer`, or train (once, cached) a model on `corpus`.
-
-    `corpus` is a `llmjax.data.sources.Corpus` (needs `.fingerprint` and `.train_texts()`).
-    Raises ConfigError for a missing/invalid model or one whose vocab exceeds model.vocab_size.
-    """
-    if cfg.data.tokenizer:
-        return _load_user_tokenizer(cfg)
-    d = cfg.data
-    vocab = trained_vocab_size(cfg)
-    key_src = f"{corpus.fingerprint}|{vocab}|{d.tokenizer_type}|{d.tokenizer_train_bytes}|v1"
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = resolve_cache_dir(cfg) / "tokenizers" / f"sp_{d.tokenizer_type}_{vocab}_{key}.model"
-    with file_lock(path):
-        if not path.exists():
-            t0 = time.perf_counter()
-            sentences = sample_training_text(corpus.train_texts(), d.tokenizer_train_bytes)
-            if not sentences:
-                raise ConfigError(f"data: no training text to train a tokenizer on ({corpus.description})")
-            try:
-                blob = train_sentencepiece(sentences, vocab, d.tokenizer_type)
-            except RuntimeError as e:
-                raise ConfigError(
-                    f"model.vocab_size={cfg.model.vocab_size}: cannot train a {d.tokenizer_type} tokenizer of {vocab} "
-                    f"pieces ({e})") from None
-            atomic_write_bytes(path, blob)
-            log.info("trained %s tokenizer (vocab %d) in %.1fs -> %s", d.tokenizer_type, vocab,
-                     time.perf_counter() - t0, path)
-    tok = Tokenizer(path)
-    if tok.vocab_size > vocab:  # cannot happen with hard_vocab_limit=False, kept as a guard
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < trained tokenizer vocab {tok.vocab_size}")
-    return tok
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
 
 
 def trained_vocab_size(cfg: Config) -> int:
-    """Pieces of a tokenizer trained for `cfg`: model.vocab_size minus the ids the model family reserves at
-    the top of the vocabulary (the encoder's mask id, the encoder-decoder's sentinels and start id)."""
+    """Vocabulary size of the tokenizer llmjax trains when `data.tokenizer` is unset.
+
+    The one place it is decided: a model family that reserves ids at the top of the vocabulary
+    (the encoder's mask id, the encoder-decoder's sentinels and start id) makes this
+    `model.vocab_size` minus those.
+    """
     return cfg.model.vocab_size - cfg.model.reserved_ids
+
+
+def _looks_like_json(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    return head.startswith(b"{")
+
+
+def load_tokenizer(path: str | Path, key: str = "data.tokenizer") -> Tokenizer:
+    """A SentencePiece model, a tokenizer.json, or a directory holding one -> Tokenizer.
+
+    The kind is read from the content, not the name. Raises ConfigError naming `key` and the file.
+    """
+    from llmjax.data.hf_tokenizer import HFTokenizer
+    from llmjax.data.sp_tokenizer import SentencePieceTokenizer
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            p = p / "tokenizer.json"
+        elif (p / "tokenizer.model").is_file():
+            p = p / "tokenizer.model"
+        else:
+            raise ConfigError(f"{key}: directory {p} holds neither a tokenizer.json nor a tokenizer.model")
+    if not p.is_file():
+        raise ConfigError(f"{key}: file not found: {p}")
+    try:
+        is_json = _looks_like_json(p)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {p}: {e}") from None
+    if is_json:
+        return HFTokenizer(p, key)
+    return SentencePieceTokenizer(p, key)
+
+
+def check_vocab(tok: Tokenizer, cfg: Config, key: str = "data.tokenizer") -> None:
+    """ConfigError when the tokenizer has more ids than the model's embedding rows less the ids the model
+    family reserves."""
+    if tok.vocab_size > trained_vocab_size(cfg):
+        reserved, vocab = cfg.model.reserved_ids, cfg.model.vocab_size
+        msg = f"{key}: {tok.path} has vocab size {tok.vocab_size}, larger than model.vocab_size={vocab}"
+        if reserved:
+            msg += f" minus the {reserved} ids model.family={cfg.model.family} reserves"
+        raise ConfigError(f"{msg}; raise model.vocab_size to at least {tok.vocab_size + reserved}")
+    if tok.eos_id is None:
+        raise ConfigError(f"{key}: {tok.path} defines no EOS token (documents are separated by EOS); use a "
+                          "tokenizer with one, or give its tokenizer_config.json an eos_token")
+
+
+def resolve_tokenizer(cfg: Config, sources: Sequence[Any]) -> Tokenizer:
+    """The run's tokenizer: `data.tokenizer`, else a prepared source's own, else one trained (cached).
+
+    `sources` are `llmjax.data.sources.Source`s (the trained tokenizer samples their training text).
+    """
+    if cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    else:
+        prepared = [s for s in sources if s.tokenizer_dir is not None]
+        if prepared:
+            tok = load_tokenizer(prepared[0].tokenizer_dir, f"{prepared[0].key} (its prepared tokenizer)")
+        else:
+            from llmjax.data.sp_tokenizer import train_cached
+
+            tok = train_cached(cfg, sources, trained_vocab_size(cfg))
+    check_vocab(tok, cfg)
+    return tok

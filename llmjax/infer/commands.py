@@ -1,8 +1,9 @@
 """`llmjax generate | eval | bench-generate`: inference on a training workdir.
 
 A workdir gives everything: the model (WORKDIR/config.yaml), the parameters (the newest
-checkpoint; only the parameters are read) and the tokenizer (the cached one the run was
-trained with, found from the config's data section). Errors in the input (no checkpoint,
+checkpoint; only the parameters are read) and the tokenizer (the run's copy in
+WORKDIR/tokenizer/, so the corpus is not needed; workdirs from before that copy existed
+fall back to re-deriving it from the config's data section). Errors in the input (no checkpoint,
 empty or too long prompt, invalid sampling values) raise ConfigError: exit status 2.
 """
 
@@ -68,10 +69,18 @@ class Loaded:
         print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)
 
     def tokenizer(self) -> Any:
-        from llmjax.data.sources import load_corpus
-        from llmjax.data.tokenizer import load_or_train_tokenizer
+        """The run's copy of its tokenizer (never retrained); older workdirs: re-derived from the config."""
+        from llmjax.data.run_tokenizer import run_tokenizer
 
-        return load_or_train_tokenizer(self.cfg, load_corpus(self.cfg))
+        tok = run_tokenizer(self.cfg, self.workdir)
+        if tok is not None:
+            return tok
+        from llmjax.data.sources import resolve_sources
+        from llmjax.data.tokenizer import resolve_tokenizer
+
+        print(f"llmjax: note: {self.workdir} has no tokenizer copy (trained by an older llmjax): re-deriving it from "
+              "the config's data section", file=sys.stderr)
+        return resolve_tokenizer(self.cfg, resolve_sources(self.cfg))
 
     def quantized(self) -> Any:
         """The parameters in int8 (`llmjax.infer.quantize`: matrices, experts and embeddings)."""
@@ -167,20 +176,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- eval
 
 
-def token_bytes(tokenizer: Any) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (byte-fallback pieces 1, special tokens 0)."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
-    out = np.zeros(sp.get_piece_size(), np.int64)
-    for i in range(len(out)):
-        if sp.is_byte(i):
-            out[i] = 1
-        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
-            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return out
-
-
 def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], transform: Any = None
              ) -> dict[str, float]:
     """-> the family's evaluation sums (nll_sum in nats, weight_sum, ...) over `batches`."""
@@ -207,30 +202,33 @@ def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmjax.data.pipeline import DataModule
+    from llmjax.data.module import DataModule
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     loaded = Loaded(args.workdir)
     cfg = loaded.cfg
-    data = DataModule(cfg)
+    from llmjax.train.data_state import latest_saved_shares
+
+    # the run's data shares, so the validation batches are the ones the trainer evaluated
+    data = DataModule(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
     n = args.batches or cfg.eval.batches or 16
     if args.split == "validation":
-        if data.num_eval_rows < cfg.train.batch_size:
-            raise ConfigError(f"the validation split has {data.num_eval_rows} rows, fewer than a batch of "
-                              f"{cfg.train.batch_size}")
         batches = []
         for b in data.eval_batches():  # eval.batches of them (0 = all)
             batches.append(b)
-        if args.batches:
-            batches = batches[: args.batches]
+            if args.batches and len(batches) == args.batches:
+                break
+        if not batches:
+            raise ConfigError(f"the validation split holds fewer rows than a batch of {cfg.train.batch_size}")
     else:
-        it = data.train_iterator(0)
+        it = data.train_iterator()
         batches = [next(it) for _ in range(n)]
+        it.close()
     from llmjax.models.families import batch_from_dict
 
     nbytes_tok = np.zeros(cfg.model.vocab_size, np.int64)  # ids the tokenizer does not know stand for 0 bytes
-    known = token_bytes(data.tokenizer)[: cfg.model.vocab_size]
+    known = data.tokenizer.token_bytes()[: cfg.model.vocab_size]
     nbytes_tok[: len(known)] = known
     typed = [batch_from_dict(loaded.family.batch_type, b) for b in batches]
     total_bytes = sum(float((nbytes_tok[b.targets] * b.weights).sum()) for b in typed)

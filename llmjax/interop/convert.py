@@ -9,7 +9,9 @@ state and the data iterator at the start of the stream. So
   llmjax train --config WORKDIR/config.yaml --workdir WORKDIR [data.path=...]   (continues training)
 
 use it as it is. The parameters are read straight into the shardings of the config's mesh.
-A sentencepiece `tokenizer.model` in HF_DIR is copied into WORKDIR and set as data.tokenizer.
+The model's own tokenizer (HF_DIR's tokenizer.json with its tokenizer_config.json, else its
+tokenizer.model) is stored in WORKDIR/tokenizer/ (the run's tokenizer copy) and set as
+data.tokenizer, so eval/generate use the right tokens with no further setting.
 
 to-hf writes the newest checkpoint's parameters as a LlamaForCausalLM / MixtralForCausalLM
 directory that `transformers` loads (`from_pretrained`).
@@ -25,6 +27,8 @@ import sys
 from pathlib import Path
 
 from llmjax.config import Config, ConfigError, load_config, parse_override, save_config
+from llmjax.data.run_tokenizer import run_tokenizer, save_copy, tokenizer_dir
+from llmjax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from llmjax.interop.hf_config import (
     ARCH_FIELDS,
     MOE_ARCH_FIELDS,
@@ -33,7 +37,7 @@ from llmjax.interop.hf_config import (
     read_hf_config,
 )
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def log(msg: str) -> None:
@@ -59,14 +63,27 @@ def import_config(hf_dir: Path, config: str | None, overrides: list[str], workdi
     model, notes = model_config_from_hf(hf_data, str(source), base.model)
     cfg = dataclasses.replace(base, model=model)
     if cfg.data.tokenizer is None:
-        if (hf_dir / TOKENIZER_FILE).is_file():
-            cfg.data.tokenizer = str((workdir / TOKENIZER_FILE).absolute())
-            notes.append(f"copied {hf_dir / TOKENIZER_FILE} to {cfg.data.tokenizer} (data.tokenizer)")
+        found = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
+        if found:
+            cfg.data.tokenizer = str(tokenizer_dir(workdir).absolute())
+            notes.append(f"stored the model's tokenizer ({hf_dir / found[0]}) in {cfg.data.tokenizer} "
+                         "(data.tokenizer)")
         else:
-            notes.append(f"{hf_dir} has no sentencepiece {TOKENIZER_FILE}: set data.tokenizer to the model's "
+            notes.append(f"{hf_dir} has no tokenizer.json or tokenizer.model: set data.tokenizer to the model's "
                          "tokenizer for eval/generate/train on text (left unset, a new tokenizer is trained on the "
                          "corpus, whose ids do not match the imported embeddings)")
     return cfg, notes
+
+
+def import_tokenizer(hf_dir: Path, cfg: Config, workdir: Path) -> Tokenizer | None:
+    """The tokenizer to store in the workdir: HF_DIR's own (when import_config chose it) or the user's
+    data.tokenizer; checked against the vocabulary. None when there is neither."""
+    if cfg.data.tokenizer is None:
+        return None
+    own = cfg.data.tokenizer == str(tokenizer_dir(workdir).absolute())
+    tok = load_tokenizer(hf_dir if own else cfg.data.tokenizer, str(hf_dir) if own else "data.tokenizer")
+    check_vocab(tok, cfg, str(hf_dir / Path(tok.path).name) if own else "data.tokenizer")
+    return tok
 
 
 def from_hf(args: argparse.Namespace) -> int:
@@ -85,10 +102,7 @@ def from_hf(args: argparse.Namespace) -> int:
 
     setup_jax(cfg)
     validate(cfg, jax.device_count())
-    tokenizer_src = hf_dir / TOKENIZER_FILE
-    copy_tokenizer = cfg.data.tokenizer == str((workdir / TOKENIZER_FILE).absolute())  # set by import_config
-    if copy_tokenizer:
-        _check_tokenizer(tokenizer_src, cfg)
+    tokenizer = import_tokenizer(hf_dir, cfg, workdir)
 
     from llmjax.interop.hf import load_params
     from llmjax.train.checkpoint import Checkpointer
@@ -105,8 +119,8 @@ def from_hf(args: argparse.Namespace) -> int:
 
     state = jax.jit(initial_state, out_shardings=setup.state_shardings, donate_argnums=0)(params)
     workdir.mkdir(parents=True, exist_ok=True)
-    if copy_tokenizer:
-        shutil.copyfile(tokenizer_src, workdir / TOKENIZER_FILE)
+    if tokenizer is not None:
+        save_copy(tokenizer, tokenizer_dir(workdir))
     ckpt = Checkpointer(ckpts, cfg.checkpoint.keep, async_save=False)
     try:
         ckpt.save(0, state, {"step": 0})  # no iterator state: training starts at the beginning of the stream
@@ -123,18 +137,6 @@ def from_hf(args: argparse.Namespace) -> int:
     log(f"use it: llmjax eval --workdir {workdir}; llmjax generate --workdir {workdir} --prompt ...; "
         f"llmjax train --config {workdir / 'config.yaml'} --workdir {workdir} [data.path=... train.steps=...]")
     return 0
-
-
-def _check_tokenizer(path: Path, cfg: Config) -> None:
-    """ConfigError when the sentencepiece model cannot be read or has more pieces than the vocabulary."""
-    import sentencepiece as spm
-
-    try:
-        pieces = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
-    except (RuntimeError, OSError) as e:
-        raise ConfigError(f"{path}: not a sentencepiece model ({e})") from None
-    if pieces > cfg.model.vocab_size:
-        raise ConfigError(f"{path}: {pieces} pieces, more than vocab_size={cfg.model.vocab_size} in config.json")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -172,11 +174,15 @@ def to_hf(args: argparse.Namespace) -> int:
         log(f"note: model.moe.capacity_factor={cfg.model.moe.capacity_factor} drops tokens over capacity; "
             "transformers' Mixtral routes every token (dropless), so its outputs can differ where tokens were dropped")
     files = save(cfg.model, loaded.params, hf_dir, args.dtype, max_shard)
-    if cfg.data.tokenizer and Path(cfg.data.tokenizer).expanduser().is_file():
-        shutil.copyfile(Path(cfg.data.tokenizer).expanduser(), hf_dir / TOKENIZER_FILE)
-        files.append(TOKENIZER_FILE)
+    tok = run_tokenizer(cfg, workdir)  # the run's copy
+    if tok is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).expanduser().exists():
+        tok = load_tokenizer(cfg.data.tokenizer)
+    if tok is None:
+        log("note: the workdir has no tokenizer copy and data.tokenizer is unset: no tokenizer was written")
     else:
-        log("note: the run's tokenizer (data.tokenizer unset: trained on the corpus) was not copied")
+        for name, path in tok.files.items():
+            shutil.copyfile(path, hf_dir / name)
+            files.append(name)
     arch = "MixtralForCausalLM" if cfg.model.moe.enabled else "LlamaForCausalLM"
     log(f"wrote {arch} (step {loaded.step}, {args.dtype or cfg.model.param_dtype}) to {hf_dir}: config.json, "
         f"{', '.join(files)}")

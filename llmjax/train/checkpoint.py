@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from llmjax.storage import StorageError, as_path, reraise_storage
 from llmjax.train import integrity
+from llmjax.train.data_state import DataStateRestore, DataStateSave
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -118,7 +119,8 @@ class Checkpointer:
     # ------------------------------------------------------------------------- saving
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-        """Start saving `state` (a pytree of jax arrays) and the JSON-able data iterator state.
+        """Start saving `state` (a pytree of jax arrays) and the data iterator state (`BatchIterator.get_state()`,
+        or {"step": k}); each process writes its own data shares' files (`train.data_state`).
 
         Raises StorageError when the storage refuses the write (the partial step is removed)."""
         if step in self.manager.all_steps():
@@ -128,7 +130,7 @@ class Checkpointer:
         try:
             self.manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(data_state)),
                 force=True,
             )
             if not self.async_save:
@@ -199,8 +201,8 @@ class Checkpointer:
         problem = integrity.agree(problem, _gather_problems())
         return f"failed verification: {problem}" if problem else None
 
-    def restore_latest(self, abstract_state: Any, check: Callable[[Any], None] | None = None
-                       ) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_latest(self, abstract_state: Any, check: Callable[[Any], None] | None = None,
+                       data_shares: list[int] | None = None) -> tuple[int, Any, dict[str, Any]] | None:
         """Newest good checkpoint as (step, state, data_state), or None if there is none.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings: arrays are
@@ -218,7 +220,7 @@ class Checkpointer:
                     check(self.step_dir(step))
                 try:
                     restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                        state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(data_shares)))
                 except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
                     problem = _reason(e)
                 else:

@@ -101,13 +101,19 @@ def saved_param_shapes(step_dir: Any) -> dict[str, tuple[int, ...]] | None:
 
 
 def saved_model_section(step_dir: Any) -> dict[str, Any] | None:
-    """The `model` section recorded with a checkpoint (llmjax writes it into the data item), or None."""
-    import orbax.checkpoint as ocp
+    """The `model` section recorded with a checkpoint (llmjax writes it into the data item's meta.json,
+    `train.data_state`), or None."""
+    import json
 
-    try:
-        data = ocp.JsonCheckpointHandler().restore(step_dir / "data")
-    except Exception:  # noqa: BLE001 - older checkpoints, unreadable files: fall back to the shapes
-        return None
+    from llmjax.train.data_state import LEGACY, META
+
+    data = None
+    for name in (META, LEGACY):
+        try:
+            data = json.loads((step_dir / "data" / name).read_text())
+            break
+        except Exception:  # noqa: BLE001 - older checkpoints, unreadable files: fall back to the shapes
+            continue
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, dict) else None
 

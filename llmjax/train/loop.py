@@ -20,7 +20,8 @@ import numpy as np
 
 from llmjax import runlog
 from llmjax.config import Config, ConfigError, config_warnings, to_dict
-from llmjax.data.pipeline import DataModule
+from llmjax.data.module import DataModule
+from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models.roles import decay_mask, describe_decay
@@ -29,6 +30,7 @@ from llmjax.storage import EXIT_STORAGE, StorageError, as_path
 from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.compat import check_matches
+from llmjax.train.data_state import latest_saved_shares
 from llmjax.train.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
 from llmjax.train.optim import current_lr
 from llmjax.train.peak import peak_info
@@ -100,9 +102,22 @@ def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
 
 def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dict[str, float]:
     """The family's validation metrics (eval_loss = mean NLL per weighted token, eval_ppl, ...) over
-    `eval.batches` batches."""
+    `eval.batches` batches (fewer if the split ends first: processes agree to stop at the first batch
+    some process lacks)."""
     totals: dict[str, float] = {}
-    sums = [eval_step(params, setup.put_batch(b)) for b in data.eval_batches()]
+    sums = []
+    batches = data.eval_batches()
+    while True:
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if int(np.min(multihost_utils.process_allgather(np.int32(batch is not None)))) == 0:
+                break
+        if batch is None:
+            break
+        sums.append(eval_step(params, setup.put_batch(batch)))
+    batches.close()
     for s in jax.device_get(sums):
         for k, v in s.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -155,10 +170,15 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
 
     t_start = time.time()
     setup = build_setup(cfg)
-    # Each process reads only the rows of every global batch that its devices hold.
-    data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count())
+    # Each process reads only the rows of every global batch that its devices hold; a resumed run
+    # keeps the checkpoint's data shares (unless data.shares says otherwise).
+    shares = latest_saved_shares(workdir / "checkpoints")
+    data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count(),
+                      tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary and not check_only:
+        if not has_copy(workdir):
+            save_copy(data.tokenizer, tokenizer_dir(workdir))
         run_dir.save_config(cfg, workdir)
     counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
     fpt = setup.family.flops_per_token(cfg.data.seq_len)
@@ -206,16 +226,17 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     primary, multi = jax.process_index() == 0, jax.process_count() > 1
     peak, peak_reliable = peak_and_reliable
     restored = ckpt.restore_latest(setup.abstract_state, check=lambda step_dir: check_matches(
-        cfg.model, step_dir, setup.abstract_state.params, setup.params.logical, "the config"))
+        cfg.model, step_dir, setup.abstract_state.params, setup.params.logical, "the config"),
+        data_shares=data.local_shares)
     if restored is None:
         state, start = setup.init_state(), 0
-        iterator = data.train_iterator(0)
+        iterator = data.train_iterator()
     else:
         start, state, data_state = restored
-        iterator = data.train_iterator(start)
-        if "iterator" in data_state:
-            iterator.set_state(data_state["iterator"])
+        iterator, note = data.restore_iterator(data_state, start)
         log(f"resumed from {ckpt.directory / str(start)}")
+        if note:
+            log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
 
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
@@ -250,6 +271,8 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         tps = tokens_per_step / dt if dt > 0 else 0.0
         util = mfu(tps, fpt, peak)
         m.update(lr=current_lr(cfg.optim, steps, step), tokens_per_s=tps, step_time=dt)
+        if len(data.sources) > 1:  # realised mixture (this process's tokens so far)
+            m.update({f"data_fraction/{k}": v for k, v in iterator.source_fractions().items()})
         if util is not None:
             m["mfu"] = util
         writer.write(step, m, kind="train")
@@ -270,7 +293,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     def save(step: int) -> None:
         nonlocal last_saved
         if step != last_saved:
-            ckpt.save(step, state, {"iterator": iterator.get_state(), "step": step, "model": to_dict(cfg.model)})
+            ckpt.save(step, state, {**iterator.get_state(), "model": to_dict(cfg.model)})
             writer.sync()
             last_saved = step
 
@@ -318,6 +341,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         writer.close()
         raise
     finally:
+        iterator.close()
         try:
             ckpt.close()
         except BaseException:

@@ -76,11 +76,12 @@ def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
 
     The targets are the family's (`batch.targets`: next tokens, masked tokens or decoder targets).
     A collective when several processes run: every process must call it."""
-    from llmjax.infer.commands import token_bytes
     from llmjax.models.families import batch_from_dict, build_family
 
     batch_type = build_family(cfg.model).batch_type
-    nbytes = token_bytes(data.tokenizer)
+    nbytes = np.zeros(cfg.model.vocab_size, np.int64)  # ids the tokenizer does not know (reserved): 0 bytes
+    known = data.tokenizer.token_bytes()[: cfg.model.vocab_size]
+    nbytes[: len(known)] = known
     total = np.zeros(2, np.float64)  # [bytes, weight]
     for arrays in data.eval_batches():
         batch = batch_from_dict(batch_type, arrays)

@@ -69,4 +69,4 @@ def test_wandb_resume_continues_the_run_and_env_offline_is_honoured(eval_run, tm
     runs = sorted((copy / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2  # the same run id: `wandb sync` appends the resumed part to the same run
     r = run_llmjax("train", "--workdir", tmp_path / "w2", *tiny_train_overrides(corpus), 'log.wandb.project=""')
-    assert r.returncode == 2 and "log.wandb.project is empty" in r.stderr
+    assert r.returncode == 2 and "log.wandb.project: empty string" in r.stderr

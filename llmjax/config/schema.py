@@ -74,6 +74,9 @@ class ModelConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = "none"
     scan_layers: bool = True  # False: a Python loop over the same stacked params (faster small models)
     attention: str = "xla"  # an implementation of llmjax.kernels.ATTENTION_MODULES (xla = the einsum reference)
+    attention_block_q: int = 512  # queries per tile of the blockwise kernels (chunked, splash)
+    attention_block_kv: int = 512  # keys per tile (splash: a multiple of 128)
+    loss_chunk: int = 0  # > 0: cross-entropy over chunks of this many positions, no full [B, L, V] logits
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     @property
@@ -169,6 +172,8 @@ class TrainConfig:
     # Stop (with a checkpoint, exit 0) once this many steps are done, as if preempted, while the
     # schedule still follows train.steps; 0: run to train.steps. Used for WSD cooldown branches.
     stop_after: int = 0
+    # [start, stop): write a jax.profiler trace of steps start .. stop-1 to <workdir>/profile; []: off.
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from llmjax.config.families import FAMILY_CLASSES
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
-from llmjax.kernels import attention_names
+from llmjax.kernels import attention_names, canonical_attention
 from llmjax.parallel.mesh import mesh_shape
 
 
@@ -49,6 +49,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     _positive(m, "model", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
     _choice("model.attention", m.attention, attention_names())
     _choice("model.family", m.family, tuple(FAMILY_CLASSES))
+    _validate_kernels(m)
     if m.head_dim < 0:
         raise ConfigError(f"model.head_dim must be >= 0 (0 = d_model // n_heads), got {m.head_dim}")
     if m.head_dim == 0 and m.d_model % m.n_heads:
@@ -84,6 +85,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     _positive(t, "train", "steps", "batch_size", "log_every")
     if not 0 <= t.stop_after <= t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
+    _validate_profile_steps(t.profile_steps, t.steps)
     if cfg.eval.every_steps < 0 or cfg.eval.batches < 0:
         raise ConfigError("eval.every_steps and eval.batches must be >= 0")
     if cfg.checkpoint.every_steps < 0:
@@ -147,6 +149,30 @@ def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
     if per_replica % p.microbatches:
         raise ConfigError(f"pipeline.microbatches={p.microbatches} does not divide the per-replica batch "
                           f"{per_replica} (train.batch_size / optim.grad_accum_steps / (data x fsdp x expert))")
+
+
+def _validate_kernels(m: ModelConfig) -> None:
+    """Tile sizes of the blockwise attention kernels and the cross-entropy chunk."""
+    _positive(m, "model", "attention_block_q", "attention_block_kv")
+    if canonical_attention(m.attention) == "splash" and m.attention_block_kv % 128:
+        raise ConfigError(f"model.attention_block_kv={m.attention_block_kv}: splash attention needs a multiple of "
+                          "128 (the TPU lane width)")
+    if canonical_attention(m.attention) == "splash" and m.attention_block_q % 128:
+        raise ConfigError(f"model.attention_block_q={m.attention_block_q}: splash attention needs a multiple of "
+                          "128 (its backward kernels' query tile)")
+    if canonical_attention(m.attention) == "cudnn" and m.compute_dtype == "float32":
+        raise ConfigError("model.attention=cudnn needs model.compute_dtype=bfloat16 or float16 (cuDNN flash "
+                          "attention has no float32 kernel)")
+    if m.loss_chunk < 0:
+        raise ConfigError(f"model.loss_chunk must be >= 0 (0 = off), got {m.loss_chunk}")
+
+
+def _validate_profile_steps(steps: list[int], total: int) -> None:
+    if not steps:
+        return
+    if len(steps) != 2 or not 0 <= steps[0] < steps[1] <= total:
+        raise ConfigError(f"train.profile_steps={steps} must be [start, stop] with 0 <= start < stop <= "
+                          f"train.steps={total} (steps start .. stop-1 are traced), or [] for no profile")
 
 
 def _validate_moe(m: ModelConfig) -> None:

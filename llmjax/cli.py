@@ -2,6 +2,7 @@
 
   llmjax train [--config FILE] [--workdir DIR] [section.key=value ...]
   llmjax bench [--config FILE] [--steps N] [section.key=value ...]
+  llmjax compile --topology v5p-64 [--slices N] [--config FILE] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
   llmjax eval --workdir DIR [--split validation|train] [--int8]
   llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N]
@@ -29,6 +30,7 @@ from pathlib import Path
 from llmjax.config import ConfigError, load_config
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
+from llmjax.planner import cli_args as planner_cli
 from llmjax.scaling import cli_args as scaling_cli
 
 EXIT_USAGE = 2
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(sub)
     scaling_cli.add_arguments(sub)
     convert_cli.add_arguments(sub)
+    planner_cli.add_arguments(sub)
     return p
 
 
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             from llmjax.interop.convert import run as convert
 
             return convert(args)
+        if args.verb in planner_cli.PLANNER_VERBS:
+            from llmjax.planner.command import run as compile_for_topology
+
+            return compile_for_topology(args)
         if args.verb == "bench" and args.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {args.steps}")
         cfg = load_config(args.config, args.overrides)

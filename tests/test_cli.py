@@ -121,6 +121,8 @@ def test_bench_steps_zero(tmp_path):
         (["optim.warmup_steps=5"], ["optim.warmup_steps=5", "train.steps=4"]),
         (["optim.name=adam"], ["optim.name", "adam"]),
         (["mesh.rules.embedding=null"], ["mesh.rules.embedding"]),
+        (["train.profile_steps=[3,2]"], ["train.profile_steps", "start < stop"]),
+        (["model.attention=splash", "model.attention_block_kv=100"], ["model.attention_block_kv=100", "128"]),
     ],
 )
 def test_config_errors(tmp_path, overrides, needles):

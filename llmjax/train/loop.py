@@ -33,6 +33,7 @@ from llmjax.train.metrics import (
     peak_flops,
 )
 from llmjax.train.optim import current_lr
+from llmjax.train.profiling import StepProfiler
 from llmjax.train.setup import Setup, build_setup
 
 # Keys of a saved config that must match to resume from its checkpoints.
@@ -182,6 +183,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard)
     bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every)
     signals = _Signals()
+    profiler = StepProfiler(cfg.train.profile_steps, workdir, log)
     tokens_per_step = cfg.train.batch_size * L
     steps = cfg.train.steps
     end = cfg.train.stop_after or steps  # the schedule follows `steps`; the run stops at `end`
@@ -224,7 +226,9 @@ def train(cfg: Config, workdir: str | Path) -> int:
         t_prev = time.time()
         for step in range(start, end):
             batch = setup.put_batch(next(iterator))
-            state, metrics = step_fn(state, batch)
+            profiler.before_step(step, state)
+            with profiler.annotation(step):
+                state, metrics = step_fn(state, batch)
             if pending is not None:
                 jax.block_until_ready(pending[1])
                 now = time.time()
@@ -259,6 +263,7 @@ def train(cfg: Config, workdir: str | Path) -> int:
         say(f"llmjax: {e}; stopping. Last good checkpoint: {ckpt.directory / str(good[-1]) if good else 'none'}")
         status = EXIT_FAILED
     finally:
+        profiler.finish(state)
         ckpt.close()
         bar.close()
         signals.restore()

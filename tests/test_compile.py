@@ -5,6 +5,9 @@ presets in CI-sized form, and usage errors (exit 2) before any compile."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import tiny_config
@@ -14,6 +17,7 @@ from llmjax.config import ConfigError, load_config, validate
 from llmjax.planner import analysis, topology
 from llmjax.planner.command import compile_train_step, with_slices
 
+ROOT = Path(__file__).resolve().parent.parent
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install 'llmjax[tpu]')")
 
@@ -106,3 +110,12 @@ def test_usage_errors_exit_2(capsys, monkeypatch):
 def test_mesh_that_does_not_cover_the_topology_exits_2(capsys):
     assert main(["compile", "--topology", "v5e-8", "mesh.data=3"]) == 2
     assert "--topology v5e-8 has 8 devices" in capsys.readouterr().err
+
+
+def test_gpu_xla_flags_are_known_to_this_xla():
+    """launch/xla_flags_gpu.sh sets only flags the installed XLA parses (it aborts on unknown ones)."""
+    code = "import jax.numpy as j; j.ones(1).block_until_ready()"
+    r = subprocess.run(["bash", "-c", f"source launch/xla_flags_gpu.sh && echo $XLA_FLAGS && python3 -c '{code}'"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in r.stdout

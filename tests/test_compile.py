@@ -115,7 +115,8 @@ def test_mesh_that_does_not_cover_the_topology_exits_2(capsys):
 def test_gpu_xla_flags_are_known_to_this_xla():
     """launch/xla_flags_gpu.sh sets only flags the installed XLA parses (it aborts on unknown ones)."""
     code = "import jax.numpy as j; j.ones(1).block_until_ready()"
-    r = subprocess.run(["bash", "-c", f"source launch/xla_flags_gpu.sh && echo $XLA_FLAGS && python3 -c '{code}'"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    script = f"source launch/xla_flags_gpu.sh && echo $XLA_FLAGS && python3 -c '{code}'"
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in r.stdout

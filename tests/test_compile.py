@@ -16,6 +16,7 @@ from llmjax.cli import main
 from llmjax.config import ConfigError, load_config, validate
 from llmjax.planner import analysis, topology
 from llmjax.planner.command import compile_train_step, with_slices
+from llmjax.planner.gpu import cuda_plugin_installed, parse_gpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -34,6 +35,17 @@ def test_compile_succeeds(name, mesh, capsys):
     out = capsys.readouterr().out
     assert f"target: {name} =" in out and "fits" in out and "roofline per step" in out
     assert "over " + ("8" if name == "v5e-8" else "16") + " tpu devices" in out
+
+
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="jax's CUDA plugin is not installed (llmjax[gpu-compile])")
+def test_compile_for_gpus_without_a_gpu(capsys):
+    """8 x H100 from a written target description; cuDNN attention is refused (no cuDNN library here)."""
+    assert main(["compile", "--topology", "h100-8", *SMALL, "train.batch_size=16", "mesh.data=2", "mesh.fsdp=4",
+                 "model.attention=chunked", "model.loss_chunk=64"]) == 0
+    out = capsys.readouterr().out
+    assert "(NVIDIA H100 80GB HBM3)" in out and "of 74.51 GiB HBM" in out and "fits" in out  # 80 GB
+    assert main(["compile", "--topology", "h100-8", *SMALL, "model.attention=cudnn"]) == 2
+    assert "model.attention=cudnn: jax cannot use cuDNN here" in capsys.readouterr().err
 
 
 def memory_of(*overrides: str) -> analysis.Memory:
@@ -85,6 +97,13 @@ def test_presets_compile_in_ci_size(preset, capsys):
 def test_bad_topology_names(name, message):
     with pytest.raises(ConfigError, match=message):
         topology.parse_tpu_name(name)
+
+
+def test_gpu_names():
+    assert parse_gpu_name("h100-8") == ("h100", 8) and parse_gpu_name("H200-16") == ("h200", 16)
+    assert parse_gpu_name("v5e-8") is None
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        parse_gpu_name("h100-12")
 
 
 def test_names_resolve_to_layouts():

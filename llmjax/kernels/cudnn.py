@@ -29,10 +29,19 @@ from llmjax.models.attention import Blocks, MaskSpec, register
 
 
 def check(platform: str) -> None:
-    """cuDNN runs on NVIDIA GPUs only."""
+    """cuDNN runs on NVIDIA GPUs only, and jax must find the cuDNN library (it asks for its version)."""
     if platform != "gpu":
         raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU (cuDNN flash attention), but this run is for "
                           f"{platform}: use model.attention=chunked (any backend), splash (TPU) or xla")
+    try:  # private jax API (moves between releases): without it, jax's own error comes at trace time
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+    except ImportError:
+        return
+    try:
+        check_cudnn_version()
+    except RuntimeError as e:
+        raise ConfigError(f"model.attention=cudnn: jax cannot use cuDNN here ({e}); a compile for GPUs without "
+                          "the CUDA libraries cannot trace cuDNN attention: use model.attention=chunked") from None
 
 
 def cudnn_arguments(mask: MaskSpec, L: int, S: int) -> dict[str, Any]:

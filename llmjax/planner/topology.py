@@ -1,4 +1,4 @@
-"""Target topologies for `llmjax compile`: names -> compile-only devices.
+"""Target topologies for `llmjax compile`: names -> compile-only devices (GPU targets: `planner.gpu`).
 
 TPU names follow Cloud TPU accelerator types: `v5e-8`, `v6e-256` count chips; `v4-128`,
 `v5p-64` count TensorCores (two per chip, one megacore device). A physical layout may be given
@@ -21,6 +21,7 @@ from typing import Any
 
 from llmjax.config import ConfigError
 from llmjax.planner.chips import Chip, lookup_chip
+from llmjax.planner.gpu import gpu_devices, parse_gpu_name
 
 # generation -> (name in libtpu's topology strings, accelerator-type units per chip, mesh rank)
 TPU_GENERATIONS: dict[str, tuple[str, int, int]] = {
@@ -42,7 +43,7 @@ class Target:
 
     name: str  # as given
     layout: str  # e.g. "v5p:2x4x4"
-    platform: str  # "tpu"
+    platform: str  # "tpu" or "gpu"
     slices: int
     devices: list[Any]
 
@@ -77,7 +78,7 @@ def parse_tpu_name(name: str) -> tuple[str, str]:
     m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.lower())
     if not m:
         raise ConfigError(f"--topology {name}: expected an accelerator type such as v5e-8, v5p-64, v4-128, "
-                          "v6e-256, or a layout such as v5p:2x4x4")
+                          "v6e-256, a layout such as v5p:2x4x4, or GPUs such as h100-8")
     gen, count = m.group(1), int(m.group(2))
     if gen not in TPU_GENERATIONS:
         raise ConfigError(f"--topology {name}: unknown TPU generation {gen!r} (known: {known})")
@@ -117,6 +118,12 @@ def load_target(name: str, slices: int = 1) -> Target:
     """Compile-only devices for `name` x `slices`. ConfigError for a bad name or a missing libtpu."""
     if slices < 1:
         raise ConfigError(f"--slices must be >= 1, got {slices}")
+    gpu = parse_gpu_name(name)
+    if gpu is not None:
+        if slices > 1:
+            raise ConfigError(f"--slices applies to TPU slices; for more GPUs name them all (e.g. {gpu[0]}-16)")
+        layout, devices = gpu_devices(name, *gpu)
+        return Target(name, layout, "gpu", 1, devices)
     layout, gen = parse_tpu_name(name)
     if libtpu_path() is None:
         raise ConfigError(f"--topology {name}: compiling for TPU needs libtpu, which is not installed: "

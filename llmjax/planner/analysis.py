@@ -118,8 +118,8 @@ def activation_estimates(cfg: Config, mesh_shape: dict[str, int]) -> list[tuple[
     b = max(1, B // batch_split)
     out = []
     if m.loss_chunk == 0:
-        out.append((f"float32 logits [{b}, {L}, {m.vocab_size // tensor}] (x3 with the one-hot and the gradient)",
-                    3 * b * L * (m.vocab_size // tensor) * 4, "set model.loss_chunk"))
+        out.append((f"float32 logits [{b}, {L}, {m.vocab_size // tensor}] and their gradient",
+                    2 * b * L * (m.vocab_size // tensor) * 4, "set model.loss_chunk"))
     if m.attention in ("xla", "einsum", "dot_product_attention"):
         out.append((f"float32 attention scores of one layer [{b}, {m.n_heads // tensor}, {L}, {L}]",
                     b * (m.n_heads // tensor) * L * L * 4, "model.attention=chunked or splash (TPU) / cudnn (GPU)"))

@@ -143,9 +143,12 @@ def test_splash_and_cudnn_refuse_where_they_cannot_run():
     attention.get("splash", platform="tpu")
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU .* for cpu"):
         attention.get("cudnn")  # the tests run on CPU
-    attention.get("cudnn", platform="gpu")
-    with attention.compiling_for("cuda"):
-        attention.get("cudnn")
+    for platform in ("gpu", "cuda"):  # compiling for a GPU: allowed where jax finds cuDNN, else refused
+        with attention.compiling_for(platform):
+            try:
+                attention.get("cudnn")
+            except ConfigError as e:
+                assert "jax cannot use cuDNN here" in str(e)
     with pytest.raises(ConfigError, match="multiple of 128"):
         validate(tiny_config("model.attention=splash", "model.attention_block_kv=64"), 1)
     with pytest.raises(ConfigError, match="compute_dtype=bfloat16"):

@@ -98,7 +98,7 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
 
     from llmjax.models.attention import compiling_for
     from llmjax.parallel.mesh import describe as describe_mesh
-    from llmjax.train.metrics import flops_per_token, param_counts
+    from llmjax.train.metrics import param_counts
     from llmjax.train.setup import build_setup
 
     out = out or sys.stdout
@@ -112,12 +112,13 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
     with compiling_for(target.platform):
         setup = build_setup(cfg, ordered_devices(cfg, target.devices))
     m, B, L = cfg.model, cfg.train.batch_size, cfg.data.seq_len
-    counts = param_counts(setup.abstract_state.params, m)
-    fpt = flops_per_token(m, L)
+    counts = param_counts(setup.params.shapes, setup.params.logical, m)
+    fpt = setup.family.flops_per_token(L)
+    tokens = B * setup.family.tokens_per_example(L)
     say(describe_mesh(setup.mesh))
     say(f"model: {counts['total'] / 1e6:,.1f}M params ({counts['active'] / 1e6:,.1f}M active), "
         f"{m.compute_dtype} compute, remat {m.remat}, attention {m.attention}, loss_chunk {m.loss_chunk}; "
-        f"batch {B} x {L} = {B * L:,} tokens/step")
+        f"batch {B} x {L} = {tokens:,} tokens/step")
     t0 = time.perf_counter()
     try:
         compiled = _compile(setup)
@@ -136,7 +137,7 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
         say(f"memory per device (XLA): {mem.describe()}{verdict}")
     _report_contributors(cfg, setup, shape, say)
     n = len(target.devices)
-    model_flops = fpt * B * L / n
+    model_flops = fpt * tokens / n
     xla = analysis.cost(compiled)
     scanned = " (a scanned layer loop is counted once)" if m.scan_layers else ""
     if xla is not None:
@@ -149,7 +150,7 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
         hbm_part = f", HBM >= {r.memory_s * 1e3:.1f} ms at {chip.hbm_bytes_per_s / 1e9:,.0f} GB/s (XLA bytes)" \
             if r.memory_s is not None else ""
         say(f"roofline per step: compute >= {r.compute_s * 1e3:.1f} ms at peak{hbm_part} -> >= "
-            f"{r.step_s * 1e3:.1f} ms/step, <= {B * L / r.step_s:,.0f} tokens/s, MFU <= "
+            f"{r.step_s * 1e3:.1f} ms/step, <= {tokens / r.step_s:,.0f} tokens/s, MFU <= "
             f"{100 * r.compute_s / r.step_s:.0f}% (an upper bound: no communication, no remat recompute)")
     return EXIT_FITS if fits else EXIT_DOES_NOT_FIT
 

@@ -91,6 +91,9 @@ device_description_str: "{spec.description}"
 
 
 def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA PJRT plugin (jax_plugins.xla_cuda12 or 13) is importable."""
+    if importlib.util.find_spec("jax_plugins") is None:
+        return False
     return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
 
 

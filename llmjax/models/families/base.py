@@ -20,8 +20,8 @@ import numpy as np
 from flax import struct
 
 from llmjax.config import ModelConfig
-from llmjax.models.feedforward import aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
 from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
+from llmjax.models.feedforward import aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
 from llmjax.models.losses import cross_entropy, weighted_sums
 from llmjax.models.transformer import output_matrix
 from llmjax.parallel.pipeline import Schedule

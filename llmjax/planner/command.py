@@ -114,7 +114,7 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
     m, B, L = cfg.model, cfg.train.batch_size, cfg.data.seq_len
     counts = param_counts(setup.params.shapes, setup.params.logical, m)
     fpt = setup.family.flops_per_token(L)
-    tokens = B * setup.family.tokens_per_example(L)
+    tokens = B * L
     say(describe_mesh(setup.mesh))
     say(f"model: {counts['total'] / 1e6:,.1f}M params ({counts['active'] / 1e6:,.1f}M active), "
         f"{m.compute_dtype} compute, remat {m.remat}, attention {m.attention}, loss_chunk {m.loss_chunk}; "

@@ -3,6 +3,7 @@
   llmjax train [--config FILE] [--workdir DIR|gs://BUCKET/DIR] [--check] [section.key=value ...]
   llmjax config show [--config FILE] [section.key=value ...]
   llmjax bench [--config FILE] [--steps N] [section.key=value ...]
+  llmjax compile --topology v5p-64 [--slices N] [--config FILE] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
   llmjax eval --workdir DIR [--split validation|train] [--int8]
   llmjax harness --workdir DIR --tasks T1,T2 [--num-fewshot K --limit N --include-path DIR]
@@ -43,6 +44,7 @@ from llmjax.data import cli_args as data_cli
 from llmjax.evals import cli_args as harness_cli
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
+from llmjax.planner import cli_args as planner_cli
 from llmjax.scaling import cli_args as scaling_cli
 from llmjax.storage import EXIT_STORAGE, StorageError, storage_problem
 
@@ -94,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     scaling_cli.add_arguments(sub)
     convert_cli.add_arguments(sub)
     data_cli.add_arguments(sub)
+    planner_cli.add_arguments(sub)
     return p
 
 
@@ -134,6 +137,10 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         from llmjax.interop.convert import run as convert
 
         return convert(args)
+    if args.verb in planner_cli.PLANNER_VERBS:
+        from llmjax.planner.command import run as compile_for_topology
+
+        return compile_for_topology(args)
     if args.verb == "bench" and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     cfg = load_config(args.config, args.overrides)

@@ -45,11 +45,11 @@ def test_registry_names_and_refusals(monkeypatch):
     with pytest.raises(ConfigError, match="model.attention: 'flash'"):
         attention.get("flash")
 
-    def refuse() -> None:
-        raise ConfigError("model.attention=xla cannot run here (test)")
+    def refuse(platform: str) -> None:
+        raise ConfigError(f"model.attention=xla cannot run on {platform} (test)")
 
     monkeypatch.setitem(attention._IMPLS, "xla", (attention.xla_attention, refuse))
-    with pytest.raises(ConfigError, match="cannot run here"):
+    with pytest.raises(ConfigError, match="cannot run on cpu"):
         attention.get("xla")
 
 

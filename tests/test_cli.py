@@ -122,6 +122,8 @@ def test_bench_steps_zero(tmp_path):
         (["optim.b2=5"], ["optim.b2=5", "[0, 1)"]),
         (["optim.name=adam"], ["optim.name", "adam"]),
         (["mesh.rules.embedding=null"], ["mesh.rules.embedding"]),
+        (["train.profile_steps=[3,2]"], ["train.profile_steps", "start < stop"]),
+        (["model.attention=splash", "model.attention_block_kv=100"], ["model.attention_block_kv=100", "128"]),
     ],
 )
 def test_config_errors(tmp_path, overrides, needles):

@@ -83,6 +83,9 @@ class EncoderDecoderConfig(ModelConfig):
     def check(self, seq_len: int) -> None:
         from llmjax.data.objectives import corrupted_lengths, corruption_row_length, span_lengths
 
+        if self.loss_chunk > 0:
+            raise ConfigError("model.loss_chunk: the chunked cross-entropy is not implemented for "
+                              "model.family=encoder_decoder (its decoder's logits are [B, target length, V]); set 0")
         if self.n_encoder_layers < 0:
             raise ConfigError(f"model.n_encoder_layers must be >= 0 (0 = model.n_layers), got {self.n_encoder_layers}")
         if not 0.0 < self.noise_density < 1.0:

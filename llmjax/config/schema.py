@@ -84,7 +84,11 @@ class ModelConfig:
     scan_layers: bool = option(True, "nn.scan over the layers; false: a Python loop over the same stacked params "
                                      "(faster for small models)")
     attention: str = option("xla", "attention implementation (llmjax.kernels): xla (the einsum reference; "
-                                   "alias einsum) | dot_product_attention")
+                                   "alias einsum) | chunked | splash (TPU) | cudnn (GPU) | dot_product_attention")
+    attention_block_q: int = option(512, "queries per tile of the blockwise kernels (chunked, splash)", gt=0)
+    attention_block_kv: int = option(512, "keys per tile (splash: a multiple of 128)", gt=0)
+    loss_chunk: int = option(0, "> 0: cross-entropy over chunks of this many positions, no full [B, L, V] logits; "
+                                "0: off", ge=0)
     moe: MoEConfig = section(MoEConfig, "Mixture-of-Experts layers (num_experts > 0)")
 
     @property
@@ -231,6 +235,8 @@ class TrainConfig:
     stop_on_nonfinite: bool = option(True, "stop the run on a non-finite loss")
     stop_after: int = option(0, "stop with a checkpoint (exit 0) after this many steps while the schedule "
                                 "follows train.steps; 0: run to train.steps", ge=0)
+    profile_steps: list[int] = option(factory=list, doc="[start, stop): a jax.profiler trace of steps start .. "
+                                      "stop-1 in WORKDIR/profile; []: off")
 
 
 @dataclasses.dataclass

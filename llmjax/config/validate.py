@@ -20,7 +20,7 @@ from llmjax.config.families import model_config_class
 from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.config.validate_data import validate_data
-from llmjax.kernels import attention_names
+from llmjax.kernels import attention_names, canonical_attention
 from llmjax.parallel.mesh import mesh_shape
 
 
@@ -88,6 +88,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if type(m) is not model_config_class(m.family):
         raise ConfigError(f"model.family={m.family}: the model section is a {type(m).__name__}")
     m.check(d.seq_len)
+    _validate_kernels(m)
     if m.head_dim == 0 and m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)"
@@ -107,6 +108,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
+    _validate_profile_steps(t.profile_steps, t.steps)
 
     shape = mesh_shape(cfg.mesh, n_devices)
     if shape["pipeline"] > 1 and not m.supports_pipeline:
@@ -161,6 +163,27 @@ def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
     if per_replica % p.microbatches:
         raise ConfigError(f"pipeline.microbatches={p.microbatches} does not divide the per-replica batch "
                           f"{per_replica} (train.batch_size / optim.grad_accum_steps / (data x fsdp x expert))")
+
+
+def _validate_kernels(m: ModelConfig) -> None:
+    """Tile sizes of the blockwise attention kernels and the cross-entropy chunk."""
+    if canonical_attention(m.attention) == "splash" and m.attention_block_kv % 128:
+        raise ConfigError(f"model.attention_block_kv={m.attention_block_kv}: splash attention needs a multiple of "
+                          "128 (the TPU lane width)")
+    if canonical_attention(m.attention) == "splash" and m.attention_block_q % 128:
+        raise ConfigError(f"model.attention_block_q={m.attention_block_q}: splash attention needs a multiple of "
+                          "128 (its backward kernels' query tile)")
+    if canonical_attention(m.attention) == "cudnn" and m.compute_dtype == "float32":
+        raise ConfigError("model.attention=cudnn needs model.compute_dtype=bfloat16 or float16 (cuDNN flash "
+                          "attention has no float32 kernel)")
+
+
+def _validate_profile_steps(steps: list[int], total: int) -> None:
+    if not steps:
+        return
+    if len(steps) != 2 or not 0 <= steps[0] < steps[1] <= total:
+        raise ConfigError(f"train.profile_steps={steps} must be [start, stop] with 0 <= start < stop <= "
+                          f"train.steps={total} (steps start .. stop-1 are traced), or [] for no profile")
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 ATTENTION_MODULES: dict[str, str] = {
     "xla": "llmjax.models.attention",  # the reference: einsum scores + softmax, dense boolean mask
     "dot_product_attention": "llmjax.models.attention",  # jax.nn.dot_product_attention, default (XLA) backend
+    "chunked": "llmjax.kernels.chunked",  # blockwise online softmax in pure JAX, O(L) memory, any backend
+    "splash": "llmjax.kernels.splash",  # Pallas TPU splash attention (interpret mode on CPU)
+    "cudnn": "llmjax.kernels.cudnn",  # jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs
 }
 # accepted spellings -> name
 ATTENTION_ALIASES: dict[str, str] = {"einsum": "xla"}

@@ -7,18 +7,25 @@ sequence, an optional local window) and hands it to the implementation named by
 boolean [B, 1, L, S] mask (`MaskSpec.dense`); a blockwise kernel evaluates the same rule per
 tile; a fused kernel translates it into its own mask objects.
 
-Adding an implementation: a module that defines `fn(q_BLHE, k_BSKE, v_BSKE, mask, scale) ->
-[B, L, H, E]` and calls `register("name", fn)` when imported, plus one line in
-`llmjax.kernels.ATTENTION_MODULES`. `register(..., check=...)` may refuse a platform that
-cannot run it (with a message) instead of silently running something else.
+Adding an implementation: a module that defines `fn(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks)
+-> [B, L, H, E]` and calls `register("name", fn)` when imported, plus one line in
+`llmjax.kernels.ATTENTION_MODULES`. `blocks` (`Blocks`: query and key block sizes,
+`model.attention_block_q/_kv`) is for tiled kernels; others ignore it. `register(..., check=...)`
+may refuse a platform that cannot run it: `check(platform)` raises ConfigError with a message
+instead of letting something else run silently. The platform is the one being compiled for
+(`target_platform`): the installed mesh's devices, else the `compiling_for` context (`llmjax
+compile`), else the default backend.
 
 Shapes: B batch, L queries, S keys, H query heads, K key/value heads (H = K G), E head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -28,7 +35,7 @@ from flax import struct
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention
 from llmjax.models.layers import Linear, apply_rope, dtype
-from llmjax.parallel.rules import constrain
+from llmjax.parallel.rules import constrain, current_sharding
 
 NEG_INF = -1e30
 
@@ -68,19 +75,59 @@ class MaskSpec:
         return allowed[:, None]
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec, float], jax.Array]
-_IMPLS: dict[str, tuple[AttentionFn, Callable[[], None] | None]] = {}
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes of blockwise kernels: queries per block and keys per block (`model.attention_block_q`,
+    `model.attention_block_kv`). Sequences need not divide them (kernels pad)."""
+
+    q: int = 512
+    kv: int = 512
 
 
-def register(name: str, fn: AttentionFn, check: Callable[[], None] | None = None) -> None:
-    """Make `fn` the implementation `model.attention=name`; `check()` raises ConfigError where it cannot run."""
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec, float, Blocks], jax.Array]
+PlatformCheck = Callable[[str], None]
+_IMPLS: dict[str, tuple[AttentionFn, PlatformCheck | None]] = {}
+_COMPILING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmjax_target_platform", default=None)
+
+
+def register(name: str, fn: AttentionFn, check: PlatformCheck | None = None) -> None:
+    """Make `fn` the implementation `model.attention=name`; `check(platform)` raises ConfigError where
+    it cannot run ("cpu", "tpu", "gpu")."""
     _IMPLS[name] = (fn, check)
 
 
-def get(name: str) -> AttentionFn:
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Trace for `platform` ("tpu", "gpu", "cpu") although no mesh is installed yet, e.g. while
+    `llmjax compile` initialises abstract parameters for a target topology on a CPU host."""
+    token = _COMPILING_FOR.set(normalize_platform(platform))
+    try:
+        yield
+    finally:
+        _COMPILING_FOR.reset(token)
+
+
+def normalize_platform(platform: str) -> str:
+    """jax platform names -> "cpu" | "tpu" | "gpu" ("cuda" and "rocm" are GPUs)."""
+    platform = platform.lower()
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def target_platform() -> str:
+    """The platform being traced for: the installed mesh's devices, else `compiling_for`, else the
+    default backend."""
+    ctx = current_sharding()
+    if ctx is not None:
+        return normalize_platform(ctx[0].devices.flat[0].platform)
+    override = _COMPILING_FOR.get()
+    return override if override is not None else normalize_platform(jax.default_backend())
+
+
+def get(name: str, platform: str | None = None) -> AttentionFn:
     """The implementation `model.attention=name` (aliases accepted), imported on first use.
 
-    Raises ConfigError for an unknown name or one that cannot run here (its `check`)."""
+    Raises ConfigError for an unknown name or one that cannot run on `platform` (default:
+    `target_platform()`; its `check`)."""
     canonical = canonical_attention(name)
     if canonical not in ATTENTION_MODULES:
         raise ConfigError(f"model.attention: {name!r} is not one of {', '.join(attention_names())}")
@@ -88,22 +135,24 @@ def get(name: str) -> AttentionFn:
         importlib.import_module(ATTENTION_MODULES[canonical])
     fn, check = _IMPLS[canonical]
     if check is not None:
-        check()
+        check(platform or target_platform())
     return fn
 
 
 def attend(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, impl: str = "xla",
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, blocks: Blocks | None = None) -> jax.Array:
     """Grouped-query attention of L queries over S keys -> [B, L, H, E] in q's dtype.
 
     H query heads share K key/value heads in groups of G = H / K (MHA: K = H, MQA: K = 1).
-    `scale` multiplies the scores (default E^-1/2). Sharding: batch over the data axes, heads over
-    `tensor`, as the inputs come (the implementations keep it)."""
+    `scale` multiplies the scores (default E^-1/2); `blocks` are the tile sizes of blockwise
+    implementations (default `Blocks()`). Sharding: batch over the data axes, heads over `tensor`,
+    as the inputs come (the implementations keep it)."""
     scale = q_BLHE.shape[-1] ** -0.5 if scale is None else scale
-    return get(impl)(q_BLHE, k_BSKE, v_BSKE, mask, scale)
+    return get(impl)(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks or Blocks())
 
 
-def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float) -> jax.Array:
+def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+                  blocks: Blocks | None = None) -> jax.Array:
     """The reference: float32 scores and softmax against the dense mask, in heads-major batched matmuls
     over (B, K) (on XLA:CPU ~2x faster than the equivalent 5-D einsum, forward and backward)."""
     B, L, H, E = q_BLHE.shape
@@ -123,7 +172,7 @@ def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask:
 
 
 def jax_nn_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec,
-                     scale: float) -> jax.Array:
+                     scale: float, blocks: Blocks | None = None) -> jax.Array:
     """`jax.nn.dot_product_attention` with its default backend choice (XLA; for cuDNN use `cudnn`)."""
     return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask.dense(), scale=scale).astype(q_BLHE.dtype)
 
@@ -179,7 +228,7 @@ class Attention(nn.Module):
             v = constrain(jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start), cache_axes)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask, cfg.attention)
+        out = attend(q, k, v, mask, cfg.attention, blocks=Blocks(cfg.attention_block_q, cfg.attention_block_kv))
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out = Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)

@@ -1,4 +1,5 @@
-"""Token-level losses on logits: cross-entropy with the log-partition (for the z-loss)."""
+"""Token-level losses on logits: cross-entropy with the log-partition (for the z-loss). The chunked
+variant that never holds the full logits is `llmjax.kernels.cross_entropy` (`model.loss_chunk`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def weighted_nll(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.A
     """-> (sum of weights x (NLL + z_loss logZ^2), {"nll_sum", "z_sum"}): the sums a train step divides by
     the batch's total weight (so they add up exactly over microbatches)."""
     nll_BL, logz_BL = cross_entropy(logits_BLV, targets_BL)
+    return weighted_sums(nll_BL, logz_BL, weights_BL, z_loss)
+
+
+def weighted_sums(nll_BL: jax.Array, logz_BL: jax.Array, weights_BL: jax.Array, z_loss: float
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`weighted_nll` from per-token NLL and logZ [B, L] (e.g. a chunked cross-entropy's)."""
     nll_sum = jnp.sum(nll_BL * weights_BL)
     z_sum = z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL)
     return nll_sum + z_sum, {"nll_sum": nll_sum, "z_sum": z_sum}

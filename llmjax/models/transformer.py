@@ -68,6 +68,11 @@ def output_logits(cfg: ModelConfig, x_BLD: jax.Array, embed: Embed, norm_name: s
     """Inside a compact method: final norm then the tied (`embed`) or untied (`lm_head`) projection ->
     logits [B, L, V] float32, sharded ("act_batch", "act_length", "act_vocab")."""
     x = make_norm(cfg, norm_name)(x_BLD)
+    return project_to_vocab(cfg, x, embed)
+
+
+def project_to_vocab(cfg: ModelConfig, x: jax.Array, embed: Embed) -> jax.Array:
+    """Inside a compact method: final-norm hidden states [B, L, D] -> logits [B, L, V] float32."""
     if cfg.tie_embeddings:
         logits = embed.attend(x)
     else:
@@ -75,6 +80,14 @@ def output_logits(cfg: ModelConfig, x_BLD: jax.Array, embed: Embed, norm_name: s
                         compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
                         output_dtype=jnp.float32, name="lm_head")(x)
     return constrain(logits, LOGITS)
+
+
+def output_matrix(cfg: ModelConfig, params: Any) -> tuple[jax.Array, int]:
+    """(the output projection's weights, their vocabulary axis): the untied lm_head kernel [D, V] (axis 1)
+    or, with tied embeddings, the embedding table [V, D] (axis 0); logits = final hidden states x it."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"], 0
+    return params["lm_head"]["kernel"], 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype_name: str | None = None,
@@ -132,11 +145,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
-                 positions_BL: jax.Array | None = None, cache: dict[str, Any] | None = None) -> Any:
+                 positions_BL: jax.Array | None = None, cache: dict[str, Any] | None = None,
+                 return_hidden: bool = False) -> Any:
         """-> logits; with `cache` (see `init_cache`) -> (logits, new cache), the chunk written at cache["index"].
 
         With a cache, `positions_BL` should be given (each sequence's own positions, from 0), and
-        `segment_ids_BL` 0 for padding tokens (they are then never attended)."""
+        `segment_ids_BL` 0 for padding tokens (they are then never attended). `return_hidden=True` (no
+        cache): the final-norm hidden states [B, L, D] instead of the logits, for a chunked loss
+        (`output_matrix` gives the projection's weights)."""
         cfg = self.cfg
         B, L = tokens_BL.shape
         if segment_ids_BL is None:
@@ -161,7 +177,10 @@ class Transformer(nn.Module):
                                          make_inputs=make_inputs)
         if cache is None and aux:
             self.sow("intermediates", "ffn_aux", aux)
-        logits = output_logits(cfg, x, embed)
+        x = make_norm(cfg, "final_norm")(x)
+        if return_hidden and cache is None and not self.is_initializing():
+            return constrain(x, ("act_batch", "act_length", "act_embed"))
+        logits = project_to_vocab(cfg, x, embed)
         if cache is None:
             return logits
         new_layers = jax.tree.map(lambda a: constrain(a, CACHE_AXES), layers_view(new_layers, cfg.n_layers))

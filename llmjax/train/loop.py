@@ -35,6 +35,7 @@ from llmjax.train.metrics import MetricsWriter, ProgressBar, memory_summary, mfu
 from llmjax.train.optim import current_lr
 from llmjax.train.peak import peak_info
 from llmjax.train.preflight import preflight
+from llmjax.train.profiling import StepProfiler
 from llmjax.train.run_info import write_run_info
 from llmjax.train.setup import Setup, build_setup
 from llmjax.train.tracking import hardware_info, open_wandb
@@ -254,6 +255,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every,
                       mfu_mark="" if peak_reliable else "?")
     signals = _Signals()
+    profiler = StepProfiler(cfg.train.profile_steps, workdir, log)
     tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
     steps = cfg.train.steps
     end = cfg.train.stop_after or steps  # the schedule follows `steps`; the run stops at `end`
@@ -304,7 +306,9 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         t_prev = time.time()
         for step in range(start, end):
             batch = setup.put_batch(next(iterator))
-            state, metrics = step_fn(state, batch)
+            profiler.before_step(step, state)
+            with profiler.annotation(step):
+                state, metrics = step_fn(state, batch)
             if pending is not None:
                 jax.block_until_ready(pending[1])
                 now = time.time()
@@ -341,6 +345,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         writer.close()
         raise
     finally:
+        profiler.finish(state)
         iterator.close()
         try:
             ckpt.close()

@@ -20,8 +20,10 @@ import numpy as np
 from flax import struct
 
 from llmjax.config import ModelConfig
+from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
 from llmjax.models.feedforward import aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
-from llmjax.models.losses import weighted_nll
+from llmjax.models.losses import cross_entropy, weighted_sums
+from llmjax.models.transformer import output_matrix
 from llmjax.parallel.pipeline import Schedule
 
 Sums = dict[str, jax.Array]
@@ -54,11 +56,13 @@ def batch_from_dict(batch_type: type, arrays: dict[str, Any]) -> Any:
     return batch_type(**arrays)
 
 
-def forward(model: nn.Module, params: Any, *args: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def forward(model: nn.Module, params: Any, *args: jax.Array, rng: jax.Array | None = None, **kwargs: Any
+            ) -> tuple[jax.Array, dict]:
     """`model.apply` that also returns what the feed-forward layers sowed ({kind: aux stacked over its
-    layers}, empty for a dense model). `rng` feeds MoE router jitter (training only)."""
+    layers}, empty for a dense model). `rng` feeds MoE router jitter (training only); `kwargs` go to the
+    module (e.g. `return_hidden=True`)."""
     rngs = {"router": rng} if rng is not None else None
-    out, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])
+    out, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"], **kwargs)
     aux = state.get("intermediates", {}).get("ffn_aux", ({},))[0]
     return out, aux
 
@@ -113,13 +117,36 @@ class ModelFamily:
         """-> (logits [B, L, V] float32 for `batch.targets`, feed-forward aux)."""
         return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng)
 
+    def hidden_states(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
+                      ) -> tuple[jax.Array, dict]:
+        """-> (final-norm hidden states [B, L, D], feed-forward aux): `logits` before the output projection."""
+        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng, return_hidden=True)
+
+    def output_matrix(self, params: Any) -> tuple[jax.Array, int]:
+        """(the output projection's weights, their vocabulary axis): logits = `hidden_states` x it."""
+        return output_matrix(self.cfg, params)
+
+    def token_losses(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, dict]:
+        """-> (NLL [B, L], logZ [B, L] float32 of `batch.targets`, feed-forward aux). With `model.loss_chunk`
+        > 0 from `hidden_states` and `output_matrix`, a chunk of positions at a time
+        (`llmjax.kernels.cross_entropy`), so the full float32 logits never exist at once."""
+        if self.cfg.loss_chunk > 0:
+            hidden_BLD, aux = self.hidden_states(model, params, batch, rng)
+            head, vocab_axis = self.output_matrix(params)
+            nll_BL, logz_BL = chunked_token_losses(hidden_BLD, head, batch.targets, self.cfg.loss_chunk, vocab_axis,
+                                                   self.cfg.compute_dtype)
+            return nll_BL, logz_BL, aux
+        logits_BLV, aux = self.logits(model, params, batch, rng)
+        return (*cross_entropy(logits_BLV, batch.targets), aux)
+
     def loss(self, model: nn.Module, params: Any, batch: Any, z_loss: float, rng: jax.Array | None = None
              ) -> tuple[jax.Array, Sums]:
         """-> (the sum to differentiate, metric sums): sum over tokens of weights x (NLL + z_loss logZ^2),
         plus the feed-forward kinds' already-weighted auxiliary losses. Dividing by the batch's total
         weight gives the mean loss; sums add up exactly over microbatches."""
-        logits_BLV, aux = self.logits(model, params, batch, rng)
-        total, sums = weighted_nll(logits_BLV, batch.targets, batch.weights, z_loss)
+        nll_BL, logz_BL, aux = self.token_losses(model, params, batch, rng)
+        total, sums = weighted_sums(nll_BL, logz_BL, batch.weights, z_loss)
         if aux:
             extra, aux_sums = aux_loss_terms(self.cfg, aux, jnp.sum(batch.weights))
             total, sums = total + extra, {**sums, **aux_sums}
@@ -132,11 +159,17 @@ class ModelFamily:
 
     def eval_sums(self, model: nn.Module, params: Any, batch: Any) -> Sums:
         """Sums over a validation batch, added over batches: nll_sum, weight_sum (+ family extras)."""
+        if self.cfg.loss_chunk > 0:  # no full [B, L, V] logits: the NLL sums only
+            nll_BL, logz_BL, _ = self.token_losses(model, params, batch)
+            _, sums = weighted_sums(nll_BL, logz_BL, batch.weights, 0.0)
+            return {"nll_sum": sums["nll_sum"], "weight_sum": jnp.sum(batch.weights)}
         logits_BLV, _ = self.logits(model, params, batch)
         return self.eval_sums_from_logits(logits_BLV, batch)
 
     def eval_sums_from_logits(self, logits_BLV: jax.Array, batch: Any) -> Sums:
-        _, sums = weighted_nll(logits_BLV, batch.targets, batch.weights, 0.0)
+        """`eval_sums` from the logits (families add metrics that need them, e.g. accuracy)."""
+        nll_BL, logz_BL = cross_entropy(logits_BLV, batch.targets)
+        _, sums = weighted_sums(nll_BL, logz_BL, batch.weights, 0.0)
         return {"nll_sum": sums["nll_sum"], "weight_sum": jnp.sum(batch.weights)}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:

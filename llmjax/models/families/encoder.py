@@ -44,4 +44,7 @@ class EncoderFamily(ModelFamily):
         return {**sums, "correct_sum": jnp.sum(correct * batch.weights)}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return {**super().eval_metrics(sums), "eval_mlm_accuracy": sums["correct_sum"] / max(sums["weight_sum"], 1.0)}
+        out = super().eval_metrics(sums)
+        if "correct_sum" in sums:  # not with model.loss_chunk > 0 (no logits)
+            out["eval_mlm_accuracy"] = sums["correct_sum"] / max(sums["weight_sum"], 1.0)
+        return out

@@ -112,6 +112,6 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 
 def model_config_class(family: object) -> type[ModelConfig]:
     """The config class of `model.family`; ConfigError naming the key for an unknown family."""
-    if family not in MODEL_CONFIGS:
+    if not isinstance(family, str) or family not in MODEL_CONFIGS:
         raise ConfigError(f"model.family: {family!r} is not one of {', '.join(MODEL_CONFIGS)}")
     return MODEL_CONFIGS[family]

@@ -254,7 +254,9 @@ def test_nonfinite_loss_right_after_a_restore_blames_that_checkpoint(trained, co
     import orbax.checkpoint as ocp
 
     state = ocp.PyTreeCheckpointHandler().restore(step_dir / "state")
-    data = ocp.JsonCheckpointHandler().restore(step_dir / "data")
+    from llmjax.train.data_state import DataStateHandler, DataStateRestore
+
+    data = DataStateHandler().restore(step_dir / "data", DataStateRestore([0]))  # one process, one data share
     ckpt.close()
     state["params"] = jax.tree.map(lambda x: np.full_like(x, 1e38) if x.dtype == np.float32 else x,
                                    state["params"])

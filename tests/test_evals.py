@@ -270,7 +270,8 @@ def eval_nll(loaded, ids_in: list[int], ids_target: list[int], scored: int) -> f
     batch = {"inputs": np.asarray([ids_in], np.int32), "targets": np.asarray([ids_target], np.int32),
              "segment_ids": np.ones((1, n), np.int32), "positions": np.arange(n, dtype=np.int32)[None],
              "weights": weights}
-    nll, weight = evaluate(loaded, loaded.params, [batch])
+    sums = evaluate(loaded, loaded.params, [batch])
+    nll, weight = sums["nll_sum"], sums["weight_sum"]
     assert weight == scored
     return nll
 

@@ -276,7 +276,7 @@ def test_hyperparameter_axes_grids_rules_and_laws(tmp_path):
     ({"model.d_model": [64]}, "hyperparameter axis 'model.d_model' is set by the sweep itself"),
     ({"optim.lr": {"rule": {"of": "width", "exponent": -1, "coef": 1}}}, "rule.of must be one of d_model"),
     ({"optim.lr": {"law": "missing.json"}}, "hyperparameters.optim.lr.law: cannot read the fit"),
-    ({"optim.lr": [-1e-3]}, "optim.lr must be positive"),
+    ({"optim.lr": [-1e-3]}, "optim.lr=-0.001 must be > 0"),
     ({"train.batch_size": [4, 6.5]}, "hyperparameters.train.batch_size must be finite ints"),
 ])
 def test_bad_hyperparameter_axes_exit_2(tmp_path, axes, message):

@@ -118,17 +118,25 @@ def write_run_info(workdir: str | Path, cfg: Config, compiled: Any, data: Any) -
     """Build the record for the trainer's compiled step and write it (process 0) to WORKDIR/run_info.json."""
     info = build_run_info(cfg, compiled, data, jax.device_count())
     if jax.process_index() == 0:
-        path = Path(workdir) / RUN_INFO
-        tmp = path.with_name(f"{RUN_INFO}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=1) + "\n")
-        os.replace(tmp, path)
+        from llmjax.storage import as_path, reraise_storage
+
+        path = as_path(workdir) / RUN_INFO  # local or gs:// (etils.epath)
+        tmp = path.parent / f".{RUN_INFO}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(info, indent=1) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            reraise_storage(e, "write the run record to", path)
+            raise
     return info
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     """WORKDIR/run_info.json as a dict ({} when absent or unreadable: runs from before it existed)."""
     try:
-        data = json.loads((Path(run_dir) / RUN_INFO).read_text())
+        from llmjax.storage import as_path
+
+        data = json.loads((as_path(run_dir) / RUN_INFO).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

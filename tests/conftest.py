@@ -12,7 +12,28 @@ CACHE = Path(os.environ.get("LLMJAX_TEST_CACHE", ROOT / ".cache" / "tests"))
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+    _flags = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+
+def _with_patient_collectives(flags: str) -> str:
+    """`flags` plus a longer wait for the 8 virtual devices' collectives where this XLA knows the flags.
+
+    XLA:CPU aborts the process when one device thread reaches an all-reduce 40 s after another
+    (`Termination timeout ... exceeded`), which a loaded 2-core machine can cause; the flags do not
+    exist in every jaxlib and XLA aborts on unknown flags, so a subprocess tries them first."""
+    import subprocess
+    import sys
+
+    extra = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=1200")
+    if "collective_call_terminate_timeout" in flags:
+        return flags
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=120,
+                           env={**os.environ, "XLA_FLAGS": f"{flags} {extra}", "JAX_PLATFORMS": "cpu"})
+    return f"{flags} {extra}" if probe.returncode == 0 else flags
+
+
+os.environ["XLA_FLAGS"] = _with_patient_collectives(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

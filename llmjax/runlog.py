@@ -118,7 +118,7 @@ def attach(workdir: Any) -> str:
         except OSError:
             pass
     else:
-        _State.path = os.path.join(os.path.abspath(os.fspath(workdir)), LOG_NAME)
+        _State.path, _State.upload_to = os.path.join(os.path.abspath(os.fspath(workdir)), LOG_NAME), None
     record(f"llmjax {' '.join(sys.argv[1:])}")  # falls back to a temporary file when the workdir's fails
     _State.path = current_path()
     if _State.handler is not None and _State.handler.baseFilename != os.path.abspath(_State.path):
@@ -161,7 +161,7 @@ def upload() -> None:
         try:
             with open(_State.path, "rb") as f:
                 (as_path(_State.upload_to) / LOG_NAME).write_bytes(f.read())
-        except OSError:
+        except Exception:  # noqa: BLE001 - OSError, a missing gs:// backend: the local copy stays, never a crash
             pass
 
 

@@ -112,6 +112,9 @@ def _quiet_host_runtime(gen: str) -> None:
     if has_tpu or "TPU_ACCELERATOR_TYPE" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
         return
     os.environ.update(TPU_ACCELERATOR_TYPE=_HOST_TYPES[gen], TPU_WORKER_HOSTNAMES="localhost", TPU_SKIP_MDS_QUERY="1")
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the process that owns the TPUs; with no TPU
+    # to own, a second `llmjax compile` (or test run) on the same host must not be refused by it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def load_target(name: str, slices: int = 1) -> Target:

@@ -247,8 +247,10 @@ sys.exit(3 if i == 1 else 0)
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 3, r.stderr
     assert "process 1 (pid" in r.stderr and "exited with status 3" in r.stderr
-    for i in range(3):
-        assert (out / str(i)).read_text() == "3 127.0.0.1:12345 cpu --xla_force_host_platform_device_count=2"
+    for i in range(3):  # the caller's other XLA flags are kept; the device count is local.sh's
+        seen = (out / str(i)).read_text()
+        assert seen.startswith("3 127.0.0.1:12345 cpu ") and seen.endswith(" --xla_force_host_platform_device_count=2")
+        assert seen.count("xla_force_host_platform_device_count") == 1
     r = subprocess.run([LOCAL, "2", "1", "--", sys.executable, "-c", "pass"], capture_output=True, timeout=60)
     assert r.returncode == 0
 

@@ -400,3 +400,12 @@ def test_keep_going_marks_a_diverging_point_and_the_trainer_records_run_info(tmp
     assert rows[good.name]["status"] == "done" and rows[bad.name]["status"] == "failed"
     assert float(rows[good.name]["final_bpb"]) == pytest.approx(
         float(rows[good.name]["final_loss"]) / math.log(2) / info["eval_bytes_per_token"])
+
+
+def test_integer_grid_values_are_kept_and_rule_values_rounded_to_at_least_one():
+    from llmjax.scaling.axes import Axis
+
+    assert Axis("seed", "grid", [0, 1, 2], integer=True).values_at({}) == [0, 1, 2]
+    rule = Axis("train.batch_size", "rule", [], rule={"of": "d_model", "coef": 0.001, "exponent": 1.0},
+                times=[1.0, 100.0], integer=True)
+    assert rule.values_at({"d_model": 64.0}) == [1, 6]

@@ -99,8 +99,8 @@ class Axis:
             x = float(context[str(self.rule["of"])])
             centre = float(self.rule["coef"]) * x ** float(self.rule["exponent"])
             out = [centre * t for t in self.times]
-        if self.integer:
-            out = [max(1, int(round(float(v)))) for v in out]
+        if self.integer:  # a grid's values as given (seed 0 is a seed); a rule's rounded, at least 1
+            out = [int(round(float(v))) if self.kind == "grid" else max(1, int(round(float(v)))) for v in out]
         return out
 
 

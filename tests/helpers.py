@@ -122,3 +122,14 @@ def eval_run(tmp):
                    "eval.tasks_limit=12", *tracking, env=wandb_env(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
     return workdir, corpus, r
+
+
+def write_csv(path, header: list[str], rows: list[list]):
+    """A CSV file with `header` and `rows` -> its path."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

@@ -12,13 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import small_corpus, tiny_config, tiny_train_overrides
+from helpers import run_llmjax, small_corpus, tiny_config, tiny_train_overrides, write_csv
 
 from llmjax.config import save_config
 from llmjax.scaling import ScalingError
@@ -42,17 +41,7 @@ TRUE_A = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])  # N_opt ∝ C^a, a = 0.4
 BUDGETS = [1e18, 3e18, 1e19, 3e19, 1e20, 3e20]
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "llmjax.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
+cli = run_llmjax  # `llmjax ARGS` from the repository root
 
 
 def chinchilla_rows(seed=0, noise=0.005):

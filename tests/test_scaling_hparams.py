@@ -14,14 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import tiny_config
+from helpers import run_llmjax, tiny_config, write_csv
 
 from llmjax.config import ConfigError, save_config
 from llmjax.scaling import ScalingError
@@ -44,17 +42,7 @@ LRS = [3e-3 * 2.0**k for k in range(-3, 4)]
 BATCHES = [64 * 2**k for k in range(5)]
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "llmjax.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
+cli = run_llmjax  # `llmjax ARGS` from the repository root
 
 
 def hparam_rows(seed: int = 0, noise: float = 0.002) -> list[list]:

@@ -52,23 +52,35 @@ class FileBlocks(Sequence):
         return FileBlocks(self.root, self.rels, self.nblocks, self.sizes, self.blocks[indices], self.block_bytes,
                           self.text_key, self.key)
 
-    def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
+    def read(self, i: int) -> tuple[Path, str | None]:
+        """(file, text of record i), text None when the block is not valid UTF-8. OSError when unreadable."""
         f, b = (int(x) for x in self.blocks[int(i)])
         path = self.root / self.rels[f]
+        data = read_block(path, b, int(self.nblocks[f]), self.block_bytes)
         try:
-            data = read_block(path, b, int(self.nblocks[f]), self.block_bytes)
-        except OSError as e:
-            raise DataError(f"{self.key}: cannot read {path} (it disappeared or is unreadable: {e})") from None
-        try:
-            text = data.decode("utf-8")
+            return path, data.decode("utf-8")
         except UnicodeDecodeError:
+            return path, None
+
+    def documents(self, i: int, path: Path, text: str) -> list[str]:
+        """The documents of record i from its `text` (`read`): the block itself, or its JSON lines' texts."""
+        if file_format(path.name) == "text":
+            return [text] if text else []
+        return _json_lines(text, self.text_key, path, int(self.blocks[int(i)][1]))
+
+    def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
+        try:
+            path, text = self.read(i)
+        except OSError as e:
+            path = self.root / self.rels[int(self.blocks[int(i)][0])]
+            raise DataError(f"{self.key}: cannot read {path} (it disappeared or is unreadable: {e})") from None
+        if text is None:
+            f = int(self.blocks[int(i)][0])
             if f not in self._warned:
                 self._warned.add(f)
                 log.warning("data: skipping %s: not valid UTF-8", path)
             return []
-        if file_format(path.name) == "text":
-            return [text] if text else []
-        return _json_lines(text, self.text_key, path, b)
+        return self.documents(i, path, text)
 
 
 def _json_lines(text: str, key: str, path: Path, block: int) -> list[str]:

@@ -27,7 +27,6 @@ from llmjax.data.files import (
     list_local_files,
     list_stdlib_files,
     num_blocks,
-    read_block,
     split_records,
 )
 from llmjax.data.records import FileBlocks, TfdsRecords, TokenShards
@@ -153,19 +152,16 @@ def probe(source: Source) -> None:
     n = min(len(records), _PROBE_RECORDS)
     if isinstance(records, FileBlocks):
         bad = []
-        for i in range(n):
-            f, b = (int(x) for x in records.blocks[i])
-            path = records.root / records.rels[f]
+        for i in range(n):  # each block read once
             try:
-                data = read_block(path, b, int(records.nblocks[f]), records.block_bytes)
+                path, text = records.read(i)
             except OSError as e:
-                raise ConfigError(f"{source.key}: cannot read {path}: {e}") from None
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
+                raise ConfigError(f"{source.key}: cannot read {records.root / records.rels[records.blocks[i][0]]}: "
+                                  f"{e}") from None
+            if text is None:
                 bad.append(str(path))
                 continue
-            if records[i]:
+            if records.documents(i, path, text):
                 return
         if bad and len(bad) == n and n == len(records):
             raise ConfigError(f"{source.key}: no documents: all {n} files are undecodable (not UTF-8), e.g. {bad[0]}")

@@ -49,6 +49,14 @@ class Tokenizer(abc.ABC):
     def token_bytes(self) -> np.ndarray:
         """int64 [vocab_size]: the UTF-8 bytes each id stands for (special ids 0), for bits per byte."""
 
+    def model_token_bytes(self, model_vocab: int) -> np.ndarray:
+        """`token_bytes` over a model's `model_vocab` ids: ids the tokenizer does not have (a family's
+        reserved mask / sentinel ids, padding rows of the embedding) stand for 0 bytes."""
+        out = np.zeros(model_vocab, np.int64)
+        known = self.token_bytes()[:model_vocab]
+        out[: len(known)] = known
+        return out
+
     @property
     def path(self) -> str:
         """The main file (tokenizer.model or tokenizer.json)."""

@@ -227,9 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         it.close()
     from llmjax.models.families import batch_from_dict
 
-    nbytes_tok = np.zeros(cfg.model.vocab_size, np.int64)  # ids the tokenizer does not know stand for 0 bytes
-    known = data.tokenizer.token_bytes()[: cfg.model.vocab_size]
-    nbytes_tok[: len(known)] = known
+    nbytes_tok = data.tokenizer.model_token_bytes(cfg.model.vocab_size)
     typed = [batch_from_dict(loaded.family.batch_type, b) for b in batches]
     total_bytes = sum(float((nbytes_tok[b.targets] * b.weights).sum()) for b in typed)
     tokens = sum(int(b.weights.sum()) for b in typed)

@@ -47,11 +47,11 @@ def chunked_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
     nq, nk = math.ceil(L / bq), math.ceil(S / bkv)
 
     q = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, E]
-    q = _pad(q, 3, nq * bq).reshape(B, K, G, nq, bq, E).transpose(3, 0, 1, 2, 4, 5)  # [nq, B, K, G, bq, E]
-    k, v = (_pad(x.transpose(0, 2, 1, 3), 2, nk * bkv).reshape(B, K, nk, bkv, E).transpose(2, 0, 1, 3, 4)
+    q = pad_axis(q, 3, nq * bq).reshape(B, K, G, nq, bq, E).transpose(3, 0, 1, 2, 4, 5)  # [nq, B, K, G, bq, E]
+    k, v = (pad_axis(x.transpose(0, 2, 1, 3), 2, nk * bkv).reshape(B, K, nk, bkv, E).transpose(2, 0, 1, 3, 4)
             for x in (k_BSKE, v_BSKE))  # [nk, B, K, bkv, E]
-    q_seg = _pad(mask.q_segment_ids.astype(jnp.int32), 1, nq * bq, PAD_Q_SEGMENT).reshape(B, nq, bq).swapaxes(0, 1)
-    kv_seg = _pad(mask.kv_segment_ids.astype(jnp.int32), 1, nk * bkv, PAD_KV_SEGMENT).reshape(B, nk, bkv)
+    q_seg = pad_axis(mask.q_segment_ids.astype(jnp.int32), 1, nq * bq, PAD_Q_SEGMENT).reshape(B, nq, bq).swapaxes(0, 1)
+    kv_seg = pad_axis(mask.kv_segment_ids.astype(jnp.int32), 1, nk * bkv, PAD_KV_SEGMENT).reshape(B, nk, bkv)
     kv_seg = kv_seg.swapaxes(0, 1)
     offset = jnp.asarray(mask.q_offset, jnp.int32)
 
@@ -60,7 +60,8 @@ def chunked_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
     return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
 
 
-def _pad(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.Array:
+def pad_axis(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.Array:
+    """`x` padded with `value` along `axis` to length `size` (tiles of the blockwise kernels)."""
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim

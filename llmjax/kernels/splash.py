@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ConfigError
+from llmjax.kernels.chunked import pad_axis
 from llmjax.models.attention import Blocks, MaskSpec, register, target_platform
 from llmjax.parallel.rules import current_sharding, logical_to_spec
 
@@ -151,10 +152,10 @@ def _local_attention(q_BHLE: jax.Array, k_BKSE: jax.Array, v_BKSE: jax.Array, q_
     bkv = min(_round_up(blocks.kv, LANES), _round_up(S_needed, LANES))
     Sp = _round_up(S_needed, bkv)
 
-    q = _pad(q_BHLE, 2, Lp)
-    k, v = _pad(k_BKSE, 2, Sp), _pad(v_BKSE, 2, Sp)
-    q_seg = _pad(q_seg, 1, Lp, PAD_Q_SEGMENT)
-    kv_seg = _pad(kv_seg, 1, Sp, PAD_KV_SEGMENT)
+    q = pad_axis(q_BHLE, 2, Lp)
+    k, v = pad_axis(k_BKSE, 2, Sp), pad_axis(v_BKSE, 2, Sp)
+    q_seg = pad_axis(q_seg, 1, Lp, PAD_Q_SEGMENT)
+    kv_seg = pad_axis(kv_seg, 1, Sp, PAD_KV_SEGMENT)
     mask_offset = static_offset or 0
     if rotate:
         mask_offset = Sp - Lp
@@ -201,14 +202,6 @@ def _static_mask(H: int, L: int, S: int, causal: bool, window: int, offset: int)
     else:
         base = splash.FullMask((L, S))
     return splash.MultiHeadMask([base] * H)
-
-
-def _pad(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
 
 
 register("splash", splash_attention, check)

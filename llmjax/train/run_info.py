@@ -79,9 +79,7 @@ def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
     from llmjax.models.families import batch_from_dict, build_family
 
     batch_type = build_family(cfg.model).batch_type
-    nbytes = np.zeros(cfg.model.vocab_size, np.int64)  # ids the tokenizer does not know (reserved): 0 bytes
-    known = data.tokenizer.token_bytes()[: cfg.model.vocab_size]
-    nbytes[: len(known)] = known
+    nbytes = data.tokenizer.model_token_bytes(cfg.model.vocab_size)
     total = np.zeros(2, np.float64)  # [bytes, weight]
     for arrays in data.eval_batches():
         batch = batch_from_dict(batch_type, arrays)

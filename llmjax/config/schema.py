@@ -52,6 +52,36 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling for contexts beyond the pre-training length (`model.rope_scaling.*`).
+
+    `linear` divides every frequency by `factor` (position interpolation); `dynamic` (NTK-aware)
+    raises the base to theta ((factor L / L0) - (factor - 1))^(E / (E - 2)) once a call's positions
+    reach past L0 (L = the call's largest position + 1, as transformers does per forward); `yarn`
+    blends interpolated and original frequencies per dimension (ramp between `beta_fast` and
+    `beta_slow` rotations over L0) and scales cos/sin by `attention_factor`; `llama3` divides the
+    low frequencies (wavelength > L0 / low_freq_factor) by `factor`, keeps the high ones
+    (< L0 / high_freq_factor) and interpolates between. L0 = `original_max_seq_len`.
+    """
+
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3"] = option("none", "RoPE scaling kind; none: plain RoPE")
+    factor: float = option(1.0, "context extension factor", ge=1)
+    original_max_seq_len: int = option(0, "pre-training context L0 (dynamic, yarn, llama3); 0: model.max_seq_len",
+                                       ge=0)
+    low_freq_factor: float = option(1.0, "llama3: wavelengths above L0 / low_freq_factor are scaled by 1/factor",
+                                    gt=0)
+    high_freq_factor: float = option(4.0, "llama3: wavelengths below L0 / high_freq_factor are kept", gt=0)
+    beta_fast: float = option(32.0, "yarn: rotations over L0 below which a dimension is interpolated fully", gt=0)
+    beta_slow: float = option(1.0, "yarn: rotations over L0 above which a dimension is kept", gt=0)
+    attention_factor: float = option(0.0, "yarn: cos/sin multiplier; 0: 0.1 ln(factor) + 1", ge=0)
+    truncate: bool = option(True, "yarn: round the ramp's ends to whole dimensions")
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Model shape and numerics, shared by every family. LLaMA-style by default; GPT-2 style via
     norm/position/mlp. `family` picks the model family (`llmjax.config.families`), whose config class
@@ -73,8 +103,24 @@ class ModelConfig:
     norm_eps: float = option(1e-5, "epsilon of the norms", gt=0, lt=1)
     position: Literal["rope", "learned"] = option("rope", "position encoding: rotary (rotate-half) or a learned table")
     rope_theta: float = option(10000.0, "RoPE base wavelength", gt=0)
+    rope_scaling: RopeScalingConfig = section(RopeScalingConfig, "RoPE frequency scaling (long contexts)")
+    sliding_window: int = option(0, "local attention: each query sees the last sliding_window keys (itself "
+                                    "included), in training, prefill and cached decoding; 0: full attention", ge=0)
+    global_every: int = option(0, "with sliding_window: layers global_every-1, 2*global_every-1, ... attend "
+                                  "globally, the others locally (Gemma 2: 2); 0: every layer local", ge=0)
     mlp: Literal["swiglu", "geglu", "gelu", "relu"] = option("swiglu", "MLP kind (gated: swiglu, geglu)")
     use_bias: bool = option(False, "biases in the dense layers")
+    qkv_bias: bool = option(False, "biases on the query/key/value projections only (Qwen2); use_bias: all layers")
+    qk_norm: bool = option(False, "RMSNorm over the head dimension of queries and keys before RoPE (Qwen3)")
+    norm_scale_offset: float = option(0.0, "norms multiply by (norm_scale_offset + scale), scale initialised to "
+                                           "1 - offset (Gemma: 1)", ge=0, le=1)
+    post_norms: bool = option(False, "also normalise each sublayer's output before its residual add (Gemma 2)")
+    scale_embeddings: bool = option(False, "multiply the token embeddings by sqrt(d_model) (Gemma)")
+    attention_scale_dim: float = option(0.0, "attention scores are scaled by attention_scale_dim^-1/2; 0: the head "
+                                             "dimension (Gemma 2: query_pre_attn_scalar)", ge=0)
+    attn_softcap: float = option(0.0, "attention scores s become c tanh(s / c) before the mask (Gemma 2); 0: off",
+                                 ge=0)
+    logit_softcap: float = option(0.0, "output logits z become c tanh(z / c) (Gemma 2); 0: off", ge=0)
     tie_embeddings: bool = option(False, "the LM head reuses the token embedding table")
     init_std: float = option(0.02, "standard deviation of the normal weight initialisation", gt=0)
     compute_dtype: Dtype = option("bfloat16", "matmul input dtype (accumulation is float32)")

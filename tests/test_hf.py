@@ -318,6 +318,8 @@ def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
     r = llmjax("convert", "to-hf", work, out, "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.model").is_file()
+    generation = json.loads((out / "generation_config.json").read_text())  # the SentencePiece model's ids
+    assert generation["eos_token_id"] == json.loads((out / "config.json").read_text())["eos_token_id"] is not None
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert back.config.head_dim == 32 and back.config.num_key_value_heads == 2
 

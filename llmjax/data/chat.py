@@ -1,167 +1,153 @@
-"""Chat templates: a conversation rendered with a tokenizer's Jinja template, as `transformers` renders it.
+"""Chat templates: render a conversation as the model's own Jinja template does, and find its assistant text.
 
-    template = ChatTemplate.of(tokenizer)                     # ConfigError when the tokenizer has none
-    text = template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    text, spans = template.render_with_spans(messages)        # spans: (start, end) of {% generation %} blocks
-    ids = tokenizer.encode([text])[0]                         # no BOS added: the template writes its own
+One renderer for training (`train.objective=sft`, `llmjax.data.sft`) and for chat generation.
+A template comes from `data.chat_template` (a Jinja file), else from the tokenizer's directory
+(`chat_template` in tokenizer_config.json, else a `chat_template.jinja` file, as transformers
+saves it). It is rendered the way `transformers`' `apply_chat_template` renders it: a sandboxed
+Jinja environment with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, the
+`tojson` filter without HTML escaping, `raise_exception` and `strftime_now`, the tokenizer's
+special-token strings (`bos_token`, `eos_token`, ...) as variables, and the `{% generation %}`
+tag accepted (it renders its body).
 
-The environment is the one `transformers`' `apply_chat_template` builds: a sandboxed (immutable)
-Jinja environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension, a `tojson`
-filter that does not escape HTML (`ensure_ascii=False`), the `raise_exception` and `strftime_now`
-globals, and a `{% generation %}...{% endgeneration %}` block that marks assistant text (what
-`return_assistant_tokens_mask` reads). The template sees `messages` (keys whose value is None
-dropped), `add_generation_prompt`, and the tokenizer's special tokens as strings (`bos_token`,
-`eos_token`, `pad_token`, `unk_token`), then any extra keyword arguments. The tokenized prompt is
-the rendered text encoded without adding special tokens, as `transformers` does.
-
-The template comes from the tokenizer directory's `chat_template.jinja` (what transformers >= 4.43
-saves), else `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates of
-which `default` is used).
+Assistant text is found by prefix differences, independently of generation tags: the text of
+assistant message i is what rendering messages[: i + 1] adds to rendering messages[: i] with the
+generation prompt (so the role header is not assistant text; the message and its end-of-turn
+marker are). A template for which the shorter render is not a prefix of the longer (it rewrites
+earlier turns) is refused for training.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from llmjax.config import ConfigError
 
+Message = dict[str, Any]
 TEMPLATE_FILE = "chat_template.jinja"
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise(message: str) -> None:
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
+SPECIAL_VARIABLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _environment() -> Any:
-    """The sandboxed environment with the `generation` block tag (records the spans it renders)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class GenerationSpans(jinja2.ext.Extension):
-        """`{% generation %}body{% endgeneration %}` renders body and, while recording, notes its span."""
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %} ... {% endgeneration %}` (transformers' assistant-mask markers): renders the body."""
 
         tags = {"generation"}
-
-        def __init__(self, environment: Any):
-            super().__init__(environment)
-            environment.extend(generation_spans=None, rendered_so_far=None)
 
         def parse(self, parser: Any) -> Any:
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def _mark(self, caller: Any) -> str:
-            text = caller()
-            spans, so_far = self.environment.generation_spans, self.environment.rendered_so_far
-            if spans is not None:
-                start = len("".join(so_far))
-                spans.append((start, start + len(text)))
-            return text
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationSpans, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
 
 
-def _from_config(config: dict[str, Any]) -> str | None:
-    value = config.get("chat_template")
-    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default")
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def check_messages(messages: Any, where: str = "messages") -> list[dict[str, Any]]:
-    """A conversation: a list of {"role": str, "content": ...} dicts; ConfigError naming `where` otherwise.
-    Keys whose value is None are dropped (as transformers does)."""
-    if not isinstance(messages, list) or not messages:
-        raise ConfigError(f"{where}: expected a non-empty list of messages, got {messages!r}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise ConfigError(f"{where}[{i}]: expected {{\"role\": ..., \"content\": ...}}, got {m!r}")
-        out.append({k: v for k, v in m.items() if v is not None})
-    return out
+def find_template(tokenizer: Any, path: str | None = None) -> tuple[str, str]:
+    """(template source, where it came from): `path` (data.chat_template) if given, else the tokenizer's
+    `chat_template` (tokenizer_config.json) or its directory's chat_template.jinja. ConfigError when none."""
+    if path:
+        p = Path(path).expanduser()
+        try:
+            return p.read_text(encoding="utf-8"), str(p)
+        except OSError as e:
+            raise ConfigError(f"data.chat_template: cannot read {p}: {e}") from None
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and own.strip():
+        return own, f"{tokenizer.path} (tokenizer_config.json)"
+    directory = Path(tokenizer.path).parent
+    if (directory / TEMPLATE_FILE).is_file():
+        return (directory / TEMPLATE_FILE).read_text(encoding="utf-8"), str(directory / TEMPLATE_FILE)
+    raise ConfigError(f"data.tokenizer: {tokenizer.path} has no chat template (no chat_template in "
+                      f"tokenizer_config.json, no {TEMPLATE_FILE}); set data.chat_template to a Jinja file")
 
 
 class ChatTemplate:
-    """A compiled chat template and the special tokens it is rendered with."""
+    """A compiled chat template and the special-token strings it may use."""
 
-    def __init__(self, source: str, where: str, special_tokens: dict[str, str] | None = None):
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, origin: str = "chat template"):
         import jinja2
 
-        self.source, self.where = source, where
+        self.source, self.origin = source, origin
         self.special_tokens = dict(special_tokens or {})
-        self._env = _environment()
         try:
-            self._template = self._env.from_string(source)
-        except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ConfigError(f"{where}: the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+            self._template = _environment().from_string(source)
+        except jinja2.exceptions.TemplateError as e:
+            raise ConfigError(f"{origin}: the chat template does not compile: {e}") from None
 
     @classmethod
-    def of(cls, tokenizer: Any) -> ChatTemplate:
-        """The chat template of a Hugging Face tokenizer (`llmjax.data.hf_tokenizer.HFTokenizer`); ConfigError
-        naming its directory when it has none."""
-        directory = Path(tokenizer.path).parent
-        config = getattr(tokenizer, "config", None)
-        if config is None:
-            raise ConfigError(f"{tokenizer.path}: a {tokenizer.kind} tokenizer has no chat template (chat needs a "
-                              "Hugging Face tokenizer.json with a chat template)")
-        file = Path(tokenizer.files.get(TEMPLATE_FILE, directory / TEMPLATE_FILE))
-        source, where = None, str(file)
-        if file.is_file():
-            source = file.read_text(encoding="utf-8")
-        if source is None:
-            source, where = _from_config(config), str(directory / "tokenizer_config.json")
-        if source is None:
-            raise ConfigError(f"{directory}: no chat template (neither {TEMPLATE_FILE} nor a chat_template in "
-                              "tokenizer_config.json): this model was not trained for chat; generate without --chat")
-        return cls(source, where, tokenizer.special_token_strings())
+    def for_tokenizer(cls, tokenizer: Any, path: str | None = None) -> ChatTemplate:
+        """The template of `find_template`, with the tokenizer's special tokens as variables."""
+        source, origin = find_template(tokenizer, path)
+        return cls(source, special_token_strings(tokenizer), origin)
 
-    def _context(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any
-                 ) -> dict[str, Any]:
-        return {"messages": check_messages(list(messages)), "add_generation_prompt": add_generation_prompt,
-                **self.special_tokens, **kwargs}
-
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        """The conversation as text; ConfigError (naming the template) when the template raises."""
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, exactly as the template renders it. ValueError for a template error
+        (e.g. `raise_exception` on roles it does not accept)."""
         import jinja2
 
         try:
-            return self._template.render(**self._context(messages, add_generation_prompt, **kwargs))
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None, **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
-            raise ConfigError(f"{self.where}: the chat template refused the conversation: {e}") from None
+            raise ValueError(f"the chat template ({self.origin}) failed: {e}") from None
 
-    def render_with_spans(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                          **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
-        """(text, character spans of its `{% generation %}` blocks): the assistant text a loss covers."""
-        import jinja2
+    def assistant_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+        """(rendered conversation, [(start, end) character spans of each assistant message's text]).
+        ValueError when the template is not prefix-consistent (see the module docstring)."""
+        full = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise ValueError(f"the chat template ({self.origin}) re-renders earlier turns (the text before "
+                                 f"assistant message {i} is not a prefix of the conversation's text), so its "
+                                 "assistant tokens cannot be found")
+            if len(upto) > len(before):
+                spans.append((len(before), len(upto)))
+        return full, spans
 
-        rendered: list[str] = []
-        spans: list[tuple[int, int]] = []
-        self._env.generation_spans, self._env.rendered_so_far = spans, rendered
-        try:
-            for piece in self._template.generate(**self._context(messages, add_generation_prompt, **kwargs)):
-                rendered.append(piece)
-        except jinja2.exceptions.TemplateError as e:
-            raise ConfigError(f"{self.where}: the chat template refused the conversation: {e}") from None
-        finally:
-            self._env.generation_spans = self._env.rendered_so_far = None
-        return "".join(rendered), spans
+
+def special_token_strings(tokenizer: Any) -> dict[str, str]:
+    """{bos_token: "<s>", ...}: the special-token strings of a Hugging Face tokenizer's config (else none)."""
+    out: dict[str, str] = {}
+    for source in (getattr(tokenizer, "special_tokens_map", {}) or {}, getattr(tokenizer, "config", {}) or {}):
+        for name in SPECIAL_VARIABLES:
+            value = source.get(name)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                out[name] = value
+    return out
+
+
+def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token: whether its character range [start, end) overlaps one of `spans` (empty tokens: no)."""
+    out = []
+    for start, end in offsets:
+        out.append(end > start and any(start < e and end > s for s, e in spans))
+    return out

@@ -22,8 +22,8 @@ import numpy as np
 from llmjax.config import ConfigError
 from llmjax.data.tokenizer import Tokenizer
 
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-COMPANION_FILES = ("chat_template.jinja", "generation_config.json")  # copied with the tokenizer, read when used
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+COMPANION_FILES = ("generation_config.json",)  # the model's end-of-turn ids (`stop_ids`), kept with the tokenizer
 _GUESSES = {
     "eos": ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]", "<|im_end|>"),
     "bos": ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]"),
@@ -110,18 +110,6 @@ class HFTokenizer(Tokenizer):
         """The `chat_template` of tokenizer_config.json, if any."""
         value = self.config.get("chat_template")
         return value if isinstance(value, str) else None
-
-    def special_token_strings(self) -> dict[str, str]:
-        """{"bos_token": "<s>", ...}: the special tokens a chat template sees, by name (those defined)."""
-        out = {}
-        for which in ("bos", "eos", "pad", "unk"):
-            key = f"{which}_token"
-            name = _content(self.config.get(key)) or _content(self.special_tokens_map.get(key))
-            if name is None and getattr(self, f"{which}_id", None) is not None:
-                name = self._tok.id_to_token(getattr(self, f"{which}_id"))
-            if name is not None:
-                out[f"{which}_token"] = name
-        return out
 
     @property
     def stop_ids(self) -> tuple[int, ...]:

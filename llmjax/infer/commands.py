@@ -146,14 +146,20 @@ def bos_prefix(cfg: Config, tokenizer: Any) -> list[int]:
     return [tokenizer.bos_id] if add and tokenizer.bos_id is not None else []
 
 
-def chat_prompts(tokenizer: Any, prompts: list[str], system: str | None) -> tuple[list[list[int]], tuple[int, ...]]:
-    """(each prompt as a one-turn conversation rendered with the tokenizer's chat template and encoded without
-    added special tokens, the ids that end the model's turn). ConfigError when there is no chat template."""
+def chat_prompts(cfg: Config, tokenizer: Any, prompts: list[str], system: str | None
+                 ) -> tuple[list[list[int]], tuple[int, ...]]:
+    """(each prompt as a one-turn conversation rendered with the model's chat template (`llmjax.data.chat`,
+    as transformers' apply_chat_template) and encoded without added special tokens, as transformers does;
+    the ids that end the model's turn). ConfigError when there is no chat template or it refuses the turn."""
     from llmjax.data.chat import ChatTemplate
 
-    template = ChatTemplate.of(tokenizer)
+    template = ChatTemplate.for_tokenizer(tokenizer, getattr(cfg.data, "chat_template", None))
     head = [{"role": "system", "content": system}] if system else []
-    texts = [template.render(head + [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    try:
+        texts = [template.render(head + [{"role": "user", "content": p}], add_generation_prompt=True)
+                 for p in prompts]
+    except ValueError as e:
+        raise ConfigError(f"--chat: {e}") from None
     stops = getattr(tokenizer, "stop_ids", None) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
     return tokenizer.encode(texts), tuple(stops)
 
@@ -169,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer()
     tok = ModelVocabulary(tokenizer, loaded.family.token_names())
     if args.chat:
-        ids, stops = chat_prompts(tokenizer, prompts, args.system)
+        ids, stops = chat_prompts(loaded.cfg, tokenizer, prompts, args.system)
         print(f"llmjax: chat: {len(prompts)} conversation(s); stopping at ids {list(stops)}", file=sys.stderr)
     else:
         ids, stops = [bos_prefix(loaded.cfg, tokenizer) + p for p in tok.encode(prompts)], tok.eos_id

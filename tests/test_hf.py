@@ -163,7 +163,8 @@ def test_read_block_reads_any_block_of_a_merged_layout(tmp_path):
     same block of the fully transformed tensors (what a sharding over any logical axis asks for)."""
     from safetensors.numpy import save_file
 
-    from llmjax.interop.hf_weights import SafetensorsReader, _linear, _names, read_block
+    from llmjax.interop.hf_names import _linear, _names
+    from llmjax.interop.hf_weights import SafetensorsReader, read_block
 
     N, H, E, D = 3, 4, 6, 5
     rng = np.random.default_rng(0)

@@ -23,12 +23,12 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from llmjax.config import DTYPES, ConfigError, ModelConfig
 from llmjax.interop.hf_config import check_exportable, hf_config_from_model, model_config_from_hf, read_hf_config
+from llmjax.interop.hf_names import sources
 from llmjax.interop.hf_weights import (
     SafetensorsReader,
     build_params,
     check_tensors,
     hf_tensors,
-    sources,
     write_safetensors,
 )
 from llmjax.models.families import build_family

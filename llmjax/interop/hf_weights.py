@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from llmjax.config import ConfigError
-from llmjax.interop.hf_names import Path_, Source, _linear, _names, _same, sources  # noqa: F401
+from llmjax.interop.hf_names import Path_, Source
 
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that hold no weights (buffers recomputed at load time).

@@ -45,6 +45,7 @@ class Family:
     tie_default: bool = False
     false_fields: tuple[str, ...] = ("attention_bias", "mlp_bias")  # must be false (or absent) on import
     windows: bool = False  # sliding_window / layer_types are read
+    free: tuple[str, ...] = ()  # keys of `keys` whose value the config.json gives (their default: none)
     extra_import: Callable[[Any, dict[str, Any]], None] | None = None  # (fields reader, keys) -> sets more keys
     extra_export: Callable[[ModelConfig, dict[str, Any]], None] | None = None
 
@@ -72,7 +73,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            false_fields=("attention_bias",)),
     Family("gemma2", "Gemma2ForCausalLM", dict(_GEMMA_KEYS, post_norms=True), act_field="hidden_activation",
            acts=GELU_TANH, tie_default=True, false_fields=("attention_bias",), windows=True,
-           extra_import=_gemma2_import, extra_export=_gemma2_export),
+           free=("attn_softcap", "logit_softcap", "attention_scale_dim"), extra_import=_gemma2_import,
+           extra_export=_gemma2_export),
 )}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -95,9 +97,7 @@ def family_for(m: ModelConfig) -> Family:
         candidates = ["llama"]
     fam = FAMILIES[candidates[0]]
     for key, value in fam.keys.items():
-        if key in ("attn_softcap", "logit_softcap", "attention_scale_dim") and fam.extra_import is not None:
-            continue  # free values of this family
-        if getattr(m, key) != value:
+        if key not in fam.free and getattr(m, key) != value:
             raise ConfigError(f"model.{key}={getattr(m, key)!r}: a Hugging Face {fam.model_type} model "
                               f"({fam.architecture}) needs model.{key}={value!r}")
     if m.sliding_window and not fam.windows:

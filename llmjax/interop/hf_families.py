@@ -82,20 +82,18 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 def family_for(m: ModelConfig) -> Family:
     """The family a decoder ModelConfig is exported as; ConfigError naming the first key no family has."""
     if m.moe.enabled:
-        candidates = ["mixtral"]
+        name = "mixtral"
     elif m.post_norms or m.attn_softcap or m.logit_softcap or m.global_every or m.attention_scale_dim:
-        candidates = ["gemma2"]
+        name = "gemma2"
     elif m.norm_scale_offset or m.scale_embeddings or m.mlp == "geglu":
-        candidates = ["gemma"]
+        name = "gemma"
     elif m.qk_norm:
-        candidates = ["qwen3"]
+        name = "qwen3"
     elif m.qkv_bias:
-        candidates = ["qwen2"]
-    elif m.sliding_window:
-        candidates = ["mistral"]
+        name = "qwen2"
     else:
-        candidates = ["llama"]
-    fam = FAMILIES[candidates[0]]
+        name = "mistral" if m.sliding_window else "llama"
+    fam = FAMILIES[name]
     for key, value in fam.keys.items():
         if key not in fam.free and getattr(m, key) != value:
             raise ConfigError(f"model.{key}={getattr(m, key)!r}: a Hugging Face {fam.model_type} model "

@@ -163,7 +163,8 @@ def test_read_block_reads_any_block_of_a_merged_layout(tmp_path):
     same block of the fully transformed tensors (what a sharding over any logical axis asks for)."""
     from safetensors.numpy import save_file
 
-    from llmjax.interop.hf_weights import SafetensorsReader, _linear, _names, read_block
+    from llmjax.interop.hf_names import _linear, _names
+    from llmjax.interop.hf_weights import SafetensorsReader, read_block
 
     N, H, E, D = 3, 4, 6, 5
     rng = np.random.default_rng(0)
@@ -218,8 +219,16 @@ def llama_json(**changes) -> dict:
 
 @pytest.mark.parametrize("changes, field", [
     (dict(model_type="gpt2"), "model_type"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling.rope_type"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_parameters.rope_type"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 8.0}), "rope_scaling.rope_type"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
+     "rope_parameters.low_freq_factor: missing"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "mscale": 0.7}),
+     "rope_parameters.mscale"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 0.5}), "rope_parameters.factor"),
+    (dict(model_type="mistral", sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+     "layer_types: this pattern"),
+    (dict(model_type="gemma", hidden_act="gelu"), "hidden_act"),
+    (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
      "partial_rotary_factor"),
     (dict(attention_bias=True), "attention_bias"),
@@ -239,9 +248,15 @@ def test_config_variants():
     del old_style["rope_parameters"]
     assert model_config_from_hf(old_style)[0].rope_theta == 123.0
     mistral = dict(llama_json(model_type="mistral"), sliding_window=16, max_position_embeddings=64)
-    cfg, notes = model_config_from_hf(mistral)
-    assert cfg.max_seq_len == 16 and "sliding_window" in notes[0]
-    assert model_config_from_hf(dict(mistral, sliding_window=None))[0].max_seq_len == 64
+    cfg, _ = model_config_from_hf(mistral)
+    assert cfg.max_seq_len == 64 and cfg.sliding_window == 16 and cfg.global_every == 0
+    assert model_config_from_hf(dict(mistral, sliding_window=None))[0].sliding_window == 0
+    assert "never applies" in model_config_from_hf(dict(mistral, sliding_window=64))[1][0]
+    every_third = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    cfg, _ = model_config_from_hf(dict(mistral, num_hidden_layers=6, layer_types=every_third))
+    assert (cfg.sliding_window, cfg.global_every) == (16, 3)
+    legacy = dict(llama_json(rope_scaling={"type": "linear", "factor": 2.0}), rope_parameters=None)
+    assert model_config_from_hf(legacy)[0].rope_scaling.type == "linear"
 
 
 def test_weights_that_do_not_match_the_config(llama, tmp_path):
@@ -304,6 +319,8 @@ def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
     r = llmjax("convert", "to-hf", work, out, "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.model").is_file()
+    generation = json.loads((out / "generation_config.json").read_text())  # the SentencePiece model's ids
+    assert generation["eos_token_id"] == json.loads((out / "config.json").read_text())["eos_token_id"] is not None
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert back.config.head_dim == 32 and back.config.num_key_value_heads == 2
 
@@ -339,7 +356,7 @@ def test_cli_convert_stores_the_models_tokenizer_json(llama, tmp_path):
 @pytest.mark.parametrize("case, needles", [
     ("missing", ["HF_DIR", "not a directory"]),
     ("model_type", ["model_type", "'gpt2' is not supported"]),
-    ("rope", ["rope_scaling.rope_type", "llama3"]),
+    ("rope", ["rope_scaling.rope_type", "longrope"]),
     ("override", ["model.d_model", "cannot be overridden"]),
 ])
 def test_cli_convert_errors_exit_2(llama, tmp_path, case, needles):
@@ -352,7 +369,7 @@ def test_cli_convert_errors_exit_2(llama, tmp_path, case, needles):
         if case == "model_type":
             data["model_type"] = "gpt2"
         elif case == "rope":
-            data["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+            data["rope_scaling"] = {"rope_type": "longrope", "factor": 8.0}
         else:
             extra = ["model.d_model=128"]
         (hf_dir / "config.json").write_text(json.dumps(data))

@@ -33,6 +33,7 @@ from llmjax.config.schema import (
     MoEConfig,
     OptimConfig,
     PipelineConfig,
+    RopeScalingConfig,
     SampleConfig,
     SourceConfig,
     TrainConfig,
@@ -46,7 +47,7 @@ from llmjax.config.validate_data import validate_data
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
     "DistributedConfig", "EvalConfig", "LogConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig",
-    "PipelineConfig", "SampleConfig", "SourceConfig", "TrainConfig", "WandbConfig", "check_keys", "choices",
-    "config_warnings", "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names", "parse_override",
-    "parse_yaml", "save_config", "to_dict", "validate", "validate_data",
+    "PipelineConfig", "RopeScalingConfig", "SampleConfig", "SourceConfig", "TrainConfig", "WandbConfig", "check_keys",
+    "choices", "config_warnings", "deep_merge", "from_dict", "load_config", "load_yaml", "mesh_axis_names",
+    "parse_override", "parse_yaml", "save_config", "to_dict", "validate", "validate_data",
 ]

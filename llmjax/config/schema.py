@@ -15,6 +15,7 @@ import typing
 from typing import Any, Literal
 
 from llmjax.config.fields import INT32_MAX, option, section
+from llmjax.config.rope import RopeScalingConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
@@ -73,8 +74,24 @@ class ModelConfig:
     norm_eps: float = option(1e-5, "epsilon of the norms", gt=0, lt=1)
     position: Literal["rope", "learned"] = option("rope", "position encoding: rotary (rotate-half) or a learned table")
     rope_theta: float = option(10000.0, "RoPE base wavelength", gt=0)
+    rope_scaling: RopeScalingConfig = section(RopeScalingConfig, "RoPE frequency scaling (long contexts)")
+    sliding_window: int = option(0, "local attention: each query sees the last sliding_window keys (itself "
+                                    "included), in training, prefill and cached decoding; 0: full attention", ge=0)
+    global_every: int = option(0, "with sliding_window: layers global_every-1, 2*global_every-1, ... attend "
+                                  "globally, the others locally (Gemma 2: 2); 0: every layer local", ge=0)
     mlp: Literal["swiglu", "geglu", "gelu", "relu"] = option("swiglu", "MLP kind (gated: swiglu, geglu)")
     use_bias: bool = option(False, "biases in the dense layers")
+    qkv_bias: bool = option(False, "biases on the query/key/value projections only (Qwen2); use_bias: all layers")
+    qk_norm: bool = option(False, "RMSNorm over the head dimension of queries and keys before RoPE (Qwen3)")
+    norm_scale_offset: float = option(0.0, "norms multiply by (norm_scale_offset + scale), scale initialised to "
+                                           "1 - offset (Gemma: 1)", ge=0, le=1)
+    post_norms: bool = option(False, "also normalise each sublayer's output before its residual add (Gemma 2)")
+    scale_embeddings: bool = option(False, "multiply the token embeddings by sqrt(d_model) (Gemma)")
+    attention_scale_dim: float = option(0.0, "attention scores are scaled by attention_scale_dim^-1/2; 0: the head "
+                                             "dimension (Gemma 2: query_pre_attn_scalar)", ge=0)
+    attn_softcap: float = option(0.0, "attention scores s become c tanh(s / c) before the mask (Gemma 2); 0: off",
+                                 ge=0)
+    logit_softcap: float = option(0.0, "output logits z become c tanh(z / c) (Gemma 2); 0: off", ge=0)
     tie_embeddings: bool = option(False, "the LM head reuses the token embedding table")
     init_std: float = option(0.02, "standard deviation of the normal weight initialisation", gt=0)
     compute_dtype: Dtype = option("bfloat16", "matmul input dtype (accumulation is float32)")

@@ -102,6 +102,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         )
 
     _validate_moe(m)
+    _validate_attention_options(m)
 
     validate_data(cfg)
     if d.seq_len > m.max_seq_len:
@@ -176,6 +177,30 @@ def _validate_kernels(m: ModelConfig) -> None:
     if canonical_attention(m.attention) == "cudnn" and m.compute_dtype == "float32":
         raise ConfigError("model.attention=cudnn needs model.compute_dtype=bfloat16 or float16 (cuDNN flash "
                           "attention has no float32 kernel)")
+
+
+def _validate_attention_options(m: ModelConfig) -> None:
+    """RoPE scaling, local attention and soft-capping against the rest of the model."""
+    r = m.rope_scaling
+    if r.enabled and m.position != "rope":
+        raise ConfigError(f"model.rope_scaling.type={r.type} needs model.position=rope")
+    if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
+                          f"model.rope_scaling.low_freq_factor={r.low_freq_factor}")
+    if r.type == "yarn" and r.beta_fast <= r.beta_slow:
+        raise ConfigError(f"model.rope_scaling.beta_fast={r.beta_fast} must exceed model.rope_scaling.beta_slow="
+                          f"{r.beta_slow}")
+    if m.sliding_window and not m.causal_lm:
+        raise ConfigError(f"model.sliding_window: model.family={m.family} has no causal self-attention to window")
+    if m.global_every and not m.sliding_window:
+        raise ConfigError(f"model.global_every={m.global_every} needs model.sliding_window > 0 (the local layers' "
+                          "window)")
+    if m.attn_softcap > 0 and canonical_attention(m.attention) != "xla":
+        raise ConfigError(f"model.attn_softcap={m.attn_softcap}: model.attention={m.attention} has no score "
+                          "soft-capping (use model.attention=xla)")
+    if m.logit_softcap > 0 and m.loss_chunk > 0:
+        raise ConfigError(f"model.logit_softcap={m.logit_softcap}: the chunked loss (model.loss_chunk="
+                          f"{m.loss_chunk}) does not soft-cap; set model.loss_chunk=0")
 
 
 def _validate_profile_steps(steps: list[int], total: int) -> None:

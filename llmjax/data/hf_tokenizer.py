@@ -3,7 +3,9 @@
 BOS/EOS/pad come from `tokenizer_config.json`, else `special_tokens_map.json` next to the file,
 else well-known special token names. `add_bos` follows `add_bos_token` in the config, else what
 the tokenizer's own post-processor does. The config (special tokens, `chat_template`) stays
-available as `HFTokenizer.config`.
+available as `HFTokenizer.config`. A model directory's `chat_template.jinja` (the chat template,
+`llmjax.data.chat`) and `generation_config.json` (the model's end-of-turn ids: `stop_ids`) travel
+with the tokenizer's files, so a run's tokenizer copy keeps them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from llmjax.config import ConfigError
 from llmjax.data.tokenizer import Tokenizer
 
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+COMPANION_FILES = ("generation_config.json",)  # the model's end-of-turn ids (`stop_ids`), kept with the tokenizer
 _GUESSES = {
     "eos": ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]", "<|im_end|>"),
     "bos": ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]"),
@@ -84,7 +87,7 @@ class HFTokenizer(Tokenizer):
             raise ConfigError(f"{key}: {path} is JSON but not a Hugging Face tokenizer.json ({e})") from None
         self._spec = json.loads(path.read_text(encoding="utf-8"))
         self.files = {"tokenizer.json": path}
-        for name in CONFIG_FILES:
+        for name in CONFIG_FILES + COMPANION_FILES:
             if (path.parent / name).is_file():
                 self.files[name] = path.parent / name
         self.config = _read_json(path.parent / "tokenizer_config.json", key)
@@ -107,6 +110,18 @@ class HFTokenizer(Tokenizer):
         """The `chat_template` of tokenizer_config.json, if any."""
         value = self.config.get("chat_template")
         return value if isinstance(value, str) else None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a model's turn: EOS and generation_config.json's `eos_token_id` (an id or a list)."""
+        ids = [] if self.eos_id is None else [self.eos_id]
+        path = self.files.get("generation_config.json")
+        if path is not None:
+            value = _read_json(Path(path), self._key).get("eos_token_id")
+            for i in value if isinstance(value, list) else [value]:
+                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size and i not in ids:
+                    ids.append(i)
+        return tuple(ids)
 
     def _special(self, which: str) -> int | None:
         names = [_content(self.config.get(f"{which}_token")), _content(self.special_tokens_map.get(f"{which}_token"))]

@@ -21,6 +21,10 @@ def add_arguments(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     g.add_argument("--int8", action="store_true", help="int8 weight-only quantized weights")
+    g.add_argument("--chat", action="store_true",
+                   help="each prompt is a user turn, rendered with the model's chat template; stops at its "
+                        "end-of-turn tokens and prints the reply")
+    g.add_argument("--system", help="with --chat: a system message before each prompt")
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model")
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", choices=("validation", "train"), default="validation")

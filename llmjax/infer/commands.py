@@ -139,19 +139,53 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def bos_prefix(cfg: Config, tokenizer: Any) -> list[int]:
+    """[BOS] when documents start with it (`data.add_bos`, else the tokenizer's own convention), else []:
+    a prompt is the start of a document."""
+    add = cfg.data.add_bos if cfg.data.add_bos is not None else tokenizer.add_bos
+    return [tokenizer.bos_id] if add and tokenizer.bos_id is not None else []
+
+
+def chat_prompts(cfg: Config, tokenizer: Any, prompts: list[str], system: str | None
+                 ) -> tuple[list[list[int]], tuple[int, ...]]:
+    """(each prompt as a one-turn conversation rendered with the model's chat template (`llmjax.data.chat`,
+    as transformers' apply_chat_template) and encoded without added special tokens, as transformers does;
+    the ids that end the model's turn). ConfigError when there is no chat template or it refuses the turn."""
+    from llmjax.data.chat import ChatTemplate
+
+    template = ChatTemplate.for_tokenizer(tokenizer, getattr(cfg.data, "chat_template", None))
+    head = [{"role": "system", "content": system}] if system else []
+    try:
+        texts = [template.render(head + [{"role": "user", "content": p}], add_generation_prompt=True)
+                 for p in prompts]
+    except ValueError as e:
+        raise ConfigError(f"--chat: {e}") from None
+    stops = getattr(tokenizer, "stop_ids", None) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
+    return tokenizer.encode(texts), tuple(stops)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     sp = sampling_params(args)
     prompts = read_prompts(args)
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat")
+    if args.chat and sp.beams > 1:
+        raise ConfigError("--chat stops at each of the model's end-of-turn tokens; beam search (--beams) stops at one")
     loaded = Loaded(args.workdir)
-    tok = ModelVocabulary(loaded.tokenizer(), loaded.family.token_names())
-    ids = tok.encode(prompts)
+    tokenizer = loaded.tokenizer()
+    tok = ModelVocabulary(tokenizer, loaded.family.token_names())
+    if args.chat:
+        ids, stops = chat_prompts(loaded.cfg, tokenizer, prompts, args.system)
+        print(f"llmjax: chat: {len(prompts)} conversation(s); stopping at ids {list(stops)}", file=sys.stderr)
+    else:
+        ids, stops = [bos_prefix(loaded.cfg, tokenizer) + p for p in tok.encode(prompts)], tok.eos_id
     engine = loaded.engine(args.int8)
     engine.check_prompts(ids)
     if any(len(p) + sp.max_new_tokens > loaded.cfg.model.max_seq_len for p in ids):
         print(f"llmjax: note: generation stops when the context of {loaded.cfg.model.max_seq_len} tokens is full",
               file=sys.stderr)
     stream = len(prompts) == 1 and sp.beams == 1
-    if stream:
+    if stream and not args.chat:  # a continuation is printed after its prompt, a chat reply alone
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
 
@@ -160,13 +194,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    results = engine.generate(ids, sp, tok.eos_id, tok, on_text if stream else None)
+    results = engine.generate(ids, sp, stops, tok, on_text if stream else None)
     dt = time.perf_counter() - t0
     if stream:
         sys.stdout.write("\n")
     else:
         for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
-            print(f"=== {i + 1} ===\n{p}{r.text}")
+            print(f"=== {i + 1} ===\n{p}\n--- reply ---\n{r.text}" if args.chat else f"=== {i + 1} ===\n{p}{r.text}")
     n = sum(len(r.tokens) for r in results)
     why = ", ".join(sorted({r.finish for r in results}))
     print(f"llmjax: {n} new tokens in {dt:.2f}s (including compilation); stopped by: {why}", file=sys.stderr)

@@ -46,6 +46,15 @@ class Generation:
     logits: np.ndarray | None = None  # [T, V] per generated token (return_logits=True)
 
 
+def stop_set(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The ids that end a row: none, one EOS id, or several (a model's end-of-turn tokens)."""
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (int, np.integer)):
+        return (int(eos_id),)
+    return tuple(sorted({int(i) for i in eos_id}))
+
+
 def _map_with_axes(fn: Callable[[jax.Array, tuple], Any], tree: Any, axes: Any) -> Any:
     """fn(leaf, its logical axes) over a cache (nested dicts) and its axes tree (tuples at the leaves)."""
     if isinstance(tree, dict):
@@ -181,13 +190,15 @@ class Engine:
                                   f"{self.cfg.max_seq_len} tokens (model.max_seq_len), which leaves no room to "
                                   "generate: shorten the prompt")
 
-    def generate(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, eos_id: int | None = None,
-                 tokenizer: Any = None, on_text: Callable[[int, str], None] | None = None,
-                 return_logits: bool = False, device_loop: bool | None = None) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], sp: SamplingParams,
+                 eos_id: int | Sequence[int] | None = None, tokenizer: Any = None,
+                 on_text: Callable[[int, str], None] | None = None, return_logits: bool = False,
+                 device_loop: bool | None = None) -> list[Generation]:
         """Continue each prompt (token ids); beam search when `sp.beams > 1` (one prompt at a time).
 
-        Stops a row at `eos_id`, at a stop string (needs `tokenizer`; the text is cut before it),
-        after `sp.max_new_tokens`, or when the context (model.max_seq_len) is full.
+        Stops a row at `eos_id` (one id, or several: e.g. a chat model's end-of-turn ids), at a stop string
+        (needs `tokenizer`; the text is cut before it), after `sp.max_new_tokens`, or when the context
+        (model.max_seq_len) is full.
         `on_text(row, piece)` receives each row's text as it is produced (streaming). `device_loop`:
         decode on the device in one `while_loop` (default: unless streaming or returning logits).
         """
@@ -195,8 +206,13 @@ class Engine:
         self.check_prompts(prompts)
         if sp.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        stops = stop_set(eos_id)
         if sp.beams > 1:
             from llmjax.infer.beam import beam_search
+
+            if len(stops) > 1:
+                raise ConfigError(f"beam search stops at one EOS id, not at each of {list(stops)} (use --beams 1)")
+            eos_id = stops[0] if stops else None
 
             return [beam_search(self, list(p), sp, eos_id, tokenizer, on_text, row=i)
                     for i, p in enumerate(prompts)]
@@ -207,20 +223,21 @@ class Engine:
         T = min(sp.max_new_tokens, self.family.decode_budget(P))
         logits, cache, _ = self.prefill(prompts, self.cache_slots(P, T))
         if device_loop:
-            tokens = self._decode_on_device(logits, cache, T, sp, eos_id)
+            tokens = self._decode_on_device(logits, cache, T, sp, stops)
             out = [[int(t) for t in row] for row in tokens[:n]]
             finish = ["length"] * n
             for b, row in enumerate(out):
-                if eos_id is not None and eos_id in row:
-                    out[b], finish[b] = row[:row.index(eos_id)], "eos"
+                hits = [i for i, t in enumerate(row) if t in stops]
+                if hits:
+                    out[b], finish[b] = row[:hits[0]], "eos"
             return [self._finish_text(Generation(out[b], None, finish[b]), tokenizer, sp.stop) for b in range(n)]
-        return self._decode_on_host(logits, cache, n, T, sp, eos_id, tokenizer, on_text, return_logits)
+        return self._decode_on_host(logits, cache, n, T, sp, stops, tokenizer, on_text, return_logits)
 
     def _decode_on_device(self, logits: jax.Array, cache: dict, T: int, sp: SamplingParams,
-                          eos_id: int | None) -> np.ndarray:
-        """Sample T tokens per row in one jitted while_loop; stops early when every row has produced EOS.
-        -> tokens [B, T] (entries after a row's EOS are unspecified)."""
-        eos = -1 if eos_id is None else eos_id
+                          stops: tuple[int, ...]) -> np.ndarray:
+        """Sample T tokens per row in one jitted while_loop; stops early when every row has produced a stop id.
+        -> tokens [B, T] (entries after a row's stop id are unspecified)."""
+        eos = np.asarray(stops or (-1,), np.int32)
 
         def loop(params, logits, cache):
             B = logits.shape[0]
@@ -234,19 +251,19 @@ class Engine:
                 t, logits, cache, out, done = c
                 tok = sample(logits, jax.random.fold_in(key, t), sp.temperature, sp.top_k, sp.top_p)
                 out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
-                done = jnp.logical_or(done, tok == eos)
+                done = jnp.logical_or(done, jnp.isin(tok, eos))
                 logits, cache = self.family.step(self.model, self.param_transform(params), cache, tok)
                 return t + 1, logits, cache, out, done
 
             init = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((B, T), jnp.int32), jnp.zeros((B,), bool))
             return jax.lax.while_loop(cond, body, init)[3]
 
-        name = f"loop/{T}/{eos}/{sp.temperature}/{sp.top_k}/{sp.top_p}/{sp.seed}"
+        name = f"loop/{T}/{stops}/{sp.temperature}/{sp.top_k}/{sp.top_p}/{sp.seed}"
         fn = self._jit(name, loop, out_shardings=self._replicated())
         return self._host(fn(self.params, logits, cache))
 
     def _decode_on_host(self, logits: jax.Array, cache: dict, n: int, T: int, sp: SamplingParams,
-                        eos_id: int | None, tokenizer: Any, on_text: Callable[[int, str], None] | None,
+                        stops: tuple[int, ...], tokenizer: Any, on_text: Callable[[int, str], None] | None,
                         return_logits: bool) -> list[Generation]:
         out: list[list[int]] = [[] for _ in range(n)]
         texts = ["" for _ in range(n)]
@@ -259,7 +276,7 @@ class Engine:
             for b in range(n):
                 if finish[b] != "length":
                     continue
-                if eos_id is not None and host[b] == eos_id:
+                if int(host[b]) in stops:
                     finish[b] = "eos"
                     continue
                 out[b].append(int(host[b]))

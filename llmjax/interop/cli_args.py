@@ -11,7 +11,8 @@ CONVERT_VERBS = ("convert",)
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
     """Register `convert` and its two sub-verbs on the CLI's subparsers."""
-    c = sub.add_parser("convert", help="import or export Hugging Face Llama / Mistral / Mixtral checkpoints")
+    c = sub.add_parser("convert", help="import or export Hugging Face checkpoints (Llama, Mistral, Mixtral, "
+                                       "Qwen2/3, Gemma, Gemma 2)")
     csub = c.add_subparsers(dest="convert_verb", required=True)
     f = csub.add_parser("from-hf", help="a Hugging Face model directory -> a workdir that train/eval/generate use")
     f.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and *.safetensors")

@@ -9,12 +9,15 @@ state and the data iterator at the start of the stream. So
   llmjax train --config WORKDIR/config.yaml --workdir WORKDIR [data.path=...]   (continues training)
 
 use it as it is. The parameters are read straight into the shardings of the config's mesh.
-The model's own tokenizer (HF_DIR's tokenizer.json with its tokenizer_config.json, else its
-tokenizer.model) is stored in WORKDIR/tokenizer/ (the run's tokenizer copy) and set as
-data.tokenizer, so eval/generate use the right tokens with no further setting.
+The model's own tokenizer (HF_DIR's tokenizer.json with its tokenizer_config.json, chat_template.jinja
+and generation_config.json, else its tokenizer.model) is stored in WORKDIR/tokenizer/ (the run's
+tokenizer copy) and set as data.tokenizer, so eval/generate (and `generate --chat`, with the
+model's chat template and end-of-turn ids) use the right tokens with no further setting; BOS is
+added as the tokenizer's config says (`add_bos_token`, else its post-processor).
 
-to-hf writes the newest checkpoint's parameters as a LlamaForCausalLM / MixtralForCausalLM
-directory that `transformers` loads (`from_pretrained`).
+to-hf writes the newest checkpoint's parameters as the Hugging Face model of its family
+(`llmjax.interop.hf_families`) that `transformers` loads (`from_pretrained`), with the tokenizer
+files, the special-token ids in config.json and a generation_config.json (`hf_tokens`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from llmjax.interop.hf_config import (
     model_config_from_hf,
     read_hf_config,
 )
+from llmjax.interop.hf_families import family_for
+from llmjax.interop.hf_tokens import export_tokenizer, special_ids
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -173,17 +177,15 @@ def to_hf(args: argparse.Namespace) -> int:
     if cfg.model.moe.enabled and cfg.model.moe.capacity_factor > 0:
         log(f"note: model.moe.capacity_factor={cfg.model.moe.capacity_factor} drops tokens over capacity; "
             "transformers' Mixtral routes every token (dropless), so its outputs can differ where tokens were dropped")
-    files = save(cfg.model, loaded.params, hf_dir, args.dtype, max_shard)
     tok = run_tokenizer(cfg, workdir)  # the run's copy
     if tok is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).expanduser().exists():
         tok = load_tokenizer(cfg.data.tokenizer)
+    files = save(cfg.model, loaded.params, hf_dir, args.dtype, max_shard, None if tok is None else special_ids(tok))
     if tok is None:
         log("note: the workdir has no tokenizer copy and data.tokenizer is unset: no tokenizer was written")
     else:
-        for name, path in tok.files.items():
-            shutil.copyfile(path, hf_dir / name)
-            files.append(name)
-    arch = "MixtralForCausalLM" if cfg.model.moe.enabled else "LlamaForCausalLM"
+        files += export_tokenizer(tok, hf_dir)
+    arch = family_for(cfg.model).architecture
     log(f"wrote {arch} (step {loaded.step}, {args.dtype or cfg.model.param_dtype}) to {hf_dir}: config.json, "
         f"{', '.join(files)}")
     return 0

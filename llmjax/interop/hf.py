@@ -1,4 +1,4 @@
-"""Load and save Hugging Face Llama / Mistral / Mixtral checkpoints as llmjax models.
+"""Load and save Hugging Face decoder checkpoints (Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2).
 
     from llmjax.interop import hf
     model, params = hf.load("path/to/hf_dir")               # one device
@@ -6,7 +6,8 @@
     logits = model.apply({"params": params}, tokens)         # [batch, length] -> [batch, length, vocab]
     hf.save(model.cfg, params, "out_dir")                    # config.json + model.safetensors
 
-The config mapping is `llmjax.interop.hf_config`, the tensor layout `llmjax.interop.hf_weights`.
+The config mapping is `llmjax.interop.hf_config` (per family: `hf_families`), the tensor names
+`llmjax.interop.hf_names`, the reading and writing `llmjax.interop.hf_weights`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from llmjax.config import DTYPES, ConfigError, ModelConfig
 from llmjax.interop.hf_config import check_exportable, hf_config_from_model, model_config_from_hf, read_hf_config
+from llmjax.interop.hf_names import sources
 from llmjax.interop.hf_weights import (
     SafetensorsReader,
     build_params,
     check_tensors,
     hf_tensors,
-    sources,
     write_safetensors,
 )
 from llmjax.models.families import build_family
@@ -93,13 +94,14 @@ def load(hf_dir: str | Path, mesh: Mesh | None = None, rules: Rules | None = Non
 
 
 def save(cfg: ModelConfig, params: Any, hf_dir: str | Path, dtype: str | None = None,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write `params` of `Transformer(cfg)` as a Hugging Face Llama (dense) or Mixtral (MoE) model.
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, token_ids: dict[str, Any] | None = None) -> list[str]:
+    """Write `params` of `Transformer(cfg)` as the Hugging Face model of its family (`hf_families.family_for`:
+    Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2).
 
-    Writes `hf_dir/config.json` and `model.safetensors` (or shards of at most `max_shard_bytes`
-    with `model.safetensors.index.json`) in `dtype` (default: `cfg.param_dtype`), one layer's
-    tensor fetched from the devices at a time. Returns the safetensors file names.
-    Raises ConfigError when `cfg` has no Llama/Mixtral equivalent.
+    Writes `hf_dir/config.json` (with `token_ids`, e.g. {"bos_token_id": 1, "eos_token_id": 2}, when given)
+    and `model.safetensors` (or shards of at most `max_shard_bytes` with `model.safetensors.index.json`)
+    in `dtype` (default: `cfg.param_dtype`), one layer's tensor fetched from the devices at a time.
+    Returns the safetensors file names. Raises ConfigError when `cfg` has no Hugging Face equivalent.
     """
     import json
 
@@ -114,6 +116,6 @@ def save(cfg: ModelConfig, params: Any, hf_dir: str | Path, dtype: str | None = 
     shapes = {name: src.hf_shape for src in table.values() for name in src.names.flat}
     tensors = [(name, shapes[name], thunk) for name, thunk in hf_tensors(table, params, np_dtype)]
     files = write_safetensors(hf_dir, tensors, np_dtype.itemsize, max_shard_bytes)
-    config = hf_config_from_model(cfg, dtype)
+    config = {**hf_config_from_model(cfg, dtype), **(token_ids or {})}
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return files

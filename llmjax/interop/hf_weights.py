@@ -1,28 +1,14 @@
-"""Hugging Face safetensors <-> the llmjax parameter tree: the name table, sharded reads, writes.
+"""Hugging Face safetensors <-> the llmjax parameter tree: sharded reads and writes.
 
 Each llmjax parameter is built from one Hugging Face tensor per layer (and per expert), laid
-out by a `Source`: the tensor names, stacked along the parameter's leading dimensions, and
-how each on-disk dimension holds the parameter's own. A torch `Linear` weight is
-[out, in] while our kernels are [in..., out...] with heads split out, e.g.
-
-  q_proj.weight [H*E, D]  -> layers/attn/q/kernel [N, D, H, E]
-  o_proj.weight [D, H*E]  -> layers/attn/o/kernel [N, H, E, D]
-  experts.e.w1.weight [F, D] -> layers/moe/experts/wi_0_kernel [N, X, D, F]  (w3: wi_1, w2: wo)
-
-RoPE needs no permutation: ours is HF's rotate-half convention. Reading under a sharding
+out by a `Source` of the name table (`llmjax.interop.hf_names`). Reading under a sharding
 (`build_params`) reads, for each device's block, only the rows of each tensor that block
 covers (`safe_open(...).get_slice(name)[rows, cols]`), so no host holds more than one
 tensor's slice at a time beyond the sharded result.
-
-Mixtral experts are read from the classic per-expert names
-(`block_sparse_moe.experts.E.w1/w2/w3.weight`, what `save_pretrained` writes) or, when those
-are absent, from fused stacks (`mlp.experts.gate_up_proj` [X, 2F, D], gate rows first, and
-`mlp.experts.down_proj` [X, D, F], router `mlp.gate.weight`). Exports use the classic names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -34,96 +20,13 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from llmjax.config import ConfigError, ModelConfig
+from llmjax.config import ConfigError
+from llmjax.interop.hf_names import Path_, Source
 
-Path_ = tuple[str, ...]  # a parameter's path in the tree, e.g. ("layers", "attn", "q", "kernel")
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that hold no weights (buffers recomputed at load time).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """Where one llmjax parameter comes from.
-
-    names: HF tensor names, shaped like the parameter's leading (stacked) dimensions: [] for
-        an unstacked parameter, [N] per layer, [N, X] per layer and expert.
-    groups: for each dimension of one on-disk tensor, the dimensions of the parameter's
-        per-tensor block that it holds, major first (merged dimensions, e.g. (H, E) -> H*E).
-    offsets: for each on-disk dimension, where our rows start (the up half of a fused gate/up).
-    hf_shape: the expected on-disk shape of each tensor.
-    """
-
-    names: np.ndarray
-    groups: tuple[tuple[int, ...], ...]
-    hf_shape: tuple[int, ...]
-    offsets: tuple[int, ...] = ()
-
-    def block_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(param_shape[self.names.ndim:])
-
-
-def _names(fmt: str, *dims: int) -> np.ndarray:
-    """An object array of `fmt.format(i, j, ...)` over the index grid `dims`."""
-    out = np.empty(dims, dtype=object)
-    for idx in np.ndindex(*dims):
-        out[idx] = fmt.format(*idx)
-    return out
-
-
-def _linear(names: np.ndarray, n_in: int, block: tuple[int, ...]) -> Source:
-    """A torch Linear weight [out, in] for a kernel block [*in_dims, *out_dims] (n_in input dims)."""
-    ins, outs = tuple(range(n_in)), tuple(range(n_in, len(block)))
-    return Source(names, (outs, ins), (math.prod(block[n_in:]), math.prod(block[:n_in])))
-
-
-def _same(names: np.ndarray, block: tuple[int, ...]) -> Source:
-    """A tensor stored exactly as our per-tensor block (embedding table, norm scale)."""
-    return Source(names, tuple((d,) for d in range(len(block))), tuple(block))
-
-
-def sources(m: ModelConfig, fused_experts: bool = False) -> dict[Path_, Source]:
-    """Every parameter of `Transformer(m)` -> its `Source` (Llama / Mixtral naming).
-
-    `fused_experts`: read Mixtral experts from the fused `mlp.experts.*` stacks."""
-    N, D, V, F = m.n_layers, m.d_model, m.vocab_size, m.d_ff
-    H, K, E = m.n_heads, m.n_kv_heads, m.resolved_head_dim
-    layer = lambda suffix: _names("model.layers.{}." + suffix, N)  # noqa: E731
-    out: dict[Path_, Source] = {
-        ("embed", "embedding"): _same(_names("model.embed_tokens.weight"), (V, D)),
-        ("final_norm", "scale"): _same(_names("model.norm.weight"), (D,)),
-        ("layers", "attn_norm", "scale"): _same(layer("input_layernorm.weight"), (D,)),
-        ("layers", "mlp_norm", "scale"): _same(layer("post_attention_layernorm.weight"), (D,)),
-        ("layers", "attn", "q", "kernel"): _linear(layer("self_attn.q_proj.weight"), 1, (D, H, E)),
-        ("layers", "attn", "k", "kernel"): _linear(layer("self_attn.k_proj.weight"), 1, (D, K, E)),
-        ("layers", "attn", "v", "kernel"): _linear(layer("self_attn.v_proj.weight"), 1, (D, K, E)),
-        ("layers", "attn", "o", "kernel"): _linear(layer("self_attn.o_proj.weight"), 2, (H, E, D)),
-    }
-    if not m.tie_embeddings:
-        out[("lm_head", "kernel")] = _linear(_names("lm_head.weight"), 1, (D, V))
-    if not m.moe.enabled:
-        for ours, theirs in (("wi_0", "gate_proj"), ("wi_1", "up_proj")):
-            out[("layers", "mlp", ours, "kernel")] = _linear(layer(f"mlp.{theirs}.weight"), 1, (D, F))
-        out[("layers", "mlp", "wo", "kernel")] = _linear(layer("mlp.down_proj.weight"), 1, (F, D))
-        return out
-    X = m.moe.num_experts
-    moe = ("layers", "moe")
-    if fused_experts:
-        out[(*moe, "router", "kernel")] = _linear(layer("mlp.gate.weight"), 1, (D, X))
-        gate_up = layer("mlp.experts.gate_up_proj")
-        # per-tensor block [X, D, F]; on disk [X, 2F, D]: dims (X), (F) from row offset 0 or F, (D)
-        for ours, offset in (("wi_0", 0), ("wi_1", F)):
-            out[(*moe, "experts", f"{ours}_kernel")] = Source(gate_up, ((0,), (2,), (1,)), (X, 2 * F, D),
-                                                              (0, offset, 0))
-        out[(*moe, "experts", "wo_kernel")] = Source(layer("mlp.experts.down_proj"), ((0,), (2,), (1,)), (X, D, F))
-        return out
-    out[(*moe, "router", "kernel")] = _linear(layer("block_sparse_moe.gate.weight"), 1, (D, X))
-    expert = lambda w: _names("model.layers.{}.block_sparse_moe.experts.{}." + w + ".weight", N, X)  # noqa: E731
-    out[(*moe, "experts", "wi_0_kernel")] = _linear(expert("w1"), 1, (D, F))
-    out[(*moe, "experts", "wi_1_kernel")] = _linear(expert("w3"), 1, (D, F))
-    out[(*moe, "experts", "wo_kernel")] = _linear(expert("w2"), 1, (F, D))
-    return out
 
 
 # ----------------------------------------------------------------------------- reading

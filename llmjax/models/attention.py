@@ -34,7 +34,8 @@ from flax import struct
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention
-from llmjax.models.layers import Linear, apply_rope, dtype
+from llmjax.models.layers import Linear, dtype, make_norm
+from llmjax.models.rope import rotary
 from llmjax.parallel.rules import constrain, current_sharding
 
 NEG_INF = -1e30
@@ -140,21 +141,28 @@ def get(name: str, platform: str | None = None) -> AttentionFn:
 
 
 def attend(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, impl: str = "xla",
-           scale: float | None = None, blocks: Blocks | None = None) -> jax.Array:
+           scale: float | None = None, blocks: Blocks | None = None, softcap: float = 0.0) -> jax.Array:
     """Grouped-query attention of L queries over S keys -> [B, L, H, E] in q's dtype.
 
     H query heads share K key/value heads in groups of G = H / K (MHA: K = H, MQA: K = 1).
     `scale` multiplies the scores (default E^-1/2); `blocks` are the tile sizes of blockwise
-    implementations (default `Blocks()`). Sharding: batch over the data axes, heads over `tensor`,
-    as the inputs come (the implementations keep it)."""
+    implementations (default `Blocks()`); `softcap` > 0 maps the scaled scores s to
+    softcap tanh(s / softcap) before the mask (the reference `xla` implementation only).
+    Sharding: batch over the data axes, heads over `tensor`, as the inputs come (the
+    implementations keep it)."""
     scale = q_BLHE.shape[-1] ** -0.5 if scale is None else scale
+    if softcap > 0:
+        if canonical_attention(impl) != "xla":
+            raise ConfigError(f"model.attn_softcap: model.attention={impl} has no score soft-capping (use xla)")
+        return xla_attention(q_BLHE, k_BSKE, v_BSKE, mask, scale, softcap=softcap)
     return get(impl)(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks or Blocks())
 
 
 def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
-                  blocks: Blocks | None = None) -> jax.Array:
+                  blocks: Blocks | None = None, softcap: float = 0.0) -> jax.Array:
     """The reference: float32 scores and softmax against the dense mask, in heads-major batched matmuls
-    over (B, K) (on XLA:CPU ~2x faster than the equivalent 5-D einsum, forward and backward)."""
+    over (B, K) (on XLA:CPU ~2x faster than the equivalent 5-D einsum, forward and backward).
+    `softcap` > 0: scores s -> softcap tanh(s / softcap) before the mask."""
     B, L, H, E = q_BLHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     G = H // K
@@ -164,6 +172,8 @@ def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask:
     batch = ((0, 1), (0, 1))
     scores_BKXS = jax.lax.dot_general(q_BKXE, k_BKSE, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
     scores_BKGLS = scores_BKXS.reshape(B, K, G, L, S) * scale
+    if softcap > 0:
+        scores_BKGLS = softcap * jnp.tanh(scores_BKGLS / softcap)
     scores_BKGLS = jnp.where(mask.dense()[:, :, None], scores_BKGLS, NEG_INF)  # broadcast over K, G
     probs_BKXS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKE.dtype).reshape(B, K, G * L, S)
     out_BKXE = jax.lax.dot_general(probs_BKXS, v_BKSE, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
@@ -204,7 +214,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         E, H, K = cfg.resolved_head_dim, cfg.n_heads, cfg.n_kv_heads
         common = dict(use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype))
-        q = Linear((H, E), ("embed", "heads", "head_dim"), init_std=cfg.init_std, name="q", **common)(x_BLD)
+        qkv = {**common, "use_bias": cfg.use_bias or cfg.qkv_bias}
+        q = Linear((H, E), ("embed", "heads", "head_dim"), init_std=cfg.init_std, name="q", **qkv)(x_BLD)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         new_cache = None
         if self.cross and kv_x_BSD is None:
@@ -212,15 +223,18 @@ class Attention(nn.Module):
             new_cache = cache
         else:
             src = kv_x_BSD if self.cross else x_BLD
-            k = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="k", **common)(src)
-            v = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="v", **common)(src)
+            k = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="k", **qkv)(src)
+            v = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="v", **qkv)(src)
             k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
             v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
             if self.cross and cache is not None:
                 new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+        if cfg.qk_norm and not self.cross:  # per head, over E, before RoPE (Qwen3)
+            q = make_norm(cfg, "q_norm", "rmsnorm")(q)
+            k = make_norm(cfg, "k_norm", "rmsnorm")(k)
         if cfg.position == "rope" and not self.cross:
-            q = apply_rope(q, positions_BL, cfg.rope_theta)
-            k = apply_rope(k, positions_BL, cfg.rope_theta)
+            q = rotary(q, positions_BL, cfg)
+            k = rotary(k, positions_BL, cfg)
         if not self.cross and cache is not None:
             cache_axes = ("act_batch", None, "act_kv_heads", None)
             start = (0, mask.q_offset, 0, 0)
@@ -228,7 +242,9 @@ class Attention(nn.Module):
             v = constrain(jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start), cache_axes)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask, cfg.attention, blocks=Blocks(cfg.attention_block_q, cfg.attention_block_kv))
+        scale = cfg.attention_scale_dim ** -0.5 if cfg.attention_scale_dim > 0 else None
+        out = attend(q, k, v, mask, cfg.attention, scale, Blocks(cfg.attention_block_q, cfg.attention_block_kv),
+                     cfg.attn_softcap)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out = Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)

@@ -52,22 +52,35 @@ class StackInputs:
     cross_mask: MaskSpec | None = None  # decoder queries over encoder tokens
 
 
+def layer_windows(cfg: ModelConfig, n_layers: int | None = None) -> tuple[int, ...]:
+    """The self-attention window of each of `n_layers` (default `model.n_layers`) layers: `model.sliding_window`
+    (0: none), except layers global_every-1, 2*global_every-1, ... which attend globally (`model.global_every`)."""
+    n, w, every = cfg.n_layers if n_layers is None else n_layers, cfg.sliding_window, cfg.global_every
+    return tuple(0 if w == 0 or (every and (i + 1) % every == 0) else w for i in range(n))
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)) [+ cross_attn(norm(x))], then + ffn(norm(x)).
 
     `ffn` is the feed-forward kind (`feedforward.ffn_kinds`), `cross` adds cross-attention over
-    `inputs.cross_x` (an encoder-decoder's decoder)."""
+    `inputs.cross_x` (an encoder-decoder's decoder), `window` > 0 makes the self-attention local (the
+    last `window` keys; `inputs.mask` is otherwise shared by every layer). With `model.post_norms` each
+    sublayer's output is normalised again before its residual add (`post_attn_norm`, `post_mlp_norm`)."""
 
     cfg: ModelConfig
     ffn: str = "mlp"
     cross: bool = False
+    window: int = 0
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, inputs: StackInputs, cache: dict | None = None) -> tuple[jax.Array, Any]:
         cfg = self.cfg
         h = make_norm(cfg, "attn_norm")(x_BLD)
         self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        attn, self_cache = Attention(cfg, name="attn")(h, inputs.positions, inputs.mask, self_cache)
+        mask = inputs.mask if inputs.mask.window == self.window else inputs.mask.replace(window=self.window)
+        attn, self_cache = Attention(cfg, name="attn")(h, inputs.positions, mask, self_cache)
+        if cfg.post_norms:
+            attn = make_norm(cfg, "post_attn_norm")(attn)
         x_BLD = x_BLD + attn
         new_cache = None if cache is None else dict(self_cache)
         if self.cross:
@@ -80,25 +93,30 @@ class Block(nn.Module):
                 new_cache.update(cross_k=cross_cache["k"], cross_v=cross_cache["v"])
         h = make_norm(cfg, "mlp_norm")(x_BLD)
         y, aux = ffn_kinds()[self.ffn].apply(cfg, h)
+        if cfg.post_norms:
+            y = make_norm(cfg, "post_mlp_norm")(y)
         x_BLD = constrain(x_BLD + y, ACT)
         return x_BLD, (new_cache, {} if aux is None else {self.ffn: aux})
 
 
 class BlockGroup(nn.Module):
-    """Consecutive blocks with the feed-forward kinds `ffns` (e.g. ("mlp", "mlp", "moe")), scanned as one
-    unit when the kinds repeat every len(ffns) layers. Parameters are `block_{j}/...`; the cache entries
-    carry a leading [len(ffns)] dimension (block j reads entry j)."""
+    """Consecutive blocks with the feed-forward kinds `ffns` (e.g. ("mlp", "mlp", "moe")) and attention
+    windows `windows` (() : none), scanned as one unit when (kind, window) repeat every len(ffns) layers.
+    Parameters are `block_{j}/...`; the cache entries carry a leading [len(ffns)] dimension (block j reads
+    entry j)."""
 
     cfg: ModelConfig
     ffns: tuple[str, ...]
     cross: bool = False
+    windows: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, inputs: StackInputs, cache: dict | None = None) -> tuple[jax.Array, Any]:
         caches, aux = [], {}
-        for j, ffn in enumerate(self.ffns):
+        windows = self.windows or (0,) * len(self.ffns)
+        for j, (ffn, window) in enumerate(zip(self.ffns, windows, strict=True)):
             c = None if cache is None else jax.tree.map(lambda a, j=j: a[j], cache)
-            x_BLD, (c, a) = Block(self.cfg, ffn, self.cross, name=f"block_{j}")(x_BLD, inputs, c)
+            x_BLD, (c, a) = Block(self.cfg, ffn, self.cross, window, name=f"block_{j}")(x_BLD, inputs, c)
             caches.append(c)
             aux.update(a)
         new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
@@ -107,18 +125,19 @@ class BlockGroup(nn.Module):
 
 def stack_unit(cfg: ModelConfig, cross: bool = False, n_layers: int | None = None) -> tuple[nn.Module, int]:
     """(the repeated unit, how many) for a stack of `n_layers` (default `model.n_layers`): a `Block` per layer
-    when every layer has the same feed-forward kind, else a `BlockGroup` of the repeating pattern (MoE every
-    k-th layer: k - 1 dense blocks, then MoE)."""
+    when every layer has the same feed-forward kind and attention window, else a `BlockGroup` of the
+    repeating pattern (MoE every k-th layer: k - 1 dense blocks, then MoE; local/global attention)."""
     n = cfg.n_layers if n_layers is None else n_layers
-    kinds = layer_kinds(cfg, n)
+    kinds = tuple(zip(layer_kinds(cfg, n), layer_windows(cfg, n), strict=True))
     period = next(p for p in range(1, n + 1) if n % p == 0 and kinds == kinds[:p] * (n // p))
     if period == 1:
-        return Block(cfg, kinds[0], cross), n
-    return BlockGroup(cfg, kinds[:period], cross), n // period
+        return Block(cfg, kinds[0][0], cross, kinds[0][1]), n
+    ffns, windows = zip(*kinds[:period], strict=True)
+    return BlockGroup(cfg, tuple(ffns), cross, tuple(windows) if any(windows) else ()), n // period
 
 
 def _unit_fields(unit: nn.Module) -> dict[str, Any]:
-    return {f: getattr(unit, f) for f in ("cfg", "ffn", "ffns", "cross") if hasattr(unit, f)}
+    return {f: getattr(unit, f) for f in ("cfg", "ffn", "ffns", "cross", "window", "windows") if hasattr(unit, f)}
 
 
 def run_units(unit: nn.Module, stacked_params: Any, x_BLD: jax.Array, inputs: StackInputs, cache: dict | None = None,

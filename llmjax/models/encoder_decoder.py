@@ -69,12 +69,12 @@ class EncoderDecoder(nn.Module):
         enc_x = None
         embed, pos_embed = make_embeddings(cfg)
         if enc_tokens_BS is not None:
-            x = embed_tokens(embed, pos_embed, enc_tokens_BS, enc_positions_BS)
+            x = embed_tokens(embed, pos_embed, enc_tokens_BS, enc_positions_BS, cfg.scale_embeddings)
             unit, n = stack_unit(cfg, n_layers=cfg.encoder_layers)
             inputs = StackInputs(enc_positions_BS, MaskSpec.self_attention(enc_segment_ids_BS, causal=False))
             x, _, aux = layer_stack(self, "encoder", unit, n, x, inputs)
             enc_x = make_norm(cfg, "encoder_norm")(x)
-        y = embed_tokens(embed, pos_embed, dec_tokens_BL, dec_positions_BL)
+        y = embed_tokens(embed, pos_embed, dec_tokens_BL, dec_positions_BL, cfg.scale_embeddings)
         unit, n = stack_unit(cfg, cross=True)
         if cache is None:
             mask, layer_cache = MaskSpec.self_attention(dec_segment_ids_BL, causal=True), None

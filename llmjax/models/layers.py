@@ -73,21 +73,29 @@ class Linear(nn.Module):
         return y.astype(self.output_dtype or self.compute_dtype)
 
 
+def _scale_init(offset: float) -> Initializer:
+    """A norm's scale starts at 1 - offset, so that (offset + scale) = 1: the identity."""
+    return nn.initializers.constant(1.0 - offset)
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last axis, computed in float32."""
+    """Root-mean-square norm over the last axis, computed in float32, times (scale_offset + scale)."""
 
     eps: float = 1e-5
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scale_offset: float = 0.0  # Gemma: 1 (the stored scale is the deviation from 1)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+            "scale", nn.with_logical_partitioning(_scale_init(self.scale_offset), ("norm",)), (x.shape[-1],),
+            self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.compute_dtype)
+        factor = scale.astype(jnp.float32) + self.scale_offset if self.scale_offset else scale.astype(jnp.float32)
+        return (y * factor).astype(self.compute_dtype)
 
 
 class LayerNorm(nn.Module):
@@ -96,23 +104,27 @@ class LayerNorm(nn.Module):
     eps: float = 1e-5
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scale_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        ones, zeros = nn.initializers.ones, nn.initializers.zeros
+        ones, zeros = _scale_init(self.scale_offset), nn.initializers.zeros
         scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (d,), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.compute_dtype)
+        factor = scale.astype(jnp.float32) + self.scale_offset
+        return (y * factor + bias.astype(jnp.float32)).astype(self.compute_dtype)
 
 
-def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
-    cls = RMSNorm if cfg.norm == "rmsnorm" else LayerNorm
-    return cls(eps=cfg.norm_eps, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype), name=name)
+def make_norm(cfg: ModelConfig, name: str, kind: str | None = None) -> nn.Module:
+    """The norm `kind` (default `model.norm`) with the model's epsilon, dtypes and `norm_scale_offset`."""
+    cls = RMSNorm if (kind or cfg.norm) == "rmsnorm" else LayerNorm
+    return cls(eps=cfg.norm_eps, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
+               scale_offset=cfg.norm_scale_offset, name=name)
 
 
 class Embed(nn.Module):

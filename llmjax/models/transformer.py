@@ -56,9 +56,13 @@ def make_embeddings(cfg: ModelConfig) -> tuple[Embed, Embed | None]:
     return embed, pos
 
 
-def embed_tokens(embed: Embed, pos_embed: Embed | None, tokens_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
-    """Token embeddings (+ learned positions) [B, L, D], sharded ("act_batch", "act_length", "act_embed")."""
+def embed_tokens(embed: Embed, pos_embed: Embed | None, tokens_BL: jax.Array, positions_BL: jax.Array,
+                 scale: bool = False) -> jax.Array:
+    """Token embeddings (x sqrt(D) with `scale`, `model.scale_embeddings`) (+ learned positions) [B, L, D],
+    sharded ("act_batch", "act_length", "act_embed")."""
     x = embed(tokens_BL)
+    if scale:  # the multiplier rounded to the activations' dtype, as Gemma does
+        x = x * jnp.asarray(embed.features ** 0.5, x.dtype)
     if pos_embed is not None:
         x = x + pos_embed(positions_BL)
     return constrain(x, ("act_batch", "act_length", "act_embed"))
@@ -72,13 +76,16 @@ def output_logits(cfg: ModelConfig, x_BLD: jax.Array, embed: Embed, norm_name: s
 
 
 def project_to_vocab(cfg: ModelConfig, x: jax.Array, embed: Embed) -> jax.Array:
-    """Inside a compact method: final-norm hidden states [B, L, D] -> logits [B, L, V] float32."""
+    """Inside a compact method: final-norm hidden states [B, L, D] -> logits [B, L, V] float32
+    (soft-capped to c tanh(z / c) with `model.logit_softcap` = c > 0)."""
     if cfg.tie_embeddings:
         logits = embed.attend(x)
     else:
         logits = Linear((cfg.vocab_size,), ("embed", "vocab"), init_std=cfg.init_std,
                         compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
                         output_dtype=jnp.float32, name="lm_head")(x)
+    if cfg.logit_softcap > 0:
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
     return constrain(logits, LOGITS)
 
 
@@ -160,7 +167,7 @@ class Transformer(nn.Module):
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         embed, pos_embed = make_embeddings(cfg)
-        x = embed_tokens(embed, pos_embed, tokens_BL, positions_BL)
+        x = embed_tokens(embed, pos_embed, tokens_BL, positions_BL, cfg.scale_embeddings)
         unit, n_units = stack_unit(cfg)
         if cache is None:
             mask, layer_cache = MaskSpec.self_attention(segment_ids_BL, self.causal), None

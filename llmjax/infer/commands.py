@@ -202,7 +202,7 @@ def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmjax.data.module import DataModule
+    from llmjax.data.select import open_data
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
@@ -211,7 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmjax.train.data_state import latest_saved_shares
 
     # the run's data shares, so the validation batches are the ones the trainer evaluated
-    data = DataModule(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
+    data = open_data(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
     n = args.batches or cfg.eval.batches or 16
     if args.split == "validation":
         batches = []

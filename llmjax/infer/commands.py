@@ -60,12 +60,21 @@ class Loaded:
         self.family = build_family(self.cfg.model)
         self.abstract = model_abstract_params(self.cfg.model)
         abstract = self.abstract.placed(self.mesh, self.rules)
-        ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
-        try:
-            self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
-                self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
-        finally:
-            ckpt.close()
+        self.adapters = self.lora = None
+        if self.cfg.lora.rank > 0:  # adapters in the checkpoint, the base behind its pointer: merged
+            from llmjax.train.init_from import restore_lora_model
+
+            self.step, self.params, self.adapters, self.lora = restore_lora_model(
+                self.cfg, self.workdir, self.mesh, self.rules, self.abstract,
+                lambda step_dir, shapes, logical: check_matches(self.cfg.model, step_dir, shapes, logical,
+                                                                str(cfg_path)))
+        else:
+            ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
+            try:
+                self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
+                    self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
+            finally:
+                ckpt.close()
         print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)
 
     def tokenizer(self) -> Any:

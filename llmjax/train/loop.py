@@ -21,8 +21,8 @@ import numpy as np
 from llmjax import runlog
 from llmjax.config import Config, ConfigError, config_warnings, to_dict
 from llmjax.data.module import DataModule
-from llmjax.data.select import open_data
 from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
+from llmjax.data.select import open_data
 from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models.roles import decay_mask, describe_decay
@@ -247,6 +247,9 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         if note:
             log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
 
+    prepare = getattr(data, "prepare", None)  # data that needs the starting model (dpo: reference log-probs)
+    if prepare is not None:
+        prepare(workdir, setup.reference_logprobs(state) if restored is None else None, log)
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")

@@ -183,8 +183,9 @@ class LoraPlan:
     def describe(self) -> str:
         n = sum(_size(t.a_shape(self.cfg.rank)) + _size(t.b_shape(self.cfg.rank)) for t in self.targets)
         names = ", ".join("/".join(t.path[:-1]) for t in self.targets)
-        return (f"LoRA rank {self.cfg.rank}, alpha {self.cfg.alpha} (scale {self.scale:g}), dropout {self.cfg.dropout}: "
-                f"{n:,} adapter parameters on {len(self.targets)} matrices ({names}); base weights frozen")
+        return (f"LoRA rank {self.cfg.rank}, alpha {self.cfg.alpha} (scale {self.scale:g}), dropout "
+                f"{self.cfg.dropout}: {n:,} adapter parameters on {len(self.targets)} matrices ({names}); base "
+                "weights frozen")
 
 
 def _size(shape: tuple[int, ...]) -> int:

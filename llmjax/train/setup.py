@@ -25,6 +25,7 @@ from llmjax.models.roles import param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
+from llmjax.train.dpo import training_family
 from llmjax.train.lora import LoraPlan
 from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
@@ -143,6 +144,14 @@ class Setup:
             return state.params
         return self._jit_merge(state.frozen, state.params)
 
+    def reference_logprobs(self, state: TrainState) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """This process's rows of a batch -> [B, 2] reference log-probabilities of the global batch under the
+        model parameters of `state` (train.objective=dpo, `llmjax.train.dpo`)."""
+        params = self.model_params(state)
+        fn = jax.jit(self._in_mesh_context(lambda p, b: self.family.reference_logprobs(self.model, p, b)),
+                     out_shardings=replicated(self.mesh))
+        return lambda rows: np.asarray(jax.device_get(fn(params, self.put_batch(rows))))
+
     @functools.cached_property
     def _jit_merge(self) -> Callable[[Any, Any], Any]:
         return jax.jit(self._in_mesh_context(lambda f, p: self.lora.merge(f, p)),
@@ -167,16 +176,21 @@ class Setup:
             donate_argnums=(0,),
         )
 
-    def jit_gradients(self) -> Callable[[Any, Batch], tuple[Any, dict]]:
-        """params, batch -> (gradient of the mean token loss, metrics), sharded like the params."""
+    def jit_gradients(self) -> Callable[..., tuple[Any, dict]]:
+        """(params, batch[, frozen]) -> (gradient of the mean token loss, metrics), sharded like the trained
+        params. With LoRA `params` are the adapters and `frozen` the base (`TrainState.frozen`); no dropout."""
         o = self.cfg.optim
 
-        def gradients(params: Any, batch: Batch) -> tuple[Any, dict]:
-            return batch_gradients(self.family, self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps)
+        def gradients(params: Any, batch: Batch, frozen: Any = None) -> tuple[Any, dict]:
+            return batch_gradients(self.family, self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps,
+                                   frozen=frozen, model_params=self.merge_fn())
 
+        shardings = (self.state_shardings.params, self.batch_sharding)
+        if self.lora is not None:
+            shardings = (*shardings, self.state_shardings.frozen)
         return jax.jit(
             self._in_mesh_context(gradients),
-            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            in_shardings=shardings,
             out_shardings=(self.state_shardings.params, replicated(self.mesh)),
         )
 
@@ -235,7 +249,7 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     """Mesh, rules, family, model, optimizer and every sharding for `cfg` (validated beforehand)."""
     mesh = build_mesh(cfg.mesh, devices)
     rules = make_rules(cfg.mesh.rules, dict(mesh.shape), cfg.model.n_kv_heads)
-    family = build_family(cfg.model)
+    family = training_family(cfg)  # the model family, or a training objective over it (dpo)
     model = family.module(pipeline_schedule(cfg, mesh.shape["pipeline"]))
     params = abstract_params(family, cfg.data.seq_len)
     lora, trained = None, params

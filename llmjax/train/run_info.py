@@ -98,7 +98,6 @@ def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
 
 def build_run_info(cfg: Config, compiled: Any, data: Any, devices: int) -> dict[str, Any]:
     """The run_info.json record (module docstring) of `cfg`'s compiled train step on `devices` devices."""
-    from llmjax.models.families import build_family
 
     per_device = xla_flops(compiled)
     from llmjax.train.dpo import training_family

@@ -217,6 +217,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     loaded = Loaded(args.workdir)
     cfg = loaded.cfg
+    if cfg.train.objective == "dpo":
+        raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective=dpo run: its validation metrics (DPO "
+                          "loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` measures language "
+                          "modelling")
     from llmjax.train.data_state import latest_saved_shares
 
     # the run's data shares, so the validation batches are the ones the trainer evaluated

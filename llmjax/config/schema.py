@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from llmjax.config.fields import INT32_MAX, option, section
 from llmjax.config.rope import RopeScalingConfig
+from llmjax.config.post import DPOConfig, LoraConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
@@ -171,7 +172,10 @@ class DataConfig:
     tokenizer_train_bytes: int = option(20_000_000, "bytes of the corpus the tokenizer is trained on", gt=0,
                                         le=2**62)
     add_bos: bool | None = option(None, "start every document with BOS; null: the tokenizer's own convention")
-    packing: Literal["concat", "best_fit"] = option("concat", "concatenate-and-split, or best-fit bins (padding)")
+    chat_template: str | None = option(None, "train.objective=sft/dpo: a Jinja chat template file; null: the "
+                                             "tokenizer's own (tokenizer_config.json / chat_template.jinja)")
+    packing: Literal["concat", "best_fit"] = option("concat", "concatenate-and-split, or best-fit bins (padding); "
+                                                    "sft: always best-fit (conversations are never split)")
     packing_bins: int = option(16, "best_fit: rows open at once", ge=1)
     shuffle: bool = option(True, "documents in a new random order each epoch, and rows within shuffle_window")
     shuffle_window: int = option(256, "packed rows shuffled together (0 or 1: no row shuffle)", ge=0)
@@ -254,6 +258,11 @@ class TrainConfig:
                                 "follows train.steps; 0: run to train.steps", ge=0)
     profile_steps: list[int] = option(factory=list, doc="[start, stop): a jax.profiler trace of steps start .. "
                                       "stop-1 in WORKDIR/profile; []: off")
+    objective: Literal["lm", "sft", "dpo"] = option(
+        "lm", "lm: the family's pre-training objective on text; sft: chat/prompt-completion JSONL through the "
+        "chat template, loss on assistant tokens; dpo: preference pairs (dpo.*)")
+    init_from: str | None = option(None, "start from the newest checkpoint's parameters of this workdir (a run or "
+                                         "`convert from-hf`); with lora.rank > 0 it is the frozen base")
 
 
 @dataclasses.dataclass
@@ -335,6 +344,8 @@ class Config:
     sample: SampleConfig = section(SampleConfig, "end-of-run samples")
     log: LogConfig = section(LogConfig, "experiment tracking (Weights & Biases)")
     distributed: DistributedConfig = section(DistributedConfig, "multi-process runtime")
+    lora: LoraConfig = section(LoraConfig, "low-rank adapters (lora.rank > 0)")
+    dpo: DPOConfig = section(DPOConfig, "direct preference optimisation (train.objective=dpo)")
 
 
 def choices(cls: type, name: str) -> tuple[Any, ...]:

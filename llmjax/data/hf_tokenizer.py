@@ -147,6 +147,12 @@ class HFTokenizer(Tokenizer):
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """One text (special tokens in it are matched, no BOS/EOS added) -> (ids, [(start, end)] character
+        offsets of each token in `text`), for masks over parts of a rendered chat (`llmjax.data.chat`)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
     def decode(self, ids: Sequence[int] | Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 

@@ -60,12 +60,21 @@ class Loaded:
         self.family = build_family(self.cfg.model)
         self.abstract = model_abstract_params(self.cfg.model)
         abstract = self.abstract.placed(self.mesh, self.rules)
-        ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
-        try:
-            self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
-                self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
-        finally:
-            ckpt.close()
+        self.adapters = self.lora = None
+        if self.cfg.lora.rank > 0:  # adapters in the checkpoint, the base behind its pointer: merged
+            from llmjax.train.init_from import restore_lora_model
+
+            self.step, self.params, self.adapters, self.lora = restore_lora_model(
+                self.cfg, self.workdir, self.mesh, self.rules, self.abstract,
+                lambda step_dir, shapes, logical: check_matches(self.cfg.model, step_dir, shapes, logical,
+                                                                str(cfg_path)))
+        else:
+            ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
+            try:
+                self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
+                    self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
+            finally:
+                ckpt.close()
         print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)
 
     def tokenizer(self) -> Any:
@@ -236,16 +245,20 @@ def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmjax.data.module import DataModule
+    from llmjax.data.select import open_data
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     loaded = Loaded(args.workdir)
     cfg = loaded.cfg
+    if cfg.train.objective == "dpo":
+        raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective=dpo run: its validation metrics (DPO "
+                          "loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` measures language "
+                          "modelling")
     from llmjax.train.data_state import latest_saved_shares
 
     # the run's data shares, so the validation batches are the ones the trainer evaluated
-    data = DataModule(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
+    data = open_data(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
     n = args.batches or cfg.eval.batches or 16
     if args.split == "validation":
         batches = []

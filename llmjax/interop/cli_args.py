@@ -25,5 +25,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     t.add_argument("workdir", metavar="WORKDIR", help="a training run directory")
     t.add_argument("hf_dir", metavar="HF_DIR", help="output directory (created; must be empty)")
     t.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: model.param_dtype)")
+    t.add_argument("--merge-lora", action="store_true",
+                   help="LoRA workdir: write the merged weights (base + adapters) as a plain model; without it the "
+                        "adapters alone are written in the PEFT layout")
     t.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB, 2GiB or bytes (default: 5GB)")

@@ -18,6 +18,9 @@ added as the tokenizer's config says (`add_bos_token`, else its post-processor).
 to-hf writes the newest checkpoint's parameters as the Hugging Face model of its family
 (`llmjax.interop.hf_families`) that `transformers` loads (`from_pretrained`), with the tokenizer
 files, the special-token ids in config.json and a generation_config.json (`hf_tokens`).
+A LoRA workdir (lora.rank > 0) exports its adapters alone in the PEFT layout
+(`llmjax.interop.peft`), or with `--merge-lora` the merged weights W + (alpha / rank) A B as a
+plain model.
 """
 
 from __future__ import annotations
@@ -174,6 +177,19 @@ def to_hf(args: argparse.Namespace) -> int:
 
     loaded = Loaded(workdir)
     cfg = loaded.cfg
+    if args.merge_lora and loaded.lora is None:
+        raise ConfigError(f"--merge-lora: {workdir} is not a LoRA run (lora.rank=0): its weights are exported as they "
+                          "are without the flag")
+    if loaded.lora is not None and not args.merge_lora:  # the adapters alone, PEFT layout
+        from llmjax.interop.peft import save_adapters
+        from llmjax.train.init_from import read_pointer
+
+        base = (read_pointer(workdir) or {}).get("init_from")
+        files = save_adapters(cfg.model, cfg.lora, loaded.lora, loaded.adapters, hf_dir, base, args.dtype)
+        log(f"wrote the LoRA adapters (step {loaded.step}, PEFT layout) to {hf_dir}: {', '.join(files)}; base "
+            f"{base or 'the random init of seed ' + str(cfg.seed)} (export it with `convert to-hf`, or pass "
+            "--merge-lora for merged weights)")
+        return 0
     if cfg.model.moe.enabled and cfg.model.moe.capacity_factor > 0:
         log(f"note: model.moe.capacity_factor={cfg.model.moe.capacity_factor} drops tokens over capacity; "
             "transformers' Mixtral routes every token (dropless), so its outputs can differ where tokens were dropped")

@@ -22,6 +22,7 @@ from llmjax import runlog
 from llmjax.config import Config, ConfigError, config_warnings, to_dict
 from llmjax.data.module import DataModule
 from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
+from llmjax.data.select import open_data
 from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models.roles import decay_mask, describe_decay
@@ -31,6 +32,7 @@ from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.compat import check_matches
 from llmjax.train.data_state import latest_saved_shares
+from llmjax.train.init_from import load_base
 from llmjax.train.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
 from llmjax.train.optim import current_lr
 from llmjax.train.peak import peak_info
@@ -138,7 +140,7 @@ def check_run(cfg: Config, workdir: Any, setup: Setup, data: DataModule) -> int:
     the checkpoint it would resume from must match, and the train and eval steps must compile."""
     newest = _newest_step_dir(workdir / "checkpoints")
     if newest is not None:
-        check_matches(cfg.model, newest, setup.abstract_state.params, setup.params.logical, "the config")
+        check_matches(cfg.model, newest, setup.abstract_state.params, setup.trained.logical, "the config")
         log(f"would resume from {newest} (its parameter shapes match)")
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
@@ -174,8 +176,8 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     # Each process reads only the rows of every global batch that its devices hold; a resumed run
     # keeps the checkpoint's data shares (unless data.shares says otherwise).
     shares = latest_saved_shares(workdir / "checkpoints")
-    data = DataModule(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count(),
-                      tokenizer=run_tokenizer(cfg, workdir), shares=shares)
+    data = open_data(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count(),
+                     tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary and not check_only:
         if not has_copy(workdir):
@@ -189,7 +191,9 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
         f"{active}; {fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     if setup.schedule is not None:
         log(setup.schedule.describe())
-    log(describe_decay(setup.params.roles, decay_mask(setup.params.roles, cfg.optim.decay_embeddings)))
+    log(describe_decay(setup.trained.roles, decay_mask(setup.trained.roles, cfg.optim.decay_embeddings)))
+    if setup.lora is not None:
+        log(setup.lora.describe())
     if check_only:
         return check_run(cfg, workdir, setup, data)
 
@@ -226,19 +230,26 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     """Restore or initialise, then the step loop (see the module docstring). Returns the exit status."""
     primary, multi = jax.process_index() == 0, jax.process_count() > 1
     peak, peak_reliable = peak_and_reliable
-    restored = ckpt.restore_latest(setup.abstract_state, check=lambda step_dir: check_matches(
-        cfg.model, step_dir, setup.abstract_state.params, setup.params.logical, "the config"),
+    restored = ckpt.restore_latest(setup.checkpoint_abstract_state, check=lambda step_dir: check_matches(
+        cfg.model, step_dir, setup.abstract_state.params, setup.trained.logical, "the config"),
         data_shares=data.local_shares)
+    base, base_record = load_base(cfg, setup, workdir, resuming=restored is not None)  # train.init_from
     if restored is None:
-        state, start = setup.init_state(), 0
+        state, start = setup.init_state(base), 0
         iterator = data.train_iterator()
+        if cfg.train.init_from:
+            log(f"initialised from {base_record['init_from']} (checkpoint {base_record['step']})")
     else:
         start, state, data_state = restored
+        state = setup.attach_frozen(state, base)  # LoRA: the base is not in the checkpoint
         iterator, note = data.restore_iterator(data_state, start)
         log(f"resumed from {ckpt.directory / str(start)}")
         if note:
             log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
 
+    prepare = getattr(data, "prepare", None)  # data that needs the starting model (dpo: reference log-probs)
+    if prepare is not None:
+        prepare(workdir, setup.reference_logprobs(state) if restored is None else None, log)
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
@@ -283,19 +294,20 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     def run_eval(step: int) -> None:
         if cfg.eval.every_steps <= 0:
             return
-        metrics = evaluate(setup, eval_step, state.params, data)
+        metrics = evaluate(setup, eval_step, setup.model_params(state), data)
         writer.write(step, metrics, kind="eval")
         extra = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl"))
         say(f"step {step}: eval_loss {metrics['eval_loss']:.4f}{extra}")
         if task_eval is not None:
-            scores = task_eval(state.params)
+            scores = task_eval(setup.model_params(state))
             writer.write(step, scores, kind="tasks")
             say(f"step {step}: {task_eval.summary(scores)}")
 
     def save(step: int) -> None:
         nonlocal last_saved
         if step != last_saved:
-            ckpt.save(step, state, {**iterator.get_state(), "model": to_dict(cfg.model)})
+            ckpt.save(step, setup.checkpoint_state(state), {**iterator.get_state(), "model": to_dict(cfg.model),
+                                                            "base": base_record})
             writer.sync()
             last_saved = step
 
@@ -365,7 +377,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     elif status == EXIT_OK and end < steps:
         log(f"stopped after step {end} of {steps} (train.stop_after): checkpoint {end} in {ckpt.directory}")
     elif status == EXIT_OK:
-        show_samples(cfg, setup, state.params, data)
+        show_samples(cfg, setup, setup.model_params(state), data)
     writer.close()
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
     return status

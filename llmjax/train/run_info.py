@@ -78,6 +78,8 @@ def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
     A collective when several processes run: every process must call it."""
     from llmjax.models.families import batch_from_dict, build_family
 
+    if cfg.train.objective == "dpo":  # bits per byte measures language modelling, not preference pairs
+        return None
     batch_type = build_family(cfg.model).batch_type
     nbytes = data.tokenizer.model_token_bytes(cfg.model.vocab_size)
     total = np.zeros(2, np.float64)  # [bytes, weight]
@@ -94,10 +96,11 @@ def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
 
 def build_run_info(cfg: Config, compiled: Any, data: Any, devices: int) -> dict[str, Any]:
     """The run_info.json record (module docstring) of `cfg`'s compiled train step on `devices` devices."""
-    from llmjax.models.families import build_family
 
     per_device = xla_flops(compiled)
-    tokens_per_step = cfg.train.batch_size * build_family(cfg.model).tokens_per_example(cfg.data.seq_len)
+    from llmjax.train.dpo import training_family
+
+    tokens_per_step = cfg.train.batch_size * training_family(cfg).tokens_per_example(cfg.data.seq_len)
     caveats = xla_flops_caveats(cfg)
     return {
         "flops_per_token_formula": flops_per_token(cfg.model, cfg.data.seq_len),

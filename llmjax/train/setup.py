@@ -9,6 +9,7 @@ whole model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ from llmjax.models.roles import param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
+from llmjax.train.dpo import training_family
+from llmjax.train.lora import LoraPlan
 from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
 
@@ -75,7 +78,13 @@ class Setup:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
     batch_sharding: NamedSharding
-    params: AbstractParams
+    params: AbstractParams  # the model's
+    lora: LoraPlan | None = None  # lora.rank > 0: the optimizer trains adapters, the model's params are frozen
+    trained: AbstractParams | None = None  # what TrainState.params holds (the adapters' with LoRA)
+
+    def __post_init__(self) -> None:
+        if self.trained is None:
+            self.trained = self.params
 
     @property
     def param_logical_specs(self) -> Any:
@@ -91,13 +100,62 @@ class Setup:
         """The model without a pipeline schedule (same parameters), for decoding."""
         return self.family.module()
 
-    def init_state(self) -> TrainState:
-        """Fresh, sharded train state from `cfg.seed` (same values whatever the mesh)."""
-        init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-        return init(jax.random.PRNGKey(self.cfg.seed))
+    def init_state(self, base: Any = None) -> TrainState:
+        """Fresh, sharded train state from `cfg.seed` (same values whatever the mesh). `base`: the model's
+        parameters to start from (`train.init_from`, sharded like `params`) instead of a random init."""
+        if base is None:
+            init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+            return init(jax.random.PRNGKey(self.cfg.seed))
+        init = jax.jit(self._init_from_fn, out_shardings=self.state_shardings, donate_argnums=(1,))
+        return init(jax.random.PRNGKey(self.cfg.seed), base)
 
     def _init_fn(self, rng: jax.Array) -> TrainState:
-        return _fresh_state(self.cfg, self.family, self.model, self.tx, rng)
+        return _fresh_state(self.cfg, self.family, self.model, self.tx, rng, self.lora)
+
+    def _init_from_fn(self, rng: jax.Array, base: Any) -> TrainState:
+        return _fresh_state(self.cfg, self.family, self.model, self.tx, rng, self.lora, base)
+
+    # ------------------------------------------------------------------ LoRA (frozen base) helpers
+    @property
+    def checkpoint_abstract_state(self) -> TrainState:
+        """What a checkpoint holds: the train state without the frozen parameters."""
+        return self.abstract_state.replace(frozen=None)
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return state.replace(frozen=None)
+
+    def attach_frozen(self, state: TrainState, base: Any = None) -> TrainState:
+        """A restored checkpoint's state with the frozen base put back: `base` (train.init_from), else the
+        random base of `cfg.seed` (as `init_state` drew it). Without LoRA: `state` unchanged."""
+        if self.lora is None:
+            return state
+        if base is None:
+            base = jax.jit(lambda r: _init_params(self.cfg, self.family, self.model, jax.random.split(r)[0]),
+                           out_shardings=self.state_shardings.frozen)(jax.random.PRNGKey(self.cfg.seed))
+        return state.replace(frozen=base)
+
+    def merge_fn(self) -> Callable[[Any, Any, jax.Array | None], Any] | None:
+        """(frozen, trained, rng) -> the model's parameters (LoRA's merge), or None without LoRA."""
+        return None if self.lora is None else (lambda base, adapters, rng: self.lora.merge(base, adapters, rng))
+
+    def model_params(self, state: TrainState) -> Any:
+        """The model's parameters of a train state (LoRA: base + adapters merged, sharded like the base)."""
+        if self.lora is None:
+            return state.params
+        return self._jit_merge(state.frozen, state.params)
+
+    def reference_logprobs(self, state: TrainState) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """This process's rows of a batch -> [B, 2] reference log-probabilities of the global batch under the
+        model parameters of `state` (train.objective=dpo, `llmjax.train.dpo`)."""
+        params = self.model_params(state)
+        fn = jax.jit(self._in_mesh_context(lambda p, b: self.family.reference_logprobs(self.model, p, b)),
+                     out_shardings=replicated(self.mesh))
+        return lambda rows: np.asarray(jax.device_get(fn(params, self.put_batch(rows))))
+
+    @functools.cached_property
+    def _jit_merge(self) -> Callable[[Any, Any], Any]:
+        return jax.jit(self._in_mesh_context(lambda f, p: self.lora.merge(f, p)),
+                       out_shardings=self.state_shardings.frozen)
 
     def _in_mesh_context(self, fn: Callable) -> Callable:
         def wrapped(*args):
@@ -109,7 +167,8 @@ class Setup:
     def jit_train_step(self) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
         """Jitted train step: state donated, batch sharded over (data, fsdp), metrics replicated."""
         o = self.cfg.optim
-        step = make_train_step(self.family, self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps)
+        step = make_train_step(self.family, self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps,
+                               self.merge_fn())
         return jax.jit(
             self._in_mesh_context(step),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -117,23 +176,29 @@ class Setup:
             donate_argnums=(0,),
         )
 
-    def jit_gradients(self) -> Callable[[Any, Batch], tuple[Any, dict]]:
-        """params, batch -> (gradient of the mean token loss, metrics), sharded like the params."""
+    def jit_gradients(self) -> Callable[..., tuple[Any, dict]]:
+        """(params, batch[, frozen]) -> (gradient of the mean token loss, metrics), sharded like the trained
+        params. With LoRA `params` are the adapters and `frozen` the base (`TrainState.frozen`); no dropout."""
         o = self.cfg.optim
 
-        def gradients(params: Any, batch: Batch) -> tuple[Any, dict]:
-            return batch_gradients(self.family, self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps)
+        def gradients(params: Any, batch: Batch, frozen: Any = None) -> tuple[Any, dict]:
+            return batch_gradients(self.family, self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps,
+                                   frozen=frozen, model_params=self.merge_fn())
 
+        shardings = (self.state_shardings.params, self.batch_sharding)
+        if self.lora is not None:
+            shardings = (*shardings, self.state_shardings.frozen)
         return jax.jit(
             self._in_mesh_context(gradients),
-            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            in_shardings=shardings,
             out_shardings=(self.state_shardings.params, replicated(self.mesh)),
         )
 
     def jit_eval_step(self) -> Callable[[Any, Batch], dict]:
+        """eval_step(the model's parameters (`model_params`), batch) -> the family's evaluation sums."""
         return jax.jit(
             self._in_mesh_context(make_eval_step(self.family, self.model)),
-            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            in_shardings=(self.params.shardings(self.mesh, self.rules), self.batch_sharding),
             out_shardings=replicated(self.mesh),
         )
 
@@ -153,12 +218,24 @@ class Setup:
             for k, (s, d) in shapes.items()})
 
 
+def _init_params(cfg: Config, family: ModelFamily, model: nn.Module, rng: jax.Array) -> Any:
+    return nn.meta.unbox(model.init(rng, *family.init_args(cfg.data.seq_len))["params"])
+
+
+LORA_INIT_KEY = 0x10A0  # folded into the parameter key for the adapters' initialisation
+
+
 def _fresh_state(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation,
-                 rng: jax.Array) -> TrainState:
+                 rng: jax.Array, lora: LoraPlan | None = None, base: Any = None) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
-    params = nn.meta.unbox(model.init(params_rng, *family.init_args(cfg.data.seq_len))["params"])
+    if base is None:
+        base = _init_params(cfg, family, model, params_rng)
+    params, frozen = base, None
+    if lora is not None:
+        params = lora.init(jax.random.fold_in(params_rng, LORA_INIT_KEY), jax.numpy.dtype(cfg.model.param_dtype))
+        frozen = base
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng)
+                      rng=state_rng, frozen=frozen)
 
 
 def pipeline_schedule(cfg: Config, stages: int) -> Schedule | None:
@@ -172,21 +249,27 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     """Mesh, rules, family, model, optimizer and every sharding for `cfg` (validated beforehand)."""
     mesh = build_mesh(cfg.mesh, devices)
     rules = make_rules(cfg.mesh.rules, dict(mesh.shape), cfg.model.n_kv_heads)
-    family = build_family(cfg.model)
+    family = training_family(cfg)  # the model family, or a training objective over it (dpo)
     model = family.module(pipeline_schedule(cfg, mesh.shape["pipeline"]))
     params = abstract_params(family, cfg.data.seq_len)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, params.roles)
+    lora, trained = None, params
+    if cfg.lora.rank > 0:
+        lora = LoraPlan(cfg.lora, params.shapes, params.logical, params.roles)
+        trained = AbstractParams(lora.abstract(np.dtype(cfg.model.param_dtype)), lora.logical(), lora.roles())
+    tx = make_optimizer(cfg.optim, cfg.train.steps, trained.roles)
     repl = replicated(mesh)
-    param_shardings = params.shardings(mesh, rules)
-    state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r), jax.random.PRNGKey(0))
+    param_shardings = trained.shardings(mesh, rules)
+    state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r, lora), jax.random.PRNGKey(0))
     state_shardings = TrainState(
         step=repl,
         params=param_shardings,
         opt_state=opt_state_shardings(state_shape.opt_state, param_shardings, state_shape.params, repl),
         rng=repl,
+        frozen=None if lora is None else params.shardings(mesh, rules),
     )
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
     )
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
-    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params)
+    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params, lora,
+                 trained)

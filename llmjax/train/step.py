@@ -27,9 +27,10 @@ class TrainState(struct.PyTreeNode):
     """Everything a step changes. `rng` is a raw uint32[2] key so it checkpoints as an array."""
 
     step: jax.Array
-    params: Any
+    params: Any  # what the optimizer trains: the model's parameters, or LoRA adapters
     opt_state: Any
     rng: jax.Array
+    frozen: Any = None  # parameters the optimizer does not train (LoRA's base model); not checkpointed
 
 
 def split_microbatches(batch: Batch, n: int) -> Batch:
@@ -46,18 +47,30 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+# (frozen, trained params, rng or None) -> the model's parameters (LoRA: the merged weights)
+ModelParams = Callable[[Any, Any, "jax.Array | None"], Any]
+
+
 def batch_gradients(family: ModelFamily, model: nn.Module, params: Any, batch: Batch, z_loss: float,
-                    accum_steps: int, rng: jax.Array | None = None) -> tuple[Any, Metrics]:
+                    accum_steps: int, rng: jax.Array | None = None, frozen: Any = None,
+                    model_params: ModelParams | None = None, params_rng: jax.Array | None = None
+                    ) -> tuple[Any, Metrics]:
     """Gradient of the mean token loss over the whole batch, accumulated over microbatches.
 
     Returns (grads with the params' structure, the family's metrics + "tokens"). With `accum_steps`
     > 1 the microbatch gradients are summed in float32 and divided by the batch's total weight once,
     so the result equals the single-pass gradient (auxiliary statistics such as MoE router losses are
     then per-microbatch statistics, weighted by the microbatches' weights). `rng` feeds training
-    randomness (MoE router jitter); each microbatch folds in its index.
+    randomness (MoE router jitter); each microbatch folds in its index. With `model_params` the gradient
+    is taken with respect to `params` of the loss at `model_params(frozen, params, params_rng)` (LoRA:
+    the adapters, through the merged weights).
     """
     total_weight = jnp.maximum(jnp.sum(batch.weights), 1.0)
-    grad_fn = jax.grad(lambda p, b, r: family.loss(model, p, b, z_loss, r), has_aux=True)
+    if model_params is None:
+        grad_fn = jax.grad(lambda p, b, r: family.loss(model, p, b, z_loss, r), has_aux=True)
+    else:
+        grad_fn = jax.grad(lambda p, b, r: family.loss(model, model_params(frozen, p, params_rng), b, z_loss, r),
+                           has_aux=True)
     if accum_steps == 1:
         grads, sums = grad_fn(params, batch, rng)
     else:
@@ -78,13 +91,22 @@ def batch_gradients(family: ModelFamily, model: nn.Module, params: Any, batch: B
     return grads, {**family.metrics(sums, total_weight), "tokens": total_weight}
 
 
+PARAMS_KEY = 0x10A4  # folded into the step's key for `model_params` randomness (LoRA dropout)
+
+
 def make_train_step(family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation, z_loss: float,
-                    accum_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """train_step(state, batch) -> (new state, metrics): one optimizer update on the global batch."""
+                    accum_steps: int, model_params: ModelParams | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """train_step(state, batch) -> (new state, metrics): one optimizer update on the global batch.
+    `model_params`: see `batch_gradients` (its rng: the step's key with `PARAMS_KEY` folded in)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step) if family.uses_rng else None
-        grads, metrics = batch_gradients(family, model, state.params, batch, z_loss, accum_steps, rng)
+        params_rng = None
+        if model_params is not None:
+            params_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), PARAMS_KEY)
+        grads, metrics = batch_gradients(family, model, state.params, batch, z_loss, accum_steps, rng,
+                                         state.frozen, model_params, params_rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)

@@ -77,6 +77,14 @@ class ModelConfig:
     use_bias: bool = option(False, "biases in the dense layers")
     tie_embeddings: bool = option(False, "the LM head reuses the token embedding table")
     init_std: float = option(0.02, "standard deviation of the normal weight initialisation", gt=0)
+    parametrization: Literal["standard", "mup"] = option(
+        "standard", "standard: init_std and optim.lr for every parameter; mup: maximal update parametrisation "
+        "(llmjax.models.mup), per-role init and learning-rate multipliers of the width d_model / mup_base_width, "
+        "attention logits scaled 1/head_dim")
+    mup_base_width: int = option(256, "mup: the width (d_model) at which mup equals standard parametrisation, "
+                                      "the one whose tuned init_std and optim.lr transfer", gt=0)
+    mup_base_head_dim: int = option(0, "mup: attention scale sqrt(mup_base_head_dim) / head_dim; 0: the head dim "
+                                       "at mup_base_width (head_dim if set, else mup_base_width // n_heads)", ge=0)
     compute_dtype: Dtype = option("bfloat16", "matmul input dtype (accumulation is float32)")
     param_dtype: Dtype = option("float32", "dtype the parameters are stored and updated in")
     remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = option(

@@ -21,6 +21,7 @@ from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.config.validate_data import validate_data
 from llmjax.kernels import attention_names, canonical_attention
+from llmjax.models import mup
 from llmjax.parallel.mesh import mesh_shape
 
 
@@ -102,6 +103,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         )
 
     _validate_moe(m)
+    mup.check(m, o.name)
 
     validate_data(cfg)
     if d.seq_len > m.max_seq_len:

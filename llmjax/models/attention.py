@@ -34,6 +34,7 @@ from flax import struct
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention
+from llmjax.models import mup
 from llmjax.models.layers import Linear, apply_rope, dtype
 from llmjax.parallel.rules import constrain, current_sharding
 
@@ -228,7 +229,8 @@ class Attention(nn.Module):
             v = constrain(jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start), cache_axes)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask, cfg.attention, blocks=Blocks(cfg.attention_block_q, cfg.attention_block_kv))
+        out = attend(q, k, v, mask, cfg.attention, scale=mup.attention_scale(cfg),
+                     blocks=Blocks(cfg.attention_block_q, cfg.attention_block_kv))
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out = Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)

@@ -33,7 +33,7 @@ AXIS_KEYS = {
 ARCHITECTURE_KEYS = (
     "family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "norm", "norm_eps",
     "position", "rope_theta", "mlp", "use_bias", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every",
-    "moe.shared_experts", "moe.score", "moe.renormalize",
+    "moe.shared_experts", "moe.score", "moe.renormalize", "parametrization", "mup_base_width", "mup_base_head_dim",
 )
 
 

@@ -19,8 +19,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from llmjax.config import Config, ModelConfig
+from llmjax.models import mup
 from llmjax.models.families import ModelFamily, batch_from_dict, build_family
-from llmjax.models.roles import param_roles
+from llmjax.models.roles import boxed_roles, param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
@@ -156,7 +157,8 @@ class Setup:
 def _fresh_state(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation,
                  rng: jax.Array) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
-    params = nn.meta.unbox(model.init(params_rng, *family.init_args(cfg.data.seq_len))["params"])
+    boxed = model.init(params_rng, *family.init_args(cfg.data.seq_len))["params"]
+    params = mup.scale_init(cfg.model, nn.meta.unbox(boxed), boxed_roles(boxed))
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
 
@@ -175,7 +177,7 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     family = build_family(cfg.model)
     model = family.module(pipeline_schedule(cfg, mesh.shape["pipeline"]))
     params = abstract_params(family, cfg.data.seq_len)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, params.roles)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, params.roles, mup.lr_multipliers(cfg.model, params.roles))
     repl = replicated(mesh)
     param_shardings = params.shardings(mesh, rules)
     state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r), jax.random.PRNGKey(0))

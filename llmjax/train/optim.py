@@ -57,7 +57,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule: '{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
-    peak = float(cfg.lr)
+    peak = cfg.lr if isinstance(cfg.lr, jax.Array) else float(cfg.lr)  # traced in a packed sweep's program
     final = peak * float(cfg.min_lr_ratio)
     warmup = warmup_steps(cfg, total_steps)
     start = _decay_start(cfg, total_steps)

@@ -88,3 +88,48 @@ def test_packing_refuses_points_of_different_shapes(tmp_path):
     with pytest.raises(ConfigError, match="model.d_model differs"):
         train_packed([a, b], [tmp_path / "a", tmp_path / "b"])
     assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_sweep_run_pack_cli(tmp_path):
+    """`sweep run --pack 2` on 2 shapes x 2 learning rates: one pack per shape (shapes never share one), each
+    point DONE with its own curve; collect lists all four; --pack 0 is a usage error."""
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import ROOT
+
+    from llmjax.scaling.runner import collect
+
+    overrides = tiny_train_overrides(small_corpus(tmp_path / "corpus")) + [
+        "checkpoint.every_steps=0", "sample.max_new_tokens=0"]
+    spec = {"name": "packed", "overrides": overrides, "grid": {"tokens": [4 * 8 * 32]},
+            "shapes": [{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64},
+                       {"d_model": 64, "n_layers": 1, "n_heads": 4, "d_ff": 128}],
+            "hyperparameters": {"optim.lr": [3e-3, 1e-2]}}
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "llmjax.cli", "sweep", "run", str(path), "--workdir",
+                               str(tmp_path / "w"), *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    bad = cli("--pack", "0")
+    assert bad.returncode == 2 and "--pack must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    dry = cli("--pack", "2", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("# pack of 2: ") == 2, dry.stdout
+    packs = [line.split(": ", 1)[1].split() for line in dry.stdout.splitlines() if line.startswith("# pack")]
+    assert all(len({name.split("_")[0] for name in pack}) == 1 for pack in packs)  # one width per pack
+    r = cli("--pack", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("pack of 2:") == 2
+    names = [p for pack in packs for p in pack]
+    for name in names:
+        run = tmp_path / "w" / name
+        assert (run / "DONE").is_file() and (run / "WALL_TIME").is_file()
+        assert sorted(read_records(run, "train")) == [0, 1, 2, 3]
+    import csv
+
+    with open(collect(tmp_path / "w")) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["name"] for r in rows} == set(names) and {r["status"] for r in rows} == {"done"}

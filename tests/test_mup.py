@@ -111,3 +111,12 @@ def test_mup_refuses_what_its_rules_do_not_cover():
         C.coordinate_check(tiny_config("model.d_ff=96"), [64, 33], 1)  # d_ff 96 x 33 / 64 is not whole
     with pytest.raises(ConfigError, match="model.d_model=50 is not divisible by model.n_heads"):
         C.coordinate_check(tiny_config(), [64, 50], 1)
+
+
+def test_mup_export_to_hugging_face_only_at_the_base_head_dim():
+    from llmjax.interop.hf_config import check_exportable
+
+    at_base = tiny_config("model.parametrization=mup", "model.mup_base_width=64").model
+    check_exportable(at_base)  # 1/sqrt(E) there: Llama's attention
+    with pytest.raises(ConfigError, match="attention scale"):
+        check_exportable(dataclasses.replace(at_base, mup_base_width=32))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmjax.config import ConfigError, ModelConfig, MoEConfig
+from llmjax.models import mup
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 _ACTIVATIONS = ("silu", "swish")  # the same function under two names
@@ -183,6 +184,11 @@ def check_exportable(m: ModelConfig) -> None:
         if getattr(m, key) != value:
             raise ConfigError(f"model.{key}={getattr(m, key)!r}: a Hugging Face Llama/Mixtral model needs "
                               f"model.{key}={value!r}")
+    scale = mup.attention_scale(m)
+    if scale is not None and abs(scale * m.resolved_head_dim ** 0.5 - 1) > 1e-12:
+        raise ConfigError(f"model.parametrization=mup: attention scale {scale:.4g} (sqrt(E_base) / head_dim) is "
+                          f"not Llama's 1/sqrt(head_dim) = {m.resolved_head_dim ** -0.5:.4g}; only a muP model at its "
+                          "base head dim exports")
     if m.moe.enabled:
         e = m.moe
         moe_required = {"every": 1, "shared_experts": 0, "score": "softmax", "renormalize": True}

@@ -24,6 +24,7 @@ from llmjax.data.module import DataModule
 from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
+from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.storage import EXIT_STORAGE, StorageError, as_path
@@ -190,6 +191,8 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     if setup.schedule is not None:
         log(setup.schedule.describe())
     log(describe_decay(setup.params.roles, decay_mask(setup.params.roles, cfg.optim.decay_embeddings)))
+    if mup.enabled(cfg.model):
+        log(mup.describe(cfg.model))
     if check_only:
         return check_run(cfg, workdir, setup, data)
 

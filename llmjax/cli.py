@@ -9,7 +9,7 @@
   llmjax eval --workdir DIR [--split validation|train] [--int8]
   llmjax harness --workdir DIR --tasks T1,T2 [--num-fewshot K --limit N --include-path DIR]
   llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N]
-  llmjax sweep run SPEC [--workdir DIR] [--dry-run] | llmjax sweep collect DIR
+  llmjax sweep run SPEC [--workdir DIR] [--dry-run] [--pack K] | llmjax sweep collect DIR
   llmjax fit --csv runs.csv --out DIR [--budgets 1e18,1e19] [--holdout largest]
   llmjax plot --csv runs.csv --fit DIR/fit.json --out DIR
   llmjax convert from-hf HF_DIR WORKDIR [--config FILE] [section.key=value ...]

@@ -88,6 +88,9 @@ def test_packing_refuses_points_of_different_shapes(tmp_path):
     with pytest.raises(ConfigError, match="model.d_model differs"):
         train_packed([a, b], [tmp_path / "a", tmp_path / "b"])
     assert not (tmp_path / "a").exists()  # refused before anything was written
+    sgd = _configs(corpus, "optim.name=sgd")
+    with pytest.raises(ConfigError, match="optim.b1 differs .* optim.name=sgd does not allow"):  # b1: momentum
+        train_packed([sgd[0], _configs(corpus, "optim.name=sgd", "optim.b1=0.5")[0]], [tmp_path / "a", tmp_path / "b"])
 
 
 def test_sweep_run_pack_cli(tmp_path):

@@ -55,10 +55,16 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _may_differ(key: str, optimizer: str) -> bool:
+    return key in PACKABLE and optimizer in TRACED_OPTIM.get(key, (optimizer,))
+
+
 def pack_key(cfg: Config) -> tuple:
-    """What must be equal for two configs to share a packed program: everything but `PACKABLE`."""
+    """What must be equal for two configs to share a packed program: everything but the `PACKABLE` keys
+    that may differ under the config's optimizer."""
     flat = _flat(to_dict(cfg))
-    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in PACKABLE and k not in IGNORED))
+    return tuple(sorted((k, repr(v)) for k, v in flat.items()
+                        if not _may_differ(k, cfg.optim.name) and k not in IGNORED))
 
 
 def differing(configs: Sequence[Config]) -> dict[str, list[Any]]:
@@ -78,14 +84,13 @@ def check_packable(configs: Sequence[Config], names: Sequence[str] | None = None
     for key, values in diff.items():
         if key in IGNORED:
             continue
+        shown = ", ".join(f"{n}: {v!r}" for n, v in zip(names, values, strict=True))
         if key not in PACKABLE:
-            shown = ", ".join(f"{n}: {v!r}" for n, v in zip(names, values, strict=True))
             raise ConfigError(f"--pack: points of a pack must differ only in {', '.join(PACKABLE)}; {key} differs "
                               f"({shown})")
-        optimizer = configs[0].optim.name
-        if key in TRACED_OPTIM and optimizer not in TRACED_OPTIM[key]:
-            raise ConfigError(f"--pack: {key} differs between points, which optim.name={optimizer} does not allow "
-                              "in one program")
+        if not _may_differ(key, configs[0].optim.name):
+            raise ConfigError(f"--pack: {key} differs ({shown}), which optim.name={configs[0].optim.name} does not "
+                              "allow in one program")
     c = configs[0]
     if jax.process_count() > 1:
         raise ConfigError("--pack: packed training runs in one process")
@@ -175,10 +180,10 @@ class _PerPoint:
         return getattr(self.compiled, name)
 
 
-def build_pack(configs: Sequence[Config], devices: Sequence[jax.Device] | None = None
-               ) -> tuple[Setup, PackedProgram]:
-    """Check the configs can share a program (`check_packable`) and build the first one's setup (on
-    `devices`, default all)."""
-    traced = check_packable(configs)
+def build_pack(configs: Sequence[Config], devices: Sequence[jax.Device] | None = None,
+               names: Sequence[str] | None = None) -> tuple[Setup, PackedProgram]:
+    """Check the configs can share a program (`check_packable`, naming them `names`) and build the first
+    one's setup (on `devices`, default all)."""
+    traced = check_packable(configs, names)
     setup = build_setup(configs[0], devices)
     return setup, PackedProgram(setup, configs, traced)

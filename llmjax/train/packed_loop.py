@@ -95,7 +95,7 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
     status, in order (0, 1 for a non-finite loss, 128+N after signal N). ConfigError (before anything is
     compiled or written) for configs that cannot share a program."""
     t_start = time.time()
-    setup, program = build_pack(configs, devices)
+    setup, program = build_pack(configs, devices, [as_path(w).name for w in workdirs])
     points = [_Point(c, w, setup) for c, w in zip(configs, workdirs, strict=True)]
     K, cfg = len(points), configs[0]
     fpt = setup.family.flops_per_token(cfg.data.seq_len)

@@ -65,19 +65,21 @@ def _assert_same_runs(lone, packed, cfg, devices):
         assert (b / "run_info.json").is_file() and (b / "config.yaml").is_file()
 
 
-def test_packed_points_equal_lone_runs(lone_runs):
+@pytest.mark.parametrize("mode", ["map", "vmap"])
+def test_packed_points_equal_lone_runs(lone_runs, mode):
     tmp, corpus, lone = lone_runs
     configs = _configs(corpus)
-    packed = [tmp / f"packed{i}" for i in range(len(configs))]
-    assert train_packed(configs, packed) == [0, 0, 0]
+    packed = [tmp / f"packed_{mode}{i}" for i in range(len(configs))]
+    assert train_packed(configs, packed, mode=mode) == [0, 0, 0]
     _assert_same_runs(lone, packed, configs[0], jax.devices())
 
 
-def test_packed_points_equal_lone_runs_under_data_and_fsdp(lone_runs):
+@pytest.mark.parametrize("mode", ["map", "vmap"])
+def test_packed_points_equal_lone_runs_under_data_and_fsdp(lone_runs, mode):
     tmp, corpus, lone = lone_runs
     configs = _configs(corpus, "mesh.data=2", "mesh.fsdp=2")
-    packed = [tmp / f"packed_fsdp{i}" for i in range(len(configs))]
-    assert train_packed(configs, packed, jax.devices()[:4]) == [0, 0, 0]
+    packed = [tmp / f"packed_fsdp_{mode}{i}" for i in range(len(configs))]
+    assert train_packed(configs, packed, jax.devices()[:4], mode=mode) == [0, 0, 0]
     _assert_same_runs(lone, packed, configs[0], jax.devices()[:4])
 
 
@@ -89,6 +91,8 @@ def test_packing_refuses_points_of_different_shapes(tmp_path):
         train_packed([a, b], [tmp_path / "a", tmp_path / "b"])
     assert not (tmp_path / "a").exists()  # refused before anything was written
     sgd = _configs(corpus, "optim.name=sgd")
+    with pytest.raises(ConfigError, match="--pack-mode"):
+        train_packed([a, a], [tmp_path / "a", tmp_path / "b"], mode="pmap")
     with pytest.raises(ConfigError, match="optim.b1 differs .* optim.name=sgd does not allow"):  # b1: momentum
         train_packed([sgd[0], _configs(corpus, "optim.name=sgd", "optim.b1=0.5")[0]], [tmp_path / "a", tmp_path / "b"])
 

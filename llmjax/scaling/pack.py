@@ -50,8 +50,9 @@ def plan_packs(sweep: Sweep, points: list[Point], k: int, workdir: Path) -> list
 
 
 def run_pack(sweep: Sweep, pack: list[Point], workdir: Path, counter: str,
-             add_wall_time: Callable[[Path, float], None]) -> dict[str, int]:
-    """Train the points of `pack` together in this process; {point name: exit status}."""
+             add_wall_time: Callable[[Path, float], None], mode: str = "auto") -> dict[str, int]:
+    """Train the points of `pack` together in this process (`mode`: `train.packed.PACK_MODES`); {point name:
+    exit status}."""
     from llmjax.runtime import setup_jax
     from llmjax.train.packed_loop import train_packed
 
@@ -61,7 +62,7 @@ def run_pack(sweep: Sweep, pack: list[Point], workdir: Path, counter: str,
     print(f"{counter} pack of {len(pack)}: {', '.join(p.name for p in pack)}: {p0.steps} steps, "
           f"{p0.tokens:,} tokens each", flush=True)
     t0 = time.time()
-    statuses = train_packed(configs, [workdir / p.name for p in pack])
+    statuses = train_packed(configs, [workdir / p.name for p in pack], mode=mode)
     share = (time.time() - t0) / len(pack)
     for p in pack:
         add_wall_time(workdir / p.name, share)

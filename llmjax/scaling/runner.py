@@ -39,7 +39,7 @@ from llmjax.scaling.spec import Sweep, launch_command, point_config
 
 
 def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: str = "",
-              keep_going: bool = False, pack: int = 1) -> int:
+              keep_going: bool = False, pack: int = 1, pack_mode: str = "auto") -> int:
     """Train every point in order; returns 0, or the first failing point's exit status (with
     `keep_going`: 1 if any point failed, after trying every point).
 
@@ -67,7 +67,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
                for p in sweep.points]
     _write_listing(workdir, sweep, listing)
     if pack != 1:
-        return _run_packed(sweep, workdir, pack, keep_going, by_name)
+        return _run_packed(sweep, workdir, pack, keep_going, by_name, pack_mode)
     n, failed = len(sweep.points), []
     for i, p in enumerate(sweep.points, 1):
         run_dir = workdir / p.name
@@ -93,7 +93,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
     return 0
 
 
-def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: dict[str, Any]) -> int:
+def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: dict[str, Any], mode: str) -> int:
     """`run_sweep` with `--pack k`: the unfinished points in packs (`scaling/pack.py`), a lone one as usual."""
     todo = []
     for p in sweep.points:
@@ -109,7 +109,7 @@ def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: 
         if len(group) == 1:
             statuses = {group[0].name: _run_point(sweep, group[0], by_name, workdir, counter)}
         else:
-            statuses = run_pack(sweep, group, workdir, counter, _add_wall_time)
+            statuses = run_pack(sweep, group, workdir, counter, _add_wall_time, mode)
         bad = []
         for p in group:
             rc, run_dir = statuses[p.name], workdir / p.name

@@ -90,12 +90,12 @@ def _restore(points: list[_Point], program: PackedProgram, setup: Any) -> tuple[
 
 
 def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
-                 devices: Sequence[jax.Device] | None = None) -> list[int]:
+                 devices: Sequence[jax.Device] | None = None, mode: str = "auto") -> list[int]:
     """Train the configs together (see `llmjax.train.packed`) on `devices` (default all); each point's exit
     status, in order (0, 1 for a non-finite loss, 128+N after signal N). ConfigError (before anything is
     compiled or written) for configs that cannot share a program."""
     t_start = time.time()
-    setup, program = build_pack(configs, devices, [as_path(w).name for w in workdirs])
+    setup, program = build_pack(configs, devices, [as_path(w).name for w in workdirs], mode)
     points = [_Point(c, w, setup) for c, w in zip(configs, workdirs, strict=True)]
     K, cfg = len(points), configs[0]
     fpt = setup.family.flops_per_token(cfg.data.seq_len)
@@ -106,7 +106,8 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
         step_fn = program.train_step().lower(state, program.put_batch(
             [{k: np.zeros((cfg.train.batch_size, *s), d) for k, (s, d) in
               setup.family.example_shapes(cfg.data.seq_len).items()}] * K), program.hparams).compile()
-        log(f"pack of {K} ({', '.join(p.workdir.name for p in points)}): compiled the packed train step in "
+        log(f"pack of {K} ({', '.join(p.workdir.name for p in points)}): compiled the packed train step "
+            f"({program.mode}) in "
             f"{time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
         for p in points:
             write_run_info(p.workdir, p.cfg, _PerPoint(step_fn, K), p.data)

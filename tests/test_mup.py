@@ -120,3 +120,13 @@ def test_mup_export_to_hugging_face_only_at_the_base_head_dim():
     check_exportable(at_base)  # 1/sqrt(E) there: Llama's attention
     with pytest.raises(ConfigError, match="attention scale"):
         check_exportable(dataclasses.replace(at_base, mup_base_width=32))
+
+
+@pytest.mark.parametrize("args, needle", [(["--widths", "64,abc"], "--widths"), (["--steps", "0"], "--steps"),
+                                          (["--parametrizations", "mup,sp"], "--parametrizations"),
+                                          (["optim.name=adafactor"], "optim.name=adafactor")])
+def test_mup_check_cli_usage_errors_exit_2(args, needle):
+    from helpers import run_llmjax
+
+    r = run_llmjax("mup-check", "--out", "/nonexistent/never-written", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

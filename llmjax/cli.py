@@ -3,12 +3,13 @@
   llmjax train [--config FILE] [--workdir DIR|gs://BUCKET/DIR] [--check] [section.key=value ...]
   llmjax config show [--config FILE] [section.key=value ...]
   llmjax bench [--config FILE] [--steps N] [section.key=value ...]
+  llmjax mup-check [--config FILE] [--widths 64,128,...] [--steps N] [--out DIR] [section.key=value ...]
   llmjax compile --topology v5p-64 [--slices N] [--config FILE] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
   llmjax eval --workdir DIR [--split validation|train] [--int8]
   llmjax harness --workdir DIR --tasks T1,T2 [--num-fewshot K --limit N --include-path DIR]
   llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N]
-  llmjax sweep run SPEC [--workdir DIR] [--dry-run] | llmjax sweep collect DIR
+  llmjax sweep run SPEC [--workdir DIR] [--dry-run] [--pack K] | llmjax sweep collect DIR
   llmjax fit --csv runs.csv --out DIR [--budgets 1e18,1e19] [--holdout largest]
   llmjax plot --csv runs.csv --fit DIR/fit.json --out DIR
   llmjax convert from-hf HF_DIR WORKDIR [--config FILE] [section.key=value ...]
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from llmjax import runlog
 from llmjax.config import ConfigError, load_config
@@ -91,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="print tokens/s, step time, MFU, compile time and memory for a config")
     add_config_args(b)
     b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    m = sub.add_parser("mup-check", help="muP coordinate check: every module's output RMS and its change after a "
+                                         "few steps, across widths, standard vs mup (a table and a plot)")
+    add_config_args(m)
+    m.add_argument("--widths", default="64,128,256,512,1024", help="comma-separated model widths (d_model; d_ff "
+                                                                   "keeps its ratio)")
+    m.add_argument("--steps", type=int, default=5, help="train steps at a constant learning rate")
+    m.add_argument("--parametrizations", default="standard,mup", help="comma-separated: standard, mup")
+    m.add_argument("--out", default="runs/mup_check", help="directory for coord_check.{json,txt,png,svg}")
     add_arguments(sub)
     harness_cli.add_arguments(sub)
     scaling_cli.add_arguments(sub)
@@ -141,7 +151,7 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         from llmjax.planner.command import run as compile_for_topology
 
         return compile_for_topology(args)
-    if args.verb == "bench" and args.steps < 1:
+    if args.verb in ("bench", "mup-check") and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     cfg = load_config(args.config, args.overrides)
     if args.verb == "config":
@@ -163,9 +173,39 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         from llmjax.train.loop import train
 
         return train(cfg, workdir, check_only=args.check)
+    if args.verb == "mup-check":
+        return _mup_check(cfg, args)
     from llmjax.bench import bench
 
     return bench(cfg, args.steps)
+
+
+def _mup_check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    try:
+        widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--widths: {args.widths!r} is not a comma-separated list of integers") from None
+    if not widths or min(widths) <= 0:
+        raise ConfigError(f"--widths: {args.widths!r}: give positive widths")
+    names = [p.strip() for p in args.parametrizations.split(",") if p.strip()]
+    bad = [p for p in names if p not in ("standard", "mup")]
+    if bad or not names:
+        raise ConfigError(f"--parametrizations: {args.parametrizations!r}: each must be standard or mup")
+    return widths, names
+
+
+def _mup_check(cfg: Any, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llmjax.train.coord_check import coordinate_check
+    from llmjax.train.coord_check_report import table, write
+
+    widths, names = _mup_check_args(args)
+    check = coordinate_check(cfg, widths, args.steps, names)
+    print(table(check, "act") + "\n\n" + table(check, "delta"))
+    paths = write(check, Path(args.out))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
 
 
 def _error(msg: str) -> None:

@@ -15,8 +15,8 @@ import typing
 from typing import Any, Literal
 
 from llmjax.config.fields import INT32_MAX, option, section
-from llmjax.config.rope import RopeScalingConfig
 from llmjax.config.post import DPOConfig, LoraConfig
+from llmjax.config.rope import RopeScalingConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
@@ -95,6 +95,14 @@ class ModelConfig:
     logit_softcap: float = option(0.0, "output logits z become c tanh(z / c) (Gemma 2); 0: off", ge=0)
     tie_embeddings: bool = option(False, "the LM head reuses the token embedding table")
     init_std: float = option(0.02, "standard deviation of the normal weight initialisation", gt=0)
+    parametrization: Literal["standard", "mup"] = option(
+        "standard", "standard: init_std and optim.lr for every parameter; mup: maximal update parametrisation "
+        "(llmjax.models.mup), per-role init and learning-rate multipliers of the width d_model / mup_base_width, "
+        "attention logits scaled 1/head_dim")
+    mup_base_width: int = option(256, "mup: the width (d_model) at which mup equals standard parametrisation, "
+                                      "the one whose tuned init_std and optim.lr transfer", gt=0)
+    mup_base_head_dim: int = option(0, "mup: attention scale sqrt(mup_base_head_dim) / head_dim; 0: the head dim "
+                                       "at mup_base_width (head_dim if set, else mup_base_width // n_heads)", ge=0)
     compute_dtype: Dtype = option("bfloat16", "matmul input dtype (accumulation is float32)")
     param_dtype: Dtype = option("float32", "dtype the parameters are stored and updated in")
     remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = option(

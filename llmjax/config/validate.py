@@ -21,6 +21,7 @@ from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.config.validate_data import validate_data
 from llmjax.kernels import attention_names, canonical_attention
+from llmjax.models import mup
 from llmjax.parallel.mesh import mesh_shape
 
 
@@ -103,6 +104,13 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
     _validate_moe(m)
     _validate_attention_options(m)
+    mup.check(m, o.name)
+    if mup.enabled(m) and cfg.lora.rank > 0:
+        raise ConfigError("model.parametrization=mup with lora.rank > 0: the adapters have no μP rules; "
+                          "fine-tune a μP model with lora.rank=0")
+    if mup.enabled(m) and m.attention_scale_dim > 0:
+        raise ConfigError(f"model.attention_scale_dim={m.attention_scale_dim}: model.parametrization=mup sets the "
+                          "attention scale itself (sqrt(E_base) / head_dim); set model.attention_scale_dim=0")
 
     validate_data(cfg)
     if d.seq_len > m.max_seq_len:

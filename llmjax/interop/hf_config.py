@@ -20,6 +20,7 @@ from typing import Any
 
 from llmjax.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
 from llmjax.interop.hf_families import FAMILIES, SUPPORTED_MODEL_TYPES, Family, family_for, window_fields
+from llmjax.models import mup
 
 # ModelConfig fields (and model.moe.* fields) that a Hugging Face config determines.
 ARCH_FIELDS = (
@@ -238,6 +239,11 @@ def check_exportable(m: ModelConfig) -> None:
     if m.family != "decoder":
         raise ConfigError(f"model.family={m.family}: only decoder models export to Hugging Face")
     family_for(m)
+    scale = mup.attention_scale(m)
+    if scale is not None and abs(scale * m.resolved_head_dim ** 0.5 - 1) > 1e-12:
+        raise ConfigError(f"model.parametrization=mup: attention scale {scale:.4g} (sqrt(E_base) / head_dim) is "
+                          f"not 1/sqrt(head_dim) = {m.resolved_head_dim ** -0.5:.4g}; only a muP model at its "
+                          "base head dim exports")
     if m.moe.enabled:
         e = m.moe
         moe_required = {"every": 1, "shared_experts": 0, "score": "softmax", "renormalize": True}

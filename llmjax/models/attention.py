@@ -34,6 +34,7 @@ from flax import struct
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention
+from llmjax.models import mup
 from llmjax.models.layers import Linear, dtype, make_norm
 from llmjax.models.rope import rotary
 from llmjax.parallel.rules import constrain, current_sharding
@@ -242,7 +243,9 @@ class Attention(nn.Module):
             v = constrain(jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start), cache_axes)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        scale = cfg.attention_scale_dim ** -0.5 if cfg.attention_scale_dim > 0 else None
+        scale = mup.attention_scale(cfg)
+        if scale is None and cfg.attention_scale_dim > 0:
+            scale = cfg.attention_scale_dim ** -0.5
         out = attend(q, k, v, mask, cfg.attention, scale, Blocks(cfg.attention_block_q, cfg.attention_block_kv),
                      cfg.attn_softcap)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))

@@ -49,7 +49,7 @@ SPEC_AXES = ("warmup_fraction",)  # axes that are spec keys, not config keys
 RESERVED = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff", "train.steps",
             "eval.every_steps", "train.stop_after")
 TAGS = {"optim.lr": "lr", "train.batch_size": "bs", "optim.warmup_steps": "wu", "optim.b1": "b1", "optim.b2": "b2",
-        "optim.weight_decay": "wd", "warmup_fraction": "wf", "seed": "seed"}
+        "optim.weight_decay": "wd", "warmup_fraction": "wf", "seed": "seed", "model.parametrization": "param"}
 LAW_VS = {"N": "vs_N", "C": "vs_C"}
 
 

@@ -24,6 +24,13 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--keep-going", action="store_true",
                    help="after a failing point (e.g. a diverging learning rate) mark it FAILED and go on "
                         "(exit status 1 at the end if any failed)")
+    r.add_argument("--pack", type=int, default=1, metavar="K",
+                   help="train up to K points of the same shape (differing only in seed, optim.lr, b1, b2, "
+                        "weight_decay) together in one compiled program, each written as if trained alone "
+                        "(default 1: one at a time)")
+    r.add_argument("--pack-mode", default="auto", choices=("auto", "vmap", "map"),
+                   help="how a pack maps its points: vmap (batched into every op: accelerators), map (lax.map: the "
+                        "lone step K times in one program: CPU); auto (default): map on CPU, else vmap")
     c = ssub.add_parser("collect", help="write DIR/runs.csv from the run directories under DIR")
     c.add_argument("dir", help="sweep directory")
     c.add_argument("--out", help="CSV path (default: DIR/runs.csv)")
@@ -77,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
         sweep = load_sweep(args.spec)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / sweep.name
-        return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher, keep_going=args.keep_going)
+        return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher, keep_going=args.keep_going,
+                         pack=args.pack, pack_mode=args.pack_mode)
     if args.verb == "sweep":
         from llmjax.scaling.runner import collect
 

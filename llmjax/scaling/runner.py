@@ -9,6 +9,10 @@ steps, tokens, flops, hyperparameters) for `collect` (`scaling/collect.py`), kee
 that other specs trained into the same directory listed; each point's DONE marker repeats its
 budget and hyperparameters.
 
+With `--pack K` (`scaling/pack.py`) up to K unfinished points of one shape that differ only in
+their seed or optimizer hyperparameters train together in one compiled program, each point's
+directory written as if it had been trained alone.
+
 A failing point stops the sweep (its exit status is returned), unless `keep_going`
 (`--keep-going`, for hyperparameter grids where some learning rates diverge): the point then gets
 a `FAILED` marker with its exit status and the sweep moves on; `collect` reports such points with
@@ -30,19 +34,25 @@ from typing import Any
 from llmjax.scaling import ScalingError
 from llmjax.scaling.axes import describe as describe_axes
 from llmjax.scaling.collect import CSV_COLUMNS, FAILED, collect, is_finished
+from llmjax.scaling.pack import describe_packs, plan_packs, run_pack
 from llmjax.scaling.spec import Sweep, launch_command, point_config
 
 
 def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: str = "",
-              keep_going: bool = False) -> int:
+              keep_going: bool = False, pack: int = 1, pack_mode: str = "auto") -> int:
     """Train every point in order; returns 0, or the first failing point's exit status (with
     `keep_going`: 1 if any point failed, after trying every point).
 
     A cooldown branch (`point.trunk`) first advances its trunk to the branch step (`train.stop_after`)
-    and copies the trunk's run directory as its own, then trains its decay from there."""
+    and copies the trunk's run directory as its own, then trains its decay from there. `pack` > 1:
+    up to that many points of one shape train together in one program (`scaling/pack.py`)."""
     workdir = Path(workdir)
     by_name = {p.name: p for p in sweep.points}
+    if pack != 1:
+        packs = plan_packs(sweep, sweep.points, pack, workdir)  # checks --pack before anything runs
     if dry_run:
+        if pack != 1:
+            print("\n".join(describe_packs(packs)))
         for p in sweep.points:
             if p.trunk:
                 trunk = by_name[p.trunk]
@@ -56,6 +66,8 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
                 "shape": p.shape, "hyperparameters": p.hyperparameters, "overrides": p.overrides}
                for p in sweep.points]
     _write_listing(workdir, sweep, listing)
+    if pack != 1:
+        return _run_packed(sweep, workdir, pack, keep_going, by_name, pack_mode)
     n, failed = len(sweep.points), []
     for i, p in enumerate(sweep.points, 1):
         run_dir = workdir / p.name
@@ -78,6 +90,49 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
         print(f"sweep {sweep.name}: {n - len(failed)} of {n} points done in {workdir}; failed: {', '.join(failed)}")
         return 1
     print(f"sweep {sweep.name}: {n} points done in {workdir}; next: llmjax sweep collect {workdir}")
+    return 0
+
+
+def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: dict[str, Any], mode: str) -> int:
+    """`run_sweep` with `--pack k`: the unfinished points in packs (`scaling/pack.py`), a lone one as usual."""
+    todo = []
+    for p in sweep.points:
+        if is_finished(workdir / p.name, p.steps):
+            print(f"{p.name}: finished, skipped", flush=True)
+            _write_done(workdir / p.name, p, timed=False)
+        else:
+            todo.append(p)
+    packs = plan_packs(sweep, todo, k, workdir)
+    failed: list[str] = []
+    for i, group in enumerate(packs, 1):
+        counter = f"[{i}/{len(packs)}]"
+        if len(group) == 1:
+            statuses = {group[0].name: _run_point(sweep, group[0], by_name, workdir, counter)}
+        else:
+            statuses = run_pack(sweep, group, workdir, counter, _add_wall_time, mode)
+        bad = []
+        for p in group:
+            rc, run_dir = statuses[p.name], workdir / p.name
+            if rc == 0:
+                (run_dir / FAILED).unlink(missing_ok=True)
+                if len(group) > 1:
+                    _write_done(run_dir, p, timed=True)
+                continue
+            bad.append((p.name, rc))
+            if keep_going and run_dir.is_dir():
+                (run_dir / FAILED).write_text(json.dumps({"exit_status": rc}))
+        for name, rc in bad:
+            print(f"llmjax sweep: {name} exited with status {rc}" + (" (--keep-going: next point)" if keep_going
+                  else "; run the same command to resume"), file=sys.stderr)
+        if bad and not keep_going:
+            return bad[0][1]
+        failed += [name for name, _ in bad]
+    n = len(sweep.points)
+    if failed:
+        print(f"sweep {sweep.name}: {n - len(failed)} of {n} points done in {workdir}; failed: {', '.join(failed)}")
+        return 1
+    print(f"sweep {sweep.name}: {n} points done in {workdir} ({len(todo)} trained in {len(packs)} packs of up to "
+          f"{k}); next: llmjax sweep collect {workdir}")
     return 0
 
 

@@ -34,7 +34,8 @@ ARCHITECTURE_KEYS = (
     "family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "norm", "norm_eps",
     "position", "rope_theta", "mlp", "use_bias", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every",
     "moe.shared_experts", "moe.score", "moe.renormalize", "qkv_bias", "qk_norm", "norm_scale_offset", "post_norms",
-    "scale_embeddings", "attention_scale_dim", "attn_softcap", "logit_softcap",
+    "scale_embeddings", "attention_scale_dim", "attn_softcap", "logit_softcap", "parametrization",
+    "mup_base_width", "mup_base_head_dim",
 )
 
 

@@ -25,6 +25,7 @@ from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokeni
 from llmjax.data.select import open_data
 from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
+from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.storage import EXIT_STORAGE, StorageError, as_path
@@ -194,6 +195,8 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     log(describe_decay(setup.trained.roles, decay_mask(setup.trained.roles, cfg.optim.decay_embeddings)))
     if setup.lora is not None:
         log(setup.lora.describe())
+    if mup.enabled(cfg.model):
+        log(mup.describe(cfg.model))
     if check_only:
         return check_run(cfg, workdir, setup, data)
 

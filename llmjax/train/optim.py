@@ -57,7 +57,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule: '{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
-    peak = float(cfg.lr)
+    peak = cfg.lr if isinstance(cfg.lr, jax.Array) else float(cfg.lr)  # traced in a packed sweep's program
     final = peak * float(cfg.min_lr_ratio)
     warmup = warmup_steps(cfg, total_steps)
     start = _decay_start(cfg, total_steps)
@@ -120,12 +120,25 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule, roles: Any) -> o
     raise ConfigError(f"optim.name: '{cfg.name}' is not one of {', '.join(OPTIMIZERS)}")
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, roles: Any) -> optax.GradientTransformation:
+def scale_by_tree(factors: Any) -> optax.GradientTransformation:
+    """Multiply each leaf's update by its constant factor (a tree of floats like the params); no state."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, roles: Any,
+                   lr_multipliers: Any | None = None) -> optax.GradientTransformation:
     """Global-norm clipping (skipped when `clip_norm <= 0`) followed by the configured optimizer.
 
     `roles` is the tree of parameter roles (`llmjax.models.roles.param_roles`): weight decay applies to
     matrices, experts, the output head and the router, to embeddings only with `decay_embeddings`,
-    never to norms and biases (`roles.decay_mask`).
+    never to norms and biases (`roles.decay_mask`). `lr_multipliers` (μP, `llmjax.models.mup`): a
+    tree of floats like `roles`, each leaf's learning rate / `lr`; the optimizer's updates (weight
+    decay included, as optax scales it by the learning rate) are multiplied by them.
 
     - `adamw`: b1, b2, eps, decoupled weight decay (scaled by the lr) on the decay mask.
     - `adafactor`: see `_adafactor` (factored second moments, lr-scaled masked weight decay).
@@ -134,6 +147,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, roles: Any) -> optax.Grad
     """
     schedule = make_schedule(cfg, total_steps)
     tx = _base_optimizer(cfg, schedule, roles)
+    if lr_multipliers is not None:
+        tx = optax.chain(tx, scale_by_tree(lr_multipliers))
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx

@@ -20,8 +20,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from llmjax.config import Config, ModelConfig
+from llmjax.models import mup
 from llmjax.models.families import ModelFamily, batch_from_dict, build_family
-from llmjax.models.roles import param_roles
+from llmjax.models.roles import boxed_roles, param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
@@ -219,7 +220,9 @@ class Setup:
 
 
 def _init_params(cfg: Config, family: ModelFamily, model: nn.Module, rng: jax.Array) -> Any:
-    return nn.meta.unbox(model.init(rng, *family.init_args(cfg.data.seq_len))["params"])
+    """Freshly initialised, unboxed parameters (μP's init multipliers applied under model.parametrization=mup)."""
+    boxed = model.init(rng, *family.init_args(cfg.data.seq_len))["params"]
+    return mup.scale_init(cfg.model, nn.meta.unbox(boxed), boxed_roles(boxed))
 
 
 LORA_INIT_KEY = 0x10A0  # folded into the parameter key for the adapters' initialisation
@@ -256,7 +259,7 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     if cfg.lora.rank > 0:
         lora = LoraPlan(cfg.lora, params.shapes, params.logical, params.roles)
         trained = AbstractParams(lora.abstract(np.dtype(cfg.model.param_dtype)), lora.logical(), lora.roles())
-    tx = make_optimizer(cfg.optim, cfg.train.steps, trained.roles)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, trained.roles, mup.lr_multipliers(cfg.model, trained.roles))
     repl = replicated(mesh)
     param_shardings = trained.shardings(mesh, rules)
     state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r, lora), jax.random.PRNGKey(0))

@@ -16,14 +16,12 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from llmjax import runlog
 from llmjax.config import Config, ConfigError, config_warnings, to_dict
 from llmjax.data.module import DataModule
 from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.select import open_data
-from llmjax.data.text import ModelVocabulary
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
@@ -33,6 +31,7 @@ from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.compat import check_matches
 from llmjax.train.data_state import latest_saved_shares
+from llmjax.train.evaluation import evaluate, show_samples
 from llmjax.train.init_from import load_base
 from llmjax.train.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
 from llmjax.train.optim import current_lr
@@ -41,6 +40,7 @@ from llmjax.train.preflight import preflight
 from llmjax.train.profiling import StepProfiler
 from llmjax.train.run_info import write_run_info
 from llmjax.train.setup import Setup, build_setup
+from llmjax.train.signals import StopSignals, agree_on_signal
 from llmjax.train.tracking import hardware_info, open_wandb
 from llmjax.train.workdir import RESUME_KEYS, check_resumable  # noqa: F401 - re-exported (old import path)
 
@@ -56,31 +56,6 @@ class NonFiniteLoss(RuntimeError):
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
-
-
-class _Signals:
-    """Remember SIGTERM/SIGINT instead of dying, so the loop can checkpoint and exit."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def agree_on_signal(received: int | None) -> int | None:
-    """The signal any process has received (the largest), or None: a collective that every process
-    calls at the same step, so that all of them stop at the same step (otherwise the ones still
-    stepping would wait forever in the next step's collectives)."""
-    from jax.experimental import multihost_utils
-
-    got = multihost_utils.process_allgather(np.int32(received or 0))
-    return int(np.max(got)) or None
 
 
 def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
@@ -102,30 +77,6 @@ def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
             "(mesh.data x mesh.fsdp a multiple of the process count)"
         )
     return lo // b
-
-
-def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dict[str, float]:
-    """The family's validation metrics (eval_loss = mean NLL per weighted token, eval_ppl, ...) over
-    `eval.batches` batches (fewer if the split ends first: processes agree to stop at the first batch
-    some process lacks)."""
-    totals: dict[str, float] = {}
-    sums = []
-    batches = data.eval_batches()
-    while True:
-        batch = next(batches, None)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            if int(np.min(multihost_utils.process_allgather(np.int32(batch is not None)))) == 0:
-                break
-        if batch is None:
-            break
-        sums.append(eval_step(params, setup.put_batch(batch)))
-    batches.close()
-    for s in jax.device_get(sums):
-        for k, v in s.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    return setup.family.eval_metrics(totals)
 
 
 def _newest_step_dir(checkpoints: Any) -> Any | None:
@@ -268,7 +219,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     writer.write_config(to_dict(cfg), extras.hardware)
     bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every,
                       mfu_mark="" if peak_reliable else "?")
-    signals = _Signals()
+    signals = StopSignals()
     profiler = StepProfiler(cfg.train.profile_steps, workdir, log)
     tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
     steps = cfg.train.steps
@@ -398,24 +349,3 @@ def _blame(ckpt: Checkpointer, resumed_at: int | None, e: NonFiniteLoss) -> str:
                 f"values that are still finite). Move it out of {ckpt.directory} and run the same command to resume "
                 f"from the previous one{before}")
     return f"Last good checkpoint: {ckpt.directory / str(good[-1]) if good else 'none'}"
-
-
-def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> None:
-    """Print a greedy and a temperature continuation of `sample.prompt`, decoded by the same engine as
-    `llmjax generate` (every process decodes with the sharded parameters; process 0 prints)."""
-    from llmjax.infer.engine import Engine
-    from llmjax.infer.sampling import SamplingParams
-
-    s = cfg.sample
-    if s.max_new_tokens == 0 or not hasattr(setup.family, "step"):
-        return
-    prompt = data.tokenizer.encode([s.prompt])[0][-(cfg.model.max_seq_len - 1):]
-    if not prompt:
-        return
-    engine = Engine(cfg.model, params, setup.mesh, setup.rules)
-    vocab = ModelVocabulary(data.tokenizer, setup.family.token_names())
-    for label, temp in (("greedy", 0.0), (f"temperature {s.temperature}", s.temperature)):
-        sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=temp, seed=cfg.seed)
-        new = engine.generate([prompt], sp, data.tokenizer.eos_id)[0].tokens
-        if jax.process_index() == 0:
-            print(f"--- sample ({label}) ---\n{s.prompt}{vocab.decode(new)}\n", flush=True)

@@ -25,12 +25,14 @@ from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.compat import check_matches
 from llmjax.train.data_state import latest_saved_shares
-from llmjax.train.loop import EXIT_FAILED, EXIT_OK, _Signals, evaluate
+from llmjax.train.evaluation import evaluate
+from llmjax.train.loop import EXIT_FAILED, EXIT_OK
 from llmjax.train.metrics import MetricsWriter, memory_summary, mfu
 from llmjax.train.optim import current_lr
 from llmjax.train.packed import PackedProgram, _PerPoint, build_pack
 from llmjax.train.peak import peak_info
 from llmjax.train.run_info import write_run_info
+from llmjax.train.signals import StopSignals
 from llmjax.train.workdir import check_resumable
 
 
@@ -128,7 +130,7 @@ def _loop(points: list[_Point], program: PackedProgram, setup: Any, step_fn: Any
     end = cfg.train.stop_after or steps
     tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
     eval_step, take = setup.jit_eval_step(), program.take()
-    signals = _Signals()
+    signals = StopSignals()
 
     def record(step: int, metrics: Any, dt: float) -> None:
         host = jax.device_get(metrics)

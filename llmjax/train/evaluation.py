@@ -1,0 +1,59 @@
+"""What the trainer reports besides the loss: validation metrics over the eval split and the
+end-of-run samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from llmjax.config import Config
+from llmjax.data.module import DataModule
+from llmjax.data.text import ModelVocabulary
+from llmjax.train.setup import Setup
+
+
+def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dict[str, float]:
+    """The family's validation metrics (eval_loss = mean NLL per weighted token, eval_ppl, ...) over
+    `eval.batches` batches (fewer if the split ends first: processes agree to stop at the first batch
+    some process lacks)."""
+    totals: dict[str, float] = {}
+    sums = []
+    batches = data.eval_batches()
+    while True:
+        batch = next(batches, None)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if int(np.min(multihost_utils.process_allgather(np.int32(batch is not None)))) == 0:
+                break
+        if batch is None:
+            break
+        sums.append(eval_step(params, setup.put_batch(batch)))
+    batches.close()
+    for s in jax.device_get(sums):
+        for k, v in s.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return setup.family.eval_metrics(totals)
+
+
+def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> None:
+    """Print a greedy and a temperature continuation of `sample.prompt`, decoded by the same engine as
+    `llmjax generate` (every process decodes with the sharded parameters; process 0 prints)."""
+    from llmjax.infer.engine import Engine
+    from llmjax.infer.sampling import SamplingParams
+
+    s = cfg.sample
+    if s.max_new_tokens == 0 or not hasattr(setup.family, "step"):
+        return
+    prompt = data.tokenizer.encode([s.prompt])[0][-(cfg.model.max_seq_len - 1):]
+    if not prompt:
+        return
+    engine = Engine(cfg.model, params, setup.mesh, setup.rules)
+    vocab = ModelVocabulary(data.tokenizer, setup.family.token_names())
+    for label, temp in (("greedy", 0.0), (f"temperature {s.temperature}", s.temperature)):
+        sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=temp, seed=cfg.seed)
+        new = engine.generate([prompt], sp, data.tokenizer.eos_id)[0].tokens
+        if jax.process_index() == 0:
+            print(f"--- sample ({label}) ---\n{s.prompt}{vocab.decode(new)}\n", flush=True)

@@ -4,7 +4,7 @@ A kind (`FeedForward`) builds its module inside a block (`apply`: x -> (y, aux o
 its parameters under `kind.name`), turns the per-layer aux it returned into loss terms and
 metric sums (`loss_terms`), those sums into logged metrics (`metrics`), merges aux over pipeline
 microbatches, and says how many matmul parameters a token uses (FLOPs). The dense MLP has no
-aux; Mixture-of-Experts (`llmjax.models.moe.MoEFeedForward`) returns router statistics and
+aux; Mixture-of-Experts (`llmjax.models.moe_feedforward.MoEFeedForward`) returns router statistics and
 owns its loss coefficients and metric names. The train step only ever sees the kinds through
 this interface (`ffn_kinds`, `layer_kinds`), so it has no MoE code.
 """
@@ -57,7 +57,7 @@ class FeedForward:
 @functools.cache
 def ffn_kinds() -> dict[str, FeedForward]:
     """Every kind by name (imported on first use: moe.py builds on this module)."""
-    from llmjax.models.moe import MoEFeedForward
+    from llmjax.models.moe_feedforward import MoEFeedForward
 
     return {k.name: k for k in (FeedForward(), MoEFeedForward())}
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.interop.hf_config import check_exportable
-from llmjax.interop.hf_weights import sources
+from llmjax.interop.hf_names import sources
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

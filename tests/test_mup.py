@@ -107,6 +107,10 @@ def test_mup_refuses_what_its_rules_do_not_cover():
         validate(tiny_config("model.parametrization=mup", "model.tie_embeddings=true"), 1)
     with pytest.raises(ConfigError, match="model.parametrization"):
         validate(tiny_config("model.parametrization=mu"), 1)
+    with pytest.raises(ConfigError, match="lora.rank > 0"):
+        validate(tiny_config("model.parametrization=mup", "lora.rank=4"), 1)
+    with pytest.raises(ConfigError, match="model.attention_scale_dim=24"):
+        validate(tiny_config("model.parametrization=mup", "model.attention_scale_dim=24"), 1)
     with pytest.raises(ConfigError, match="--widths: 33"):
         C.coordinate_check(tiny_config("model.d_ff=96"), [64, 33], 1)  # d_ff 96 x 33 / 64 is not whole
     with pytest.raises(ConfigError, match="model.d_model=50 is not divisible by model.n_heads"):

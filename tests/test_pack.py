@@ -90,6 +90,9 @@ def test_packing_refuses_points_of_different_shapes(tmp_path):
     with pytest.raises(ConfigError, match="model.d_model differs"):
         train_packed([a, b], [tmp_path / "a", tmp_path / "b"])
     assert not (tmp_path / "a").exists()  # refused before anything was written
+    lora = _configs(corpus, "lora.rank=2")
+    with pytest.raises(ConfigError, match="a pack trains from scratch on the lm objective without LoRA"):
+        train_packed(lora[:2], [tmp_path / "a", tmp_path / "b"])
     sgd = _configs(corpus, "optim.name=sgd")
     with pytest.raises(ConfigError, match="--pack-mode"):
         train_packed([a, a], [tmp_path / "a", tmp_path / "b"], mode="pmap")

@@ -120,6 +120,10 @@ def test_family_keys_are_validated():
     with pytest.raises(ConfigError, match="model.sentinels"):  # more spans per row (2) than sentinels
         validate(tiny_config(*ENC_DEC, "model.sentinels=1"), 1)
     validate(tiny_config(*ENC_DEC, "model.sentinels=2"), 1)
+    # span corruption reads a row as one sequence: best-fit rows' padding would be corrupted with the text
+    with pytest.raises(ConfigError, match="data.packing=best_fit: model.family=encoder_decoder"):
+        validate(tiny_config(*ENC_DEC, "data.packing=best_fit"), 1)
+    validate(tiny_config(*ENCODER, "data.packing=best_fit"), 1)  # masked LM never selects padding
 
 
 # ----------------------------------------------------------------------------- layouts

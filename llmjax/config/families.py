@@ -79,6 +79,7 @@ class EncoderDecoderConfig(ModelConfig):
 
     supports_pipeline = False  # two stacks: not split into pipeline stages
     causal_lm = False  # class attribute: scores continuations given an encoded input, not a text's likelihood
+    packings = ("concat",)  # span corruption reads a row as one sequence: best-fit padding would be corrupted
 
     def check(self, seq_len: int) -> None:
         from llmjax.data.objectives import corrupted_lengths, corruption_row_length, span_lengths

@@ -124,6 +124,7 @@ class ModelConfig:
     # Family hooks (`llmjax.config.families` subclasses override them).
     supports_pipeline = True  # class attribute, not a key: whether mesh.pipeline > 1 is allowed
     causal_lm = True  # class attribute: a next-token model (log-likelihood tasks, `llmjax harness`)
+    packings = ("concat", "best_fit")  # class attribute: the data.packing values its objective can take
 
     @property
     def reserved_ids(self) -> int:

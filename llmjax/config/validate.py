@@ -112,6 +112,10 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"model.attention_scale_dim={m.attention_scale_dim}: model.parametrization=mup sets the "
                           "attention scale itself (sqrt(E_base) / head_dim); set model.attention_scale_dim=0")
 
+    if d.packing not in m.packings:
+        raise ConfigError(f"data.packing={d.packing}: model.family={m.family} takes data.packing="
+                          f"{' or '.join(m.packings)} (its objective reads a packed row as one sequence, padding "
+                          "included)")
     validate_data(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

@@ -72,7 +72,8 @@ def _train(url: str, corpus: str, *extra: str) -> int:
     return train(cfg, url)
 
 
-def test_train_resume_and_eval_on_a_gs_workdir(corpus, tmp_path, capfd):
+def test_train_resume_and_eval_on_a_gs_workdir(corpus, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
     bucket = tmp_path / "bucket-root"
     url = "gs://my-bucket/runs/tiny"
     with local_gcs(bucket):
@@ -100,6 +101,9 @@ def test_train_resume_and_eval_on_a_gs_workdir(corpus, tmp_path, capfd):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     log = (run / "llmjax.log").read_text()
     assert log.count("llmjax ") >= 2  # both runs, the first one kept when the second uploaded
+    # The remote tokenizer copy was loaded (resume, eval) through one local mirror, not a temp dir per load.
+    mirrors = [p for p in (tmp_path / "cache" / "remote_tokenizers").iterdir() if not p.name.startswith(".")]
+    assert len(mirrors) == 1 and (mirrors[0] / "llmjax_tokenizer.json").is_file()
 
 
 def test_a_gs_url_is_never_a_local_path(tmp_path):

@@ -4,14 +4,17 @@ Training copies the tokenizer there when it starts; resuming, `generate`, `eval`
 `convert to-hf` load that copy and never retrain or re-derive it, so a workdir can be moved
 or copied to another machine without its data. The manifest records each file's sha256 and
 the special ids; a copy whose files no longer match is refused. A remote workdir (gs://) is
-read and written through `llmjax.storage`; its copy is loaded from a local temporary copy
-(the tokenizer libraries read local files).
+read and written through `llmjax.storage`; its copy is loaded from a local mirror in the cache
+(`$LLMJAX_CACHE/remote_tokenizers/<manifest hash>`: the tokenizer libraries read local files),
+one per distinct tokenizer, reused by later loads instead of a new temporary directory each time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,12 +61,7 @@ def save_copy(tok: Tokenizer, directory: str | Path, source: str | None = None) 
 
 def load_copy(directory: str | Path) -> Tokenizer:
     """The tokenizer stored in `directory` (checked against its manifest). Raises ConfigError."""
-    if is_url(directory):
-        local = Path(tempfile.mkdtemp(prefix="llmjax-tokenizer-"))
-        for p in as_path(directory).iterdir():
-            (local / p.name).write_bytes(p.read_bytes())
-        directory = local
-    directory = Path(directory)
+    directory = _local_mirror(directory) if is_url(directory) else Path(directory)
     try:
         manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError) as e:
@@ -74,6 +72,30 @@ def load_copy(directory: str | Path) -> Tokenizer:
             raise ConfigError(f"{path}: missing or changed since the run copied it (sha256 differs from {MANIFEST}); "
                               "restore the file, or delete the directory to let training copy the tokenizer again")
     return load_tokenizer(directory, str(directory))
+
+
+def _local_mirror(directory: str) -> Path:
+    """A local copy of the remote tokenizer directory `directory`, in the cache under the hash of its
+    manifest. Written to a temporary directory and renamed into place, so concurrent processes never
+    read a partial copy; an existing mirror is reused (its files are checked against the manifest)."""
+    remote = as_path(directory)
+    try:
+        manifest = (remote / MANIFEST).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{directory}/{MANIFEST}: unreadable ({e})") from None
+    root = Path(os.environ.get("LLMJAX_CACHE") or Path.home() / ".cache" / "llmjax") / "remote_tokenizers"
+    target = root / hashlib.sha256(manifest).hexdigest()[:32]
+    if (target / MANIFEST).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+    for p in remote.iterdir():
+        (partial / p.name).write_bytes(p.read_bytes())
+    try:
+        partial.rename(target)
+    except OSError:  # another process put its mirror there first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def run_tokenizer(cfg: Config, workdir: str | Path) -> Tokenizer | None:

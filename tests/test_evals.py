@@ -159,6 +159,28 @@ def test_text_model_pairs_and_rolling(model_and_params):
                                rtol=1e-5)
 
 
+def test_text_model_starts_contexts_with_the_document_start(model_and_params):
+    """A tokenizer whose documents start with BOS (Llama's, Mistral's): every scored context and every rolling
+    text starts with it, as the training documents did; an empty context is BOS alone."""
+    from llmjax.data.tokenizer import document_start
+
+    cfg, family, model, _, params = model_and_params
+    mesh = build_mesh(MeshConfig(data=1), jax.devices()[:1])
+    L = cfg.model.max_seq_len
+    tok = CharTokenizer()
+    tok.bos_id, tok.add_bos = 2, True
+    assert document_start(tok, None) == [2] and document_start(tok, False) == []
+    text = TextModel(LoglikScorer(family, model, params, mesh, make_rules({}, dict(mesh.shape)), L), tok,
+                     start=document_start(tok, None))
+    (r,) = text.encode_pairs([("hello ", "world")])
+    assert r == Request((2, *tok.encode(["hello"])[0]), tuple(tok.encode([" world"])[0]))
+    (r,) = text.encode_pairs([("", "abc")])
+    assert r.context == (2,)
+    ids = tok.encode(["x = 1\n"])[0]
+    np.testing.assert_allclose(text.loglikelihood_rolling(["x = 1\n"])[0],
+                               reference(family, model, params, Request((2,), tuple(ids)), L)[0], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- JSONL tasks
 
 

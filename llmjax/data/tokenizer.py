@@ -73,6 +73,14 @@ class Tokenizer(abc.ABC):
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
 
 
+def document_start(tokenizer: Tokenizer, add_bos: bool | None) -> list[int]:
+    """[BOS] when documents start with it (`add_bos`: `data.add_bos`; None: the tokenizer's own convention,
+    e.g. Llama's and Mistral's add it, Qwen's does not), else []. Prompts and scored texts start with it, as
+    the documents the model was trained on did."""
+    add = add_bos if add_bos is not None else tokenizer.add_bos
+    return [tokenizer.bos_id] if add and tokenizer.bos_id is not None else []
+
+
 def trained_vocab_size(cfg: Config) -> int:
     """Vocabulary size of the tokenizer llmjax trains when `data.tokenizer` is unset.
 

@@ -64,6 +64,7 @@ def lm_class() -> type:
 
 def text_model(workdir: str | Path, batch_size: int = 16) -> tuple[Any, Any]:
     """-> (TextModel over the newest checkpoint of `workdir`, its `Loaded` workdir)."""
+    from llmjax.data.tokenizer import document_start
     from llmjax.evals.loglik import LoglikScorer
     from llmjax.evals.text import TextModel
     from llmjax.infer.commands import Loaded
@@ -71,7 +72,9 @@ def text_model(workdir: str | Path, batch_size: int = 16) -> tuple[Any, Any]:
     loaded = Loaded(workdir)
     scorer = LoglikScorer(loaded.family, loaded.family.module(), loaded.params, loaded.mesh, loaded.rules,
                           loaded.cfg.model.max_seq_len, batch_size)
-    return TextModel(scorer, loaded.tokenizer(), loaded.engine()), loaded
+    tokenizer = loaded.tokenizer()
+    start = document_start(tokenizer, loaded.cfg.data.add_bos)
+    return TextModel(scorer, tokenizer, loaded.engine(), start), loaded
 
 
 def task_manager(tasks: list[str], include_path: str | None) -> Any:

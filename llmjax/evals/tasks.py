@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,12 @@ class TaskEvaluator:
     of the training layout (rows sharded over the batch axes)."""
 
     def __init__(self, tasks: list[ChoiceTask], family: Any, model: Any, mesh: Any, rules: Any, tokenizer: Any,
-                 max_len: int, batch_size: int = 16):
+                 max_len: int, batch_size: int = 16, start: Sequence[int] = ()):
         from llmjax.evals.loglik import LoglikScorer
 
         self.tasks = tasks
-        self.text = TextModel(LoglikScorer(family, model, None, mesh, rules, max_len, batch_size), tokenizer)
+        self.text = TextModel(LoglikScorer(family, model, None, mesh, rules, max_len, batch_size), tokenizer,
+                              start=start)
 
     def __call__(self, params: Any) -> dict[str, float]:
         self.text.scorer.params = params

@@ -8,8 +8,9 @@ the same strings identically.
 
 Tokenization of a pair follows lm-eval's convention: trailing whitespace of the context moves
 to the continuation, the pair is encoded as one string and the continuation is what follows
-the context's own tokens; an empty context becomes the EOS token (how documents are separated
-in training).
+the context's own tokens. Every context starts with `start`, the tokens a training document starts
+with (BOS for tokenizers that add it, `llmjax.data.tokenizer.document_start`; else nothing); an
+empty context is `start`, or the EOS token without one (how documents are separated in training).
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ class TextModel:
 
     `tokenizer`: `encode(list[str]) -> list[list[int]]`, `decode(ids) -> str`, `eos_id`.
     `engine`: an `llmjax.infer.engine.Engine` for `generate_until` (None: scoring only).
+    `start`: the ids every context starts with (see the module docstring).
     """
 
-    def __init__(self, scorer: LoglikScorer, tokenizer: Any, engine: Any = None):
+    def __init__(self, scorer: LoglikScorer, tokenizer: Any, engine: Any = None, start: Sequence[int] = ()):
         self.scorer, self.tokenizer, self.engine = scorer, tokenizer, engine
         self.max_len = scorer.max_len
         self.eos_id = int(tokenizer.eos_id)
+        self.start = tuple(int(i) for i in start)
+        self.empty_context = self.start or (self.eos_id,)
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Request]:
         """(context, continuation) strings -> token-id requests (see the module docstring)."""
@@ -51,9 +55,9 @@ class TextModel:
         out = []
         for is_empty, c, w in zip(empty, ctx_ids, whole_ids, strict=True):
             if is_empty:
-                out.append(Request((self.eos_id,), tuple(w)))
+                out.append(Request(self.empty_context, tuple(w)))
             else:
-                out.append(Request(tuple(c), tuple(w[len(c):])))
+                out.append(Request(self.start + tuple(c), tuple(w[len(c):])))
         return out
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -61,10 +65,10 @@ class TextModel:
         return self.scorer.score(self.encode_pairs(pairs))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """-> log P(text | EOS) per text, in windows of `max_len` tokens (each token predicted once)."""
+        """-> log P(text | BOS, else EOS) per text, in windows of `max_len` tokens (each token predicted once)."""
         requests, owner = [], []
         for i, ids in enumerate(self.tokenizer.encode(list(texts))):
-            for r in rolling_requests(ids, self.eos_id, self.max_len):
+            for r in rolling_requests(ids, self.empty_context[0], self.max_len):
                 requests.append(r)
                 owner.append(i)
         totals = [0.0] * len(texts)
@@ -88,7 +92,7 @@ class TextModel:
             keep = max(1, self.max_len - sp.max_new_tokens)
             for lo in range(0, len(indices), GENERATION_BATCH):
                 chunk = indices[lo:lo + GENERATION_BATCH]
-                prompts = [(contexts[i] or [self.eos_id])[-keep:] for i in chunk]
+                prompts = [([*self.start, *contexts[i]] or [self.eos_id])[-keep:] for i in chunk]
                 for i, g in zip(chunk, self.engine.generate(prompts, sp, self.eos_id, self.tokenizer), strict=True):
                     out[i] = g.text
         return out

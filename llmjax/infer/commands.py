@@ -151,8 +151,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def bos_prefix(cfg: Config, tokenizer: Any) -> list[int]:
     """[BOS] when documents start with it (`data.add_bos`, else the tokenizer's own convention), else []:
     a prompt is the start of a document."""
-    add = cfg.data.add_bos if cfg.data.add_bos is not None else tokenizer.add_bos
-    return [tokenizer.bos_id] if add and tokenizer.bos_id is not None else []
+    from llmjax.data.tokenizer import document_start
+
+    return document_start(tokenizer, cfg.data.add_bos)
 
 
 def chat_prompts(cfg: Config, tokenizer: Any, prompts: list[str], system: str | None

@@ -11,6 +11,7 @@ import numpy as np
 from llmjax.config import Config
 from llmjax.data.module import DataModule
 from llmjax.data.text import ModelVocabulary
+from llmjax.data.tokenizer import document_start
 from llmjax.train.setup import Setup
 
 
@@ -47,7 +48,8 @@ def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> No
     s = cfg.sample
     if s.max_new_tokens == 0 or not hasattr(setup.family, "step"):
         return
-    prompt = data.tokenizer.encode([s.prompt])[0][-(cfg.model.max_seq_len - 1):]
+    start = document_start(data.tokenizer, cfg.data.add_bos)
+    prompt = [*start, *data.tokenizer.encode([s.prompt])[0]][-(cfg.model.max_seq_len - 1):]
     if not prompt:
         return
     engine = Engine(cfg.model, params, setup.mesh, setup.rules)

@@ -22,6 +22,7 @@ from llmjax.config import Config, ConfigError, config_warnings, to_dict
 from llmjax.data.module import DataModule
 from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.select import open_data
+from llmjax.data.tokenizer import document_start
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
@@ -212,7 +213,8 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     task_eval = None
     if extras.tasks:
         task_eval = TaskEvaluator(extras.tasks, setup.family, setup.decode_model, setup.mesh, setup.rules,
-                                  data.tokenizer, cfg.model.max_seq_len)
+                                  data.tokenizer, cfg.model.max_seq_len,
+                                  start=document_start(data.tokenizer, cfg.data.add_bos))
 
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard,
                            sinks=[extras.tracker] if extras.tracker is not None else [])

@@ -29,6 +29,7 @@ from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.storage import EXIT_STORAGE, StorageError, as_path
 from llmjax.train import workdir as run_dir
+from llmjax.train.cadence import StepCadence
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.compat import check_matches
 from llmjax.train.data_state import latest_saved_shares
@@ -270,42 +271,29 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
     try:
         if start == 0:
             run_eval(0)
-        pending: tuple[int, Any] | None = None
-        t_prev = time.time()
+        cadence = StepCadence(cfg, steps, end, record)
         for step in range(start, end):
             batch = setup.put_batch(next(iterator))
             profiler.before_step(step, state)
             with profiler.annotation(step):
                 state, metrics = step_fn(state, batch)
-            if pending is not None:
-                jax.block_until_ready(pending[1])
-                now = time.time()
-                record(pending[0], pending[1], now - t_prev)
-                t_prev = now
-            pending = (step, metrics)
+            cadence.dispatched(step, metrics)
             done = step + 1
             stop = agree_on_signal(signals.received) if multi else signals.received
-            ckpt_due = cfg.checkpoint.every_steps > 0 and done % cfg.checkpoint.every_steps == 0
-            eval_due = cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0
-            if ckpt_due or eval_due or done == end or stop:
-                jax.block_until_ready(metrics)
-                now = time.time()
-                record(step, metrics, now - t_prev)
-                t_prev, pending = now, None
-                if eval_due or done == steps:
-                    run_eval(done)
-                    t_prev = time.time()
-                if ckpt_due or done == end or stop:
-                    save(done)
-                if stop:
-                    name = signal.Signals(stop).name
-                    say(f"{name} received: saved checkpoint {done} in {ckpt.directory}; "
-                        "run the same command to resume")
-                    status = 128 + stop
-                    break
-        if pending is not None:
-            jax.block_until_ready(pending[1])
-            record(pending[0], pending[1], time.time() - t_prev)
+            due = cadence.boundary(done, stop)
+            if due is None:
+                continue
+            if due.evaluate:
+                run_eval(done)
+                cadence.restart_clock()
+            if due.save:
+                save(done)
+            if stop:
+                say(f"{signal.Signals(stop).name} received: saved checkpoint {done} in {ckpt.directory}; "
+                    "run the same command to resume")
+                status = 128 + stop
+                break
+        cadence.flush()
     except NonFiniteLoss as e:
         say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         status = EXIT_FAILED

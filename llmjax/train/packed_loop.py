@@ -22,6 +22,7 @@ from llmjax.data.module import DataModule
 from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.storage import as_path
 from llmjax.train import workdir as run_dir
+from llmjax.train.cadence import StepCadence
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.compat import check_matches
 from llmjax.train.data_state import latest_saved_shares
@@ -169,30 +170,19 @@ def _loop(points: list[_Point], program: PackedProgram, setup: Any, step_fn: Any
     try:
         if start == 0:
             run_eval(0)
-        pending: tuple[int, Any] | None = None
-        t_prev = time.time()
+        cadence = StepCadence(cfg, steps, end, record)
         for step in range(start, end):
             batch = program.put_batch([next(p.iterator) for p in points])
             state, metrics = step_fn(state, batch, program.hparams)
-            if pending is not None:
-                jax.block_until_ready(pending[1])
-                now = time.time()
-                record(pending[0], pending[1], now - t_prev)
-                t_prev = now
-            pending = (step, metrics)
+            cadence.dispatched(step, metrics)
             done = step + 1
             stop = signals.received
-            ckpt_due = cfg.checkpoint.every_steps > 0 and done % cfg.checkpoint.every_steps == 0
-            eval_due = cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0
-            if ckpt_due or eval_due or done == end or stop:
-                jax.block_until_ready(metrics)
-                now = time.time()
-                record(step, metrics, now - t_prev)
-                t_prev, pending = now, None
-                if eval_due or done == steps:
+            due = cadence.boundary(done, stop)
+            if due is not None:
+                if due.evaluate:
                     run_eval(done)
-                    t_prev = time.time()
-                if ckpt_due or done == end or stop:
+                    cadence.restart_clock()
+                if due.save:
                     save(done)
                 if stop:
                     log(f"{signal.Signals(stop).name} received: saved checkpoint {done} of every point; run the same "
@@ -203,9 +193,7 @@ def _loop(points: list[_Point], program: PackedProgram, setup: Any, step_fn: Any
                     break
             if not any(p.live for p in points):
                 break
-        if pending is not None:
-            jax.block_until_ready(pending[1])
-            record(pending[0], pending[1], time.time() - t_prev)
+        cadence.flush()
     finally:
         signals.restore()
     log(f"pack of {K} done in {time.time() - t_start:.0f}s")

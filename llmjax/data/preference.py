@@ -30,6 +30,7 @@ from llmjax.data.files import split_records
 from llmjax.data.jsonl import as_messages, read_jsonl, where
 from llmjax.data.sft import post_training_tokenizer
 from llmjax.data.stages import derive_seed
+from llmjax.data.step_iterator import StepIterator
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.storage import as_path
 
@@ -63,31 +64,15 @@ def sequence_fields(ids: np.ndarray, mask: np.ndarray, capacity: int, prefix: st
             f"{prefix}_positions": pos[:L], f"{prefix}_weights": (m[1:] & (seg[1:] > 0)).astype(np.float32)}
 
 
-class PreferenceIterator:
-    """This process's rows of global batches k = step, step+1, ...; the state is the step."""
+class PreferenceIterator(StepIterator):
+    """This process's pairs of global batches k = step, step+1, ...; the state is the step."""
 
-    def __init__(self, data: PreferenceData, step: int = 0):
-        self.data, self.step = data, step
+    NAME, STATE_FORMAT = "dpo", STATE_FORMAT
 
-    def __iter__(self) -> PreferenceIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
+    def rows(self, first: int) -> dict[str, np.ndarray]:
         d = self.data
-        first = self.step * d.global_batch + d.block * d.local_batch
         n = len(d.train)
-        idx = [int(d.epoch_order(r // n)[r % n]) for r in range(first, first + d.local_batch)]
-        self.step += 1
-        return d.rows("train", idx)
-
-    def source_fractions(self) -> dict[str, float]:
-        return {"dpo": 1.0}
-
-    def get_state(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "step": self.step, "fingerprint": self.data.fingerprint}
-
-    def close(self) -> None:
-        pass
+        return d.rows("train", [int(d.epoch_order(r // n)[r % n]) for r in range(first, first + d.local_batch)])
 
 
 class PreferenceData:

@@ -32,6 +32,7 @@ from llmjax.data.files import split_records
 from llmjax.data.jsonl import Record, conversation, read_jsonl, where
 from llmjax.data.objectives import NextToken
 from llmjax.data.stages import derive_seed
+from llmjax.data.step_iterator import StepIterator
 from llmjax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
 STATE_FORMAT = "sft-1"
@@ -127,11 +128,13 @@ def stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-class SFTIterator:
+class SFTIterator(StepIterator):
     """This process's rows of global batches k = step, step+1, ... (dicts of numpy [B / P, L] arrays)."""
 
+    NAME, STATE_FORMAT = "sft", STATE_FORMAT
+
     def __init__(self, data: SFTData, step: int = 0):
-        self.data, self.step = data, step
+        super().__init__(data, step)
         self._epochs: list[list[list[int]]] = []  # packed rows of each epoch so far
         self._starts: list[int] = [0]  # global row index where each epoch begins
 
@@ -143,24 +146,10 @@ class SFTIterator:
         e = int(np.searchsorted(self._starts, r, side="right")) - 1
         return self._epochs[e][r - self._starts[e]]
 
-    def __iter__(self) -> SFTIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
+    def rows(self, first: int) -> dict[str, np.ndarray]:
         d = self.data
-        first = self.step * d.global_batch + d.block * d.local_batch
-        rows = [row_arrays(self._row(first + j), d.train, d.capacity) for j in range(d.local_batch)]
-        self.step += 1
-        return stack([sft_example(r) for r in rows])
-
-    def source_fractions(self) -> dict[str, float]:
-        return {"sft": 1.0}
-
-    def get_state(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "step": self.step, "fingerprint": self.data.fingerprint}
-
-    def close(self) -> None:
-        pass
+        return stack([sft_example(row_arrays(self._row(first + j), d.train, d.capacity))
+                      for j in range(d.local_batch)])
 
 
 class SFTData:

@@ -299,6 +299,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         status = EXIT_FAILED
     except BaseException:
         writer.close()
+        signals.restore()
         raise
     finally:
         profiler.finish(state)
@@ -307,21 +308,29 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
             ckpt.close()
         except BaseException:
             writer.close()
+            signals.restore()
             raise
         finally:
             bar.close()
-            signals.restore()
-    late = None
-    if status == EXIT_OK:  # every process gets here; they must agree (the samples are a collective)
-        late = agree_on_signal(signals.received) if multi else signals.received
-    if late:  # a signal during the last step's eval or save: the checkpoint is saved, skip the samples
-        log(f"{signal.Signals(late).name} received after the last step: checkpoint {last_saved} is saved in "
-            f"{ckpt.directory}; skipping the samples")
-        status = 128 + late
-    elif status == EXIT_OK and end < steps:
-        log(f"stopped after step {end} of {steps} (train.stop_after): checkpoint {end} in {ckpt.directory}")
-    elif status == EXIT_OK:
-        show_samples(cfg, setup, setup.model_params(state), data)
+    try:  # the handlers stay until the samples are done: a Ctrl-C must not interrupt a computation midway
+        late = None
+        if status == EXIT_OK:  # every process gets here; they must agree (the samples are a collective)
+            late = agree_on_signal(signals.received) if multi else signals.received
+        if late:  # a signal during the last step's eval or save: the checkpoint is saved, skip the samples
+            log(f"{signal.Signals(late).name} received after the last step: checkpoint {last_saved} is saved in "
+                f"{ckpt.directory}; skipping the samples")
+            status = 128 + late
+        elif status == EXIT_OK and end < steps:
+            log(f"stopped after step {end} of {steps} (train.stop_after): checkpoint {end} in {ckpt.directory}")
+        elif status == EXIT_OK:
+            show_samples(cfg, setup, setup.model_params(state), data)
+            late = agree_on_signal(signals.received) if multi else signals.received
+            if late:
+                log(f"{signal.Signals(late).name} received during the samples: the run is complete, checkpoint "
+                    f"{last_saved} is saved in {ckpt.directory}")
+                status = 128 + late
+    finally:
+        signals.restore()
     writer.close()
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
     return status

@@ -292,9 +292,10 @@ def test_wsd_cooldown_branches_equal_independent_runs(tmp_path):
         assert {r["name"] for r in csv.DictReader(f)} == {p.name for p in sweep.points}
 
 
-def test_committed_sweep_results_reproduce_all_three_approaches():
-    """experiments/results/cpu_isoflop holds the curves approach 1 needs (runs/<name>/, not ignored by git)."""
-    results = ROOT / "experiments" / "results" / "cpu_isoflop"
+@pytest.mark.parametrize("sweep", ["cpu_isoflop", "cpu_isoflop_rerun", "cpu_isoflop_tuned"])
+def test_committed_sweep_results_reproduce_all_three_approaches(sweep):
+    """experiments/results/<sweep> holds the curves approach 1 needs (runs/<name>/, not ignored by git)."""
+    results = ROOT / "experiments" / "results" / sweep
     tracked = subprocess.run(["git", "ls-files", str(results / "runs")], cwd=ROOT, capture_output=True, text=True)
     if tracked.returncode == 0:  # in a git checkout: the curves are committed
         assert tracked.stdout.count("metrics.jsonl") == 32, tracked.stdout[:500]

@@ -73,6 +73,28 @@ class _FileHandler(logging.FileHandler):
             pass
 
 
+class _RecordHandler(logging.Handler):
+    """Into whatever file `current_path` names at the time (the run's log, else the temporary one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _append(self.format(record))
+        except Exception:  # noqa: BLE001 - nowhere left to write
+            pass
+
+
+def _route_asyncio() -> None:
+    """asyncio logs "Task exception was never retrieved" with a traceback when it garbage-collects a failed
+    task, which for orbax's aborted saves (a full disk) can happen after `detach`, even at interpreter exit:
+    its logger always writes to the log file, never to the terminal."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(h, _RecordHandler) for h in logger.handlers):
+        handler = _RecordHandler(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def _thread_hook(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
@@ -136,6 +158,7 @@ def attach(workdir: Any) -> str:
             root.removeHandler(h)
         root.addHandler(handler)
         _State.handler = handler
+    _route_asyncio()
     threading.excepthook = _thread_hook
     # Kept after `detach`: such callbacks also fire while the interpreter shuts down (then into the temp file).
     sys.unraisablehook, sys.excepthook = _unraisable_hook, _excepthook

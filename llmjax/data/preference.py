@@ -28,7 +28,7 @@ from llmjax.config import Config, ConfigError
 from llmjax.data.chat import ChatTemplate, token_mask
 from llmjax.data.files import split_records
 from llmjax.data.jsonl import as_messages, read_jsonl, where
-from llmjax.data.sft import post_training_tokenizer
+from llmjax.data.sft import batch_rows, post_training_tokenizer
 from llmjax.data.stages import derive_seed
 from llmjax.data.step_iterator import StepIterator
 from llmjax.data.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ class PreferenceData:
             raise ConfigError("train.objective=dpo: set data.path to a JSON-lines file (or directory) of "
                               '{"prompt", "chosen", "rejected"} records')
         self.cfg, self.block = cfg, block
-        self.global_batch, self.local_batch = cfg.train.batch_size, cfg.train.batch_size // process_count
+        self.global_batch, self.local_batch = batch_rows(cfg, process_count)
         self.capacity = cfg.data.seq_len + 1
         self.tokenizer = post_training_tokenizer(cfg, tokenizer)
         self.template = ChatTemplate.for_tokenizer(self.tokenizer, cfg.data.chat_template)

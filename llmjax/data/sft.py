@@ -152,6 +152,14 @@ class SFTIterator(StepIterator):
                       for j in range(d.local_batch)])
 
 
+def batch_rows(cfg: Config, process_count: int) -> tuple[int, int]:
+    """(rows of a global batch, rows each process reads); ConfigError unless the processes split it evenly."""
+    if cfg.train.batch_size % process_count:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the process count "
+                          f"{process_count}")
+    return cfg.train.batch_size, cfg.train.batch_size // process_count
+
+
 class SFTData:
     """The `DataModule` of `train.objective=sft` (same interface: iterators, eval batches, tokenizer)."""
 
@@ -159,11 +167,8 @@ class SFTData:
         if cfg.data.sources or cfg.data.tfds_name or not cfg.data.path:
             raise ConfigError("train.objective=sft: set data.path to a JSON-lines file (or directory) of chat or "
                               "prompt/completion records (data.sources / data.tfds_name are not read)")
-        if cfg.train.batch_size % process_count:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the process count "
-                              f"{process_count}")
         self.cfg, self.block = cfg, block
-        self.global_batch, self.local_batch = cfg.train.batch_size, cfg.train.batch_size // process_count
+        self.global_batch, self.local_batch = batch_rows(cfg, process_count)
         self.capacity = cfg.data.seq_len + 1
         self.tokenizer = post_training_tokenizer(cfg, tokenizer)
         self.template = ChatTemplate.for_tokenizer(self.tokenizer, cfg.data.chat_template)

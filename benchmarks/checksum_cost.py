@@ -17,8 +17,7 @@ import time
 import jax
 from etils import epath
 
-from llmjax.train import integrity
-from llmjax.train.checkpoint import Checkpointer
+from llmjax.train.checkpoint.manager import Checkpointer, integrity
 
 
 def main() -> None:

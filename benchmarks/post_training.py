@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from llmjax.config import load_config, validate
-from llmjax.data.sft import SFTData
+from llmjax.data.post.sft_data import SFTData
 from llmjax.train.setup import build_setup
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ import jax
 import numpy as np
 
 from llmjax.config import Config
-from llmjax.data.objectives import number_documents
+from llmjax.data.stream.row_objectives import number_documents
 from llmjax.models.families import build_family
 from llmjax.parallel.mesh import describe as describe_mesh
-from llmjax.train.metrics import memory_summary, mfu, param_counts, peak_flops
 from llmjax.train.preflight import preflight
 from llmjax.train.setup import build_setup
+from llmjax.train.telemetry.metrics import memory_summary, mfu, param_counts, peak_flops
 
 WARMUP_STEPS = 2
 

@@ -113,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
 def _checkpoint_error() -> type[Exception]:
     # Imported only when an exception reaches its `except` clause: `llmjax --help` and config
     # errors stay fast (the checkpoint module imports orbax).
-    if "llmjax.train.checkpoint" not in sys.modules:
+    if "llmjax.train.checkpoint.manager" not in sys.modules:
         return ()  # type: ignore[return-value] - nothing raised it: matches no exception
-    from llmjax.train.checkpoint import CheckpointError
+    from llmjax.train.checkpoint.manager import CheckpointError
 
     return CheckpointError
 
@@ -197,8 +197,8 @@ def _mup_check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
 def _mup_check(cfg: Any, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from llmjax.train.coord_check import coordinate_check
-    from llmjax.train.coord_check_report import table, write
+    from llmjax.scaling.mup_check import coordinate_check
+    from llmjax.scaling.mup_check_report import table, write
 
     widths, names = _mup_check_args(args)
     check = coordinate_check(cfg, widths, args.steps, names)

@@ -15,6 +15,6 @@ def setup_jax(cfg: Config) -> None:
 
     jax.config.update("jax_threefry_partitionable", True)
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from llmjax.data.files import resolve_cache_dir
+        from llmjax.data.stream.files import resolve_cache_dir
 
         jax.config.update("jax_compilation_cache_dir", str(resolve_cache_dir(cfg) / "xla"))

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from llmjax.config import Config
-from llmjax.data.pipeline import StreamSpec
-from llmjax.data.sources import Source
+from llmjax.data.stream.grain_pipeline import StreamSpec
+from llmjax.data.stream.sources import Source
 
 VOCAB = 384
 EOS = 7

@@ -104,7 +104,7 @@ def wandb_env(tmp) -> dict[str, str]:
 
 
 def read_records(workdir, kind: str) -> dict[int, dict]:
-    from llmjax.train.metrics import read_metrics
+    from llmjax.train.telemetry.metrics import read_metrics
 
     return read_metrics(workdir / "metrics.jsonl", kind)
 

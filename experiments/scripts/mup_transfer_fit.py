@@ -4,7 +4,7 @@
 
 `llmjax fit` needs several token budgets (approach 3); the transfer sweep has one. This script
 splits the runs by `model.parametrization` and applies the fit's own hyperparameter analysis
-(`llmjax.scaling.hparams`: the best learning rate per size, refined by a parabola in log lr
+(`llmjax.scaling.laws.hparams`: the best learning rate per size, refined by a parabola in log lr
 through its neighbours, and the power law lr_opt = coef * N^exponent over the optima inside the
 grid) to each, against total parameters N. It prints one line per parametrization and writes
 {parametrization: {"optima": [...], "vs_N": {...}}} to OUT.json.
@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmjax.scaling.hparams import configurations, hyperparameter_laws
-from llmjax.scaling.runs import load_runs
+from llmjax.scaling.laws.hparams import configurations, hyperparameter_laws
+from llmjax.scaling.laws.runs import load_runs
 
 
 def main() -> None:

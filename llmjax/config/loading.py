@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmjax.config.families import model_config_class
+from llmjax.config.family_spec import model_config_class
 from llmjax.config.schema import Config, ConfigError, ModelConfig
 
 # Presets ship inside the package (so a wheel install finds them); experiments/configs links here.

@@ -15,8 +15,8 @@ import typing
 from typing import Any, Literal
 
 from llmjax.config.fields import INT32_MAX, option, section
-from llmjax.config.post import DPOConfig, LoraConfig
-from llmjax.config.rope import RopeScalingConfig
+from llmjax.config.post_training import DPOConfig, LoraConfig
+from llmjax.config.rope_scaling import RopeScalingConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
@@ -56,13 +56,13 @@ class MoEConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Model shape and numerics, shared by every family. LLaMA-style by default; GPT-2 style via
-    norm/position/mlp. `family` picks the model family (`llmjax.config.families`), whose config class
+    norm/position/mlp. `family` picks the model family (`llmjax.config.family_spec`), whose config class
     may add keys of its own (a subclass of this one).
 
     Frozen (hashable): the model module that holds it is a static argument under jit.
     """
 
-    family: str = option("decoder", "model family (llmjax.config.families): decoder, ...")
+    family: str = option("decoder", "model family (llmjax.config.family_spec): decoder, ...")
     vocab_size: int = option(8192, "token ids 0 .. vocab_size-1 (>= the tokenizer's pieces)", gt=0)
     d_model: int = option(256, "model width (residual stream)", gt=0)
     n_layers: int = option(4, "decoder blocks", gt=0)
@@ -121,7 +121,7 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
-    # Family hooks (`llmjax.config.families` subclasses override them).
+    # Family hooks (`llmjax.config.family_spec` subclasses override them).
     supports_pipeline = True  # class attribute, not a key: whether mesh.pipeline > 1 is allowed
     causal_lm = True  # class attribute: a next-token model (log-likelihood tasks, `llmjax harness`)
     packings = ("concat", "best_fit")  # class attribute: the data.packing values its objective can take
@@ -300,7 +300,7 @@ class SampleConfig:
 
 @dataclasses.dataclass
 class WandbConfig:
-    """Weights & Biases logging from process 0 (`llmjax.train.tracking`); off unless `project` is set.
+    """Weights & Biases logging from process 0 (`llmjax.train.telemetry.tracking`); off unless `project` is set.
 
     The run records the resolved config and the hardware, and every metrics.jsonl record
     (`train/*`, `eval/*`, `tasks/*` against `step`). Its files go to WORKDIR/wandb; a resumed

@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from llmjax.config.families import model_config_class
+from llmjax.config.family_spec import model_config_class
 from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
 from llmjax.config.validate_data import validate_data

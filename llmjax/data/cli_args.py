@@ -34,12 +34,12 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     validate_data(cfg)
     if args.verb == "bench-data":
-        from llmjax.data.bench import bench_data
+        from llmjax.data.stream.bench_data import bench_data
 
         if args.batches < 1:
             raise ConfigError(f"--batches must be >= 1, got {args.batches}")
         return bench_data(cfg, args.batches)
-    from llmjax.data.prepare import prepare
+    from llmjax.data.prepare.shards import prepare
 
     prepare(cfg, args.out, args.workers, args.shards, args.runner, beam_args)
     return 0

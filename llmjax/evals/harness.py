@@ -64,7 +64,7 @@ def lm_class() -> type:
 
 def text_model(workdir: str | Path, batch_size: int = 16) -> tuple[Any, Any]:
     """-> (TextModel over the newest checkpoint of `workdir`, its `Loaded` workdir)."""
-    from llmjax.data.tokenizer import document_start
+    from llmjax.data.tokenizers.tokenizer import document_start
     from llmjax.evals.loglik import LoglikScorer
     from llmjax.evals.text import TextModel
     from llmjax.infer.commands import Loaded

@@ -9,7 +9,7 @@ the same strings identically.
 Tokenization of a pair follows lm-eval's convention: trailing whitespace of the context moves
 to the continuation, the pair is encoded as one string and the continuation is what follows
 the context's own tokens. Every context starts with `start`, the tokens a training document starts
-with (BOS for tokenizers that add it, `llmjax.data.tokenizer.document_start`; else nothing); an
+with (BOS for tokenizers that add it, `llmjax.data.tokenizers.tokenizer.document_start`; else nothing); an
 empty context is `start`, or the EOS token without one (how documents are separated in training).
 """
 

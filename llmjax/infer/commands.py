@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from llmjax.config import Config, ConfigError, MeshConfig, load_config
-from llmjax.data.text import ModelVocabulary
+from llmjax.data.tokenizers.decode import ModelVocabulary
 from llmjax.infer.engine import Engine
 from llmjax.infer.quantize import dequantize, nbytes, quantize, quantized_paths
 from llmjax.infer.sampling import SamplingParams
@@ -40,8 +40,8 @@ class Loaded:
     def __init__(self, workdir: str | Path):
         from llmjax.runtime import setup_jax
         from llmjax.storage import as_path, check_backend
-        from llmjax.train.checkpoint import Checkpointer
-        from llmjax.train.compat import check_matches
+        from llmjax.train.checkpoint.compat import check_matches
+        from llmjax.train.checkpoint.manager import Checkpointer
 
         check_backend(workdir)
         self.workdir = as_path(workdir)
@@ -62,7 +62,7 @@ class Loaded:
         abstract = self.abstract.placed(self.mesh, self.rules)
         self.adapters = self.lora = None
         if self.cfg.lora.rank > 0:  # adapters in the checkpoint, the base behind its pointer: merged
-            from llmjax.train.init_from import restore_lora_model
+            from llmjax.train.checkpoint.init_from import restore_lora_model
 
             self.step, self.params, self.adapters, self.lora = restore_lora_model(
                 self.cfg, self.workdir, self.mesh, self.rules, self.abstract,
@@ -79,13 +79,13 @@ class Loaded:
 
     def tokenizer(self) -> Any:
         """The run's copy of its tokenizer (never retrained); older workdirs: re-derived from the config."""
-        from llmjax.data.run_tokenizer import run_tokenizer
+        from llmjax.data.tokenizers.run_tokenizer import run_tokenizer
 
         tok = run_tokenizer(self.cfg, self.workdir)
         if tok is not None:
             return tok
-        from llmjax.data.sources import resolve_sources
-        from llmjax.data.tokenizer import resolve_tokenizer
+        from llmjax.data.stream.sources import resolve_sources
+        from llmjax.data.tokenizers.tokenizer import resolve_tokenizer
 
         print(f"llmjax: note: {self.workdir} has no tokenizer copy (trained by an older llmjax): re-deriving it from "
               "the config's data section", file=sys.stderr)
@@ -151,17 +151,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def bos_prefix(cfg: Config, tokenizer: Any) -> list[int]:
     """[BOS] when documents start with it (`data.add_bos`, else the tokenizer's own convention), else []:
     a prompt is the start of a document."""
-    from llmjax.data.tokenizer import document_start
+    from llmjax.data.tokenizers.tokenizer import document_start
 
     return document_start(tokenizer, cfg.data.add_bos)
 
 
 def chat_prompts(cfg: Config, tokenizer: Any, prompts: list[str], system: str | None
                  ) -> tuple[list[list[int]], tuple[int, ...]]:
-    """(each prompt as a one-turn conversation rendered with the model's chat template (`llmjax.data.chat`,
+    """(each prompt as a one-turn conversation rendered with the model's chat template
+    (`llmjax.data.tokenizers.chat_template`,
     as transformers' apply_chat_template) and encoded without added special tokens, as transformers does;
     the ids that end the model's turn). ConfigError when there is no chat template or it refuses the turn."""
-    from llmjax.data.chat import ChatTemplate
+    from llmjax.data.tokenizers.chat_template import ChatTemplate
 
     template = ChatTemplate.for_tokenizer(tokenizer, getattr(cfg.data, "chat_template", None))
     head = [{"role": "system", "content": system}] if system else []
@@ -256,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective=dpo run: its validation metrics (DPO "
                           "loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` measures language "
                           "modelling")
-    from llmjax.train.data_state import latest_saved_shares
+    from llmjax.train.checkpoint.data_state import latest_saved_shares
 
     # the run's data shares, so the validation batches are the ones the trainer evaluated
     data = open_data(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))

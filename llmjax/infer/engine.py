@@ -208,7 +208,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer")
         stops = stop_set(eos_id)
         if sp.beams > 1:
-            from llmjax.infer.beam import beam_search
+            from llmjax.infer.beam_search import beam_search
 
             if len(stops) > 1:
                 raise ConfigError(f"beam search stops at one EOS id, not at each of {list(stops)} (use --beams 1)")

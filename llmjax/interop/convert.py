@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 from llmjax.config import Config, ConfigError, load_config, parse_override, save_config
-from llmjax.data.run_tokenizer import run_tokenizer, save_copy, tokenizer_dir
-from llmjax.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from llmjax.data.tokenizers.run_tokenizer import run_tokenizer, save_copy, tokenizer_dir
+from llmjax.data.tokenizers.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from llmjax.interop.hf_config import (
     ARCH_FIELDS,
     MOE_ARCH_FIELDS,
@@ -112,7 +112,7 @@ def from_hf(args: argparse.Namespace) -> int:
     tokenizer = import_tokenizer(hf_dir, cfg, workdir)
 
     from llmjax.interop.hf import load_params
-    from llmjax.train.checkpoint import Checkpointer
+    from llmjax.train.checkpoint.manager import Checkpointer
     from llmjax.train.setup import build_setup
     from llmjax.train.step import TrainState
 
@@ -182,7 +182,7 @@ def to_hf(args: argparse.Namespace) -> int:
                           "are without the flag")
     if loaded.lora is not None and not args.merge_lora:  # the adapters alone, PEFT layout
         from llmjax.interop.peft import save_adapters
-        from llmjax.train.init_from import read_pointer
+        from llmjax.train.checkpoint.init_from import read_pointer
 
         base = (read_pointer(workdir) or {}).get("init_from")
         files = save_adapters(cfg.model, cfg.lora, loaded.lora, loaded.adapters, hf_dir, base, args.dtype)

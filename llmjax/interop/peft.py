@@ -3,7 +3,7 @@
 PEFT stores, for every adapted torch Linear `NAME.weight` of the base model, `lora_A.weight`
 [rank, in] and `lora_B.weight` [out, rank] under `base_model.model.NAME` (minus `.weight`),
 and applies W + (lora_alpha / r) B A. Our adapter A [stack..., in..., rank], B [stack..., rank,
-out...] (`llmjax.train.lora`) map onto those per layer (and expert) with the inputs and outputs
+out...] (`llmjax.post.lora`) map onto those per layer (and expert) with the inputs and outputs
 flattened major-first, as the base weights themselves are (`llmjax.interop.hf_weights`).
 `adapter_config.json` records r, lora_alpha, lora_dropout, the target module names and the base.
 """

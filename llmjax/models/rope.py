@@ -12,7 +12,7 @@ frequencies (and, for yarn, cos/sin multiplied by an attention factor):
 
 The static variants are computed once in float64 at trace time (constants of the program); the
 dynamic one is traced (it depends on the positions). Formulas follow the papers and the reference
-definitions in `transformers.modeling_rope_utils`, checked against it in tests/test_hf_families.py.
+definitions in `transformers.modeling_rope_utils`, checked against it in tests/interop/test_hf_families.py.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "position": (),  # rows of a learned position table
     "router": (),  # the MoE router's output (one score per expert)
     "expert": ("expert",),  # MoE expert dimension
-    "lora_rank": (),  # the rank dimension of LoRA adapters (`llmjax.train.lora`)
+    "lora_rank": (),  # the rank dimension of LoRA adapters (`llmjax.post.lora`)
     # activations
     "act_batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis splits the batch
     "act_length": (),

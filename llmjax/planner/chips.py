@@ -1,5 +1,5 @@
 """Per-chip memory figures for fit verdicts and rooflines (the peak FLOP/s table is
-`llmjax.train.metrics.PEAK_BF16_FLOPS`; the same `device_kind` substrings select a row).
+`llmjax.train.telemetry.metrics.PEAK_BF16_FLOPS`; the same `device_kind` substrings select a row).
 
 Published figures: Google Cloud TPU system-architecture pages (v4: 32 GiB HBM, 1,200 GB/s;
 v5e: 16 GiB, 819 GB/s; v5p: 95 GiB, 2,765 GB/s; v6e: 32 GiB, 1,640 GB/s) and NVIDIA's data
@@ -41,7 +41,7 @@ class Chip:
 
 def lookup_chip(device_kind: str) -> Chip | None:
     """The figures for a `device_kind` string ("TPU v5 lite", "NVIDIA H100 80GB HBM3"), or None."""
-    from llmjax.train.metrics import lookup_peak
+    from llmjax.train.telemetry.metrics import lookup_peak
 
     peak = lookup_peak(device_kind)
     kind = device_kind.lower()

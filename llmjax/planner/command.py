@@ -98,8 +98,8 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
 
     from llmjax.models.attention import compiling_for
     from llmjax.parallel.mesh import describe as describe_mesh
-    from llmjax.train.metrics import param_counts
     from llmjax.train.setup import build_setup
+    from llmjax.train.telemetry.metrics import param_counts
 
     out = out or sys.stdout
     say = lambda line: print(line, file=out, flush=True)  # noqa: E731

@@ -16,7 +16,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     ssub = s.add_subparsers(dest="sweep_verb", required=True)
     r = ssub.add_parser("run", help="train every point of a sweep spec in order (finished ones skipped, "
                                     "interrupted ones resumed)")
-    r.add_argument("spec", help="sweep spec YAML (see llmjax/scaling/spec.py)")
+    r.add_argument("spec", help="sweep spec YAML (see llmjax/scaling/sweep/spec.py)")
     r.add_argument("--workdir", help="sweep directory, one sub-directory per point (default: runs/sweeps/<name>)")
     r.add_argument("--dry-run", action="store_true", help="print one launch command per point and exit")
     r.add_argument("--launcher", default="", metavar="PREFIX",
@@ -39,7 +39,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("fit", help="fit scaling laws (Hoffmann approaches 1-3, Kaplan) to a runs.csv")
     f.add_argument("--csv", required=True, help="runs CSV: params, tokens, loss (or final_loss)[, flops, budget, "
-                                                 "workdir, ...] (see llmjax/scaling/runs.py)")
+                                                 "workdir, ...] (see llmjax/scaling/laws/runs.py)")
     f.add_argument("--out", required=True, help="output directory for fit.json")
     f.add_argument("--budgets", help="comma-separated FLOPs budgets for compute-optimal N, D (e.g. 1e18,1e19)")
     f.add_argument("--holdout", help="'largest' (the largest IsoFLOP budget) or a FLOPs value: refit without "
@@ -69,7 +69,8 @@ def _add_run_options(f: argparse.ArgumentParser) -> None:
     f.add_argument("--select", default="best", choices=("best", "all"),
                    help="with several runs per (N, D) (hyperparameter axes): fit the best of each (default) or all")
     f.add_argument("--hparams", metavar="COLS",
-                   help="comma-separated hyperparameter columns (default: detected, see llmjax/scaling/hparams.py)")
+                   help="comma-separated hyperparameter columns "
+                        "(default: detected, see llmjax/scaling/laws/hparams.py)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,22 +80,22 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "sweep" and args.sweep_verb == "run":
         from pathlib import Path
 
-        from llmjax.scaling.runner import run_sweep
-        from llmjax.scaling.spec import load_sweep
+        from llmjax.scaling.sweep.runner import run_sweep
+        from llmjax.scaling.sweep.spec import load_sweep
 
         sweep = load_sweep(args.spec)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / sweep.name
         return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher, keep_going=args.keep_going,
                          pack=args.pack, pack_mode=args.pack_mode)
     if args.verb == "sweep":
-        from llmjax.scaling.runner import collect
+        from llmjax.scaling.sweep.runner import collect
 
         collect(args.dir, args.out, export=args.export)
         return 0
     if args.verb == "fit":
         import json
 
-        from llmjax.scaling.fit import summary, write_fit
+        from llmjax.scaling.laws.fit import summary, write_fit
 
         if args.bootstrap < 0:
             from llmjax.scaling import ScalingError

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from llmjax.scaling import ScalingError
-from llmjax.scaling.fit import Runs, chinchilla_loss, chinchilla_optimum, frontier, runs_for_plots
-from llmjax.scaling.lse import law_at, law_interval
+from llmjax.scaling.laws.fit import Runs, chinchilla_loss, chinchilla_optimum, frontier, runs_for_plots
+from llmjax.scaling.laws.lse import law_at, law_interval
 
 FORMATS = ("png", "svg")
 TOKENS_PER_PARAM = 20.0

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from llmjax.scaling import ScalingError
-from llmjax.scaling.hparams import LAW_AXES
-from llmjax.scaling.lse import law_at, law_interval
-from llmjax.scaling.runs import group_budgets, loss_unit
+from llmjax.scaling.laws.hparams import LAW_AXES
+from llmjax.scaling.laws.lse import law_at, law_interval
+from llmjax.scaling.laws.runs import group_budgets, loss_unit
 
 LABELS = {"optim.lr": "learning rate", "train.batch_size": "batch size (sequences)"}
 

@@ -1,5 +1,5 @@
 """When the trainer reads metrics, evaluates and checkpoints: the step bookkeeping the lone trainer
-(`train/loop.py`) and the packed one (`train/packed_loop.py`) share.
+(`train/loop.py`) and the packed one (`scaling/sweep/multipoint_loop.py`) share.
 
 Step k's metrics are read from the device while step k+1 runs, so the host never stalls the
 accelerator. At a boundary (a checkpoint or an evaluation is due, the run's last step, a stop

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from llmjax.config import Config
-from llmjax.data.module import DataModule
-from llmjax.data.text import ModelVocabulary
-from llmjax.data.tokenizer import document_start
+from llmjax.data.stream.data_module import DataModule
+from llmjax.data.tokenizers.decode import ModelVocabulary
+from llmjax.data.tokenizers.tokenizer import document_start
 from llmjax.train.setup import Setup
 
 

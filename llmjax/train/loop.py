@@ -19,10 +19,10 @@ import jax
 
 from llmjax import runlog
 from llmjax.config import Config, ConfigError, config_warnings, to_dict
-from llmjax.data.module import DataModule
-from llmjax.data.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.select import open_data
-from llmjax.data.tokenizer import document_start
+from llmjax.data.stream.data_module import DataModule
+from llmjax.data.tokenizers.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
+from llmjax.data.tokenizers.tokenizer import document_start
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
@@ -30,20 +30,20 @@ from llmjax.parallel.mesh import describe as describe_mesh
 from llmjax.storage import EXIT_STORAGE, StorageError, as_path
 from llmjax.train import workdir as run_dir
 from llmjax.train.cadence import StepCadence
-from llmjax.train.checkpoint import Checkpointer
-from llmjax.train.compat import check_matches
-from llmjax.train.data_state import latest_saved_shares
+from llmjax.train.checkpoint.compat import check_matches
+from llmjax.train.checkpoint.data_state import latest_saved_shares
+from llmjax.train.checkpoint.init_from import load_base
+from llmjax.train.checkpoint.manager import Checkpointer
 from llmjax.train.evaluation import evaluate, show_samples
-from llmjax.train.init_from import load_base
-from llmjax.train.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
 from llmjax.train.optim import current_lr
-from llmjax.train.peak import peak_info
 from llmjax.train.preflight import preflight
 from llmjax.train.profiling import StepProfiler
-from llmjax.train.run_info import write_run_info
 from llmjax.train.setup import Setup, build_setup
 from llmjax.train.signals import StopSignals, agree_on_signal
-from llmjax.train.tracking import hardware_info, open_wandb
+from llmjax.train.telemetry.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
+from llmjax.train.telemetry.peak import peak_info
+from llmjax.train.telemetry.run_info import write_run_info
+from llmjax.train.telemetry.tracking import hardware_info, open_wandb
 from llmjax.train.workdir import RESUME_KEYS, check_resumable  # noqa: F401 - re-exported (old import path)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

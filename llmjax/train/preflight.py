@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmjax.config import Config, ConfigError, ModelConfig, validate
-from llmjax.train.flops import estimate_params
+from llmjax.train.telemetry.flops import estimate_params
 
 GIB = 1024.0**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

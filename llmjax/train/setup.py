@@ -26,8 +26,8 @@ from llmjax.models.roles import boxed_roles, param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
-from llmjax.train.dpo import training_family
-from llmjax.train.lora import LoraPlan
+from llmjax.post.dpo import training_family
+from llmjax.post.lora import LoraPlan
 from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
 
@@ -147,7 +147,7 @@ class Setup:
 
     def reference_logprobs(self, state: TrainState) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         """This process's rows of a batch -> [B, 2] reference log-probabilities of the global batch under the
-        model parameters of `state` (train.objective=dpo, `llmjax.train.dpo`)."""
+        model parameters of `state` (train.objective=dpo, `llmjax.post.dpo`)."""
         params = self.model_params(state)
         fn = jax.jit(self._in_mesh_context(lambda p, b: self.family.reference_logprobs(self.model, p, b)),
                      out_shardings=replicated(self.mesh))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.config.families import FAMILY_CLASSES
+from llmjax.config.family_spec import FAMILY_CLASSES
 from llmjax.models.families.base import LMBatch, ModelFamily, batch_from_dict, forward
 
 __all__ = ["LMBatch", "ModelFamily", "batch_from_dict", "build_family", "forward"]

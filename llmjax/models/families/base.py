@@ -97,14 +97,14 @@ class ModelFamily:
         return {k: ((seq_len,), dt) for k, dt in self.batch_type.FIELDS.items()}
 
     def objective(self, seq_len: int, tokenizer: Any) -> Any:
-        """The host-side example maker for the data pipeline (`llmjax.data.objectives`); `tokenizer` gives
+        """The host-side example maker for the data pipeline (`llmjax.data.stream.row_objectives`); `tokenizer` gives
         the special ids and the ordinary vocabulary."""
-        from llmjax.data.objectives import NextToken
+        from llmjax.data.stream.row_objectives import NextToken
 
         return NextToken()
 
     def token_names(self) -> dict[int, str]:
-        """Names of the ids the family reserves (rendered in decoded text, `llmjax.data.text`)."""
+        """Names of the ids the family reserves (rendered in decoded text, `llmjax.data.tokenizers.decode`)."""
         return {}
 
     def tokens_per_example(self, seq_len: int) -> int:
@@ -193,7 +193,7 @@ class ModelFamily:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6·N + 12·L·H·h·T (PaLM, Chowdhery et al. 2022, app. B), see
-        `llmjax.train.metrics.flops_per_token` for the derivation."""
+        `llmjax.train.telemetry.metrics.flops_per_token` for the derivation."""
         m = self.cfg
         return float(6 * self.matmul_params() + 12 * m.n_layers * m.n_heads * m.resolved_head_dim * seq_len)
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.data.objectives import MaskedLM
+from llmjax.data.stream.row_objectives import MaskedLM
 from llmjax.models.families.base import ModelFamily, Sums
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.pipeline import Schedule

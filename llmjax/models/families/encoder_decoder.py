@@ -11,10 +11,10 @@ import numpy as np
 from flax import struct
 
 from llmjax.config import ConfigError
-from llmjax.data.objectives import SpanCorruption
-from llmjax.models.encoder_decoder import EncoderDecoder
+from llmjax.data.stream.row_objectives import SpanCorruption
 from llmjax.models.families.base import ModelFamily, forward
 from llmjax.models.feedforward import ffn_kinds, layer_kinds
+from llmjax.models.seq2seq_transformer import EncoderDecoder
 from llmjax.models.transformer import cache_logical_axes, init_cache
 from llmjax.parallel.pipeline import Schedule
 

@@ -1,0 +1,43 @@
+"""Post-training config sections: `lora.*` (parameter-efficient fine-tuning) and `dpo.*` (preference tuning).
+
+`train.objective` picks what a run optimises (next-token pre-training, supervised fine-tuning
+on chat data, direct preference optimisation); `train.init_from` starts it from another run's
+parameters. LoRA (`lora.rank > 0`) trains low-rank adapters on the matrices `lora.targets`
+names, the base weights frozen (`llmjax.post.lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from llmjax.config.fields import option
+
+# LoRA target names -> what they select: attention projections by their module name under `attn`,
+# the dense MLP matrices, the routed experts' matrices (by parameter role)
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "experts")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): each targeted matrix W is used as W + (alpha / rank) A B, with A
+    [in, rank] (normal, std 1/sqrt(in)) and B [rank, out] (zeros), so training starts from the base model.
+    Only A and B are trained and checkpointed; the base weights stay frozen (`llmjax.post.lora`)."""
+
+    rank: int = option(0, "adapter rank; 0: no LoRA (full fine-tuning)", ge=0)
+    alpha: float = option(16.0, "scale numerator: the update is (alpha / rank) A B", gt=0)
+    dropout: float = option(0.0, "dropout on the adapter path's input features (one mask per step and matrix, "
+                                 "shared by the batch's tokens: the merged weight W + s A B is formed once per "
+                                 "step)", ge=0, lt=1)
+    targets: list[str] = option(factory=lambda: ["q", "k", "v", "o"],
+                                doc="matrices that get adapters: q, k, v, o (attention), mlp (dense MLP), "
+                                    "experts (routed MoE experts)")
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al. 2023) on `{"prompt", "chosen", "rejected"}` JSONL."""
+
+    beta: float = option(0.1, "inverse temperature of the implicit reward beta log(pi / pi_ref)", gt=0)
+    loss: Literal["sigmoid", "ipo"] = option("sigmoid", "sigmoid: DPO's -log sigmoid(beta margin); ipo: "
+                                                        "(margin - 1 / (2 beta))^2 (Azar et al. 2023)")

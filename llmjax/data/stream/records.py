@@ -1,0 +1,211 @@
+"""Random-access record sources that grain reads lazily: local file blocks, TFDS splits, token shards.
+
+Each is a picklable sequence (`len`, `[i]`) whose item is a list of documents: strings for text
+sources, int32 token arrays for prepared shards. Nothing is read when a source is built except
+listings and shard indexes; a record is read when the pipeline asks for it, usually in a worker
+process. Read errors raise `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmjax.data.errors import DataError
+from llmjax.data.stream.files import file_format, read_block
+
+log = logging.getLogger(__name__)
+
+
+class FileBlocks(Sequence):
+    """Blocks of local text / JSON-lines files; record i is block `blocks[i]` = (file index, block index)."""
+
+    kind = "text"
+
+    def __init__(self, root: Path, rels: Sequence[str], nblocks: np.ndarray, sizes: np.ndarray, blocks: np.ndarray,
+                 block_bytes: int, text_key: str, key: str):
+        self.root, self.rels = Path(root), list(rels)
+        self.nblocks, self.sizes = np.asarray(nblocks, np.int64), np.asarray(sizes, np.int64)
+        self.blocks = np.asarray(blocks, np.int64).reshape(-1, 2)
+        self.block_bytes, self.text_key, self.key = block_bytes, text_key, key
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the selected blocks (a file's size split evenly over its blocks)."""
+        f = self.blocks[:, 0]
+        return int(np.sum(self.sizes[f] / np.maximum(self.nblocks[f], 1)))
+
+    def name(self, i: int) -> str:
+        f, b = self.blocks[i]
+        return self.rels[f] if self.nblocks[f] == 1 else f"{self.rels[f]}#{b}"
+
+    def subset(self, indices: np.ndarray) -> FileBlocks:
+        return FileBlocks(self.root, self.rels, self.nblocks, self.sizes, self.blocks[indices], self.block_bytes,
+                          self.text_key, self.key)
+
+    def read(self, i: int) -> tuple[Path, str | None]:
+        """(file, text of record i), text None when the block is not valid UTF-8. OSError when unreadable."""
+        f, b = (int(x) for x in self.blocks[int(i)])
+        path = self.root / self.rels[f]
+        data = read_block(path, b, int(self.nblocks[f]), self.block_bytes)
+        try:
+            return path, data.decode("utf-8")
+        except UnicodeDecodeError:
+            return path, None
+
+    def documents(self, i: int, path: Path, text: str) -> list[str]:
+        """The documents of record i from its `text` (`read`): the block itself, or its JSON lines' texts."""
+        if file_format(path.name) == "text":
+            return [text] if text else []
+        return _json_lines(text, self.text_key, path, int(self.blocks[int(i)][1]))
+
+    def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
+        try:
+            path, text = self.read(i)
+        except OSError as e:
+            path = self.root / self.rels[int(self.blocks[int(i)][0])]
+            raise DataError(f"{self.key}: cannot read {path} (it disappeared or is unreadable: {e})") from None
+        if text is None:
+            f = int(self.blocks[int(i)][0])
+            if f not in self._warned:
+                self._warned.add(f)
+                log.warning("data: skipping %s: not valid UTF-8", path)
+            return []
+        return self.documents(i, path, text)
+
+
+def _json_lines(text: str, key: str, path: Path, block: int) -> list[str]:
+    docs = []
+    for n, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}: line {n + 1} of block {block} is not valid JSON ({e}); the file is corrupt or "
+                            "truncated") from None
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            raise DataError(f"{path}: line {n + 1} of block {block} has no string field {key!r} (data.text_key)")
+        if value:
+            docs.append(value)
+    return docs
+
+
+class TfdsRecords(Sequence):
+    """Records [start, stop) of a TFDS split read with `tfds.data_source` (array_record, no TensorFlow)."""
+
+    kind = "text"
+
+    def __init__(self, name: str, data_dir: str, split: str, text_key: str, start: int, stop: int, key: str):
+        self.name_, self.data_dir, self.split, self.text_key = name, data_dir, split, text_key
+        self.start, self.stop, self.key = start, stop, key
+        self._source: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    nbytes = None
+
+    def name(self, i: int) -> str:
+        return f"{self.split}[{self.start + i}]"
+
+    def subset(self, indices: np.ndarray) -> Sequence[Any]:
+        return _Subset(self, indices)
+
+    def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
+        import tensorflow_datasets as tfds
+
+        try:
+            if self._source is None:
+                self._source = tfds.data_source(self.name_, split=self.split, data_dir=self.data_dir, download=False,
+                                                try_gcs=False)
+            value = self._source[self.start + int(i)][self.text_key]
+        except Exception as e:  # tfds/array_record raise several types
+            raise DataError(f"{self.key}: cannot read record {self.start + int(i)} of {self.name_}/{self.split} in "
+                            f"{self.data_dir}: {type(e).__name__}: {e}") from None
+        text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+        return [text] if text else []
+
+
+class _Subset(Sequence):
+    def __init__(self, parent: Sequence[Any], indices: np.ndarray):
+        self.parent, self.indices = parent, np.asarray(indices, np.int64)
+        self.kind, self.key = parent.kind, parent.key  # type: ignore[attr-defined]
+
+    nbytes = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return self.parent[int(self.indices[int(i)])]
+
+    def name(self, i: int) -> str:
+        return self.parent.name(int(self.indices[int(i)]))  # type: ignore[attr-defined]
+
+    def subset(self, indices: np.ndarray) -> Sequence[Any]:
+        return _Subset(self.parent, self.indices[indices])
+
+
+class TokenShards(Sequence):
+    """Documents of pre-tokenized array_record shards (`llmjax data prepare`); record = one document."""
+
+    kind = "tokens"
+
+    def __init__(self, paths: Sequence[Path], counts: Sequence[int], dtype: str, key: str, tokens: int):
+        self.paths = [Path(p) for p in paths]
+        self.counts = np.asarray(counts, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        self.dtype, self.key, self.tokens = dtype, key, tokens
+        self._readers: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_readers": {}}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    nbytes = None
+
+    def name(self, i: int) -> str:
+        return str(i)
+
+    def subset(self, indices: np.ndarray) -> Sequence[Any]:
+        return _Subset(self, indices)
+
+    def _reader(self, shard: int) -> Any:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        if shard not in self._readers:
+            self._readers[shard] = ArrayRecordReader(str(self.paths[shard]), "readahead_buffer_size:0")
+        return self._readers[shard]
+
+    def __getitem__(self, i: int) -> list[np.ndarray]:  # type: ignore[override]
+        i = int(i)
+        shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        path = self.paths[shard]
+        try:
+            (blob,) = self._reader(shard).read([i - int(self.offsets[shard])])
+        except Exception as e:  # array_record raises RuntimeError/ValueError/OSError
+            raise DataError(f"{self.key}: shard {path} is corrupt or unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        return [np.frombuffer(blob, dtype=self.dtype).astype(np.int32)]
+
+
+def iter_records(records: Sequence[Any], order: Sequence[int]) -> Iterator[Any]:
+    """Records in the given order (lazily)."""
+    for i in order:
+        yield records[int(i)]

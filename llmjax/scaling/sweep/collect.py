@@ -1,0 +1,210 @@
+"""`llmjax sweep collect DIR`: one `runs.csv` row per run directory.
+
+A run directory is a sub-directory with `config.yaml` and `metrics.jsonl`. Columns (`CSV_COLUMNS`,
+then one column per hyperparameter):
+  params, non_embedding_params  `param_counts` of the model's abstract parameters;
+  active_params                 parameters one token uses (= params for dense models, top_k/num_experts
+                                of the routed experts for MoE);
+  tokens                        last train step + 1 times batch_size x seq_len;
+  flops                         flops_per_token(model, seq_len) x tokens (the project's formula);
+  flops_xla                     XLA's cost analysis of the compiled train step (run_info.json) per
+                                token x tokens; empty where that figure undercounts (scanned layers,
+                                gradient accumulation, pipeline: see llmjax/train/telemetry/run_info.py) or is
+                                missing;
+  final_loss, best_loss         the last and the lowest eval_loss (nats per token);
+  final_bpb, best_bpb           the same in bits per UTF-8 byte of the validation text:
+                                loss / ln 2 / eval_bytes_per_token (run_info.json; empty for runs
+                                from before the trainer wrote it);
+  wall_time                     seconds spent in `llmjax train` for the point, summed over every
+                                attempt (WALL_TIME, copied to DONE), else the sum of the train
+                                records' step_time (a run not started by `sweep run`);
+  budget                        the point's IsoFLOP budget from sweep.json or its DONE marker (empty
+                                otherwise);
+  status                        done (the last step and the final eval are recorded), failed (a
+                                FAILED marker from `sweep run --keep-going`, e.g. a diverged
+                                learning rate) or unfinished; `llmjax fit` uses `done` rows only;
+  d_model, n_layers             the model's shape;
+  <hyperparameters>             `HPARAM_COLUMNS` (optim.lr, train.batch_size, optim.warmup_steps,
+                                optim.b2, from each run's config) and every other axis of the
+                                sweep (sweep.json), named by their config keys;
+  workdir                       the run directory, relative to the CSV (for approach 1's curves).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmjax.scaling import ScalingError
+
+CSV_COLUMNS = ("name", "params", "non_embedding_params", "active_params", "tokens", "flops", "flops_xla",
+               "final_loss", "best_loss", "final_bpb", "best_bpb", "wall_time", "budget", "status", "d_model",
+               "n_layers")
+HPARAM_COLUMNS = ("optim.lr", "train.batch_size", "optim.warmup_steps", "optim.b2")
+DONE, FAILED = "DONE", "FAILED"
+
+
+def read_metrics(path: Path, kind: str) -> dict[int, dict[str, Any]]:
+    """`kind` records of a metrics.jsonl by step ({} when the file is absent)."""
+    from llmjax.train.telemetry.metrics import read_metrics as read
+
+    return read(path, kind) if path.is_file() else {}
+
+
+def marker(run_dir: Path, name: str) -> dict[str, Any]:
+    """The JSON of a DONE or FAILED marker ({} when absent or unreadable)."""
+    try:
+        data = json.loads((run_dir / name).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    if (run_dir / DONE).is_file():
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    return (steps - 1) in read_metrics(metrics, "train") and steps in read_metrics(metrics, "eval")
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: Path) -> dict[str, Any] | None:
+    """The runs.csv row of one run directory, or None if it has no eval record yet."""
+    from llmjax.config import load_config
+    from llmjax.models.families import build_family
+    from llmjax.scaling.sweep.spec import model_param_counts
+    from llmjax.train.telemetry.metrics import flops_per_token
+    from llmjax.train.telemetry.run_info import read_run_info
+
+    cfg = load_config(run_dir / "config.yaml")
+    metrics = run_dir / "metrics.jsonl"
+    train = read_metrics(metrics, "train")
+    evals = read_metrics(metrics, "eval")
+    if not train or not evals:
+        return None
+    last_step = max(train)
+    tokens = (last_step + 1) * cfg.train.batch_size * build_family(cfg.model).tokens_per_example(cfg.data.seq_len)
+    losses = [float(evals[s]["eval_loss"]) for s in sorted(evals)]
+    finite = [x for x in losses if math.isfinite(x)]
+    counts = model_param_counts(cfg)
+    wall = marker(run_dir, DONE).get("wall_time")
+    if wall is None:
+        wall = sum(float(r.get("step_time", 0.0)) for r in train.values())
+    point = points.get(run_dir.name) or marker(run_dir, DONE)  # sweep.json, else the DONE marker
+    info = read_run_info(run_dir)
+    xla = info.get("xla_flops_per_token") if info.get("xla_flops_exact") else None
+    bpt = info.get("eval_bytes_per_token")
+    bpb = (lambda loss: loss / math.log(2) / bpt) if bpt else (lambda loss: "")
+    finished = (cfg.train.steps - 1) in train and cfg.train.steps in evals
+    status = "done" if finished or (run_dir / DONE).is_file() else "failed" if (run_dir / FAILED).is_file() \
+        else "unfinished"
+    best = min(finite) if finite else float("nan")
+    row = {
+        "name": run_dir.name,
+        "params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
+        "active_params": counts["active"],
+        "tokens": tokens,
+        "flops": flops_per_token(cfg.model, cfg.data.seq_len) * tokens,
+        "flops_xla": "" if xla is None else float(xla) * tokens,
+        "final_loss": losses[-1],
+        "best_loss": best,
+        "final_bpb": bpb(losses[-1]),
+        "best_bpb": bpb(best),
+        "wall_time": round(float(wall), 3),
+        "budget": "" if point.get("budget") is None else float(point["budget"]),
+        "status": status,
+        "d_model": cfg.model.d_model,
+        "n_layers": cfg.model.n_layers,
+        "workdir": os.path.relpath(run_dir, relative_to),
+    }
+    for key in HPARAM_COLUMNS:
+        row[key] = config_value(cfg, key)
+    for key, value in (point.get("hyperparameters") or {}).items():
+        row[key] = config_value(cfg, key) if "." in key or hasattr(cfg, key) else value
+    return row
+
+
+def _sweep_points(directory: Path) -> dict[str, dict[str, Any]]:
+    listing = directory / "sweep.json"
+    if not listing.is_file():
+        return {}
+    try:
+        return {p["name"]: p for p in json.loads(listing.read_text()).get("points", []) if "name" in p}
+    except (ValueError, TypeError, KeyError) as e:
+        raise ScalingError(f"sweep collect: cannot read {listing}: {e}") from None
+
+
+def collect(directory: str | Path, out: str | Path | None = None, export: str | Path | None = None) -> Path:
+    """Write `out` (default DIR/runs.csv) from the run directories under `directory`.
+
+    With `export`, write EXPORT/runs.csv instead, and copy each run's config.yaml, run_info.json and a
+    trimmed metrics.jsonl (evals, and train losses averaged over at most 250 bins of steps) to
+    EXPORT/runs/<name>/, the CSV's `workdir` column pointing there: a small, self-contained copy of
+    the sweep's results (approach 1 included)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ScalingError(f"sweep collect: {directory} is not a directory")
+    if export is not None:
+        out = Path(export) / "runs.csv"
+    out = Path(out) if out else directory / "runs.csv"
+    points = _sweep_points(directory)
+    run_dirs = sorted(d for d in directory.rglob("config.yaml") if (d.parent / "metrics.jsonl").is_file())
+    if export is not None:  # an earlier export inside the sweep directory is not a run
+        run_dirs = [d for d in run_dirs if Path(export).resolve() not in d.resolve().parents]
+    rows, skipped = [], []
+    for cfg_path in run_dirs:
+        row = collect_row(cfg_path.parent, points, out.parent)
+        if row and export is not None:
+            row["workdir"] = _export_run(cfg_path.parent, Path(export) / "runs" / row["name"], out.parent)
+        (rows.append(row) if row else skipped.append(cfg_path.parent.name))
+    if not rows:
+        raise ScalingError(f"sweep collect: no finished run under {directory} (directories with config.yaml, "
+                           "metrics.jsonl and an eval record)")
+    extra = [k for r in rows for k in r if k not in CSV_COLUMNS and k != "workdir"]
+    columns = [*CSV_COLUMNS, *dict.fromkeys(extra), "workdir"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    note = f" (skipped, no eval record: {', '.join(skipped)})" if skipped else ""
+    bad = [r["name"] for r in rows if r["status"] != "done"]
+    if bad:
+        note += f"; not done (status failed/unfinished, left out by `llmjax fit`): {', '.join(bad)}"
+    print(f"wrote {out}: {len(rows)} runs{note}")
+    return out
+
+
+def _export_run(run_dir: Path, dest: Path, relative_to: Path, max_points: int = 250) -> str:
+    """Copy a run's config.yaml, run_info.json, its eval records and its train losses averaged over bins
+    of consecutive steps (at most `max_points` bins, each recorded at its last step, so the curve keeps
+    its averaging and its final step) to `dest`; -> dest relative to the CSV."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "config.yaml", dest / "config.yaml")
+    for name in ("run_info.json", DONE, FAILED):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    evals = read_metrics(run_dir / "metrics.jsonl", "eval")
+    losses = [(s, float(r["loss"])) for s, r in sorted(train.items()) if "loss" in r]
+    stride = max(1, math.ceil(len(losses) / max_points))
+    records = [{"kind": "eval", "step": s, "eval_loss": r["eval_loss"]} for s, r in sorted(evals.items())]
+    for i in range(0, len(losses), stride):
+        chunk = losses[i:i + stride]
+        records.append({"kind": "train", "step": chunk[-1][0], "loss": sum(v for _, v in chunk) / len(chunk)})
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return os.path.relpath(dest, relative_to)
+
+
+__all__ = ["CSV_COLUMNS", "HPARAM_COLUMNS", "collect", "collect_row", "is_finished", "marker", "read_metrics"]

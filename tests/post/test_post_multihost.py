@@ -1,0 +1,94 @@
+"""Post-training across processes: SFT with LoRA and DPO (its cached reference log-probabilities) give the
+same losses in 2 processes x 4 devices (launch/local.sh, gloo) as in 1 process x 8 devices, on the same
+{data=2, fsdp=2, tensor=2} mesh, and the checkpoints hold the same values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmjax.train.telemetry.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = str(ROOT / "launch" / "local.sh")
+DATA = ROOT / "experiments" / "data"
+MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shares=2"]
+TINY = [
+    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_ff=128", "model.max_seq_len=128", "model.compute_dtype=float32",
+    f"data.tokenizer={DATA / 'chat_tokenizer'}",
+    "data.validation_fraction=0.1", "train.batch_size=8", "train.steps=4", "train.progress=false",
+    "train.tensorboard=false", "optim.warmup_steps=1", "eval.every_steps=2", "eval.batches=2",
+    "sample.max_new_tokens=0", "checkpoint.every_steps=2", *MESH,
+]
+SFT = [f"data.path={DATA / 'sft_chat.jsonl'}", "data.seq_len=128", "train.objective=sft"]
+DPO = [f"data.path={DATA / 'dpo_pairs.jsonl'}", "data.seq_len=64", "train.objective=dpo", "dpo.beta=0.1"]
+LORA = ["lora.rank=4", "lora.alpha=8", "lora.targets=[q,v,o,mlp]", "optim.lr=1e-2"]
+
+
+def command(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(workdir), *TINY, *args]
+
+
+def run(cmd: list[str], processes: int) -> subprocess.CompletedProcess:
+    if processes == 2:
+        cmd = [LOCAL, "2", "4", "--", *cmd]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-5000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A short SFT run that LoRA and DPO start from (train.init_from)."""
+    workdir = tmp_path_factory.mktemp("post_mp") / "base"
+    run(command(workdir, *SFT), 1)
+    return workdir
+
+
+def _records(workdir: Path, kind: str, key: str) -> dict[int, float]:
+    return {k: r[key] for k, r in read_metrics(workdir / "metrics.jsonl", kind).items()}
+
+
+def _same_runs(one: Path, two: Path, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        a, b = _records(one, "train", key), _records(two, "train", key)
+        assert sorted(a) == sorted(b) == [0, 1, 2, 3], key
+        # Rewards are beta x differences of summed log-probabilities (|sum| ~ 1e2), so float32 rounding in
+        # another reduction order is ~ 0.1 x 1e2 x 6e-8 ~ 1e-6 absolute; the margin is a difference of two.
+        atol = 2e-6 if key.startswith("reward") else 0.0
+        np.testing.assert_allclose([b[s] for s in range(4)], [a[s] for s in range(4)], rtol=1e-6, atol=atol,
+                                   err_msg=key)
+    a, b = _records(one, "eval", "eval_loss"), _records(two, "eval", "eval_loss")
+    assert sorted(a) == sorted(b) == [0, 2, 4]
+    np.testing.assert_allclose([b[s] for s in (0, 2, 4)], [a[s] for s in (0, 2, 4)], rtol=1e-6)
+    for w in (one, two):
+        assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def test_lora_sft_in_two_processes_matches_one(base, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(command(one, *SFT, *LORA, f"train.init_from={base}"), 1)
+    r = run(command(two, *SFT, *LORA, f"train.init_from={base}"), 2)
+    assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
+    _same_runs(one, two, ("loss", "tokens"))
+    state = two / "checkpoints" / "4" / "state"
+    assert (state / "ocdbt.process_0").exists() and (state / "ocdbt.process_1").exists()
+    # The 2-process LoRA checkpoint restores in one process and continues like the one-process run.
+    more = ["train.steps=6", f"train.init_from={base}"]
+    run(command(one, *SFT, *LORA, *more), 1)
+    run(command(two, *SFT, *LORA, *more), 1)
+    a, b = _records(one, "train", "loss"), _records(two, "train", "loss")
+    np.testing.assert_allclose([b[s] for s in (4, 5)], [a[s] for s in (4, 5)], rtol=1e-6)
+
+
+def test_dpo_in_two_processes_matches_one(base, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(command(one, *DPO, f"train.init_from={base}"), 1)
+    run(command(two, *DPO, f"train.init_from={base}"), 2)
+    assert (two / "dpo_reference.npz").is_file()
+    _same_runs(one, two, ("loss", "reward_accuracy", "reward_margin"))

@@ -35,7 +35,6 @@ from llmjax.parallel.pipeline import Schedule
 
 if TYPE_CHECKING:
     from llmjax.data.stream.row_objectives import Objective
-    from llmjax.data.tokenizers.tokenizer import Tokenizer
 
 Sums = dict[str, jax.Array]
 # A model's parameters: the pytree of arrays under flax's "params" collection (its structure is the module's).
@@ -58,6 +57,17 @@ class Batch(Protocol):
 
     @property
     def weights(self) -> jax.Array: ...
+
+
+class TokenIds(Protocol):
+    """What an objective needs of the tokenizer (`llmjax.data.tokenizers.tokenizer.Tokenizer` has it): its
+    vocabulary size and EOS id."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
 
 
 CfgT = TypeVar("CfgT", bound=ModelConfig, covariant=True)
@@ -132,7 +142,7 @@ class ModelFamily(abc.ABC, Generic[CfgT, BatchT]):
         """Per-example field shapes and numpy dtypes of `batch_type` at `data.seq_len`."""
         return {k: ((seq_len,), dt) for k, dt in self.batch_type.FIELDS.items()}
 
-    def objective(self, seq_len: int, tokenizer: Tokenizer) -> Objective:
+    def objective(self, seq_len: int, tokenizer: TokenIds) -> Objective:
         """The host-side example maker for the data pipeline (`llmjax.data.stream.row_objectives`); `tokenizer` gives
         the special ids and the ordinary vocabulary."""
         from llmjax.data.stream.row_objectives import NextToken

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 
 from llmjax.config.family_spec import EncoderConfig
 from llmjax.data.stream.row_objectives import MaskedLM
-from llmjax.data.tokenizers.tokenizer import Tokenizer
-from llmjax.models.families.base import LMBatch, LMFamily, Sums
+from llmjax.models.families.base import LMBatch, LMFamily, Sums, TokenIds
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.pipeline import Schedule
 
@@ -34,7 +33,7 @@ class EncoderFamily(LMFamily[EncoderConfig]):
     def token_names(self) -> dict[int, str]:
         return {self.mask_id(): "<mask>"}
 
-    def objective(self, seq_len: int, tokenizer: Tokenizer) -> MaskedLM:
+    def objective(self, seq_len: int, tokenizer: TokenIds) -> MaskedLM:
         m = self.cfg
         first = 4 if tokenizer.vocab_size > 4 else 0  # trained tokenizers reserve pad/unk/bos/eos = 0..3
         eos_id = cast(int, tokenizer.eos_id)  # `check_vocab` refuses a run's tokenizer without EOS

@@ -14,8 +14,7 @@ from flax import struct
 from llmjax.config import ConfigError
 from llmjax.config.family_spec import EncoderDecoderConfig
 from llmjax.data.stream.row_objectives import SpanCorruption
-from llmjax.data.tokenizers.tokenizer import Tokenizer
-from llmjax.models.families.base import Batch, Cache, DecodingFamily, FFNAux, FieldTypes, Params, forward
+from llmjax.models.families.base import Batch, Cache, DecodingFamily, FFNAux, FieldTypes, Params, TokenIds, forward
 from llmjax.models.feedforward import ffn_kinds, layer_kinds
 from llmjax.models.seq2seq_transformer import EncoderDecoder
 from llmjax.models.transformer import cache_logical_axes, init_cache
@@ -73,7 +72,7 @@ class EncoderDecoderFamily(DecodingFamily[EncoderDecoderConfig, "Seq2SeqBatch"])
         m = self.cfg
         return SpanCorruption(m.noise_density, m.mean_span_length, self.sentinel_ids(), self.start_id(), eos_id)
 
-    def objective(self, seq_len: int, tokenizer: Tokenizer) -> SpanCorruption:
+    def objective(self, seq_len: int, tokenizer: TokenIds) -> SpanCorruption:
         return self.span_corruption(cast(int, tokenizer.eos_id))  # `check_vocab` refuses a tokenizer without EOS
 
     def target_length(self, seq_len: int) -> int:

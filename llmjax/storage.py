@@ -105,7 +105,9 @@ def _size(n: float) -> str:
 
 def _chain(e: BaseException) -> list[BaseException]:
     """`e`, its causes and contexts, and the members of exception groups, each once."""
-    seen, todo, out = set(), [e], []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    out: list[BaseException] = []
     while todo:
         x = todo.pop()
         if x is None or id(x) in seen:

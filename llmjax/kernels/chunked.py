@@ -72,6 +72,8 @@ def pad_axis(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.
 # ----------------------------------------------------------------------------- one tile
 
 Static = tuple[float, bool, int]  # (scale, causal, window)
+Arrays3 = tuple[jax.Array, jax.Array, jax.Array]
+Arrays4 = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def _tile_mask(q_seg: jax.Array, kv_seg: jax.Array, q_start: jax.Array, k_start: jax.Array, offset: jax.Array,
@@ -122,24 +124,26 @@ def _probs_times(p: jax.Array, v: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _blockwise(q, k, v, q_seg, kv_seg, offset, static: Static):
+def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, offset: jax.Array,
+               static: Static) -> jax.Array:
     return _forward(q, k, v, q_seg, kv_seg, offset, static)[0]
 
 
-def _forward(q, k, v, q_seg, kv_seg, offset, static: Static):
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, offset: jax.Array,
+             static: Static) -> tuple[jax.Array, jax.Array]:
     """Blocked q [nq, B, K, G, bq, E], k/v [nk, B, K, bkv, E] -> (out like q, log-sum-exp [nq, B, K, G, bq])."""
     scale = static[0]
     nq, B, K, G, bq, E = q.shape
     nk, bkv = k.shape[0], k.shape[3]
 
-    def query_block(args):
+    def query_block(args: Arrays3) -> tuple[jax.Array, jax.Array]:
         qi, q_blk, q_seg_blk = args
 
-        def key_block(carry, xs):
+        def key_block(carry: Arrays3, xs: Arrays4) -> tuple[Arrays3, None]:
             kj, k_blk, v_blk, kv_seg_blk = xs
             q0, k0 = qi * bq, kj * bkv
 
-            def update(carry):
+            def update(carry: Arrays3) -> Arrays3:
                 m, denom, acc = carry
                 allowed = _tile_mask(q_seg_blk, kv_seg_blk, q0, k0, offset, static)
                 s = jnp.where(allowed, _scores(q_blk, k_blk, scale), NEG_INF)
@@ -162,15 +166,18 @@ def _forward(q, k, v, q_seg, kv_seg, offset, static: Static):
         lse = jnp.where(seen, m + jnp.log(denom), 0.0)
         return out.astype(q.dtype), lse
 
-    return jax.lax.map(query_block, (jnp.arange(nq), q, q_seg))
+    out_lse: tuple[jax.Array, jax.Array] = jax.lax.map(query_block, (jnp.arange(nq), q, q_seg))
+    return out_lse
 
 
-def _blockwise_fwd(q, k, v, q_seg, kv_seg, offset, static: Static):
+def _blockwise_fwd(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, offset: jax.Array,
+                   static: Static) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     out, lse = _forward(q, k, v, q_seg, kv_seg, offset, static)
     return out, (q, k, v, q_seg, kv_seg, offset, out, lse)
 
 
-def _blockwise_bwd(static: Static, residuals, d_out):
+def _blockwise_bwd(static: Static, residuals: tuple[jax.Array, ...], d_out: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, None, None, None]:
     """FlashAttention-2 backward: per key block, a scan over the query blocks accumulates dk, dv;
     dq is accumulated over the key blocks. ds = p (dp - rowsum(d_out * out))."""
     q, k, v, q_seg, kv_seg, offset, out, lse = residuals
@@ -179,16 +186,17 @@ def _blockwise_bwd(static: Static, residuals, d_out):
     nk, bkv = k.shape[0], k.shape[3]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, B, K, G, bq]
 
-    def key_block(dq_acc, xs):
+    def key_block(dq_acc: jax.Array, xs: Arrays4) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kj, k_blk, v_blk, kv_seg_blk = xs
         k0 = kj * bkv
 
-        def query_block(carry, ys):
+        def query_block(carry: tuple[jax.Array, jax.Array], ys: tuple[jax.Array, ...]
+                        ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
             dk, dv = carry
             qi, q_blk, do_blk, lse_blk, delta_blk, q_seg_blk = ys
             q0 = qi * bq
 
-            def grads(_):
+            def grads(_: None) -> Arrays3:
                 allowed = _tile_mask(q_seg_blk, kv_seg_blk, q0, k0, offset, static)
                 p = jnp.where(allowed, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)
                 do2 = do_blk.reshape(B, K, G * bq, E)
@@ -202,7 +210,7 @@ def _blockwise_bwd(static: Static, residuals, d_out):
                                            preferred_element_type=jnp.float32)
                 return dq_c.reshape(B, K, G, bq, E), dk_c, dv_c
 
-            def skipped(_):
+            def skipped(_: None) -> Arrays3:
                 return (jnp.zeros((B, K, G, bq, E), jnp.float32), jnp.zeros((B, K, bkv, E), jnp.float32),
                         jnp.zeros((B, K, bkv, E), jnp.float32))
 

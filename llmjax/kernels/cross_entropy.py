@@ -63,35 +63,38 @@ def _onehot(t_BC: jax.Array, vocab: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(x_NBCD, head, t_NBC, static: Static):
+def _chunked(x_NBCD: jax.Array, head: jax.Array, t_NBC: jax.Array, static: Static) -> tuple[jax.Array, jax.Array]:
     return _forward(x_NBCD, head, t_NBC, static)
 
 
-def _forward(x_NBCD, head, t_NBC, static: Static):
+def _forward(x_NBCD: jax.Array, head: jax.Array, t_NBC: jax.Array, static: Static) -> tuple[jax.Array, jax.Array]:
     vocab = head.shape[static[0]]
 
-    def one_chunk(_, xs):
+    def one_chunk(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple[jax.Array, jax.Array]]:
         x_BCD, t_BC = xs
         logits = _logits(x_BCD, head, static)
         logz = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.sum(logits * _onehot(t_BC, vocab), axis=-1)
         return None, (logz - target, logz)
 
-    return jax.lax.scan(one_chunk, None, (x_NBCD, t_NBC))[1]
+    nll_logz: tuple[jax.Array, jax.Array] = jax.lax.scan(one_chunk, None, (x_NBCD, t_NBC))[1]
+    return nll_logz
 
 
-def _chunked_fwd(x_NBCD, head, t_NBC, static: Static):
+def _chunked_fwd(x_NBCD: jax.Array, head: jax.Array, t_NBC: jax.Array, static: Static
+                 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
     nll, logz = _forward(x_NBCD, head, t_NBC, static)
     return (nll, logz), (x_NBCD, head, t_NBC, logz)
 
 
-def _chunked_bwd(static: Static, residuals, cotangents):
+def _chunked_bwd(static: Static, residuals: tuple[jax.Array, ...], cotangents: tuple[jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, None]:
     x_NBCD, head, t_NBC, logz_NBC = residuals
     g_nll, g_logz = cotangents
     vocab_axis, compute = static
     vocab = head.shape[vocab_axis]
 
-    def one_chunk(d_head, xs):
+    def one_chunk(d_head: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
         x_BCD, t_BC, logz_BC, gn_BC, gz_BC = xs
         probs = jnp.exp(_logits(x_BCD, head, static) - logz_BC[..., None])
         d_logits = (gn_BC + gz_BC)[..., None] * probs - gn_BC[..., None] * _onehot(t_BC, vocab)

@@ -20,7 +20,7 @@ GPU in this repository's tests: on CPU they check the arguments by running the s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 
@@ -57,12 +57,13 @@ def cudnn_arguments(mask: MaskSpec, L: int, S: int) -> dict[str, Any]:
 
 
 def cudnn_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
-                    blocks: Blocks | None = None, implementation: str = "cudnn") -> jax.Array:
+                    blocks: Blocks | None = None, implementation: Literal["xla", "cudnn"] = "cudnn") -> jax.Array:
     """Attention through cuDNN -> [B, L, H, E] in q's dtype. q [B, L, H, E], k/v [B, S, K, E] (GQA native).
 
     `implementation="xla"` runs the same call on XLA (how the tests check the arguments on CPU)."""
     args = cudnn_arguments(mask, q_BLHE.shape[1], k_BSKE.shape[1])
-    out = jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, scale=scale, implementation=implementation, **args)
+    out: jax.Array = jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, scale=scale, implementation=implementation,
+                                                  **args)
     return out.astype(q_BLHE.dtype)
 
 

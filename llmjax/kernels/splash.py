@@ -41,10 +41,12 @@ from llmjax.kernels.chunked import pad_axis
 from llmjax.models.attention import Blocks, MaskSpec, register, target_platform
 from llmjax.parallel.rules import current_sharding, logical_to_spec
 
+_IMPORT_ERROR: ImportError | None
 try:  # the module path is jax-version dependent; without it the implementation refuses to run
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 except ImportError as e:  # pragma: no cover - depends on the installed jax
-    splash, _IMPORT_ERROR = None, e
+    splash = None  # type: ignore[assignment]  # optional module: `check` refuses to run without it
+    _IMPORT_ERROR = e
 else:
     _IMPORT_ERROR = None
 
@@ -90,7 +92,8 @@ def splash_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, ma
         mesh, q_spec, kv_spec, seg_spec, head_axes, kv_split = plan
         H_local = q_BHLE.shape[1] // math.prod(mesh.shape[a] for a in head_axes) if head_axes else q_BHLE.shape[1]
 
-        def sharded(q, k, v, qs, ks, off):
+        def sharded(q: jax.Array, k: jax.Array, v: jax.Array, qs: jax.Array, ks: jax.Array, off: jax.Array
+                    ) -> jax.Array:
             # First global query head of this device (0 when heads are not split, or split like the kv heads).
             start = 0 if kv_split or not head_axes else jax.lax.axis_index(head_axes) * H_local
             return local(q, k, v, qs, ks, off, head_start=start)
@@ -170,7 +173,9 @@ def _local_attention(q_BHLE: jax.Array, k_BKSE: jax.Array, v_BKSE: jax.Array, q_
         block_sizes=_block_sizes(bq, bkv, backward=not inference),
         head_shards=1, q_seq_shards=1, interpret=interpret)
     segments = splash.SegmentIds(q=q_seg, kv=kv_seg)
-    out = jax.vmap(kernel, in_axes=(0, 0, 0, splash.SegmentIds(0, 0)))(q, k, v, segments)
+    # in_axes is a prefix tree of the arguments: 0 where SegmentIds has its arrays
+    in_axes = (0, 0, 0, splash.SegmentIds(0, 0))  # type: ignore[arg-type]
+    out: jax.Array = jax.vmap(kernel, in_axes=in_axes)(q, k, v, segments)
     return out[:, :, :L]
 
 
@@ -195,6 +200,7 @@ def _kv_heads_for(k: jax.Array, v: jax.Array, n_q_heads: int, groups: int, head_
 
 def _static_mask(H: int, L: int, S: int, causal: bool, window: int, offset: int) -> Any:
     """The kernel's static mask for H heads of an [L, S] score matrix."""
+    base: splash.Mask
     if window > 0:
         base = splash.LocalMask((L, S), (window - 1, 0 if causal else None), offset)
     elif causal:

@@ -8,7 +8,7 @@ boolean [B, 1, L, S] mask (`MaskSpec.dense`); a blockwise kernel evaluates the s
 tile; a fused kernel translates it into its own mask objects.
 
 Adding an implementation: a module that defines `fn(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks)
--> [B, L, H, E]` and calls `register("name", fn)` when imported, plus one line in
+-> [B, L, H, E]` (an `AttentionImpl`) and calls `register("name", fn)` when imported, plus one line in
 `llmjax.kernels.ATTENTION_MODULES`. `blocks` (`Blocks`: query and key block sizes,
 `model.attention_block_q/_kv`) is for tiled kernels; others ignore it. `register(..., check=...)`
 may refuse a platform that cannot run it: `check(platform)` raises ConfigError with a message
@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 import importlib
 from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -86,13 +87,22 @@ class Blocks:
     kv: int = 512
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec, float, Blocks], jax.Array]
+class AttentionImpl(Protocol):
+    """An attention implementation: (q [B, L, H, E], k, v [B, S, K, E], mask, scale, blocks) -> [B, L, H, E] in
+    q's dtype. Arguments are passed by position (implementations name them as they like)."""
+
+    def __call__(self, q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+                 blocks: Blocks, /) -> jax.Array: ...
+
+
+AttentionFn = AttentionImpl  # the name this registry had before the Protocol
+# check(platform) raises ConfigError where an implementation cannot run ("cpu", "tpu", "gpu").
 PlatformCheck = Callable[[str], None]
-_IMPLS: dict[str, tuple[AttentionFn, PlatformCheck | None]] = {}
+_IMPLS: dict[str, tuple[AttentionImpl, PlatformCheck | None]] = {}
 _COMPILING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmjax_target_platform", default=None)
 
 
-def register(name: str, fn: AttentionFn, check: PlatformCheck | None = None) -> None:
+def register(name: str, fn: AttentionImpl, check: PlatformCheck | None = None) -> None:
     """Make `fn` the implementation `model.attention=name`; `check(platform)` raises ConfigError where
     it cannot run ("cpu", "tpu", "gpu")."""
     _IMPLS[name] = (fn, check)
@@ -125,7 +135,7 @@ def target_platform() -> str:
     return override if override is not None else normalize_platform(jax.default_backend())
 
 
-def get(name: str, platform: str | None = None) -> AttentionFn:
+def get(name: str, platform: str | None = None) -> AttentionImpl:
     """The implementation `model.attention=name` (aliases accepted), imported on first use.
 
     Raises ConfigError for an unknown name or one that cannot run on `platform` (default:
@@ -203,8 +213,9 @@ class Attention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask: MaskSpec, cache: dict | None = None,
-                 kv_x_BSD: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask: MaskSpec,
+                 cache: dict[str, jax.Array] | None = None, kv_x_BSD: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """x [B, L, D] -> (out [B, L, D], new cache or None).
 
         Self-attention with `cache` = {"k", "v"} (each [B, S, K, E]): this chunk's keys/values are
@@ -214,16 +225,18 @@ class Attention(nn.Module):
         is passed: prefill), else the cache's (decode steps)."""
         cfg = self.cfg
         E, H, K = cfg.resolved_head_dim, cfg.n_heads, cfg.n_kv_heads
-        common = dict(use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype))
+        common: dict[str, Any] = dict(use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype),
+                                      param_dtype=dtype(cfg.param_dtype))
         qkv = {**common, "use_bias": cfg.use_bias or cfg.qkv_bias}
         q = Linear((H, E), ("embed", "heads", "head_dim"), init_std=cfg.init_std, name="q", **qkv)(x_BLD)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         new_cache = None
         if self.cross and kv_x_BSD is None:
+            assert cache is not None, "cross-attention without kv_x reads keys and values from the cache"
             k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
             new_cache = cache
         else:
-            src = kv_x_BSD if self.cross else x_BLD
+            src = kv_x_BSD if self.cross and kv_x_BSD is not None else x_BLD  # cross: kv_x is given here
             k = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="k", **qkv)(src)
             v = Linear((K, E), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, name="v", **qkv)(src)
             k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))

@@ -71,7 +71,8 @@ def layer_kinds(cfg: ModelConfig, n_layers: int | None = None) -> tuple[str, ...
 
 def aux_loss_terms(cfg: ModelConfig, aux: dict[str, Aux], weight: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """Every kind's loss terms for the aux a model sowed ({kind name: aux stacked over its layers})."""
-    total, sums = jnp.zeros((), jnp.float32), {}
+    total = jnp.zeros((), jnp.float32)
+    sums: dict[str, Any] = {}
     for name, a in aux.items():
         t, s = ffn_kinds()[name].loss_terms(cfg, a, weight)
         total, sums = total + t, {**sums, **s}

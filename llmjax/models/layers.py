@@ -195,7 +195,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        common = dict(
+        common: dict[str, Any] = dict(
             use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype)
         )
         act = _ACTIVATIONS[cfg.mlp]

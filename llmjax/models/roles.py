@@ -97,7 +97,8 @@ def contracted_axes(axes: Sequence[str | None], role: str) -> tuple[int, ...] | 
 
 def describe_decay(roles: Any, mask: Any) -> str:
     """One log line: the parameter paths that are weight-decayed and those that are not."""
-    on, off = [], []
+    on: list[str] = []
+    off: list[str] = []
     for (path, decayed), role in zip(jax.tree_util.tree_flatten_with_path(mask)[0], jax.tree.leaves(roles),
                                      strict=True):
         name = "/".join(str(getattr(k, "key", k)) for k in path)

@@ -11,6 +11,7 @@ schedule on the host for logging.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,6 +23,11 @@ from llmjax.models.roles import decay_mask
 
 SCHEDULES = choices(OptimConfig, "schedule")
 OPTIMIZERS = choices(OptimConfig, "name")
+
+# A learning-rate schedule: update count (a Python int or a traced counter) -> learning rate (an `optax.Schedule`).
+LRSchedule = Callable[[jax.typing.ArrayLike], jax.Array]
+# A parameter's tree path as hashable, type-tagged entries (`_key`).
+PathKey = tuple[tuple[str, Any], ...]
 
 # ----------------------------------------------------------------------------- schedules
 
@@ -41,7 +47,7 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return min(int(cfg.warmup_steps), int(total_steps))
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def make_schedule(cfg: OptimConfig, total_steps: int) -> LRSchedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then the configured decay.
 
     - `cosine`: half cosine from `lr` at the end of warmup to `lr * min_lr_ratio` at `total_steps`.
@@ -63,7 +69,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     start = _decay_start(cfg, total_steps)
     length = max(total_steps - start, 1)
 
-    def schedule(step: Any) -> jax.Array:
+    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
         s = jnp.asarray(step, jnp.float32)
         warm = peak * s / max(warmup, 1)
         frac = jnp.clip((s - start) / length, 0.0, 1.0)
@@ -170,10 +176,10 @@ def _key(entry: Any) -> tuple[str, Any]:
     return ("other", str(entry))
 
 
-def _param_table(params_shardings: Any, params_shapes: Any) -> dict[tuple, tuple[tuple[int, ...], Any]]:
+def _param_table(params_shardings: Any, params_shapes: Any) -> dict[PathKey, tuple[tuple[int, ...], Any]]:
     """Map each param path (as `_key` tuples) to (shape, sharding)."""
     shape_leaves, treedef = jax.tree_util.tree_flatten_with_path(params_shapes)
-    shardings = treedef.flatten_up_to(params_shardings)
+    shardings = treedef.flatten_up_to(params_shardings)  # type: ignore[attr-defined]  # jaxlib has no PyTreeDef stub
     return {
         tuple(_key(e) for e in path): (tuple(leaf.shape), sharding)
         for (path, leaf), sharding in zip(shape_leaves, shardings, strict=True)

@@ -8,7 +8,7 @@ and the metrics, and its batch is a typed pytree whose `weights` field weights t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import flax.linen as nn
 import jax
@@ -16,11 +16,38 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from llmjax.models.families import ModelFamily
+from llmjax.models.families.base import Params, Sums
 from llmjax.parallel.rules import constrain
 
-Batch = Any  # the family's batch type (e.g. `LMBatch`)
 Metrics = dict[str, jax.Array]
+
+
+class WeightedBatch(Protocol):
+    """What the step reads of a batch (a pytree of [B, ...] arrays): `weights`, whose sum divides the loss."""
+
+    @property
+    def weights(self) -> jax.Array: ...
+
+
+# A batch as the step's callers see it: the family's own type (e.g. `LMBatch`), known to the family only.
+Batch = Any
+BatchT = TypeVar("BatchT", bound=WeightedBatch)
+Batch_contra = TypeVar("Batch_contra", bound=WeightedBatch, contravariant=True)
+
+
+class TrainObjective(Protocol[Batch_contra]):
+    """What the steps ask of a model family (`llmjax.models.families.ModelFamily`) or of an objective that
+    wraps one (DPO's `PreferenceObjective`): the loss as sums, the metrics from them, the evaluation sums."""
+
+    @property
+    def uses_rng(self) -> bool: ...
+
+    def loss(self, model: nn.Module, params: Params, batch: Batch_contra, z_loss: float,
+             rng: jax.Array | None = None) -> tuple[jax.Array, Sums]: ...
+
+    def metrics(self, sums: Sums, total_weight: jax.Array) -> dict[str, jax.Array]: ...
+
+    def eval_sums(self, model: nn.Module, params: Params, batch: Batch_contra) -> Sums: ...
 
 
 class TrainState(struct.PyTreeNode):
@@ -33,7 +60,7 @@ class TrainState(struct.PyTreeNode):
     frozen: Any = None  # parameters the optimizer does not train (LoRA's base model); not checkpointed
 
 
-def split_microbatches(batch: Batch, n: int) -> Batch:
+def split_microbatches(batch: BatchT, n: int) -> BatchT:
     """[B, ...] -> [n, B/n, ...]; microbatch a takes rows a, a+n, a+2n, ...
 
     Rows are interleaved so that each device's contiguous shard of the batch dimension
@@ -44,14 +71,15 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
         x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
         return constrain(x, (None, "act_batch", *([None] * (x.ndim - 2))))
 
-    return jax.tree.map(split, batch)
+    micros: BatchT = jax.tree.map(split, batch)
+    return micros
 
 
 # (frozen, trained params, rng or None) -> the model's parameters (LoRA: the merged weights)
 ModelParams = Callable[[Any, Any, "jax.Array | None"], Any]
 
 
-def batch_gradients(family: ModelFamily, model: nn.Module, params: Any, batch: Batch, z_loss: float,
+def batch_gradients(family: TrainObjective[BatchT], model: nn.Module, params: Params, batch: BatchT, z_loss: float,
                     accum_steps: int, rng: jax.Array | None = None, frozen: Any = None,
                     model_params: ModelParams | None = None, params_rng: jax.Array | None = None
                     ) -> tuple[Any, Metrics]:
@@ -79,7 +107,7 @@ def batch_gradients(family: ModelFamily, model: nn.Module, params: Any, batch: B
         sum_shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros), rng)[1])
         init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes))
 
-        def body(carry, xs):
+        def body(carry: tuple[Any, Sums], xs: tuple[jax.Array, BatchT]) -> tuple[tuple[Any, Sums], None]:
             g_acc, sums_acc = carry
             i, micro = xs
             g, sums = grad_fn(params, micro, None if rng is None else jax.random.fold_in(rng, i))
@@ -94,13 +122,13 @@ def batch_gradients(family: ModelFamily, model: nn.Module, params: Any, batch: B
 PARAMS_KEY = 0x10A4  # folded into the step's key for `model_params` randomness (LoRA dropout)
 
 
-def make_train_step(family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation, z_loss: float,
+def make_train_step(family: TrainObjective[BatchT], model: nn.Module, tx: optax.GradientTransformation, z_loss: float,
                     accum_steps: int, model_params: ModelParams | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    ) -> Callable[[TrainState, BatchT], tuple[TrainState, Metrics]]:
     """train_step(state, batch) -> (new state, metrics): one optimizer update on the global batch.
     `model_params`: see `batch_gradients` (its rng: the step's key with `PARAMS_KEY` folded in)."""
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: BatchT) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step) if family.uses_rng else None
         params_rng = None
         if model_params is not None:
@@ -117,10 +145,10 @@ def make_train_step(family: ModelFamily, model: nn.Module, tx: optax.GradientTra
     return train_step
 
 
-def make_eval_step(family: ModelFamily, model: nn.Module) -> Callable[[Any, Batch], Metrics]:
+def make_eval_step(family: TrainObjective[BatchT], model: nn.Module) -> Callable[[Params, BatchT], Metrics]:
     """eval_step(params, batch) -> the family's evaluation sums (nll_sum, weight_sum, ...), added over batches."""
 
-    def eval_step(params: Any, batch: Batch) -> Metrics:
+    def eval_step(params: Params, batch: BatchT) -> Metrics:
         return family.eval_sums(model, params, batch)
 
     return eval_step

@@ -22,11 +22,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from llmjax.config import Config, ConfigError
+from llmjax.data.stream.records import Records
 from llmjax.data.stream.sources import PREPARED_FORMAT, PREPARED_META, Source, probe, resolve_sources
 from llmjax.data.tokenizers.run_tokenizer import load_copy, save_copy
 from llmjax.data.tokenizers.tokenizer import resolve_tokenizer
@@ -42,7 +43,7 @@ class ShardTask:
     split: str
     index: int
     count: int
-    records: Sequence[Any]
+    records: Records
     start: int
     stop: int
     tokenizer_dir: str
@@ -74,7 +75,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         pending.clear()
 
     for i in range(task.start, task.stop):
-        pending.extend(d for d in task.records[i] if d)
+        pending.extend(d for d in cast(Sequence[str], task.records[i]) if d)  # text sources only (`prepare`)
         if len(pending) >= _ENCODE_DOCS:
             flush()
     flush()
@@ -85,7 +86,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     return info
 
 
-def _tasks(records: Sequence[Any], split: str, shards: int, tokenizer_dir: Path, out: Path,
+def _tasks(records: Records, split: str, shards: int, tokenizer_dir: Path, out: Path,
            dtype: str) -> list[ShardTask]:
     n = len(records)
     shards = max(1, min(shards, n)) if n else 0

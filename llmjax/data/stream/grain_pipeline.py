@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from llmjax.data.stream.records import Records
 from llmjax.data.stream.row_objectives import Objective
 from llmjax.data.stream.sources import Source
 from llmjax.data.stream.stages import (
@@ -64,7 +65,7 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def record_stream(records: Sequence[Any], name: str, spec: StreamSpec, share: int, train: bool) -> grain.MapDataset:
+def record_stream(records: Records, name: str, spec: StreamSpec, share: int, train: bool) -> grain.MapDataset:
     """The records share `share` reads, in order: every `shares`-th of the epoch-by-epoch order."""
     ds = grain.MapDataset.source(records)
     if train and spec.shuffle:
@@ -88,7 +89,7 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
     threading.Thread(target=watch, name="llmjax-parent-watch", daemon=True).start()
 
 
-def source_rows(source: Source, index: int, records: Sequence[Any], tokenizer: Any, spec: StreamSpec, share: int,
+def source_rows(source: Source, index: int, records: Records, tokenizer: Any, spec: StreamSpec, share: int,
                 train: bool) -> grain.IterDataset:
     """Packed rows of one source for one share (infinite when `train`, one pass otherwise)."""
     ds = record_stream(records, source.name, spec, share, train)

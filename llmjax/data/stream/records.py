@@ -3,7 +3,8 @@
 Each is a picklable sequence (`len`, `[i]`) whose item is a list of documents: strings for text
 sources, int32 token arrays for prepared shards. Nothing is read when a source is built except
 listings and shard indexes; a record is read when the pipeline asks for it, usually in a worker
-process. Read errors raise `DataError` naming the file.
+process. Read errors raise `DataError` naming the file. `Records` is the interface a source's splits
+satisfy.
 """
 
 from __future__ import annotations
@@ -12,23 +13,53 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from llmjax.data.errors import DataError
 from llmjax.data.stream.files import file_format, read_block
 
 log = logging.getLogger(__name__)
 
+# A document: text (text sources) or int32 token ids (prepared shards).
+Document = str | npt.NDArray[np.int32]
+Indices = npt.NDArray[np.int64]
 
-class FileBlocks(Sequence):
+
+class Records(Protocol):
+    """A split of a source: a picklable random-access sequence whose item i is record i's documents.
+
+    `kind`: "text" or "tokens"; `key`: the config key the source came from (for messages); `nbytes`: the
+    bytes it reads, when known; `name(i)`: a short name of record i; `subset(indices)`: the records at those
+    indices, as records."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def nbytes(self) -> int | None: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> Sequence[Document]: ...
+
+    def name(self, i: int) -> str: ...
+
+    def subset(self, indices: Indices) -> Records: ...
+
+
+class FileBlocks(Sequence[list[str]]):
     """Blocks of local text / JSON-lines files; record i is block `blocks[i]` = (file index, block index)."""
 
     kind = "text"
 
-    def __init__(self, root: Path, rels: Sequence[str], nblocks: np.ndarray, sizes: np.ndarray, blocks: np.ndarray,
-                 block_bytes: int, text_key: str, key: str):
+    def __init__(self, root: Path, rels: Sequence[str], nblocks: npt.ArrayLike, sizes: npt.ArrayLike,
+                 blocks: npt.ArrayLike, block_bytes: int, text_key: str, key: str):
         self.root, self.rels = Path(root), list(rels)
         self.nblocks, self.sizes = np.asarray(nblocks, np.int64), np.asarray(sizes, np.int64)
         self.blocks = np.asarray(blocks, np.int64).reshape(-1, 2)
@@ -48,7 +79,7 @@ class FileBlocks(Sequence):
         f, b = self.blocks[i]
         return self.rels[f] if self.nblocks[f] == 1 else f"{self.rels[f]}#{b}"
 
-    def subset(self, indices: np.ndarray) -> FileBlocks:
+    def subset(self, indices: Indices) -> FileBlocks:
         return FileBlocks(self.root, self.rels, self.nblocks, self.sizes, self.blocks[indices], self.block_bytes,
                           self.text_key, self.key)
 
@@ -101,7 +132,7 @@ def _json_lines(text: str, key: str, path: Path, block: int) -> list[str]:
     return docs
 
 
-class TfdsRecords(Sequence):
+class TfdsRecords(Sequence[list[str]]):
     """Records [start, stop) of a TFDS split read with `tfds.data_source` (array_record, no TensorFlow)."""
 
     kind = "text"
@@ -122,7 +153,7 @@ class TfdsRecords(Sequence):
     def name(self, i: int) -> str:
         return f"{self.split}[{self.start + i}]"
 
-    def subset(self, indices: np.ndarray) -> Sequence[Any]:
+    def subset(self, indices: Indices) -> Records:
         return _Subset(self, indices)
 
     def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
@@ -140,27 +171,27 @@ class TfdsRecords(Sequence):
         return [text] if text else []
 
 
-class _Subset(Sequence):
-    def __init__(self, parent: Sequence[Any], indices: np.ndarray):
+class _Subset(Sequence[Sequence[Document]]):
+    def __init__(self, parent: Records, indices: Indices):
         self.parent, self.indices = parent, np.asarray(indices, np.int64)
-        self.kind, self.key = parent.kind, parent.key  # type: ignore[attr-defined]
+        self.kind, self.key = parent.kind, parent.key
 
     nbytes = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+    def __getitem__(self, i: int) -> Sequence[Document]:  # type: ignore[override]
         return self.parent[int(self.indices[int(i)])]
 
     def name(self, i: int) -> str:
-        return self.parent.name(int(self.indices[int(i)]))  # type: ignore[attr-defined]
+        return self.parent.name(int(self.indices[int(i)]))
 
-    def subset(self, indices: np.ndarray) -> Sequence[Any]:
+    def subset(self, indices: Indices) -> Records:
         return _Subset(self.parent, self.indices[indices])
 
 
-class TokenShards(Sequence):
+class TokenShards(Sequence[list[npt.NDArray[np.int32]]]):
     """Documents of pre-tokenized array_record shards (`llmjax data prepare`); record = one document."""
 
     kind = "tokens"
@@ -183,7 +214,7 @@ class TokenShards(Sequence):
     def name(self, i: int) -> str:
         return str(i)
 
-    def subset(self, indices: np.ndarray) -> Sequence[Any]:
+    def subset(self, indices: Indices) -> Records:
         return _Subset(self, indices)
 
     def _reader(self, shard: int) -> Any:
@@ -193,7 +224,7 @@ class TokenShards(Sequence):
             self._readers[shard] = ArrayRecordReader(str(self.paths[shard]), "readahead_buffer_size:0")
         return self._readers[shard]
 
-    def __getitem__(self, i: int) -> list[np.ndarray]:  # type: ignore[override]
+    def __getitem__(self, i: int) -> list[npt.NDArray[np.int32]]:  # type: ignore[override]
         i = int(i)
         shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
         path = self.paths[shard]
@@ -205,7 +236,7 @@ class TokenShards(Sequence):
         return [np.frombuffer(blob, dtype=self.dtype).astype(np.int32)]
 
 
-def iter_records(records: Sequence[Any], order: Sequence[int]) -> Iterator[Any]:
+def iter_records(records: Records, order: Sequence[int]) -> Iterator[Sequence[Document]]:
     """Records in the given order (lazily)."""
     for i in order:
         yield records[int(i)]

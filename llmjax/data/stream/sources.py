@@ -14,9 +14,9 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from llmjax.data.stream.files import (
     num_blocks,
     split_records,
 )
-from llmjax.data.stream.records import FileBlocks, TfdsRecords, TokenShards
+from llmjax.data.stream.records import FileBlocks, Records, TfdsRecords, TokenShards
 
 PREPARED_META = "llmjax_prepared.json"
 PREPARED_FORMAT = 1
@@ -45,8 +45,8 @@ class Source:
     key: str  # the config key it came from, for messages ("data.path", "data.sources[1]")
     weight: float
     kind: str  # "text" (documents are strings) or "tokens" (pre-tokenized)
-    train: Sequence[Any]
-    validation: Sequence[Any]
+    train: Records
+    validation: Records
     description: str
     fingerprint: str  # keys the trained tokenizer's cache
     tokenizer_dir: Path | None = None  # prepared sources: the tokenizer their tokens come from
@@ -55,12 +55,13 @@ class Source:
     def sample_documents(self) -> Iterator[str]:
         """Training documents in an order fixed by a hash of the record index (spread over the corpus)."""
         n = len(self.train)
+        order: Iterable[int]
         if n <= 200_000:
             order = sorted(range(n), key=lambda i: hashlib.sha1(f"{_SAMPLE_SEED}:{i}".encode()).digest())
         else:
             order = np.random.default_rng(0).permutation(n)
         for i in order:
-            yield from self.train[int(i)]
+            yield from cast(Sequence[str], self.train[int(i)])  # `kind` "text": documents are strings
 
     def max_tokens(self, split: str) -> int | None:
         """An upper bound on the tokens of a split (text: at most one per byte, plus BOS/EOS), if known."""
@@ -184,7 +185,7 @@ def prepared_source(path: Path, key: str, name: str = "") -> Source:
         raise ConfigError(f"{key}: {meta_path} is unreadable ({e}); prepare the directory again") from None
     if meta.get("format") != PREPARED_FORMAT:
         raise ConfigError(f"{key}: {meta_path} has format {meta.get('format')!r}, this llmjax reads {PREPARED_FORMAT}")
-    splits = {}
+    splits: dict[str, TokenShards] = {}
     for split in ("train", "validation"):
         shards = meta["splits"].get(split, [])
         paths = [path / sh["file"] for sh in shards]
@@ -222,6 +223,8 @@ def check_shard(path: Path, documents: int, key: str) -> None:
 def _tfds_source(cfg: Config, key: str, s: SourceConfig) -> Source:
     """A dataset the user prepared with TFDS (array_record). Raises ConfigError."""
     import tensorflow_datasets as tfds
+
+    assert s.tfds_name is not None  # `_resolve` comes here only when it is set
 
     k = key if key.endswith("]") else "data"
     if not s.tfds_data_dir:

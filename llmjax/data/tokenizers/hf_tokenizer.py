@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from llmjax.config import ConfigError
 from llmjax.data.tokenizers.tokenizer import Tokenizer
@@ -157,7 +158,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self) -> npt.NDArray[np.int64]:
         """Byte-level BPE: one byte per alphabet character; SentencePiece-style: U+2581 is a space,
         `<0xHH>` one byte; WordPiece: the `##` continuation prefix does not count; specials 0."""
         byte_level = "ByteLevel" in _decoder_types(self._spec.get("decoder"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import sentencepiece as spm
 
 from llmjax.config import Config, ConfigError
@@ -65,7 +66,7 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self) -> npt.NDArray[np.int64]:
         """Byte-fallback pieces 1, control/unknown/unused 0, others the UTF-8 length (U+2581 is a space)."""
         sp = self._sp
         out = np.zeros(sp.get_piece_size(), np.int64)

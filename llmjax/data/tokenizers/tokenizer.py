@@ -13,11 +13,15 @@ import abc
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from llmjax.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from llmjax.data.stream.sources import Source
 
 
 class Tokenizer(abc.ABC):
@@ -46,10 +50,10 @@ class Tokenizer(abc.ABC):
         """Ids -> text; special tokens (pad/bos/eos) decode to the empty string."""
 
     @abc.abstractmethod
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self) -> npt.NDArray[np.int64]:
         """int64 [vocab_size]: the UTF-8 bytes each id stands for (special ids 0), for bits per byte."""
 
-    def model_token_bytes(self, model_vocab: int) -> np.ndarray:
+    def model_token_bytes(self, model_vocab: int) -> npt.NDArray[np.int64]:
         """`token_bytes` over a model's `model_vocab` ids: ids the tokenizer does not have (a family's
         reserved mask / sentinel ids, padding rows of the embedding) stand for 0 bytes."""
         out = np.zeros(model_vocab, np.int64)
@@ -138,7 +142,7 @@ def check_vocab(tok: Tokenizer, cfg: Config, key: str = "data.tokenizer") -> Non
                           "tokenizer with one, or give its tokenizer_config.json an eos_token")
 
 
-def resolve_tokenizer(cfg: Config, sources: Sequence[Any]) -> Tokenizer:
+def resolve_tokenizer(cfg: Config, sources: Sequence[Source]) -> Tokenizer:
     """The run's tokenizer: `data.tokenizer`, else a prepared source's own, else one trained (cached).
 
     `sources` are `llmjax.data.stream.sources.Source`s (the trained tokenizer samples their training text).
@@ -148,7 +152,8 @@ def resolve_tokenizer(cfg: Config, sources: Sequence[Any]) -> Tokenizer:
     else:
         prepared = [s for s in sources if s.tokenizer_dir is not None]
         if prepared:
-            tok = load_tokenizer(prepared[0].tokenizer_dir, f"{prepared[0].key} (its prepared tokenizer)")
+            tok_dir = cast(Path, prepared[0].tokenizer_dir)  # not None: `prepared` are those that have one
+            tok = load_tokenizer(tok_dir, f"{prepared[0].key} (its prepared tokenizer)")
         else:
             from llmjax.data.tokenizers.sp_tokenizer import train_cached
 

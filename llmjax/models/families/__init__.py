@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.config.family_spec import FAMILY_CLASSES
-from llmjax.models.families.base import LMBatch, ModelFamily, batch_from_dict, forward
+from llmjax.models.families.base import (
+    Batch,
+    DecodingFamily,
+    LMBatch,
+    LMFamily,
+    ModelFamily,
+    batch_from_dict,
+    forward,
+)
 
-__all__ = ["LMBatch", "ModelFamily", "batch_from_dict", "build_family", "forward"]
+__all__ = ["AnyFamily", "Batch", "DecodingFamily", "LMBatch", "LMFamily", "ModelFamily", "batch_from_dict",
+           "build_family", "forward"]
+
+# A family as its callers see it: any config subclass, a batch type known only to the family itself.
+AnyFamily = ModelFamily[ModelConfig, Any]
 
 
-def build_family(cfg: ModelConfig) -> ModelFamily:
+def build_family(cfg: ModelConfig) -> AnyFamily:
     """The family `cfg.family` names, for this model config. ConfigError for an unknown name."""
     if cfg.family not in FAMILY_CLASSES:
         raise ConfigError(f"model.family: {cfg.family!r} is not one of {', '.join(FAMILY_CLASSES)}")
     module, cls = FAMILY_CLASSES[cfg.family].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    family_cls: type[AnyFamily] = getattr(importlib.import_module(module), cls)
+    return family_cls(cfg)

@@ -6,12 +6,19 @@ host-side `objective`), its loss as sums (the differentiated total including alr
 auxiliary losses, and metric sums), evaluation sums, FLOPs per token and, where it has one, its
 decoding (KV cache). Callers go through `llmjax.models.families.build_family` and never branch on
 the family.
+
+The contract is typed: `ModelFamily[C, B]` is generic in its config class C (`ModelConfig` or a family's
+subclass of it, `llmjax.config.family_spec`) and its batch type B (a `Batch`: a struct dataclass with
+`targets` and `weights`). `LMFamily` implements the forward pass for `LMBatch` (decoder, encoder);
+`DecodingFamily` adds the KV-cache decoding that `llmjax.infer` asks for (decoder, encoder-decoder).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import flax.linen as nn
 import jax
@@ -21,12 +28,50 @@ from flax import struct
 
 from llmjax.config import ModelConfig
 from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
-from llmjax.models.feedforward import aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
+from llmjax.models.feedforward import Aux, aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
 from llmjax.models.losses import cross_entropy, weighted_sums
 from llmjax.models.transformer import output_matrix
 from llmjax.parallel.pipeline import Schedule
 
+if TYPE_CHECKING:
+    from llmjax.data.stream.row_objectives import Objective
+
 Sums = dict[str, jax.Array]
+# A model's parameters: the pytree of arrays under flax's "params" collection (its structure is the module's).
+Params = Any
+# What the feed-forward layers sowed in a forward pass: {kind: aux stacked over its layers} (empty when dense).
+FFNAux = dict[str, Aux]
+# Per-example field -> numpy scalar type of a batch (`Batch.FIELDS`).
+FieldTypes = dict[str, type[np.generic]]
+
+
+class Batch(Protocol):
+    """What every family's batch is: a struct dataclass (a pytree) of arrays, `FIELDS` naming its fields'
+    numpy types, `targets` the tokens the loss scores and `weights` the weight of each target (0: no loss)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    FIELDS: ClassVar[FieldTypes]
+
+    @property
+    def targets(self) -> jax.Array: ...
+
+    @property
+    def weights(self) -> jax.Array: ...
+
+
+class TokenIds(Protocol):
+    """What an objective needs of the tokenizer (`llmjax.data.tokenizers.tokenizer.Tokenizer` has it): its
+    vocabulary size and EOS id."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+
+CfgT = TypeVar("CfgT", bound=ModelConfig, covariant=True)
+BatchT = TypeVar("BatchT", bound=Batch)
 
 
 @struct.dataclass
@@ -43,11 +88,11 @@ class LMBatch:
     positions: jax.Array  # int32
     weights: jax.Array  # float32
 
-    FIELDS: ClassVar[dict[str, Any]] = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
+    FIELDS: ClassVar[FieldTypes] = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
                                         "positions": np.int32, "weights": np.float32}
 
 
-def batch_from_dict(batch_type: type, arrays: dict[str, Any]) -> Any:
+def batch_from_dict(batch_type: type[BatchT], arrays: Mapping[str, Any]) -> BatchT:
     """A typed batch from a dict of arrays with its field names (a loader's output); ValueError naming what
     is missing or extra."""
     names = {f.name for f in dataclasses.fields(batch_type)}
@@ -56,26 +101,27 @@ def batch_from_dict(batch_type: type, arrays: dict[str, Any]) -> Any:
     return batch_type(**arrays)
 
 
-def forward(model: nn.Module, params: Any, *args: jax.Array, rng: jax.Array | None = None, **kwargs: Any
-            ) -> tuple[jax.Array, dict]:
+def forward(model: nn.Module, params: Params, *args: jax.Array | None, rng: jax.Array | None = None, **kwargs: Any
+            ) -> tuple[jax.Array, FFNAux]:
     """`model.apply` that also returns what the feed-forward layers sowed ({kind: aux stacked over its
     layers}, empty for a dense model). `rng` feeds MoE router jitter (training only); `kwargs` go to the
     module (e.g. `return_hidden=True`)."""
     rngs = {"router": rng} if rng is not None else None
     out, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"], **kwargs)
-    aux = state.get("intermediates", {}).get("ffn_aux", ({},))[0]
+    aux: FFNAux = state.get("intermediates", {}).get("ffn_aux", ({},))[0]
     return out, aux
 
 
-class ModelFamily:
-    """Base class of the families; subclasses set `name`, `batch_type` and override what differs."""
+class ModelFamily(abc.ABC, Generic[CfgT, BatchT]):
+    """Base class of the families; subclasses set `name`, `batch_type` (their B) and implement `module` and
+    `logits` (`LMFamily` does for `LMBatch`), overriding what else differs."""
 
     name: ClassVar[str] = ""
-    batch_type: ClassVar[type] = LMBatch
+    batch_type: ClassVar[type[Batch]] = LMBatch
     supports_pipeline: ClassVar[bool] = True
 
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CfgT):
+        self.cfg: CfgT = cfg
 
     @property
     def uses_rng(self) -> bool:
@@ -84,19 +130,19 @@ class ModelFamily:
         return any(kinds[k].uses_rng(self.cfg) for k in set(layer_kinds(self.cfg)))
 
     # ------------------------------------------------------------------ model and data
+    @abc.abstractmethod
     def module(self, pipeline: Schedule | None = None) -> nn.Module:
         """The linen module (parameters are the same with or without a pipeline schedule)."""
-        raise NotImplementedError
 
     def init_args(self, seq_len: int) -> tuple[jax.Array, ...]:
         """Dummy inputs for `module().init` (shapes only matter for the parameters' shapes: none)."""
         return (jnp.zeros((1, min(seq_len, self.cfg.max_seq_len)), jnp.int32),)
 
-    def example_shapes(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def example_shapes(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], type[np.generic]]]:
         """Per-example field shapes and numpy dtypes of `batch_type` at `data.seq_len`."""
         return {k: ((seq_len,), dt) for k, dt in self.batch_type.FIELDS.items()}
 
-    def objective(self, seq_len: int, tokenizer: Any) -> Any:
+    def objective(self, seq_len: int, tokenizer: TokenIds) -> Objective:
         """The host-side example maker for the data pipeline (`llmjax.data.stream.row_objectives`); `tokenizer` gives
         the special ids and the ordinary vocabulary."""
         from llmjax.data.stream.row_objectives import NextToken
@@ -112,22 +158,23 @@ class ModelFamily:
         return seq_len
 
     # ------------------------------------------------------------------ loss
-    def logits(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
-               ) -> tuple[jax.Array, dict]:
+    @abc.abstractmethod
+    def logits(self, model: nn.Module, params: Params, batch: BatchT, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, FFNAux]:
         """-> (logits [B, L, V] float32 for `batch.targets`, feed-forward aux)."""
-        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng)
 
-    def hidden_states(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
-                      ) -> tuple[jax.Array, dict]:
-        """-> (final-norm hidden states [B, L, D], feed-forward aux): `logits` before the output projection."""
-        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng, return_hidden=True)
+    def hidden_states(self, model: nn.Module, params: Params, batch: BatchT, rng: jax.Array | None = None
+                      ) -> tuple[jax.Array, FFNAux]:
+        """-> (final-norm hidden states [B, L, D], feed-forward aux): `logits` before the output projection
+        (what the chunked cross-entropy of `model.loss_chunk` > 0 needs; `LMFamily` has it)."""
+        raise NotImplementedError(f"model.family={self.name} has no hidden-state output (model.loss_chunk > 0)")
 
-    def output_matrix(self, params: Any) -> tuple[jax.Array, int]:
+    def output_matrix(self, params: Params) -> tuple[jax.Array, int]:
         """(the output projection's weights, their vocabulary axis): logits = `hidden_states` x it."""
         return output_matrix(self.cfg, params)
 
-    def token_losses(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array, dict]:
+    def token_losses(self, model: nn.Module, params: Params, batch: BatchT, rng: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, FFNAux]:
         """-> (NLL [B, L], logZ [B, L] float32 of `batch.targets`, feed-forward aux). With `model.loss_chunk`
         > 0 from `hidden_states` and `output_matrix`, a chunk of positions at a time
         (`llmjax.kernels.cross_entropy`), so the full float32 logits never exist at once."""
@@ -140,7 +187,7 @@ class ModelFamily:
         logits_BLV, aux = self.logits(model, params, batch, rng)
         return (*cross_entropy(logits_BLV, batch.targets), aux)
 
-    def loss(self, model: nn.Module, params: Any, batch: Any, z_loss: float, rng: jax.Array | None = None
+    def loss(self, model: nn.Module, params: Params, batch: BatchT, z_loss: float, rng: jax.Array | None = None
              ) -> tuple[jax.Array, Sums]:
         """-> (the sum to differentiate, metric sums): sum over tokens of weights x (NLL + z_loss logZ^2),
         plus the feed-forward kinds' already-weighted auxiliary losses. Dividing by the batch's total
@@ -157,7 +204,7 @@ class ModelFamily:
         return {"loss": sums["nll_sum"] / total_weight, "z_loss": sums["z_sum"] / total_weight,
                 **aux_metrics(self.cfg, sums, total_weight)}
 
-    def eval_sums(self, model: nn.Module, params: Any, batch: Any) -> Sums:
+    def eval_sums(self, model: nn.Module, params: Params, batch: BatchT) -> Sums:
         """Sums over a validation batch, added over batches: nll_sum, weight_sum (+ family extras)."""
         if self.cfg.loss_chunk > 0:  # no full [B, L, V] logits: the NLL sums only
             nll_BL, logz_BL, _ = self.token_losses(model, params, batch)
@@ -166,7 +213,7 @@ class ModelFamily:
         logits_BLV, _ = self.logits(model, params, batch)
         return self.eval_sums_from_logits(logits_BLV, batch)
 
-    def eval_sums_from_logits(self, logits_BLV: jax.Array, batch: Any) -> Sums:
+    def eval_sums_from_logits(self, logits_BLV: jax.Array, batch: BatchT) -> Sums:
         """`eval_sums` from the logits (families add metrics that need them, e.g. accuracy)."""
         nll_BL, logz_BL = cross_entropy(logits_BLV, batch.targets)
         _, sums = weighted_sums(nll_BL, logz_BL, batch.weights, 0.0)
@@ -199,3 +246,53 @@ class ModelFamily:
 
     def describe(self) -> str:
         return self.name
+
+
+class LMFamily(ModelFamily[CfgT, LMBatch]):
+    """A family whose batch is an `LMBatch` and whose module maps (inputs, segment_ids, positions) to logits
+    (or, with `return_hidden=True`, to the final-norm hidden states)."""
+
+    batch_type: ClassVar[type[Batch]] = LMBatch
+
+    def logits(self, model: nn.Module, params: Params, batch: LMBatch, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, FFNAux]:
+        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng)
+
+    def hidden_states(self, model: nn.Module, params: Params, batch: LMBatch, rng: jax.Array | None = None
+                      ) -> tuple[jax.Array, FFNAux]:
+        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng, return_hidden=True)
+
+
+# A KV cache: nested dicts of arrays (`llmjax.models.transformer.init_cache`) plus the family's entries.
+Cache = dict[str, Any]
+
+
+class DecodingFamily(ModelFamily[CfgT, BatchT]):
+    """A family that generates: a left-padded prompt batch is prefilled into a KV cache, then `step` adds one
+    token per row (`llmjax.infer.engine`)."""
+
+    @abc.abstractmethod
+    def decode_budget(self, prompt_len: int) -> int:
+        """New tokens a prompt of this length leaves room for (0: too long)."""
+
+    @abc.abstractmethod
+    def cache_length(self, padded_prompt_len: int, new_tokens: int) -> int:
+        """Cache slots for a prompt batch of this (padded) length and this many new tokens."""
+
+    @abc.abstractmethod
+    def new_cache(self, batch: int, slots: int, prompt_len: int) -> Cache:
+        """An empty cache for `batch` rows of `slots` tokens and prompts of `prompt_len`."""
+
+    @abc.abstractmethod
+    def cache_axes(self, cache: Cache) -> dict[str, Any]:
+        """Logical axes of every cache entry (the batch dimension is named `act_batch`)."""
+
+    @abc.abstractmethod
+    def prefill(self, model: nn.Module, params: Params, tokens_BP: jax.Array, segment_ids_BP: jax.Array,
+                positions_BP: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Left-padded prompts [B, P] (padding: segment id 0) into an empty cache -> (next-token logits [B, V],
+        cache)."""
+
+    @abc.abstractmethod
+    def step(self, model: nn.Module, params: Params, cache: Cache, token_B: jax.Array) -> tuple[jax.Array, Cache]:
+        """One new token per row -> (next-token logits [B, V], cache)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
 
 import flax.linen as nn
 import jax
@@ -11,8 +12,9 @@ import numpy as np
 from flax import struct
 
 from llmjax.config import ConfigError
+from llmjax.config.family_spec import EncoderDecoderConfig
 from llmjax.data.stream.row_objectives import SpanCorruption
-from llmjax.models.families.base import ModelFamily, forward
+from llmjax.models.families.base import Batch, Cache, DecodingFamily, FFNAux, FieldTypes, Params, TokenIds, forward
 from llmjax.models.feedforward import ffn_kinds, layer_kinds
 from llmjax.models.seq2seq_transformer import EncoderDecoder
 from llmjax.models.transformer import cache_logical_axes, init_cache
@@ -32,7 +34,7 @@ class Seq2SeqBatch:
     decoder_positions: jax.Array
     weights: jax.Array  # float32
 
-    FIELDS: ClassVar[dict[str, Any]] = {
+    FIELDS: ClassVar[FieldTypes] = {
         "encoder_inputs": np.int32, "encoder_segment_ids": np.int32, "encoder_positions": np.int32,
         "decoder_inputs": np.int32, "decoder_targets": np.int32, "decoder_segment_ids": np.int32,
         "decoder_positions": np.int32, "weights": np.float32}
@@ -42,13 +44,13 @@ class Seq2SeqBatch:
         return self.decoder_targets
 
 
-class EncoderDecoderFamily(ModelFamily):
+class EncoderDecoderFamily(DecodingFamily[EncoderDecoderConfig, "Seq2SeqBatch"]):
     """`EncoderDecoder` trained on span corruption (`SpanCorruption`): the loss is the decoder's NLL of
     the targets (sentinels, spans, EOS). Decoding: the prompt goes through the encoder once; the decoder
     starts from the reserved start id. No pipeline parallelism (two stacks)."""
 
     name = "encoder_decoder"
-    batch_type = Seq2SeqBatch
+    batch_type: ClassVar[type[Batch]] = Seq2SeqBatch
     supports_pipeline = False
 
     def module(self, pipeline: Schedule | None = None) -> nn.Module:
@@ -70,8 +72,8 @@ class EncoderDecoderFamily(ModelFamily):
         m = self.cfg
         return SpanCorruption(m.noise_density, m.mean_span_length, self.sentinel_ids(), self.start_id(), eos_id)
 
-    def objective(self, seq_len: int, tokenizer: Any) -> SpanCorruption:
-        return self.span_corruption(tokenizer.eos_id)
+    def objective(self, seq_len: int, tokenizer: TokenIds) -> SpanCorruption:
+        return self.span_corruption(cast(int, tokenizer.eos_id))  # `check_vocab` refuses a tokenizer without EOS
 
     def target_length(self, seq_len: int) -> int:
         return self.span_corruption(0).target_length(seq_len)
@@ -81,15 +83,15 @@ class EncoderDecoderFamily(ModelFamily):
         dec = jnp.zeros((1, 8), jnp.int32)
         return enc, jnp.ones_like(enc), enc, dec, jnp.ones_like(dec), dec
 
-    def example_shapes(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def example_shapes(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], type[np.generic]]]:
         L = self.target_length(seq_len)
         return {k: ((seq_len if k.startswith("encoder") else L,), dt) for k, dt in Seq2SeqBatch.FIELDS.items()}
 
     def tokens_per_example(self, seq_len: int) -> int:
         return seq_len + self.target_length(seq_len)
 
-    def logits(self, model: nn.Module, params: Any, batch: Any, rng: jax.Array | None = None
-               ) -> tuple[jax.Array, dict]:
+    def logits(self, model: nn.Module, params: Params, batch: Seq2SeqBatch, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, FFNAux]:
         return forward(model, params, batch.encoder_inputs, batch.encoder_segment_ids, batch.encoder_positions,
                        batch.decoder_inputs, batch.decoder_segment_ids, batch.decoder_positions, rng=rng)
 
@@ -134,7 +136,7 @@ class EncoderDecoderFamily(ModelFamily):
     def cache_length(self, padded_prompt_len: int, new_tokens: int) -> int:
         return 1 + new_tokens
 
-    def new_cache(self, batch: int, slots: int, prompt_len: int) -> dict[str, Any]:
+    def new_cache(self, batch: int, slots: int, prompt_len: int) -> Cache:
         m = self.cfg
         cache = init_cache(m, batch, slots)
         cross = init_cache(m, batch, prompt_len)["layers"]
@@ -142,24 +144,23 @@ class EncoderDecoderFamily(ModelFamily):
         return {**cache, "cross_segment_ids": jnp.zeros((batch, prompt_len), jnp.int32),
                 "next_position": jnp.zeros((batch,), jnp.int32)}
 
-    def cache_axes(self, cache: dict[str, Any]) -> dict[str, Any]:
+    def cache_axes(self, cache: Cache) -> dict[str, Any]:
         inner = {k: v for k, v in cache.items() if k != "next_position"}
         return {**cache_logical_axes(inner), "next_position": ("act_batch",)}
 
-    def prefill(self, model: nn.Module, params: Any, tokens_BP: jax.Array, segment_ids_BP: jax.Array,
-                positions_BP: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+    def prefill(self, model: nn.Module, params: Params, tokens_BP: jax.Array, segment_ids_BP: jax.Array,
+                positions_BP: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Prompts [B, P] (left-padded, padding segment id 0) through the encoder; the start token through
         the decoder -> (logits of the first new token [B, V], cache)."""
         B = tokens_BP.shape[0]
         start = jnp.full((B, 1), self.start_id(), jnp.int32)
-        inner = {k: v for k, v in cache.items() if k != "next_position"}
+        inner: Mapping[str, Any] = {k: v for k, v in cache.items() if k != "next_position"}
         logits, inner = model.apply({"params": params}, tokens_BP, segment_ids_BP, positions_BP, start,
                                     jnp.ones_like(start), jnp.zeros_like(start), cache=inner)
         return logits[:, -1], {**inner, "next_position": jnp.ones((B,), jnp.int32)}
 
-    def step(self, model: nn.Module, params: Any, cache: dict[str, Any], token_B: jax.Array
-             ) -> tuple[jax.Array, dict[str, Any]]:
-        inner = {k: v for k, v in cache.items() if k != "next_position"}
+    def step(self, model: nn.Module, params: Params, cache: Cache, token_B: jax.Array) -> tuple[jax.Array, Cache]:
+        inner: Mapping[str, Any] = {k: v for k, v in cache.items() if k != "next_position"}
         pos = cache["next_position"][:, None]
         logits, inner = model.apply({"params": params}, None, None, None, token_B[:, None].astype(jnp.int32),
                                     jnp.ones_like(pos), pos, cache=inner)

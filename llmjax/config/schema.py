@@ -17,13 +17,10 @@ from typing import Any, Literal
 from llmjax.config.fields import INT32_MAX, option, section
 from llmjax.config.post_training import DPOConfig, LoraConfig
 from llmjax.config.rope_scaling import RopeScalingConfig
+from llmjax.errors import ConfigError  # noqa: F401 - re-exported (`llmjax.config.schema.ConfigError`)
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
-
-
-class ConfigError(ValueError):
-    """A usage error in the configuration; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from llmjax.data.errors import DataError
 from llmjax.data.stream.files import file_format, read_block
+from llmjax.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import struct
 
 from llmjax.config import ModelConfig
+from llmjax.config.family_spec import FamilySpec, family_spec
 from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
 from llmjax.models.feedforward import aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
 from llmjax.models.losses import cross_entropy, weighted_sums
@@ -68,14 +69,19 @@ def forward(model: nn.Module, params: Any, *args: jax.Array, rng: jax.Array | No
 
 
 class ModelFamily:
-    """Base class of the families; subclasses set `name`, `batch_type` and override what differs."""
+    """Base class of the families; subclasses set `name`, `batch_type` and override what differs. What a family
+    can do (pipeline stages, decoding, HF export, ...) is declared in its `FamilySpec` (`spec`), not here."""
 
     name: ClassVar[str] = ""
     batch_type: ClassVar[type] = LMBatch
-    supports_pipeline: ClassVar[bool] = True
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
+
+    @property
+    def spec(self) -> FamilySpec:
+        """The family's capabilities, declared in `llmjax.config.family_spec`."""
+        return family_spec(self.name)
 
     @property
     def uses_rng(self) -> bool:

@@ -49,7 +49,6 @@ class EncoderDecoderFamily(ModelFamily):
 
     name = "encoder_decoder"
     batch_type = Seq2SeqBatch
-    supports_pipeline = False
 
     def module(self, pipeline: Schedule | None = None) -> nn.Module:
         if pipeline is not None:

@@ -273,6 +273,8 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         (["mesh.expert=2", "model.moe.num_experts=4", "mesh.rules={act_batch: [data]}"], ["mesh.rules.act_batch"]),
         (["train.stop_after=11"], ["train.stop_after=11", "train.steps=10"]),
         (["pipeline.repeats=2"], ["pipeline.repeats", "mesh.pipeline"]),
+        (["model.family=encoder", "train.objective=dpo"], ["train.objective=dpo", "model.family=encoder"]),
+        (["model.family=encoder_decoder", "mesh.pipeline=2", "mesh.data=4"], ["mesh.pipeline=2", "encoder_decoder"]),
     ],
 )
 def test_validate_errors_name_the_keys(overrides, keys):

@@ -43,14 +43,13 @@ from typing import Any
 from llmjax import runlog
 from llmjax.config import ConfigError, load_config
 from llmjax.data import cli_args as data_cli
+from llmjax.errors import EXIT_FAILED, EXIT_STORAGE, EXIT_USAGE, CheckpointError, StorageError
 from llmjax.evals import cli_args as harness_cli
 from llmjax.infer.cli_args import INFER_VERBS, add_arguments
 from llmjax.interop import cli_args as convert_cli
 from llmjax.planner import cli_args as planner_cli
 from llmjax.scaling import cli_args as scaling_cli
-from llmjax.storage import EXIT_STORAGE, StorageError, storage_problem
-
-EXIT_FAILED, EXIT_USAGE = 1, 2
+from llmjax.storage import storage_problem
 
 
 def version() -> str:
@@ -108,16 +107,6 @@ def _parser() -> argparse.ArgumentParser:
     data_cli.add_arguments(sub)
     planner_cli.add_arguments(sub)
     return p
-
-
-def _checkpoint_error() -> type[Exception]:
-    # Imported only when an exception reaches its `except` clause: `llmjax --help` and config
-    # errors stay fast (the checkpoint module imports orbax).
-    if "llmjax.train.checkpoint.manager" not in sys.modules:
-        return ()  # type: ignore[return-value] - nothing raised it: matches no exception
-    from llmjax.train.checkpoint.manager import CheckpointError
-
-    return CheckpointError
 
 
 def _workdir(args: argparse.Namespace) -> str:
@@ -231,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmjax: interrupted", file=sys.stderr)
         return 130
-    except _checkpoint_error() as e:
+    except CheckpointError as e:
         _error(str(e))
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - one line on the terminal, the traceback in the log

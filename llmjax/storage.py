@@ -8,17 +8,20 @@ that append (metrics.jsonl, TensorBoard events) stage locally and upload (`write
 Storage failures (a full disk, a quota, a read-only or forbidden path) become one
 `StorageError` that names the path and its free space, so the CLI can print one line and
 exit with `EXIT_STORAGE` instead of a traceback (`storage_problem` recognises them in the
-many exception types orbax, tensorstore and the OS raise).
+many exception types orbax, tensorstore and the OS raise). `StorageError`, `free_space` and
+`EXIT_STORAGE` are defined in `llmjax.errors` and re-exported here.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 from typing import Any
 
-EXIT_STORAGE = 3  # a storage (resource) error: disk full, quota, read-only or forbidden path
+from llmjax.errors import EXIT_STORAGE, ConfigError, StorageError, free_space
+
+__all__ = ["EXIT_STORAGE", "STORAGE_ERRNOS", "StorageError", "as_path", "check_backend", "free_space", "is_url",
+           "reraise_storage", "storage_problem", "writable_ancestor"]
 
 # errno values that are a property of the storage, not of llmjax or the config.
 STORAGE_ERRNOS = {
@@ -39,14 +42,6 @@ STORAGE_TEXT = (
     ("File too large", "file too large for the file system"),
     ("RESOURCE_EXHAUSTED", "the storage is out of resources (RESOURCE_EXHAUSTED)"),
 )
-
-
-class StorageError(RuntimeError):
-    """A write or read that the storage refused. The message names the path, the reason and the free space."""
-
-    def __init__(self, action: str, path: Any, reason: str) -> None:
-        self.path, self.reason = str(path), reason
-        super().__init__(f"cannot {action} {path}: {reason} ({free_space(path)})")
 
 
 def is_url(path: Any) -> bool:
@@ -71,36 +66,9 @@ def check_backend(path: Any) -> None:
     try:
         as_path(path).exists()
     except ImportError as e:
-        from llmjax.config import ConfigError
-
         scheme = os.fspath(path).split("://", 1)[0]
         raise ConfigError(f"{path}: no backend for {scheme}:// paths is installed ({e}); for gs:// "
                           "`pip install gcsfs`") from None
-
-
-def free_space(path: Any) -> str:
-    """'1.2 GiB free of 20.0 GiB' for the file system holding `path` (or its nearest existing parent)."""
-    if is_url(path):
-        return "object store: free space not reported"
-    probe = os.path.abspath(os.fspath(path))
-    while probe and not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    try:
-        usage = shutil.disk_usage(probe)
-    except OSError:
-        return "free space unknown"
-    return f"{_size(usage.free)} free of {_size(usage.total)} on {probe}"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _chain(e: BaseException) -> list[BaseException]:

@@ -1,10 +1,16 @@
-"""Model families (`model.family`): each one's config class and where its code lives.
+"""Model families (`model.family`): one `FamilySpec` each, the one place a family's capabilities are declared.
+
+A `FamilySpec` says what a family is (its config class, the module of its code) and what it can do
+(which `data.packing` its objective takes, whether it is a next-token model, splits into pipeline
+stages, decodes with a KV cache, exports to Hugging Face). Config validation
+(`llmjax.config.validate`) and the family code (`llmjax.models.families`, `ModelFamily.spec`) both
+read these flags from here; `ModelConfig.spec` gives a config's.
 
 A family may add model keys of its own by subclassing `ModelConfig` here (frozen, with defaults);
 `model.family` picks the class when a config is built, so `model.mask_prob` is a key of the
 encoder family only, and an unknown family or key fails with a message naming it. Jax-free, so
 config validation never imports jax; the family classes are in `llmjax.models.families`
-(`build_family` imports them). Adding a family is its module plus an entry here.
+(`build_family` imports them). Adding a family is its module plus a `FamilySpec` here.
 """
 
 from __future__ import annotations
@@ -12,14 +18,9 @@ from __future__ import annotations
 import dataclasses
 
 from llmjax.config.fields import option
-from llmjax.config.schema import ConfigError, ModelConfig
-
-# name -> "module:class" of the family implementation
-FAMILY_CLASSES: dict[str, str] = {
-    "decoder": "llmjax.models.families.decoder:DecoderFamily",
-    "encoder": "llmjax.models.families.encoder:EncoderFamily",
-    "encoder_decoder": "llmjax.models.families.encoder_decoder:EncoderDecoderFamily",
-}
+from llmjax.config.schema import ModelConfig
+from llmjax.config.span_corruption import corrupted_lengths, corruption_row_length, span_lengths
+from llmjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,6 @@ class EncoderConfig(ModelConfig):
     80/10/10). The loss and accuracy are over the selected tokens."""
 
     family: str = option("encoder", "model family (llmjax.config.family_spec)")
-    causal_lm = False  # class attribute: masked-LM scores are not sequence log-likelihoods
     mask_prob: float = option(0.15, "share of the tokens selected for prediction (masked LM)")
     mask_token_prob: float = option(0.8, "a selected token is replaced by the mask id with this probability")
     random_token_prob: float = option(0.1, "a selected token is replaced by a random token with this probability")
@@ -77,13 +77,7 @@ class EncoderDecoderConfig(ModelConfig):
     def encoder_layers(self) -> int:
         return self.n_encoder_layers or self.n_layers
 
-    supports_pipeline = False  # two stacks: not split into pipeline stages
-    causal_lm = False  # class attribute: scores continuations given an encoded input, not a text's likelihood
-    packings = ("concat",)  # span corruption reads a row as one sequence: best-fit padding would be corrupted
-
     def check(self, seq_len: int) -> None:
-        from llmjax.data.stream.row_objectives import corrupted_lengths, corruption_row_length, span_lengths
-
         if self.loss_chunk > 0:
             raise ConfigError("model.loss_chunk: the chunked cross-entropy is not implemented for "
                               "model.family=encoder_decoder (its decoder's logits are [B, target length, V]); set 0")
@@ -95,7 +89,7 @@ class EncoderDecoderConfig(ModelConfig):
             raise ConfigError(f"model.mean_span_length must be >= 1, got {self.mean_span_length}")
         if self.sentinels < 1:
             raise ConfigError(f"model.sentinels must be >= 1, got {self.sentinels}")
-        raw = corruption_row_length(seq_len, self.noise_density, self.mean_span_length)  # numpy only, no jax
+        raw = corruption_row_length(seq_len, self.noise_density, self.mean_span_length)
         spans = span_lengths(raw, self.noise_density, self.mean_span_length)[1]
         if spans > self.sentinels:
             raise ConfigError(f"model.sentinels={self.sentinels}: span corruption of data.seq_len={seq_len} makes "
@@ -106,13 +100,44 @@ class EncoderDecoderConfig(ModelConfig):
                               f"{targets} (data.seq_len={seq_len}, model.noise_density={self.noise_density})")
 
 
-# family -> its config class (ModelConfig for families without keys of their own)
-MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
-    "decoder": ModelConfig, "encoder": EncoderConfig, "encoder_decoder": EncoderDecoderConfig}
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    """What a model family is and what it can do, declared once (jax-free)."""
+
+    name: str  # the `model.family` value
+    config_class: type[ModelConfig]  # its model section (ModelConfig for families without keys of their own)
+    implementation: str  # "module:class" of its `ModelFamily` (imported by `llmjax.models.families.build_family`)
+    packings: tuple[str, ...]  # the data.packing values its objective takes
+    causal_lm: bool  # a next-token model: log-likelihood tasks (eval.tasks, `llmjax harness`), train.objective=dpo
+    pipeline: bool  # its stack splits into pipeline stages (mesh.pipeline > 1)
+    decoding: bool  # a KV cache and incremental decoding (`llmjax generate`, end-of-run samples)
+    hf_export: bool  # `llmjax convert to-hf` writes it as a Hugging Face model
+
+
+FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (
+    FamilySpec("decoder", ModelConfig, "llmjax.models.families.decoder:DecoderFamily",
+               packings=("concat", "best_fit"), causal_lm=True, pipeline=True, decoding=True, hf_export=True),
+    # masked-LM scores are not sequence log-likelihoods; no decoder to generate with
+    FamilySpec("encoder", EncoderConfig, "llmjax.models.families.encoder:EncoderFamily",
+               packings=("concat", "best_fit"), causal_lm=False, pipeline=True, decoding=False, hf_export=False),
+    # span corruption reads a row as one sequence (best-fit padding would be corrupted); it scores continuations
+    # given an encoded input, not a text's likelihood; two stacks are not split into pipeline stages
+    FamilySpec("encoder_decoder", EncoderDecoderConfig, "llmjax.models.families.encoder_decoder:EncoderDecoderFamily",
+               packings=("concat",), causal_lm=False, pipeline=False, decoding=True, hf_export=False),
+)}
+# name -> "module:class" of the family implementation (`FamilySpec.implementation`)
+FAMILY_CLASSES: dict[str, str] = {name: s.implementation for name, s in FAMILIES.items()}
+# family -> its config class (`FamilySpec.config_class`)
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {name: s.config_class for name, s in FAMILIES.items()}
+
+
+def family_spec(family: object) -> FamilySpec:
+    """The spec of `model.family`; ConfigError naming the key for an unknown family."""
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ConfigError(f"model.family: {family!r} is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
 
 
 def model_config_class(family: object) -> type[ModelConfig]:
     """The config class of `model.family`; ConfigError naming the key for an unknown family."""
-    if not isinstance(family, str) or family not in MODEL_CONFIGS:
-        raise ConfigError(f"model.family: {family!r} is not one of {', '.join(MODEL_CONFIGS)}")
-    return MODEL_CONFIGS[family]
+    return family_spec(family).config_class

@@ -1,7 +1,8 @@
-"""Building a `Config`: YAML files, dotted `section.key=value` overrides, type checks.
+"""Building a `Config`: YAML files, dotted `section.key=value` overrides, type checks, validation at load.
 
-Every key and type is checked against the schema (`config.schema`); a problem raises
-`ConfigError` naming the key, which the CLI turns into exit status 2.
+Every key and type is checked against the schema (`config.schema`), then the rules that depend on
+the config alone (`config.validate.validate_config`); a problem raises `ConfigError` naming the
+key, which the CLI turns into exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from llmjax.config.family_spec import model_config_class
-from llmjax.config.schema import Config, ConfigError, ModelConfig
+from llmjax.config.schema import Config, ModelConfig
+from llmjax.config.validate import validate_config
+from llmjax.errors import ConfigError
 
 # Presets ship inside the package (so a wheel install finds them); experiments/configs links here.
 PRESETS_DIR = Path(str(resources.files("llmjax") / "configs"))
@@ -218,10 +221,14 @@ def _one_line(e: yaml.YAMLError) -> str:
     return f"{problem}{where}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load `path` (default: experiments/configs/default.yaml), apply overrides, check types.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check: bool = True) -> Config:
+    """Load `path` (default: experiments/configs/default.yaml), apply overrides, check types, then every rule
+    that depends on the config alone (`validate_config`). ConfigError naming the key.
 
-    Cross-field rules that need the device count are checked by `validate`.
+    `check=False` skips the rules, for a config that is a part to be completed in code and validated then
+    (`validate`; e.g. a base whose model section comes from a Hugging Face config). The rules that need the
+    device count are checked by `validate_mesh` (the trainer's preflight) or `validate`.
     """
     data = load_yaml(path if path is not None else DEFAULT_CONFIG)
     for item in overrides:
@@ -232,7 +239,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 node[k] = {}
             node = node[k]
         node[keys[-1]] = value
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    if check:
+        validate_config(cfg)
+    return cfg
 
 
 def from_dict(data: dict[str, Any]) -> Config:

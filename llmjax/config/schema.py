@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmjax.config.fields import INT32_MAX, option, section
 from llmjax.config.post_training import DPOConfig, LoraConfig
 from llmjax.config.rope_scaling import RopeScalingConfig
+from llmjax.errors import ConfigError  # noqa: F401 - re-exported (`llmjax.config.schema.ConfigError`)
+
+if TYPE_CHECKING:
+    from llmjax.config.family_spec import FamilySpec
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
-
-
-class ConfigError(ValueError):
-    """A usage error in the configuration; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +121,19 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
-    # Family hooks (`llmjax.config.family_spec` subclasses override them).
-    supports_pipeline = True  # class attribute, not a key: whether mesh.pipeline > 1 is allowed
-    causal_lm = True  # class attribute: a next-token model (log-likelihood tasks, `llmjax harness`)
-    packings = ("concat", "best_fit")  # class attribute: the data.packing values its objective can take
+    @property
+    def spec(self) -> FamilySpec:
+        """The capabilities of `family` (`llmjax.config.family_spec.FamilySpec`)."""
+        from llmjax.config.family_spec import family_spec  # that module defines the family subclasses of this one
 
+        return family_spec(self.family)
+
+    @property
+    def causal_lm(self) -> bool:
+        """A next-token model (log-likelihood tasks, `llmjax harness`, DPO): `FamilySpec.causal_lm`."""
+        return self.spec.causal_lm
+
+    # Family hooks (`llmjax.config.family_spec` subclasses override them).
     @property
     def reserved_ids(self) -> int:
         """Ids at the top of the vocabulary the family reserves (mask, sentinels): a trained tokenizer gets

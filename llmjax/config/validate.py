@@ -1,12 +1,22 @@
-"""The rules of a `Config`, checked before anything is compiled.
+"""The rules of a `Config`: checked when it loads, and against the devices before anything is compiled.
 
-`validate(cfg, n_devices)` first checks every key on its own (`check_keys`: the `Literal`
-choices, the ranges declared in the schema, 32-bit integers, no empty strings), then the
-cross-field rules: divisibility, lengths, mesh sizes against the device count, pipeline and
-MoE settings, and the logical-rule overrides. Every problem raises `ConfigError` naming the
-key. Types are checked when the config is built (`config.loading`); the per-key checks run
-here so that configs assembled in code (`dataclasses.replace`) are checked too.
-`config_warnings` lists accepted settings that are adjusted (a warmup longer than the run).
+`validate_config(cfg)` holds every rule that depends on the config alone; `load_config` runs it,
+so an invalid config fails where it is read, whichever command reads it. It first checks every
+key on its own (`check_keys`: the `Literal` choices, the ranges declared in the schema, 32-bit
+integers, no empty strings), then the cross-field rules: divisibility, lengths, the family's
+capabilities (`config.family_spec`), μP (`config.mup_rules`), MoE, data (`config.validate_data`),
+the logical-rule overrides and the in-loop tasks. `validate_mesh(cfg, n_devices)` resolves the
+mesh against a device count and checks what depends on it (tensor, expert and batch
+divisibility, pipeline stages, expert-parallel rules); `check_environment(cfg)` what depends on
+this machine (an optional package a key asks for). `validate(cfg, n_devices)` runs all three,
+for configs assembled in code (`dataclasses.replace`) and for tools that check a config for
+another machine (the planner, sweeps). Every problem raises `ConfigError` naming the key.
+Types are checked when the config is built (`config.loading`). `config_warnings` lists accepted
+settings that are adjusted (a warmup longer than the run).
+
+Jax-free, and importing nothing above the config: the tables the rules read (attention
+implementations, logical axes, μP's optimizers, span-corruption lengths, mesh sizes) are declared
+in `llmjax.config` and read from there by the layers above.
 """
 
 from __future__ import annotations
@@ -16,13 +26,15 @@ import types
 import typing
 from typing import Any, Literal
 
-from llmjax.config.family_spec import model_config_class
+from llmjax.config import mup_rules
+from llmjax.config.attention_impls import attention_names, canonical_attention
+from llmjax.config.family_spec import family_spec, model_config_class
 from llmjax.config.fields import allows_empty, check_range, range_of
-from llmjax.config.schema import Config, ConfigError, ModelConfig, mesh_axis_names
+from llmjax.config.logical_axes import LOGICAL_AXES, merge_rules
+from llmjax.config.mesh_shape import mesh_shape
+from llmjax.config.schema import Config, ModelConfig, mesh_axis_names
 from llmjax.config.validate_data import validate_data
-from llmjax.kernels import attention_names, canonical_attention
-from llmjax.models import mup
-from llmjax.parallel.mesh import mesh_shape
+from llmjax.errors import ConfigError
 
 
 def check_keys(node: Any, prefix: str = "") -> None:
@@ -82,12 +94,22 @@ def config_warnings(cfg: Config) -> list[str]:
 
 
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:
-    """Check every cross-field rule; return the resolved mesh shape. Raises ConfigError."""
+    """Every rule: `validate_config`, `validate_mesh` on `n_devices` devices and `check_environment`. Returns the
+    resolved mesh shape. Raises ConfigError."""
+    validate_config(cfg)
+    shape = validate_mesh(cfg, n_devices)
+    check_environment(cfg)
+    return shape
+
+
+def validate_config(cfg: Config) -> None:
+    """The rules that depend on the config alone (`load_config` runs them). Raises ConfigError."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     check_keys(cfg)
     _choice("model.attention", m.attention, attention_names())
     if type(m) is not model_config_class(m.family):
         raise ConfigError(f"model.family={m.family}: the model section is a {type(m).__name__}")
+    spec = family_spec(m.family)
     m.check(d.seq_len)
     _validate_kernels(m)
     if m.head_dim == 0 and m.d_model % m.n_heads:
@@ -104,17 +126,11 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
 
     _validate_moe(m)
     _validate_attention_options(m)
-    mup.check(m, o.name)
-    if mup.enabled(m) and cfg.lora.rank > 0:
-        raise ConfigError("model.parametrization=mup with lora.rank > 0: the adapters have no μP rules; "
-                          "fine-tune a μP model with lora.rank=0")
-    if mup.enabled(m) and m.attention_scale_dim > 0:
-        raise ConfigError(f"model.attention_scale_dim={m.attention_scale_dim}: model.parametrization=mup sets the "
-                          "attention scale itself (sqrt(E_base) / head_dim); set model.attention_scale_dim=0")
+    mup_rules.check_run(cfg)
 
-    if d.packing not in m.packings:
+    if d.packing not in spec.packings:
         raise ConfigError(f"data.packing={d.packing}: model.family={m.family} takes data.packing="
-                          f"{' or '.join(m.packings)} (its objective reads a packed row as one sequence, padding "
+                          f"{' or '.join(spec.packings)} (its objective reads a packed row as one sequence, padding "
                           "included)")
     validate_data(cfg)
     if d.seq_len > m.max_seq_len:
@@ -122,9 +138,22 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
     _validate_profile_steps(t.profile_steps, t.steps)
+    if t.objective == "dpo" and not spec.causal_lm:
+        raise ConfigError(f"train.objective=dpo needs a causal language model; model.family={m.family} is not")
+    if t.batch_size % o.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}"
+        )
+    _check_rules(cfg.mesh.rules)
+    _validate_tasks_and_tracking(cfg)
 
+
+def validate_mesh(cfg: Config, n_devices: int) -> dict[str, int]:
+    """The rules that depend on the device count: the mesh resolved against `n_devices` (returned) and what
+    must divide over its axes. Assumes `validate_config` passed. Raises ConfigError."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
     shape = mesh_shape(cfg.mesh, n_devices)
-    if shape["pipeline"] > 1 and not m.supports_pipeline:
+    if shape["pipeline"] > 1 and not family_spec(m.family).pipeline:
         raise ConfigError(f"mesh.pipeline={shape['pipeline']}: model.family={m.family} does not support pipeline "
                           "parallelism")
     tensor = shape["tensor"]
@@ -138,10 +167,6 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if not m.moe.enabled and shape["expert"] > 1:
         raise ConfigError(f"mesh.expert={shape['expert']} needs an MoE model (model.moe.num_experts > 0)")
     batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
-    if t.batch_size % o.grad_accum_steps:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}"
-        )
     micro = t.batch_size // o.grad_accum_steps
     if micro % batch_shards:
         raise ConfigError(
@@ -150,11 +175,18 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
             f"{batch_shards}"
         )
     _validate_pipeline(cfg, shape, micro)
-    _check_rules(cfg.mesh.rules)
     if shape["expert"] > 1:
         _check_expert_rules(cfg.mesh.rules)
-    _validate_tasks_and_tracking(cfg)
     return shape
+
+
+def check_environment(cfg: Config) -> None:
+    """What the config asks of this machine beyond devices: the optional packages its keys need (checked where
+    a run starts, not when a config loads: a workdir's config stays readable elsewhere). Raises ConfigError."""
+    import importlib.util
+
+    if cfg.log.wandb.project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb.project is set but wandb is not installed: pip install 'llmjax[wandb]'")
 
 
 def _validate_pipeline(cfg: Config, shape: dict[str, int], micro: int) -> None:
@@ -236,9 +268,7 @@ def _validate_moe(m: ModelConfig) -> None:
 def _check_expert_rules(rules: dict[str, Any]) -> None:
     """Expert parallelism exchanges tokens over the `expert` axis: experts must stay split over it and
     the batch (act_batch) must include it."""
-    from llmjax.parallel.rules import make_rules
-
-    merged = make_rules(rules)
+    merged = merge_rules(rules)
     if merged["expert"] != ("expert",):
         raise ConfigError(f"mesh.rules.expert={rules.get('expert')!r}: with mesh.expert > 1 the experts must be split "
                           "over the expert mesh axis (leave mesh.rules.expert unset)")
@@ -248,8 +278,6 @@ def _check_expert_rules(rules: dict[str, Any]) -> None:
 
 
 def _check_rules(rules: dict[str, Any]) -> None:
-    from llmjax.parallel.rules import LOGICAL_AXES  # local import: rules imports nothing heavy
-
     axes = set(mesh_axis_names())
     for name, target in rules.items():
         if name not in LOGICAL_AXES:
@@ -262,9 +290,8 @@ def _check_rules(rules: dict[str, Any]) -> None:
 
 
 def _validate_tasks_and_tracking(cfg: Config) -> None:
-    """eval.tasks entries and log.wandb (the task files themselves are read by `evals.tasks.load_tasks`)."""
-    import importlib.util
-
+    """eval.tasks entries and log.wandb (the task files themselves are read by `evals.tasks.load_tasks`; whether
+    wandb is installed is `check_environment`'s)."""
     for i, path in enumerate(cfg.eval.tasks):
         if not path.strip():
             raise ConfigError(f"eval.tasks[{i}] is empty (give the path of a JSONL task file)")
@@ -282,5 +309,3 @@ def _validate_tasks_and_tracking(cfg: Config) -> None:
             raise ConfigError(f"log.wandb.{key} is empty (leave it unset instead)")
     if any(not t.strip() for t in w.tags):
         raise ConfigError("log.wandb.tags: tags must not be empty")
-    if w.project is not None and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("log.wandb.project is set but wandb is not installed: pip install 'llmjax[wandb]'")

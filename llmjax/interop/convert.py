@@ -66,7 +66,7 @@ def import_config(hf_dir: Path, config: str | None, overrides: list[str], workdi
     source = hf_dir / "config.json"
     hf_data = read_hf_config(hf_dir)
     _check_overrides(overrides, source)
-    base = load_config(config, overrides)
+    base = load_config(config, overrides, check=False)  # validated with the imported model (`from_hf`)
     model, notes = model_config_from_hf(hf_data, str(source), base.model)
     cfg = dataclasses.replace(base, model=model)
     if cfg.data.tokenizer is None:

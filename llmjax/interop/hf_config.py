@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmjax.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
+from llmjax.config.family_spec import family_spec
 from llmjax.interop.hf_families import FAMILIES, SUPPORTED_MODEL_TYPES, Family, family_for, window_fields
 from llmjax.models import mup
 
@@ -236,7 +237,7 @@ def model_config_from_hf(data: dict[str, Any], where: str = "config.json",
 
 def check_exportable(m: ModelConfig) -> None:
     """ConfigError naming the model.* key when `m` has no Hugging Face equivalent."""
-    if m.family != "decoder":
+    if not family_spec(m.family).hf_export:
         raise ConfigError(f"model.family={m.family}: only decoder models export to Hugging Face")
     family_for(m)
     scale = mup.attention_scale(m)

@@ -1,30 +1,14 @@
-"""Where each attention implementation (`model.attention`) lives.
+"""Attention implementations and fused losses behind the models' interfaces.
 
-This table is jax-free so that config validation can check a name without importing
-jax. Each module registers its function with `llmjax.models.attention.register` when it
-is imported; `llmjax.models.attention.get` imports the module on first use. Adding an
-implementation is one module and one line here.
+The table of attention implementations (`model.attention` name -> module) is declared in
+`llmjax.config.attention_impls` (jax-free, so config validation checks a name without importing
+this package) and re-exported here. Each module registers its function with
+`llmjax.models.attention.register` when it is imported; `llmjax.models.attention.get` imports
+the module on first use. Adding an implementation is one module and one line in that table.
 """
 
 from __future__ import annotations
 
-# name -> module that registers it
-ATTENTION_MODULES: dict[str, str] = {
-    "xla": "llmjax.models.attention",  # the reference: einsum scores + softmax, dense boolean mask
-    "dot_product_attention": "llmjax.models.attention",  # jax.nn.dot_product_attention, default (XLA) backend
-    "chunked": "llmjax.kernels.chunked",  # blockwise online softmax in pure JAX, O(L) memory, any backend
-    "splash": "llmjax.kernels.splash",  # Pallas TPU splash attention (interpret mode on CPU)
-    "cudnn": "llmjax.kernels.cudnn",  # jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs
-}
-# accepted spellings -> name
-ATTENTION_ALIASES: dict[str, str] = {"einsum": "xla"}
+from llmjax.config.attention_impls import ATTENTION_ALIASES, ATTENTION_MODULES, attention_names, canonical_attention
 
-
-def attention_names() -> tuple[str, ...]:
-    """Every accepted `model.attention` value (names and aliases)."""
-    return (*ATTENTION_MODULES, *ATTENTION_ALIASES)
-
-
-def canonical_attention(name: str) -> str:
-    """The implementation a `model.attention` value names (aliases resolved)."""
-    return ATTENTION_ALIASES.get(name, name)
+__all__ = ["ATTENTION_ALIASES", "ATTENTION_MODULES", "attention_names", "canonical_attention"]

@@ -23,16 +23,19 @@ scaled with it). The logged `lr` is the base learning rate η (the embedding's).
 
 Only Adam-like optimizers follow these rules (`adamw`, `lion`: updates of size ~lr per entry);
 SGD and Adafactor (updates relative to the parameter's scale) need others and are refused. A tied
-embedding is both an input and an output weight, whose rules conflict: refused too.
+embedding is both an input and an output weight, whose rules conflict: refused too. Those
+configuration rules (`enabled`, `check`) are in `llmjax.config.mup_rules`, re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmjax.config import ConfigError, ModelConfig
+from llmjax.config import ModelConfig
+from llmjax.config.mup_rules import MUP_OPTIMIZERS, check, enabled
 
-MUP_OPTIMIZERS = ("adamw", "lion")
+__all__ = ["MUP_OPTIMIZERS", "ROLE_EXPONENTS", "attention_scale", "base_head_dim", "check", "describe", "enabled",
+           "init_multipliers", "lr_multipliers", "scale_init", "width_multiplier"]
 # role -> (exponent of m in the init multiplier, exponent of m in the learning-rate multiplier)
 ROLE_EXPONENTS: dict[str, tuple[float, float]] = {
     "embedding": (0.0, 0.0),
@@ -43,10 +46,6 @@ ROLE_EXPONENTS: dict[str, tuple[float, float]] = {
     "norm": (0.0, 0.0),
     "bias": (0.0, 0.0),
 }
-
-
-def enabled(cfg: ModelConfig) -> bool:
-    return cfg.parametrization == "mup"
 
 
 def width_multiplier(cfg: ModelConfig) -> float:
@@ -70,7 +69,7 @@ def attention_scale(cfg: ModelConfig) -> float | None:
 
 
 def _multipliers(cfg: ModelConfig, roles: Any, which: int) -> Any:
-    import jax  # not at import time: `llmjax.config.validate` imports this module for `check`
+    import jax  # not at import time: this module imports without jax
 
     m = width_multiplier(cfg)
     return jax.tree.map(lambda role: float(m ** ROLE_EXPONENTS[role][which]), roles)
@@ -97,18 +96,6 @@ def scale_init(cfg: ModelConfig, params: Any, roles: Any) -> Any:
     if mults is None:
         return params
     return jax.tree.map(lambda p, c: p if c == 1.0 else (p * c).astype(p.dtype), params, mults)
-
-
-def check(cfg: ModelConfig, optimizer: str) -> None:
-    """ConfigError for settings the μP rules do not cover (see the module docstring)."""
-    if not enabled(cfg):
-        return
-    if optimizer not in MUP_OPTIMIZERS:
-        raise ConfigError(f"model.parametrization=mup: optim.name={optimizer} is not supported (its per-role "
-                          f"rules differ from Adam's); use one of {', '.join(MUP_OPTIMIZERS)}")
-    if cfg.tie_embeddings:
-        raise ConfigError("model.parametrization=mup needs model.tie_embeddings=false (a tied table is both the "
-                          "input and the output weight, whose μP rules differ)")
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -2,13 +2,16 @@
 
 Model code names every parameter dimension and key activation dimension with a logical
 axis ("embed", "heads", "act_batch", ...). This module turns those names into
-`PartitionSpec`s over the mesh axes through a rule table: defaults below, overridden
+`PartitionSpec`s over the mesh axes through a rule table: defaults (`DEFAULT_RULES`), overridden
 per experiment by `mesh.rules` in the config. Changing a parallel layout is therefore a
 config change, never a model change.
 
 Activations are constrained with `constrain(x, names)`, which reads the mesh and rules
 installed by `use_sharding(mesh, rules)`; outside that context it is the identity, so
 models run unchanged on one device and in tests.
+
+The default table (`DEFAULT_RULES`, `LOGICAL_AXES`) is declared in `llmjax.config.logical_axes`
+(jax-free, so config validation checks `mesh.rules` without jax) and re-exported here.
 """
 
 from __future__ import annotations
@@ -21,36 +24,10 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-Rules = dict[str, tuple[str, ...]]
+from llmjax.config.logical_axes import DEFAULT_RULES, LOGICAL_AXES, Rules, merge_rules
 
-# logical axis -> mesh axes it is split over (empty tuple: replicated).
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    # parameters
-    "vocab": ("tensor",),
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "head_dim": (),
-    "mlp": ("tensor",),
-    "layers": (),
-    "stage": ("pipeline",),  # pipeline stages (the stage dimension of the pipelined layer stack)
-    "norm": (),
-    "position": (),  # rows of a learned position table
-    "router": (),  # the MoE router's output (one score per expert)
-    "expert": ("expert",),  # MoE expert dimension
-    "lora_rank": (),  # the rank dimension of LoRA adapters (`llmjax.post.lora`)
-    # activations
-    "act_batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis splits the batch
-    "act_length": (),
-    "act_embed": (),
-    "act_heads": ("tensor",),
-    "act_kv_heads": ("tensor",),
-    "act_mlp": ("tensor",),
-    "act_vocab": ("tensor",),
-    "act_expert": ("expert",),
-    "act_stage": ("pipeline",),
-}
-LOGICAL_AXES = tuple(DEFAULT_RULES)
+__all__ = ["DEFAULT_RULES", "LOGICAL_AXES", "Rules", "constrain", "constrain_leading", "current_sharding",
+           "logical_to_spec", "make_rules", "stage_mesh_axes", "tree_shardings", "use_sharding"]
 
 
 def make_rules(overrides: dict[str, Any] | None = None, mesh_shape: dict[str, int] | None = None,
@@ -62,9 +39,7 @@ def make_rules(overrides: dict[str, Any] | None = None, mesh_shape: dict[str, in
     over the tensor axis (e.g. MQA with tensor=2), key/value heads are replicated
     instead of split.
     """
-    rules = dict(DEFAULT_RULES)
-    for name, target in (overrides or {}).items():
-        rules[name] = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    rules = merge_rules(overrides)
     if mesh_shape is not None and "layers" not in (overrides or {}) and any(
             mesh_shape.get(a, 1) > 1 for a in rules["stage"]):
         # Pipelined: the stacked layer dimension of every parameter is split into the stages.

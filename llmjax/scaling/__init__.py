@@ -13,8 +13,6 @@
 - `cli_args`: the argparse subcommands; importing it imports neither jax nor scipy.
 """
 
-from llmjax.config import ConfigError
+from llmjax.errors import ScalingError
 
-
-class ScalingError(ConfigError):
-    """A bad sweep spec, run directory or runs.csv: reported as `llmjax: error: ...`, exit status 2."""
+__all__ = ["ScalingError"]

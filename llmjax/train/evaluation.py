@@ -46,7 +46,7 @@ def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> No
     from llmjax.infer.sampling import SamplingParams
 
     s = cfg.sample
-    if s.max_new_tokens == 0 or not hasattr(setup.family, "step"):
+    if s.max_new_tokens == 0 or not setup.family.spec.decoding:
         return
     start = document_start(data.tokenizer, cfg.data.add_bos)
     prompt = [*start, *data.tokenizer.encode([s.prompt])[0]][-(cfg.model.max_seq_len - 1):]

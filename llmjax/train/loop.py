@@ -23,6 +23,7 @@ from llmjax.data.select import open_data
 from llmjax.data.stream.data_module import DataModule
 from llmjax.data.tokenizers.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.tokenizers.tokenizer import document_start
+from llmjax.errors import EXIT_FAILED, EXIT_OK
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
@@ -45,8 +46,6 @@ from llmjax.train.telemetry.peak import peak_info
 from llmjax.train.telemetry.run_info import write_run_info
 from llmjax.train.telemetry.tracking import hardware_info, open_wandb
 from llmjax.train.workdir import RESUME_KEYS, check_resumable  # noqa: F401 - re-exported (old import path)
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class NonFiniteLoss(RuntimeError):

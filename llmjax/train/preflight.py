@@ -1,6 +1,8 @@
-"""Checks before anything is built: the config's rules, and whether the model can fit at all.
+"""Checks before anything is built: the config against these devices, and whether the model can fit at all.
 
-`preflight(cfg)` runs `validate` against the devices and then `check_fits`: the parameters,
+The config's own rules ran when it was loaded (`llmjax.config.validate_config`). `preflight(cfg)`
+runs the rules that need the devices (`validate_mesh`: the mesh resolved against the device
+count) and this machine (`check_environment`), and then `check_fits`: the parameters,
 their gradients and the optimizer state, estimated from the config (`flops.estimate_params`,
 no model is built), must fit into the memory of all devices together, even if perfectly
 sharded. It is a lower bound on what training needs (activations come on top), so it never
@@ -15,7 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from llmjax.config import Config, ConfigError, ModelConfig, validate
+from llmjax.config import Config, ConfigError, ModelConfig, check_environment, validate_mesh
 from llmjax.train.telemetry.flops import estimate_params
 
 GIB = 1024.0**3
@@ -97,9 +99,12 @@ def check_fits(cfg: Config, devices: Sequence[Any]) -> None:
 
 
 def preflight(cfg: Config) -> dict[str, int]:
-    """`validate` against this process's view of the devices, then `check_fits`. Returns the mesh shape."""
+    """`validate_mesh` against this process's view of the devices, `check_environment`, then `check_fits`.
+    Returns the mesh shape. The config's own rules are `load_config`'s (a config built in code is checked
+    with `llmjax.config.validate`)."""
     import jax
 
-    shape = validate(cfg, jax.device_count())
+    shape = validate_mesh(cfg, jax.device_count())
+    check_environment(cfg)
     check_fits(cfg, jax.devices())
     return shape

@@ -13,14 +13,18 @@ from helpers import full_mesh_shape
 
 from llmjax.config import (
     DEFAULT_CONFIG,
+    FAMILIES,
     Config,
     ConfigError,
+    family_spec,
     from_dict,
     load_config,
     mesh_axis_names,
     save_config,
     to_dict,
     validate,
+    validate_config,
+    validate_mesh,
 )
 from llmjax.parallel.mesh import mesh_shape
 
@@ -98,7 +102,8 @@ def test_override_values(override, get, expected):
 
 def test_later_override_wins_and_file_is_untouched(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("model:\n  d_model: 32\n  n_heads: 2\noptim:\n  lr: 1.0e-3\n")
+    # n_kv_heads with n_heads: a loaded config is validated (n_heads=2 with the default 4 kv heads is not)
+    path.write_text("model:\n  d_model: 32\n  n_heads: 2\n  n_kv_heads: 2\noptim:\n  lr: 1.0e-3\n")
     before = path.read_text()
     cfg = load_config(path, ["model.d_model=48", "model.d_model=96"])
     assert cfg.model.d_model == 96 and cfg.model.n_heads == 2 and cfg.optim.lr == 1e-3
@@ -268,11 +273,48 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         (["mesh.expert=2", "model.moe.num_experts=4", "mesh.rules={act_batch: [data]}"], ["mesh.rules.act_batch"]),
         (["train.stop_after=11"], ["train.stop_after=11", "train.steps=10"]),
         (["pipeline.repeats=2"], ["pipeline.repeats", "mesh.pipeline"]),
+        (["model.family=encoder", "train.objective=dpo"], ["train.objective=dpo", "model.family=encoder"]),
+        (["model.family=encoder_decoder", "mesh.pipeline=2", "mesh.data=4"], ["mesh.pipeline=2", "encoder_decoder"]),
     ],
 )
 def test_validate_errors_name_the_keys(overrides, keys):
-    with raises(*keys):  # choices (Literal keys) fail while loading, the cross-field rules in validate
+    with raises(*keys):  # the rules of the config alone fail while loading, those of the mesh in validate
         validate(cfg_with(*overrides), N_DEVICES)
+
+
+def test_cross_field_rules_run_at_load():
+    """`load_config` runs the rules of the config alone; `check=False` leaves them to a later `validate` (a config
+    completed in code); the rules that need the device count wait for `validate_mesh`."""
+    with raises("model.n_heads=4", "model.n_kv_heads=3"):
+        cfg_with("model.n_kv_heads=3")
+    part = load_config(None, BASE + ["model.n_kv_heads=3"], check=False)
+    with raises("model.n_heads=4", "model.n_kv_heads=3"):
+        validate_config(part)
+    with raises("model.n_heads=4", "model.n_kv_heads=3"):
+        validate(part, N_DEVICES)
+    fixed = dataclasses.replace(part, model=dataclasses.replace(part.model, n_kv_heads=2))
+    validate_config(fixed)
+    on_four = cfg_with("mesh.data=4")  # loads: how many devices there are is not known yet
+    with raises("mesh", "data=4", "8 devices"):
+        validate_mesh(on_four, N_DEVICES)
+    assert validate_mesh(on_four, 4)["data"] == 4
+
+
+def test_family_specs_declare_each_family_once():
+    """One FamilySpec per family: its config class (whose `family` default is its name), its code, its flags;
+    the config reads them through `ModelConfig.spec`."""
+    assert set(FAMILIES) == {"decoder", "encoder", "encoder_decoder"}
+    for name, spec in FAMILIES.items():
+        assert spec.name == name and family_spec(name) is spec
+        assert spec.config_class().family == name and spec.config_class().spec is spec
+        assert spec.implementation.startswith("llmjax.models.families.") and ":" in spec.implementation
+        assert set(spec.packings) <= {"concat", "best_fit"} and spec.packings
+    decoder = family_spec("decoder")
+    assert decoder.causal_lm and decoder.decoding and decoder.hf_export and decoder.pipeline
+    assert not family_spec("encoder").decoding and not family_spec("encoder_decoder").pipeline
+    assert cfg_with().model.causal_lm and not cfg_with("model.family=encoder").model.causal_lm
+    with raises("model.family", "'rnn'"):
+        family_spec("rnn")
 
 
 def test_choices_are_checked_in_code_built_configs():

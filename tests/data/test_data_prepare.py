@@ -11,11 +11,11 @@ import pytest
 from data_helpers import make_cfg, make_corpus
 
 from llmjax.config import ConfigError, SourceConfig
-from llmjax.data.errors import DataError
 from llmjax.data.prepare.shards import prepare
 from llmjax.data.stream.data_module import DataModule
 from llmjax.data.stream.sources import PREPARED_META
 from llmjax.data.tokenizers import sp_tokenizer
+from llmjax.errors import DataError
 
 
 @pytest.fixture(scope="module")

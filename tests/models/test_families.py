@@ -126,6 +126,19 @@ def test_family_keys_are_validated():
     validate(tiny_config(*ENCODER, "data.packing=best_fit"), 1)  # masked LM never selects padding
 
 
+def test_family_code_matches_its_spec():
+    """The family classes read their capabilities from their `FamilySpec` (`llmjax.config.family_spec`): the
+    spec names the class, and a family decodes (has `step`) exactly when its spec says so."""
+    from llmjax.config import FAMILIES
+
+    for name, spec in FAMILIES.items():
+        cfg = tiny_config(f"model.family={name}", *(("model.sentinels=16",) if name == "encoder_decoder" else ()))
+        family = build_family(cfg.model)
+        assert family.name == name and family.spec is spec
+        assert type(family).__name__ == spec.implementation.split(":")[1]
+        assert hasattr(family, "step") == spec.decoding, name
+
+
 # ----------------------------------------------------------------------------- layouts
 
 LAYOUTS = {

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from llmjax.config import Config, ConfigError
-from llmjax.data.errors import DataError, find_data_error
 from llmjax.data.stream.grain_pipeline import StreamSpec, concat_batches, local_shares, share_batches
 from llmjax.data.stream.row_objectives import Objective, example_spec
 from llmjax.data.stream.sources import Source, probe, resolve_sources
 from llmjax.data.tokenizers.tokenizer import Tokenizer, check_vocab, resolve_tokenizer
+from llmjax.errors import DataError, find_data_error
 
 log = logging.getLogger(__name__)
 

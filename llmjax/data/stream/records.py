@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from llmjax.data.errors import DataError
 from llmjax.data.stream.files import file_format, read_block
+from llmjax.errors import DataError
 
 log = logging.getLogger(__name__)
 

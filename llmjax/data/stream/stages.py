@@ -17,8 +17,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from llmjax.data.errors import DataError
 from llmjax.data.stream.row_objectives import Objective
+from llmjax.errors import DataError
 
 _EMPTY = np.zeros(0, np.int32)
 _MAX_EMPTY_RECORDS = 100_000  # consecutive records without a document before a stream is declared empty

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from llmjax.config import ConfigError, ModelConfig
-from llmjax.config.family_spec import FAMILY_CLASSES
+from llmjax.config import ModelConfig
+from llmjax.config.family_spec import family_spec
 from llmjax.models.families.base import (
     Batch,
     DecodingFamily,
@@ -25,9 +25,8 @@ AnyFamily = ModelFamily[ModelConfig, Any]
 
 
 def build_family(cfg: ModelConfig) -> AnyFamily:
-    """The family `cfg.family` names, for this model config. ConfigError for an unknown name."""
-    if cfg.family not in FAMILY_CLASSES:
-        raise ConfigError(f"model.family: {cfg.family!r} is not one of {', '.join(FAMILY_CLASSES)}")
-    module, cls = FAMILY_CLASSES[cfg.family].split(":")
+    """The family `cfg.family` names (its `FamilySpec.implementation`), for this model config. ConfigError for an
+    unknown name."""
+    module, cls = family_spec(cfg.family).implementation.split(":")
     family_cls: type[AnyFamily] = getattr(importlib.import_module(module), cls)
     return family_cls(cfg)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from llmjax.config import ModelConfig
+from llmjax.config.family_spec import FamilySpec, family_spec
 from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
 from llmjax.models.feedforward import Aux, aux_loss_terms, aux_metrics, ffn_kinds, layer_kinds
 from llmjax.models.losses import cross_entropy, weighted_sums
@@ -114,14 +115,19 @@ def forward(model: nn.Module, params: Params, *args: jax.Array | None, rng: jax.
 
 class ModelFamily(abc.ABC, Generic[CfgT, BatchT]):
     """Base class of the families; subclasses set `name`, `batch_type` (their B) and implement `module` and
-    `logits` (`LMFamily` does for `LMBatch`), overriding what else differs."""
+    `logits` (`LMFamily` does for `LMBatch`), overriding what else differs. What a family can do (pipeline
+    stages, decoding, HF export, ...) is declared in its `FamilySpec` (`spec`), not here."""
 
     name: ClassVar[str] = ""
     batch_type: ClassVar[type[Batch]] = LMBatch
-    supports_pipeline: ClassVar[bool] = True
 
     def __init__(self, cfg: CfgT):
         self.cfg: CfgT = cfg
+
+    @property
+    def spec(self) -> FamilySpec:
+        """The family's capabilities, declared in `llmjax.config.family_spec`."""
+        return family_spec(self.name)
 
     @property
     def uses_rng(self) -> bool:

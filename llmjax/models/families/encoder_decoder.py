@@ -51,7 +51,6 @@ class EncoderDecoderFamily(DecodingFamily[EncoderDecoderConfig, "Seq2SeqBatch"])
 
     name = "encoder_decoder"
     batch_type: ClassVar[type[Batch]] = Seq2SeqBatch
-    supports_pipeline = False
 
     def module(self, pipeline: Schedule | None = None) -> nn.Module:
         if pipeline is not None:

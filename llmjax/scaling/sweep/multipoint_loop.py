@@ -20,6 +20,7 @@ import numpy as np
 from llmjax.config import Config, to_dict
 from llmjax.data.stream.data_module import DataModule
 from llmjax.data.tokenizers.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
+from llmjax.errors import EXIT_FAILED, EXIT_OK
 from llmjax.scaling.sweep.multipoint import PackedProgram, _PerPoint, build_pack
 from llmjax.storage import as_path
 from llmjax.train import workdir as run_dir
@@ -28,7 +29,6 @@ from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.manager import Checkpointer
 from llmjax.train.evaluation import evaluate
-from llmjax.train.loop import EXIT_FAILED, EXIT_OK
 from llmjax.train.optim import current_lr
 from llmjax.train.signals import StopSignals
 from llmjax.train.telemetry.metrics import MetricsWriter, memory_summary, mfu

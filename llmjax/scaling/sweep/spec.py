@@ -234,11 +234,11 @@ def load_sweep(path: str | Path) -> Sweep:
 
     def make(shape: dict[str, int], target_tokens: float, budget: float | None, name_: str) -> list[Point]:
         """The point of `shape` at `target_tokens`, once per combination of the hyperparameter axes."""
-        shape_cfg = load_config(base, common + shape_overrides(shape))
+        shape_cfg = load_config(base, common + shape_overrides(shape), check=False)  # the point is validated below
         target_flops = budget or flops_per_token(shape_cfg.model, shape_cfg.data.seq_len) * target_tokens
         out = []
         for hp in combinations(axes, _context(shape_cfg, shape, target_tokens, target_flops, axes)):
-            cfg = load_config(base, common + shape_overrides(shape) + axis_overrides(hp))
+            cfg = load_config(base, common + shape_overrides(shape) + axis_overrides(hp), check=False)
             row_tokens = cfg.train.batch_size * cfg.data.seq_len
             steps = max(1, int(round(target_tokens / row_tokens)))
             fraction = float(hp.get("warmup_fraction", warmup_fraction))
@@ -265,7 +265,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ScalingError(f"sweep spec {path}: unknown keys in 'isoflop': {sorted(unknown)}")
         for c in budgets:
             for shape in shapes:
-                cfg = load_config(base, common + shape_overrides(shape))
+                cfg = load_config(base, common + shape_overrides(shape), check=False)
                 d = c / flops_per_token(cfg.model, cfg.data.seq_len)
                 for point in make(shape, d, c, f"C{format_number(c)}_d{shape['d_model']}_L{shape['n_layers']}"):
                     if point.steps >= min_steps and (max_steps is None or point.steps <= max_steps):

@@ -30,15 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llmjax.storage import StorageError, as_path, reraise_storage
+from llmjax.errors import CheckpointError, StorageError
+from llmjax.storage import as_path, reraise_storage
 from llmjax.train.checkpoint import integrity
 from llmjax.train.checkpoint.data_state import DataStateRestore, DataStateSave
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint in the directory could be restored, or the directory holds something else."""
 
 
 def _say(msg: str) -> None:

@@ -85,11 +85,11 @@ def section(cls: type, doc: str) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"doc": doc})
 
 
-def doc_of(f: dataclasses.Field) -> str:
+def doc_of(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("doc", ""))
 
 
-def range_of(f: dataclasses.Field, tp: Any) -> Range:
+def range_of(f: dataclasses.Field[Any], tp: Any) -> Range:
     """The declared range of field `f` of type `tp`. Integer ranges are closed (`gt=0` reads `>= 1`) and
     bounded to 32 bits unless they declare a wider range."""
     r = f.metadata.get("range") or Range()
@@ -100,7 +100,7 @@ def range_of(f: dataclasses.Field, tp: Any) -> Range:
     return Range(lo, hi)
 
 
-def allows_empty(f: dataclasses.Field) -> bool:
+def allows_empty(f: dataclasses.Field[Any]) -> bool:
     return bool(f.metadata.get("allow_empty", False))
 
 

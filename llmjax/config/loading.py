@@ -13,7 +13,7 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
@@ -58,7 +58,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):  # e.g. the items of data.sources
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):  # e.g. the items of data.sources
         return _build(tp, value if value is not None else {}, f"{key}.")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -106,13 +106,16 @@ def _parse_number(text: str, key: str) -> float | int:
         raise ConfigError(f"{key}: expected a number, got {text!r}") from None
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    if cls is ModelConfig:  # the family decides which keys the model section has
-        cls = model_config_class(data.get("family", "decoder"))
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # the family decides which keys the model section has (a subclass of ModelConfig)
+    built: Any = model_config_class(data.get("family", "decoder")) if cls is ModelConfig else cls
+    hints = typing.get_type_hints(built)
+    fields = {f.name: f for f in dataclasses.fields(built)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
@@ -121,18 +124,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
         else:
             kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
+    return cast(T, built(**kwargs))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "rules":
@@ -189,15 +192,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if "://" in str(path):  # gs://... : through etils.epath (imported only for URLs)
         from llmjax.storage import as_path
 
-        path = as_path(path)
+        file: Any = as_path(path)  # an etils.epath.Path
     else:
-        path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
     try:
-        data = parse_yaml(path.read_text(encoding="utf-8"))
+        data = parse_yaml(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {_one_line(e)}") from None
+        raise ConfigError(f"config file {file}: invalid YAML: {_one_line(e)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except RecursionError:

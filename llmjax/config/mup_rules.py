@@ -19,7 +19,7 @@ MUP_OPTIMIZERS = ("adamw", "lion")
 
 def enabled(cfg: Any) -> bool:
     """Whether the model config `cfg` (a ModelConfig) uses μP."""
-    return cfg.parametrization == "mup"
+    return bool(cfg.parametrization == "mup")
 
 
 def check(cfg: Any, optimizer: str) -> None:

@@ -33,7 +33,7 @@ def _scalar(value: Any) -> str:
     return text[: -len("...")].strip() if text.endswith("...") else text
 
 
-def _annotation(f: dataclasses.Field, tp: Any) -> str:
+def _annotation(f: dataclasses.Field[Any], tp: Any) -> str:
     """'[rmsnorm | layernorm]' for choices, '[>= 1]' for ranges, '' otherwise."""
     if typing.get_origin(tp) is Literal:
         return "[" + " | ".join(map(str, typing.get_args(tp))) + "]"
@@ -45,7 +45,7 @@ def _annotation(f: dataclasses.Field, tp: Any) -> str:
     return ""
 
 
-def _default(f: dataclasses.Field) -> Any:
+def _default(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:

@@ -69,8 +69,8 @@ def _number_type(tp: Any) -> type | None:
     """int or float for a numeric annotation (optional or not), else None; bool is not a number."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     for arg in args:
-        if arg in (int, float):
-            return arg
+        if arg is int or arg is float:
+            return int if arg is int else float
     return None
 
 

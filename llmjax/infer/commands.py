@@ -58,7 +58,7 @@ class Loaded:
         setup_jax(self.cfg)
         self.mesh, self.rules = inference_mesh(self.cfg)
         self.family = build_family(self.cfg.model)
-        self.abstract = model_abstract_params(self.cfg.model)
+        self.abstract = model_abstract_params(self.cfg.model, self.family)
         abstract = self.abstract.placed(self.mesh, self.rules)
         self.adapters = self.lora = None
         if self.cfg.lora.rank > 0:  # adapters in the checkpoint, the base behind its pointer: merged
@@ -101,7 +101,7 @@ class Loaded:
             params = self.quantized()
             dt = jnp.dtype(self.cfg.model.param_dtype)
             transform = lambda p: dequantize(p, dt)  # noqa: E731
-        return Engine(self.cfg.model, params, self.mesh, self.rules, transform)
+        return Engine(self.cfg.model, params, self.mesh, self.rules, transform, family=self.family)
 
 
 def inference_mesh(cfg: Config) -> tuple[Any, Any]:
@@ -247,20 +247,22 @@ def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmjax.data.select import open_data
+    from llmjax.train.objectives import objective_for
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     loaded = Loaded(args.workdir)
     cfg = loaded.cfg
-    if cfg.train.objective == "dpo":
-        raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective=dpo run: its validation metrics (DPO "
-                          "loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` measures language "
-                          "modelling")
+    objective = objective_for(cfg)
+    if not objective.language_modelling:
+        raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective={objective.name} run: its validation "
+                          "metrics (DPO loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` "
+                          "measures language modelling")
     from llmjax.train.checkpoint.data_state import latest_saved_shares
 
     # the run's data shares, so the validation batches are the ones the trainer evaluated
-    data = open_data(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
+    data = objective.open_data(cfg, loaded.family, tokenizer=loaded.tokenizer(),
+                               shares=latest_saved_shares(loaded.workdir / "checkpoints"))
     n = args.batches or cfg.eval.batches or 16
     if args.split == "validation":
         batches = []

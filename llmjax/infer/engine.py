@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.infer.sampling import SamplingParams, sample
-from llmjax.models.families import build_family
+from llmjax.models.families import ModelFamily, build_family
 from llmjax.parallel.rules import Rules, logical_to_spec, use_sharding
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 64
@@ -66,12 +66,13 @@ class Engine:
     """Prefill + cached decoding for one model and its (sharded) parameters.
 
     `mesh`/`rules` (optional) are the layout: the cache and the batch are sharded over the mesh by the
-    same logical rules as in training; without them everything runs unsharded."""
+    same logical rules as in training; without them everything runs unsharded. `family`: the model
+    family of `cfg`, already built (the trainer's or the loaded workdir's); unset, one is built."""
 
     def __init__(self, cfg: ModelConfig, params: Any, mesh: Mesh | None = None, rules: Rules | None = None,
-                 param_transform: Callable[[Any], Any] | None = None):
+                 param_transform: Callable[[Any], Any] | None = None, family: ModelFamily | None = None):
         self.cfg = cfg
-        self.family = build_family(cfg)
+        self.family = family if family is not None else build_family(cfg)
         if not hasattr(self.family, "step"):
             raise ConfigError(f"model.family={cfg.family} has no decoder to generate with")
         self.model = self.family.module()

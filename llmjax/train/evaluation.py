@@ -9,13 +9,13 @@ import jax
 import numpy as np
 
 from llmjax.config import Config
-from llmjax.data.stream.data_module import DataModule
 from llmjax.data.tokenizers.decode import ModelVocabulary
 from llmjax.data.tokenizers.tokenizer import document_start
+from llmjax.train.objectives import RunData
 from llmjax.train.setup import Setup
 
 
-def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dict[str, float]:
+def evaluate(setup: Setup, eval_step: Any, params: Any, data: RunData) -> dict[str, float]:
     """The family's validation metrics (eval_loss = mean NLL per weighted token, eval_ppl, ...) over
     `eval.batches` batches (fewer if the split ends first: processes agree to stop at the first batch
     some process lacks)."""
@@ -39,21 +39,21 @@ def evaluate(setup: Setup, eval_step: Any, params: Any, data: DataModule) -> dic
     return setup.family.eval_metrics(totals)
 
 
-def show_samples(cfg: Config, setup: Setup, params: Any, data: DataModule) -> None:
+def show_samples(cfg: Config, setup: Setup, params: Any, data: RunData) -> None:
     """Print a greedy and a temperature continuation of `sample.prompt`, decoded by the same engine as
     `llmjax generate` (every process decodes with the sharded parameters; process 0 prints)."""
     from llmjax.infer.engine import Engine
     from llmjax.infer.sampling import SamplingParams
 
     s = cfg.sample
-    if s.max_new_tokens == 0 or not hasattr(setup.family, "step"):
+    if s.max_new_tokens == 0 or not hasattr(setup.model_family, "step"):
         return
     start = document_start(data.tokenizer, cfg.data.add_bos)
     prompt = [*start, *data.tokenizer.encode([s.prompt])[0]][-(cfg.model.max_seq_len - 1):]
     if not prompt:
         return
-    engine = Engine(cfg.model, params, setup.mesh, setup.rules)
-    vocab = ModelVocabulary(data.tokenizer, setup.family.token_names())
+    engine = Engine(cfg.model, params, setup.mesh, setup.rules, family=setup.model_family)
+    vocab = ModelVocabulary(data.tokenizer, setup.model_family.token_names())
     for label, temp in (("greedy", 0.0), (f"temperature {s.temperature}", s.temperature)):
         sp = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=temp, seed=cfg.seed)
         new = engine.generate([prompt], sp, data.tokenizer.eos_id)[0].tokens

@@ -19,8 +19,6 @@ import jax
 
 from llmjax import runlog
 from llmjax.config import Config, ConfigError, config_warnings, to_dict
-from llmjax.data.select import open_data
-from llmjax.data.stream.data_module import DataModule
 from llmjax.data.tokenizers.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.tokenizers.tokenizer import document_start
 from llmjax.evals.tasks import TaskEvaluator, load_tasks
@@ -35,6 +33,7 @@ from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.init_from import load_base
 from llmjax.train.checkpoint.manager import Checkpointer
 from llmjax.train.evaluation import evaluate, show_samples
+from llmjax.train.objectives import RunData, objective_for
 from llmjax.train.optim import current_lr
 from llmjax.train.preflight import preflight
 from llmjax.train.profiling import StepProfiler
@@ -89,7 +88,7 @@ def _newest_step_dir(checkpoints: Any) -> Any | None:
     return max(steps, key=lambda c: int(c.name)) if steps else None
 
 
-def check_run(cfg: Config, workdir: Any, setup: Setup, data: DataModule) -> int:
+def check_run(cfg: Config, workdir: Any, setup: Setup, data: RunData) -> int:
     """`llmjax train --check`: everything a run does before its first step, without writing anything:
     the checkpoint it would resume from must match, and the train and eval steps must compile."""
     newest = _newest_step_dir(workdir / "checkpoints")
@@ -130,8 +129,9 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     # Each process reads only the rows of every global batch that its devices hold; a resumed run
     # keeps the checkpoint's data shares (unless data.shares says otherwise).
     shares = latest_saved_shares(workdir / "checkpoints")
-    data = open_data(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count(),
-                     tokenizer=run_tokenizer(cfg, workdir), shares=shares)
+    data = objective_for(cfg).open_data(cfg, setup.model_family, batch_block(setup, jax.process_index(),
+                                        jax.process_count()), jax.process_count(),
+                                        tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary and not check_only:
         if not has_copy(workdir):
@@ -181,7 +181,7 @@ class _Extras(NamedTuple):
     hardware: dict[str, Any]
 
 
-def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkpointer, fpt: float,
+def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpointer, fpt: float,
          peak_and_reliable: tuple[float, bool], t_start: float, extras: _Extras) -> int:
     """Restore or initialise, then the step loop (see the module docstring). Returns the exit status."""
     primary, multi = jax.process_index() == 0, jax.process_count() > 1
@@ -203,13 +203,13 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         if note:
             log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
 
-    prepare = getattr(data, "prepare", None)  # data that needs the starting model (dpo: reference log-probs)
-    if prepare is not None:
-        prepare(workdir, setup.reference_logprobs(state) if restored is None else None, log)
+    # data that needs the starting model (dpo: reference log-probabilities)
+    objective_for(cfg).prepare(data, workdir, None if restored is not None else lambda: setup.reference_logprobs(state),
+                               log)
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
-    write_run_info(workdir, cfg, step_fn, data)  # XLA's FLOPs of the step, eval bytes/token (for sweeps)
+    write_run_info(workdir, cfg, step_fn, data, setup.family)  # XLA's FLOPs of the step, eval bytes/token (for sweeps)
     eval_step = setup.jit_eval_step()
     task_eval = None
     if extras.tasks:

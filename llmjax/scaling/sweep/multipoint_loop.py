@@ -50,7 +50,8 @@ class _Point:
         check_resumable(cfg, self.workdir)
         run_dir.create(self.workdir)
         shares = latest_saved_shares(self.workdir / "checkpoints")
-        self.data = DataModule(cfg, 0, 1, tokenizer=run_tokenizer(cfg, self.workdir), shares=shares)
+        self.data = DataModule(cfg, 0, 1, tokenizer=run_tokenizer(cfg, self.workdir), shares=shares,
+                               family=setup.family)
         if not has_copy(self.workdir):
             save_copy(self.data.tokenizer, tokenizer_dir(self.workdir))
         run_dir.save_config(cfg, self.workdir)
@@ -113,7 +114,7 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
             f"({program.mode}) in "
             f"{time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
         for p in points:
-            write_run_info(p.workdir, p.cfg, _PerPoint(step_fn, K), p.data)
+            write_run_info(p.workdir, p.cfg, _PerPoint(step_fn, K), p.data, setup.family)
             p.writer.write_config(to_dict(p.cfg), {"packed_with": [q.workdir.name for q in points]})
         return _loop(points, program, setup, step_fn, state, start, fpt, peak, t_start)
     finally:

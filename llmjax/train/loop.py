@@ -32,7 +32,7 @@ from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.init_from import load_base
 from llmjax.train.checkpoint.manager import Checkpointer
-from llmjax.train.evaluation import evaluate, show_samples
+from llmjax.train.evaluation import show_samples, validation_metrics
 from llmjax.train.objectives import RunData, objective_for
 from llmjax.train.optim import current_lr
 from llmjax.train.preflight import preflight
@@ -251,7 +251,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
     def run_eval(step: int) -> None:
         if cfg.eval.every_steps <= 0:
             return
-        metrics = evaluate(setup, eval_step, setup.model_params(state), data)
+        metrics = validation_metrics(setup, eval_step, setup.model_params(state), data)
         writer.write(step, metrics, kind="eval")
         extra = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl"))
         say(f"step {step}: eval_loss {metrics['eval_loss']:.4f}{extra}")

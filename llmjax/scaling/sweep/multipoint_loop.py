@@ -27,7 +27,7 @@ from llmjax.train.cadence import StepCadence
 from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.manager import Checkpointer
-from llmjax.train.evaluation import evaluate
+from llmjax.train.evaluation import validation_metrics
 from llmjax.train.loop import EXIT_FAILED, EXIT_OK
 from llmjax.train.optim import current_lr
 from llmjax.train.signals import StopSignals
@@ -157,7 +157,7 @@ def _loop(points: list[_Point], program: PackedProgram, setup: Any, step_fn: Any
             return
         for i, p in enumerate(points):
             if p.live:
-                metrics = evaluate(setup, eval_step, take(state, i).params, p.data)
+                metrics = validation_metrics(setup, eval_step, take(state, i).params, p.data)
                 p.writer.write(step, metrics, kind="eval")
                 log(f"{p.workdir.name}: step {step}: eval_loss {metrics['eval_loss']:.4f}")
 

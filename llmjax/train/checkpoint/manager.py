@@ -31,8 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llmjax.storage import StorageError, as_path, reraise_storage
-from llmjax.train.checkpoint.data_state import DataStateRestore, DataStateSave
 from llmjax.train.checkpoint import integrity
+from llmjax.train.checkpoint.data_state import DataStateRestore, DataStateSave
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 

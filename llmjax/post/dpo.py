@@ -166,7 +166,7 @@ class DirectPreference:
                               "is not")
 
     def wrap_family(self, family: ModelFamily, cfg: Config) -> ModelFamily:
-        return PreferenceObjective(family, cfg.dpo)  # type: ignore[return-value] - presents the family contract
+        return PreferenceObjective(family, cfg.dpo)  # type: ignore[return-value]  # the family contract
 
     def open_data(self, cfg: Config, family: ModelFamily, block: int = 0, process_count: int = 1,
                   tokenizer: Tokenizer | None = None, shares: int | None = None) -> RunData:
@@ -177,4 +177,4 @@ class DirectPreference:
     def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,
                 log: Callable[[str], None]) -> None:
         """Load or compute the reference log-probabilities (`PreferenceData.prepare`)."""
-        data.prepare(workdir, reference() if reference is not None else None, log)  # type: ignore[attr-defined]
+        data.prepare(workdir, reference() if reference is not None else None, log)  # type: ignore[attr-defined]  # PreferenceData's

@@ -80,15 +80,13 @@ class Setup:
     state_shardings: TrainState
     batch_sharding: NamedSharding
     params: AbstractParams  # the model's
+    model_family: ModelFamily  # the family `family` wraps (built once per process; the objective's loss over it)
     lora: LoraPlan | None = None  # lora.rank > 0: the optimizer trains adapters, the model's params are frozen
     trained: AbstractParams | None = None  # what TrainState.params holds (the adapters' with LoRA)
-    model_family: ModelFamily | None = None  # the family `family` wraps (the objective's loss over it)
 
     def __post_init__(self) -> None:
         if self.trained is None:
             self.trained = self.params
-        if self.model_family is None:
-            self.model_family = self.family
 
     @property
     def param_logical_specs(self) -> Any:
@@ -280,5 +278,5 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
     )
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
-    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params, lora,
-                 trained, model_family)
+    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params,
+                 model_family, lora, trained)

@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from llmjax import runlog
@@ -45,7 +47,7 @@ from llmjax.config import ConfigError, load_config
 from llmjax.data import cli_args as data_cli
 from llmjax.errors import EXIT_FAILED, EXIT_STORAGE, EXIT_USAGE, CheckpointError, StorageError
 from llmjax.evals import cli_args as harness_cli
-from llmjax.infer.cli_args import INFER_VERBS, add_arguments
+from llmjax.infer import cli_args as infer_cli
 from llmjax.interop import cli_args as convert_cli
 from llmjax.planner import cli_args as planner_cli
 from llmjax.scaling import cli_args as scaling_cli
@@ -65,47 +67,170 @@ def version() -> str:
     return f"llmjax {of('llmjax')} (jax {of('jax')}, Python {sys.version.split()[0]})"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmjax", description="Train and benchmark LLMs with JAX.")
-    p.add_argument("--version", action="version", version=version())
-    sub = p.add_subparsers(dest="verb", required=True)
+def _add_config_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--config", help="YAML config (default: experiments/configs/default.yaml)")
+    sp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    g = sp.add_argument_group("multi-process (default: auto-detect a TPU pod or Slurm step, else one process)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
 
-    def add_config_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="YAML config (default: experiments/configs/default.yaml)")
-        sp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-        g = sp.add_argument_group("multi-process (default: auto-detect a TPU pod or Slurm step, else one process)")
-        g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
-        g.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
-        g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
 
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train a model (resumes from the workdir's newest checkpoint)")
-    add_config_args(t)
+    _add_config_args(t)
     t.add_argument("--workdir", help="run directory, a path or gs://BUCKET/PATH (default: runs/<config name>)")
     t.add_argument("--check", action="store_true", help="validate, build and compile, then exit without training "
                                                         "or writing anything")
+
+
+def _add_config(sub: Any) -> None:
     c = sub.add_parser("config", help="print the resolved config: every key with its value, description, range "
                                       "and default")
     csub = c.add_subparsers(dest="config_verb", required=True)
     show = csub.add_parser("show", help="the resolved config as commented YAML (usable as a config file)")
     show.add_argument("--config", help="YAML config (default: experiments/configs/default.yaml)")
     show.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="print tokens/s, step time, MFU, compile time and memory for a config")
-    add_config_args(b)
+    _add_config_args(b)
     b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+
+
+def _add_mup_check(sub: Any) -> None:
     m = sub.add_parser("mup-check", help="muP coordinate check: every module's output RMS and its change after a "
                                          "few steps, across widths, standard vs mup (a table and a plot)")
-    add_config_args(m)
+    _add_config_args(m)
     m.add_argument("--widths", default="64,128,256,512,1024", help="comma-separated model widths (d_model; d_ff "
                                                                    "keeps its ratio)")
     m.add_argument("--steps", type=int, default=5, help="train steps at a constant learning rate")
     m.add_argument("--parametrizations", default="standard,mup", help="comma-separated: standard, mup")
     m.add_argument("--out", default="runs/mup_check", help="directory for coord_check.{json,txt,png,svg}")
-    add_arguments(sub)
-    harness_cli.add_arguments(sub)
-    scaling_cli.add_arguments(sub)
-    convert_cli.add_arguments(sub)
-    data_cli.add_arguments(sub)
-    planner_cli.add_arguments(sub)
+
+
+# ------------------------------------------------------------------ runners: (args, beam_args) -> exit status
+
+
+def _load(args: argparse.Namespace) -> Any:
+    return load_config(args.config, args.overrides)
+
+
+def _start(cfg: Any, args: argparse.Namespace) -> None:
+    """Join the multi-process run (before any device use) and apply the config's jax settings."""
+    from llmjax.parallel.distributed import initialize
+
+    initialize(cfg, args.coordinator, args.num_processes, args.process_id)
+    from llmjax.runtime import setup_jax
+
+    setup_jax(cfg)
+
+
+def _check_steps(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+
+
+def _run_train(args: argparse.Namespace, beam_args: list[str]) -> int:
+    cfg = _load(args)
+    workdir = _workdir(args)
+    _start(cfg, args)
+    from llmjax.train.loop import train
+
+    return train(cfg, workdir, check_only=args.check)
+
+
+def _run_config(args: argparse.Namespace, beam_args: list[str]) -> int:
+    cfg = _load(args)
+    from llmjax.config import check_keys
+    from llmjax.config.show import render
+
+    check_keys(cfg)
+    where = args.config or "the default config (experiments/configs/default.yaml)"
+    print(render(cfg, where + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace, beam_args: list[str]) -> int:
+    _check_steps(args)
+    cfg = _load(args)
+    _start(cfg, args)
+    from llmjax.bench import bench
+
+    return bench(cfg, args.steps)
+
+
+def _run_mup_check(args: argparse.Namespace, beam_args: list[str]) -> int:
+    _check_steps(args)
+    cfg = _load(args)
+    _start(cfg, args)
+    return _mup_check(cfg, args)
+
+
+def _detached(run: Callable[[argparse.Namespace], int]) -> Runner:
+    """A workdir-reading verb: orbax's and absl's logs go to a temporary file, not the terminal (the workdir is
+    not written)."""
+
+    def runner(args: argparse.Namespace, beam_args: list[str]) -> int:
+        runlog.attach(None)
+        return run(args)
+
+    return runner
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from llmjax.infer.commands import run
+
+    return run(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from llmjax.interop.convert import run
+
+    return run(args)
+
+
+def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from llmjax.planner.command import run
+
+    return run(args)
+
+
+Runner = Callable[[argparse.Namespace, list[str]], int]
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A group of `llmjax` verbs: `add(subparsers)` adds their parsers, `run(args, beam_args)` runs one."""
+
+    names: tuple[str, ...]
+    add: Callable[[Any], None]
+    run: Runner
+
+
+# In `llmjax --help` order. Adding a verb: one entry here (its module's imports stay inside `run`: no jax at --help).
+VERBS: tuple[Verb, ...] = (
+    Verb(("train",), _add_train, _run_train),
+    Verb(("config",), _add_config, _run_config),
+    Verb(("bench",), _add_bench, _run_bench),
+    Verb(("mup-check",), _add_mup_check, _run_mup_check),
+    Verb(infer_cli.INFER_VERBS, infer_cli.add_arguments, _detached(_infer)),
+    Verb(harness_cli.HARNESS_VERBS, harness_cli.add_arguments, _detached(harness_cli.run)),
+    Verb(scaling_cli.SCALING_VERBS, scaling_cli.add_arguments, lambda args, beam_args: scaling_cli.run(args)),
+    Verb(convert_cli.CONVERT_VERBS, convert_cli.add_arguments, _detached(_convert)),
+    Verb(data_cli.DATA_VERBS, data_cli.add_arguments, data_cli.run),
+    Verb(planner_cli.PLANNER_VERBS, planner_cli.add_arguments, _compile),
+)
+VERB_TABLE: dict[str, Verb] = {name: v for v in VERBS for name in v.names}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmjax", description="Train and benchmark LLMs with JAX.")
+    p.add_argument("--version", action="version", version=version())
+    sub = p.add_subparsers(dest="verb", required=True)
+    for verb in VERBS:
+        verb.add(sub)
     return p
 
 
@@ -120,53 +245,7 @@ def _workdir(args: argparse.Namespace) -> str:
 
 
 def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
-    if args.verb in data_cli.DATA_VERBS:
-        return data_cli.run(args, beam_args)
-    if args.verb in INFER_VERBS or args.verb in convert_cli.CONVERT_VERBS or args.verb in harness_cli.HARNESS_VERBS:
-        runlog.attach(None)  # orbax's and absl's logs to a temporary file, not the terminal (workdir untouched)
-    if args.verb in INFER_VERBS:
-        from llmjax.infer.commands import run
-
-        return run(args)
-    if args.verb in harness_cli.HARNESS_VERBS:
-        return harness_cli.run(args)
-    if args.verb in scaling_cli.SCALING_VERBS:
-        return scaling_cli.run(args)
-    if args.verb in convert_cli.CONVERT_VERBS:
-        from llmjax.interop.convert import run as convert
-
-        return convert(args)
-    if args.verb in planner_cli.PLANNER_VERBS:
-        from llmjax.planner.command import run as compile_for_topology
-
-        return compile_for_topology(args)
-    if args.verb in ("bench", "mup-check") and args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    cfg = load_config(args.config, args.overrides)
-    if args.verb == "config":
-        from llmjax.config import check_keys
-        from llmjax.config.show import render
-
-        check_keys(cfg)
-        where = args.config or "the default config (experiments/configs/default.yaml)"
-        print(render(cfg, where + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
-        return 0
-    workdir = _workdir(args) if args.verb == "train" else None
-    from llmjax.parallel.distributed import initialize
-
-    initialize(cfg, args.coordinator, args.num_processes, args.process_id)  # before any device use
-    from llmjax.runtime import setup_jax
-
-    setup_jax(cfg)
-    if args.verb == "train":
-        from llmjax.train.loop import train
-
-        return train(cfg, workdir, check_only=args.check)
-    if args.verb == "mup-check":
-        return _mup_check(cfg, args)
-    from llmjax.bench import bench
-
-    return bench(cfg, args.steps)
+    return VERB_TABLE[args.verb].run(args, beam_args)
 
 
 def _mup_check_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:

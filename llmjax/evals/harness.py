@@ -67,7 +67,7 @@ def text_model(workdir: str | Path, batch_size: int = 16) -> tuple[Any, Any]:
     from llmjax.data.tokenizers.tokenizer import document_start
     from llmjax.evals.loglik import LoglikScorer
     from llmjax.evals.text import TextModel
-    from llmjax.infer.commands import Loaded
+    from llmjax.infer.workdir_model import Loaded
 
     loaded = Loaded(workdir)
     scorer = LoglikScorer(loaded.family, loaded.family.module(), loaded.params, loaded.mesh, loaded.rules,

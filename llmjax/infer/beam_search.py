@@ -42,8 +42,8 @@ def _select(engine: Any, logits_RV: jax.Array, scores_R: jax.Array, finished_R: 
         vals = jnp.concatenate([vals, jnp.full(pad, -jnp.inf)])
         return tok, origin, vals, finished[origin] | (tok == eos_id), reorder_cache(cache, axes, origin)
 
-    f = engine._jit(f"beam/{beams}/{eos_id}", fn, donate_argnums=(3,), out_shardings=(
-        engine._replicated(), engine._replicated(), engine._replicated(), engine._replicated(), None))
+    f = engine.jitted(f"beam/{beams}/{eos_id}", fn, donate_argnums=(3,), out_shardings=(
+        engine.replicated(), engine.replicated(), engine.replicated(), engine.replicated(), None))
     return f(logits_RV, scores_R, finished_R, cache)
 
 
@@ -63,13 +63,13 @@ def beam_search(engine: Any, prompt: list[int], sp: SamplingParams, eos_id: int 
     hist: list[list[int]] = [[] for _ in range(R)]
     for t in range(T):
         tok, origin, scores, finished, cache = _select(engine, logits, scores, finished, cache, W, eos)
-        tok_h, origin_h, fin_h = (engine._host(x) for x in (tok, origin, finished))
+        tok_h, origin_h, fin_h = (engine.to_host(x) for x in (tok, origin, finished))
         hist = [hist[o] + ([] if (hist[o] and hist[o][-1] == eos) else [int(k)])
                 for o, k in zip(origin_h, tok_h, strict=True)]
         if fin_h[:W].all() or t == T - 1:
             break
-        logits, cache = engine.step(engine.params, cache, engine._put_batch(tok_h.astype(np.int32)))
-    scores_h = engine._host(scores)
+        logits, cache = engine.step(engine.params, cache, engine.put_batch(tok_h.astype(np.int32)))
+    scores_h = engine.to_host(scores)
     best = int(np.argmax(scores_h[:W]))
     ids, finish = hist[best], "length"
     if ids and ids[-1] == eos:

@@ -1,10 +1,8 @@
-"""`llmjax generate | eval | bench-generate`: inference on a training workdir.
+"""`llmjax generate | eval | bench-generate`: the command-line verbs of inference on a training workdir.
 
-A workdir gives everything: the model (WORKDIR/config.yaml), the parameters (the newest
-checkpoint; only the parameters are read) and the tokenizer (the run's copy in
-WORKDIR/tokenizer/, so the corpus is not needed; workdirs from before that copy existed
-fall back to re-deriving it from the config's data section). Errors in the input (no checkpoint,
-empty or too long prompt, invalid sampling values) raise ConfigError: exit status 2.
+Loading the workdir (model, parameters, tokenizer, mesh) and the prompt helpers are the library module
+`llmjax.infer.workdir_model`; this module only parses, checks and prints. Errors in the input (no
+checkpoint, empty or too long prompt, invalid sampling values) raise ConfigError: exit status 2.
 """
 
 from __future__ import annotations
@@ -19,99 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from llmjax.config import Config, ConfigError, MeshConfig, load_config
+from llmjax.config import ConfigError
 from llmjax.data.tokenizers.decode import ModelVocabulary
-from llmjax.infer.engine import Engine
-from llmjax.infer.quantize import dequantize, nbytes, quantize, quantized_paths
+from llmjax.infer.quantize import dequantize, nbytes, quantized_paths
 from llmjax.infer.sampling import SamplingParams
-from llmjax.models.families import build_family
-from llmjax.parallel.mesh import build_mesh
-from llmjax.parallel.rules import logical_to_spec, make_rules, use_sharding
-from llmjax.train.setup import model_abstract_params
-
-# ----------------------------------------------------------------------------- loading
-
-
-class Loaded:
-    """A workdir's config, mesh, rules, parameters (sharded) and checkpoint step."""
-
-    def __init__(self, workdir: str | Path):
-        from llmjax.runtime import setup_jax
-        from llmjax.storage import as_path, check_backend
-        from llmjax.train.checkpoint.compat import check_matches
-        from llmjax.train.checkpoint.manager import Checkpointer
-
-        check_backend(workdir)
-        self.workdir = as_path(workdir)
-        cfg_path = self.workdir / "config.yaml"
-        if not self.workdir.is_dir():
-            raise ConfigError(f"--workdir: {self.workdir} is not a directory")
-        if not cfg_path.is_file():
-            raise ConfigError(f"--workdir: {cfg_path} not found (is {self.workdir} a training run directory?)")
-        ckpt_dir = self.workdir / "checkpoints"
-        if not ckpt_dir.is_dir() or not any(d.name.isdigit() for d in ckpt_dir.iterdir()):
-            raise ConfigError(f"--workdir: no checkpoint in {ckpt_dir} (train first: llmjax train --workdir "
-                              f"{self.workdir})")
-        self.cfg: Config = load_config(str(cfg_path))
-        setup_jax(self.cfg)
-        self.mesh, self.rules = inference_mesh(self.cfg)
-        self.family = build_family(self.cfg.model)
-        self.abstract = model_abstract_params(self.cfg.model)
-        abstract = self.abstract.placed(self.mesh, self.rules)
-        self.adapters = self.lora = None
-        if self.cfg.lora.rank > 0:  # adapters in the checkpoint, the base behind its pointer: merged
-            from llmjax.train.checkpoint.init_from import restore_lora_model
-
-            self.step, self.params, self.adapters, self.lora = restore_lora_model(
-                self.cfg, self.workdir, self.mesh, self.rules, self.abstract,
-                lambda step_dir, shapes, logical: check_matches(self.cfg.model, step_dir, shapes, logical,
-                                                                str(cfg_path)))
-        else:
-            ckpt = Checkpointer(ckpt_dir, async_save=False, primary=False)
-            try:
-                self.step, self.params = ckpt.restore_params(abstract, check=lambda step_dir: check_matches(
-                    self.cfg.model, step_dir, abstract, self.abstract.logical, str(cfg_path)))
-            finally:
-                ckpt.close()
-        print(f"llmjax: restored step {self.step} from {ckpt_dir / str(self.step)}", file=sys.stderr)
-
-    def tokenizer(self) -> Any:
-        """The run's copy of its tokenizer (never retrained); older workdirs: re-derived from the config."""
-        from llmjax.data.tokenizers.run_tokenizer import run_tokenizer
-
-        tok = run_tokenizer(self.cfg, self.workdir)
-        if tok is not None:
-            return tok
-        from llmjax.data.stream.sources import resolve_sources
-        from llmjax.data.tokenizers.tokenizer import resolve_tokenizer
-
-        print(f"llmjax: note: {self.workdir} has no tokenizer copy (trained by an older llmjax): re-deriving it from "
-              "the config's data section", file=sys.stderr)
-        return resolve_tokenizer(self.cfg, resolve_sources(self.cfg))
-
-    def quantized(self) -> Any:
-        """The parameters in int8 (`llmjax.infer.quantize`: matrices, experts and embeddings)."""
-        return jax.jit(lambda p: quantize(p, self.abstract.logical))(self.params)
-
-    def engine(self, int8: bool = False) -> Engine:
-        params, transform = self.params, None
-        if int8:
-            params = self.quantized()
-            dt = jnp.dtype(self.cfg.model.param_dtype)
-            transform = lambda p: dequantize(p, dt)  # noqa: E731
-        return Engine(self.cfg.model, params, self.mesh, self.rules, transform)
-
-
-def inference_mesh(cfg: Config) -> tuple[Any, Any]:
-    """Batch over `data` (all devices not used by `tensor`), heads over the run's `tensor` size when it fits."""
-    n = jax.device_count()
-    tensor = cfg.mesh.tensor if cfg.mesh.tensor > 0 and n % cfg.mesh.tensor == 0 else 1
-    mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=tensor, rules=cfg.mesh.rules)
-    mesh = build_mesh(mesh_cfg)
-    return mesh, make_rules(mesh_cfg.rules, dict(mesh.shape), cfg.model.n_kv_heads)
-
+from llmjax.infer.workdir_model import Loaded, bos_prefix, chat_prompts
 
 # ----------------------------------------------------------------------------- generate
 
@@ -146,33 +57,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not p:
             raise ConfigError(f"prompt {i + 1} is empty")
     return prompts
-
-
-def bos_prefix(cfg: Config, tokenizer: Any) -> list[int]:
-    """[BOS] when documents start with it (`data.add_bos`, else the tokenizer's own convention), else []:
-    a prompt is the start of a document."""
-    from llmjax.data.tokenizers.tokenizer import document_start
-
-    return document_start(tokenizer, cfg.data.add_bos)
-
-
-def chat_prompts(cfg: Config, tokenizer: Any, prompts: list[str], system: str | None
-                 ) -> tuple[list[list[int]], tuple[int, ...]]:
-    """(each prompt as a one-turn conversation rendered with the model's chat template
-    (`llmjax.data.tokenizers.chat_template`,
-    as transformers' apply_chat_template) and encoded without added special tokens, as transformers does;
-    the ids that end the model's turn). ConfigError when there is no chat template or it refuses the turn."""
-    from llmjax.data.tokenizers.chat_template import ChatTemplate
-
-    template = ChatTemplate.for_tokenizer(tokenizer, getattr(cfg.data, "chat_template", None))
-    head = [{"role": "system", "content": system}] if system else []
-    try:
-        texts = [template.render(head + [{"role": "user", "content": p}], add_generation_prompt=True)
-                 for p in prompts]
-    except ValueError as e:
-        raise ConfigError(f"--chat: {e}") from None
-    stops = getattr(tokenizer, "stop_ids", None) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
-    return tokenizer.encode(texts), tuple(stops)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -221,46 +105,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- eval
 
 
-def evaluate(loaded: Loaded, params: Any, batches: list[dict[str, np.ndarray]], transform: Any = None
-             ) -> dict[str, float]:
-    """-> the family's evaluation sums (nll_sum in nats, weight_sum, ...) over `batches`."""
-    from llmjax.models.families import batch_from_dict
-    from llmjax.train.step import make_eval_step
-
-    step = make_eval_step(loaded.family, loaded.family.module())
-
-    def fn(p, batch):
-        with use_sharding(loaded.mesh, loaded.rules):
-            return step(transform(p) if transform else p, batch)
-
-    jitted = jax.jit(fn)
-    spec = logical_to_spec(("act_batch", "act_length"), loaded.rules)
-    totals: dict[str, float] = {}
-    for b in batches:
-        rows = next(iter(b.values())).shape[0]
-        sharded = rows % int(np.prod([loaded.mesh.shape[a] for a in (spec[0] or ())] or [1])) == 0
-        put = (lambda x: jax.device_put(x, NamedSharding(loaded.mesh, spec))) if sharded else jnp.asarray
-        batch = batch_from_dict(loaded.family.batch_type, {k: put(v) for k, v in b.items()})
-        for k, v in jax.device_get(jitted(params, batch)).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    return totals
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmjax.data.select import open_data
+    from llmjax.train.objectives import objective_for
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     loaded = Loaded(args.workdir)
     cfg = loaded.cfg
-    if cfg.train.objective == "dpo":
-        raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective=dpo run: its validation metrics (DPO "
-                          "loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` measures language "
-                          "modelling")
+    objective = objective_for(cfg)
+    if not objective.language_modelling:
+        raise ConfigError(f"llmjax eval: {args.workdir} is a train.objective={objective.name} run: its validation "
+                          "metrics (DPO loss, reward margin and accuracy) are in metrics.jsonl; `llmjax eval` "
+                          "measures language modelling")
     from llmjax.train.checkpoint.data_state import latest_saved_shares
 
     # the run's data shares, so the validation batches are the ones the trainer evaluated
-    data = open_data(cfg, tokenizer=loaded.tokenizer(), shares=latest_saved_shares(loaded.workdir / "checkpoints"))
+    data = objective.open_data(cfg, loaded.family, tokenizer=loaded.tokenizer(),
+                               shares=latest_saved_shares(loaded.workdir / "checkpoints"))
     n = args.batches or cfg.eval.batches or 16
     if args.split == "validation":
         batches = []
@@ -292,11 +153,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     print(f"{args.split}: {len(batches)} batches, {tokens} tokens, {int(total_bytes)} bytes; checkpoint step "
           f"{loaded.step}")
-    loss = report("float: " if args.int8 else "", evaluate(loaded, loaded.params, batches))
+    from llmjax.train.evaluation import evaluate
+
+    loss = report("float: " if args.int8 else "", evaluate(loaded.family, loaded.eval_step(loaded.params),
+                                                           batches).sums)
     if args.int8:
         q = loaded.quantized()
         dt = jnp.dtype(cfg.model.param_dtype)
-        loss8 = report("int8:  ", evaluate(loaded, q, batches, lambda p: dequantize(p, dt)))
+        int8_step = loaded.eval_step(q, lambda p: dequantize(p, dt))
+        loss8 = report("int8:  ", evaluate(loaded.family, int8_step, batches).sums)
         fb, qb = nbytes(loaded.params), nbytes(q)
         paths = quantized_paths(q)
         print(f"int8 weights: {qb / 2**20:.2f} MiB vs {fb / 2**20:.2f} MiB ({cfg.model.param_dtype}), "

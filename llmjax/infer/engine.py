@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.infer.sampling import SamplingParams, sample
-from llmjax.models.families import build_family
+from llmjax.models.families import ModelFamily, build_family
 from llmjax.parallel.rules import Rules, logical_to_spec, use_sharding
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 64
@@ -66,12 +66,13 @@ class Engine:
     """Prefill + cached decoding for one model and its (sharded) parameters.
 
     `mesh`/`rules` (optional) are the layout: the cache and the batch are sharded over the mesh by the
-    same logical rules as in training; without them everything runs unsharded."""
+    same logical rules as in training; without them everything runs unsharded. `family`: the model
+    family of `cfg`, already built (the trainer's or the loaded workdir's); unset, one is built."""
 
     def __init__(self, cfg: ModelConfig, params: Any, mesh: Mesh | None = None, rules: Rules | None = None,
-                 param_transform: Callable[[Any], Any] | None = None):
+                 param_transform: Callable[[Any], Any] | None = None, family: ModelFamily | None = None):
         self.cfg = cfg
-        self.family = build_family(cfg)
+        self.family = family if family is not None else build_family(cfg)
         if not hasattr(self.family, "step"):
             raise ConfigError(f"model.family={cfg.family} has no decoder to generate with")
         self.model = self.family.module()
@@ -85,7 +86,7 @@ class Engine:
                 self.batch_multiple *= mesh.shape[axis]
         self._jits: dict[str, Callable] = {}
 
-    # ------------------------------------------------------------------ jitted pieces
+    # ------------------------------------------------------------------ jitted pieces (public: beam search)
 
     def _ctx(self, fn: Callable) -> Callable:
         if self.mesh is None:
@@ -100,10 +101,12 @@ class Engine:
     def _sharding(self, names: tuple) -> NamedSharding | None:
         return None if self.mesh is None else NamedSharding(self.mesh, logical_to_spec(names, self.rules))
 
-    def _replicated(self) -> NamedSharding | None:
+    def replicated(self) -> NamedSharding | None:
+        """The sharding of a value every device holds whole (None without a mesh)."""
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
-    def _jit(self, name: str, fn: Callable, **kw) -> Callable:
+    def jitted(self, name: str, fn: Callable, **kw) -> Callable:
+        """`jax.jit(fn, **kw)` under the engine's sharding rules, compiled once per `name` (cached)."""
         if name not in self._jits:
             self._jits[name] = jax.jit(self._ctx(fn), **kw)
         return self._jits[name]
@@ -121,22 +124,22 @@ class Engine:
         def fn(params, cache, tokens, segs, pos):
             return self.family.prefill(self.model, self.param_transform(params), tokens, segs, pos, cache)
 
-        return self._jit("prefill", fn, donate_argnums=(1,))(params, cache, tokens, segs, pos)
+        return self.jitted("prefill", fn, donate_argnums=(1,))(params, cache, tokens, segs, pos)
 
     def step(self, params: Any, cache: dict, token_B: jax.Array) -> tuple[jax.Array, dict]:
         """Jitted: one token per row -> (next-token logits [B, V], cache)."""
         def fn(params, cache, tok):
             return self.family.step(self.model, self.param_transform(params), cache, tok)
 
-        return self._jit("step", fn, donate_argnums=(1,))(params, cache, token_B)
+        return self.jitted("step", fn, donate_argnums=(1,))(params, cache, token_B)
 
     def _sample(self, logits_BV: jax.Array, step: int, sp: SamplingParams) -> jax.Array:
-        fn = self._jit(f"sample/{sp.temperature}/{sp.top_k}/{sp.top_p}",
-                       lambda lg, key: sample(lg, key, sp.temperature, sp.top_k, sp.top_p),
-                       out_shardings=self._replicated())
+        fn = self.jitted(f"sample/{sp.temperature}/{sp.top_k}/{sp.top_p}",
+                         lambda lg, key: sample(lg, key, sp.temperature, sp.top_k, sp.top_p),
+                         out_shardings=self.replicated())
         return fn(logits_BV, jax.random.fold_in(jax.random.PRNGKey(sp.seed), step))
 
-    def _host(self, x: jax.Array) -> np.ndarray:
+    def to_host(self, x: jax.Array) -> np.ndarray:
         """A replicated (or single-device) array on the host; works in every process of a multi-process run."""
         return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
@@ -158,7 +161,7 @@ class Engine:
             segs[b, P - len(p):] = 1
             pos[b, P - len(p):] = np.arange(len(p))
         cache = self.new_cache(len(rows), slots, P)
-        logits, cache = self._prefill(self.params, cache, *map(self._put_batch, (tokens, segs, pos)))
+        logits, cache = self._prefill(self.params, cache, *map(self.put_batch, (tokens, segs, pos)))
         return logits, cache, lengths
 
     @staticmethod
@@ -171,7 +174,8 @@ class Engine:
         need = self.family.cache_length(self.padded_prompt_len(prompt_len), new_tokens)
         return -(-need // CACHE_BUCKET) * CACHE_BUCKET
 
-    def _put_batch(self, x: np.ndarray) -> jax.Array:
+    def put_batch(self, x: np.ndarray) -> jax.Array:
+        """Host rows [B, ...] (the same in every process) -> a device array with B over the batch axes."""
         sharding = self._sharding(("act_batch",) + (None,) * (x.ndim - 1))
         if sharding is None:
             return jnp.asarray(x)
@@ -259,8 +263,8 @@ class Engine:
             return jax.lax.while_loop(cond, body, init)[3]
 
         name = f"loop/{T}/{stops}/{sp.temperature}/{sp.top_k}/{sp.top_p}/{sp.seed}"
-        fn = self._jit(name, loop, out_shardings=self._replicated())
-        return self._host(fn(self.params, logits, cache))
+        fn = self.jitted(name, loop, out_shardings=self.replicated())
+        return self.to_host(fn(self.params, logits, cache))
 
     def _decode_on_host(self, logits: jax.Array, cache: dict, n: int, T: int, sp: SamplingParams,
                         stops: tuple[int, ...], tokenizer: Any, on_text: Callable[[int, str], None] | None,
@@ -272,7 +276,7 @@ class Engine:
         for t in range(T):
             if return_logits:
                 kept_logits.append(np.asarray(jax.device_get(logits))[:n])
-            host = self._host(self._sample(logits, t, sp))
+            host = self.to_host(self._sample(logits, t, sp))
             for b in range(n):
                 if finish[b] != "length":
                     continue
@@ -284,7 +288,7 @@ class Engine:
                     self._emit(b, out[b], texts, tokenizer, sp.stop, finish, on_text)
             if all(f != "length" for f in finish) or t == T - 1:
                 break
-            logits, cache = self.step(self.params, cache, self._put_batch(host.astype(np.int32)))
+            logits, cache = self.step(self.params, cache, self.put_batch(host.astype(np.int32)))
         results = []
         for b in range(n):
             g = Generation(out[b], texts[b] if tokenizer is not None else None, finish[b])

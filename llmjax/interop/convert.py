@@ -172,7 +172,7 @@ def to_hf(args: argparse.Namespace) -> int:
     if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())):
         raise ConfigError(f"HF_DIR: {hf_dir} exists and is not an empty directory")
 
-    from llmjax.infer.commands import Loaded
+    from llmjax.infer.workdir_model import Loaded
     from llmjax.interop.hf import save
 
     loaded = Loaded(workdir)

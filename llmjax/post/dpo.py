@@ -17,16 +17,22 @@ that of the log-likelihood ratio h: a vanishing push towards the chosen response
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from llmjax.config import Config, ConfigError
 from llmjax.config.post_training import DPOConfig
 from llmjax.models.families.base import LMBatch, ModelFamily, Sums
 from llmjax.models.feedforward import aux_loss_terms, aux_metrics
+
+if TYPE_CHECKING:
+    from llmjax.data.tokenizers.tokenizer import Tokenizer
+    from llmjax.train.objectives import RunData
 
 SEQUENCE_FIELDS = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
                    "weights": np.float32}
@@ -147,14 +153,28 @@ class PreferenceObjective:
                 "eval_reward_accuracy": sums["accuracy_sum"] / n}
 
 
-def training_family(cfg: Any) -> Any:
-    """The model family of `cfg.model`, wrapped by the objective of `cfg.train.objective` (dpo) where it has one."""
-    from llmjax.config import ConfigError
-    from llmjax.models.families import build_family
+class DirectPreference:
+    """`dpo` in `llmjax.train.objectives.OBJECTIVES`: the preference loss over a causal LM, on preference
+    pairs (`llmjax.data.post.preference_data`) with the starting model's log-probabilities as reference."""
 
-    family = build_family(cfg.model)
-    if cfg.train.objective != "dpo":
-        return family
-    if not cfg.model.causal_lm:
-        raise ConfigError(f"train.objective=dpo needs a causal language model; model.family={cfg.model.family} is not")
-    return PreferenceObjective(family, cfg.dpo)
+    name = "dpo"
+    language_modelling = False  # bits per byte and `llmjax eval` measure language modelling, not pairs
+
+    def check(self, cfg: Config) -> None:
+        if not cfg.model.causal_lm:
+            raise ConfigError(f"train.objective=dpo needs a causal language model; model.family={cfg.model.family} "
+                              "is not")
+
+    def wrap_family(self, family: ModelFamily, cfg: Config) -> ModelFamily:
+        return PreferenceObjective(family, cfg.dpo)  # type: ignore[return-value]  # the family contract
+
+    def open_data(self, cfg: Config, family: ModelFamily, block: int = 0, process_count: int = 1,
+                  tokenizer: Tokenizer | None = None, shares: int | None = None) -> RunData:
+        from llmjax.data.post.preference_data import PreferenceData
+
+        return PreferenceData(cfg, block, process_count, tokenizer)
+
+    def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,
+                log: Callable[[str], None]) -> None:
+        """Load or compute the reference log-probabilities (`PreferenceData.prepare`)."""
+        data.prepare(workdir, reference() if reference is not None else None, log)  # type: ignore[attr-defined]  # PreferenceData's

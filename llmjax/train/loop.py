@@ -1,4 +1,5 @@
-"""The trainer: init or resume, step, evaluate, log, checkpoint, handle signals, sample.
+"""The trainer: set up, init or resume, then step with hooks (`llmjax.train.hooks`: record, evaluate,
+checkpoint, sample, profile, stop signals; the lone run's side of them is `llmjax.train.lone`).
 
 Step numbering: the record `{"step": k, "loss": ...}` is the loss of batch k under the
 parameters after k updates; `{"step": k, "eval_loss": ...}` evaluates those same
@@ -9,54 +10,35 @@ stalls the accelerator; a checkpoint waits for its step's loss to be known finit
 
 from __future__ import annotations
 
-import math
-import signal
-import sys
 import time
 from typing import Any, NamedTuple
 
 import jax
 
 from llmjax import runlog
-from llmjax.config import Config, ConfigError, config_warnings, to_dict
-from llmjax.data.select import open_data
-from llmjax.data.stream.data_module import DataModule
+from llmjax.config import Config, ConfigError, config_warnings
 from llmjax.data.tokenizers.run_tokenizer import has_copy, run_tokenizer, save_copy, tokenizer_dir
-from llmjax.data.tokenizers.tokenizer import document_start
-from llmjax.errors import EXIT_FAILED, EXIT_OK
-from llmjax.evals.tasks import TaskEvaluator, load_tasks
+from llmjax.errors import EXIT_FAILED, EXIT_OK, EXIT_STORAGE, StorageError
+from llmjax.evals.tasks import load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
-from llmjax.storage import EXIT_STORAGE, StorageError, as_path
+from llmjax.storage import as_path
 from llmjax.train import workdir as run_dir
-from llmjax.train.cadence import StepCadence
 from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.init_from import load_base
 from llmjax.train.checkpoint.manager import Checkpointer
-from llmjax.train.evaluation import evaluate, show_samples
-from llmjax.train.optim import current_lr
+from llmjax.train.hooks import Run, close_all, run_loop
+from llmjax.train.lone import LoneTrainer, NonFiniteLoss, log
+from llmjax.train.objectives import RunData, objective_for
 from llmjax.train.preflight import preflight
-from llmjax.train.profiling import StepProfiler
 from llmjax.train.setup import Setup, build_setup
-from llmjax.train.signals import StopSignals, agree_on_signal
-from llmjax.train.telemetry.metrics import MetricsWriter, ProgressBar, memory_summary, mfu, param_counts
+from llmjax.train.telemetry.metrics import memory_summary, param_counts
 from llmjax.train.telemetry.peak import peak_info
 from llmjax.train.telemetry.run_info import write_run_info
 from llmjax.train.telemetry.tracking import hardware_info, open_wandb
 from llmjax.train.workdir import RESUME_KEYS, check_resumable  # noqa: F401 - re-exported (old import path)
-
-
-class NonFiniteLoss(RuntimeError):
-    def __init__(self, message: str, step: int) -> None:
-        super().__init__(message)
-        self.step = step
-
-
-def log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
@@ -88,7 +70,7 @@ def _newest_step_dir(checkpoints: Any) -> Any | None:
     return max(steps, key=lambda c: int(c.name)) if steps else None
 
 
-def check_run(cfg: Config, workdir: Any, setup: Setup, data: DataModule) -> int:
+def check_run(cfg: Config, workdir: Any, setup: Setup, data: RunData) -> int:
     """`llmjax train --check`: everything a run does before its first step, without writing anything:
     the checkpoint it would resume from must match, and the train and eval steps must compile."""
     newest = _newest_step_dir(workdir / "checkpoints")
@@ -103,6 +85,25 @@ def check_run(cfg: Config, workdir: Any, setup: Setup, data: DataModule) -> int:
     log(f"check passed: {workdir} would train {cfg.train.steps} steps of {cfg.train.batch_size} x "
         f"{cfg.data.seq_len} tokens (nothing was written)")
     return EXIT_OK
+
+
+def _describe(cfg: Config, setup: Setup) -> tuple[float, float, bool]:
+    """Log the mesh, parameter counts, FLOPs per token, peak, pipeline schedule, weight decay, LoRA and muP;
+    -> (FLOPs per token, peak FLOP/s per device, whether that peak is reliable)."""
+    counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
+    fpt = setup.family.flops_per_token(cfg.data.seq_len)
+    peak, peak_source, peak_reliable = peak_info(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
+    active = f", {counts['active']:,} active" if cfg.model.moe.enabled else ""
+    log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding"
+        f"{active}; {fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    if setup.schedule is not None:
+        log(setup.schedule.describe())
+    log(describe_decay(setup.trained.roles, decay_mask(setup.trained.roles, cfg.optim.decay_embeddings)))
+    if setup.lora is not None:
+        log(setup.lora.describe())
+    if mup.enabled(cfg.model):
+        log(mup.describe(cfg.model))
+    return fpt, peak, peak_reliable
 
 
 def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
@@ -129,26 +130,15 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     # Each process reads only the rows of every global batch that its devices hold; a resumed run
     # keeps the checkpoint's data shares (unless data.shares says otherwise).
     shares = latest_saved_shares(workdir / "checkpoints")
-    data = open_data(cfg, batch_block(setup, jax.process_index(), jax.process_count()), jax.process_count(),
-                     tokenizer=run_tokenizer(cfg, workdir), shares=shares)
+    data = objective_for(cfg).open_data(cfg, setup.model_family, batch_block(setup, jax.process_index(),
+                                        jax.process_count()), jax.process_count(),
+                                        tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary and not check_only:
         if not has_copy(workdir):
             save_copy(data.tokenizer, tokenizer_dir(workdir))
         run_dir.save_config(cfg, workdir)
-    counts = param_counts(setup.params.shapes, setup.params.logical, cfg.model)
-    fpt = setup.family.flops_per_token(cfg.data.seq_len)
-    peak, peak_source, peak_reliable = peak_info(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
-    active = f", {counts['active']:,} active" if cfg.model.moe.enabled else ""
-    log(f"{describe_mesh(setup.mesh)}; params {counts['total']:,} total, {counts['non_embedding']:,} non-embedding"
-        f"{active}; {fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    if setup.schedule is not None:
-        log(setup.schedule.describe())
-    log(describe_decay(setup.trained.roles, decay_mask(setup.trained.roles, cfg.optim.decay_embeddings)))
-    if setup.lora is not None:
-        log(setup.lora.describe())
-    if mup.enabled(cfg.model):
-        log(mup.describe(cfg.model))
+    fpt, peak, peak_reliable = _describe(cfg, setup)
     if check_only:
         return check_run(cfg, workdir, setup, data)
 
@@ -180,11 +170,9 @@ class _Extras(NamedTuple):
     hardware: dict[str, Any]
 
 
-def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkpointer, fpt: float,
+def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpointer, fpt: float,
          peak_and_reliable: tuple[float, bool], t_start: float, extras: _Extras) -> int:
-    """Restore or initialise, then the step loop (see the module docstring). Returns the exit status."""
-    primary, multi = jax.process_index() == 0, jax.process_count() > 1
-    peak, peak_reliable = peak_and_reliable
+    """Restore or initialise, then the step loop with the lone trainer's hooks. Returns the exit status."""
     restored = ckpt.restore_latest(setup.checkpoint_abstract_state, check=lambda step_dir: check_matches(
         cfg.model, step_dir, setup.abstract_state.params, setup.trained.logical, "the config"),
         data_shares=data.local_shares)
@@ -201,138 +189,26 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: DataModule, ckpt: Checkp
         log(f"resumed from {ckpt.directory / str(start)}")
         if note:
             log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
-
-    prepare = getattr(data, "prepare", None)  # data that needs the starting model (dpo: reference log-probs)
-    if prepare is not None:
-        prepare(workdir, setup.reference_logprobs(state) if restored is None else None, log)
+    # data that needs the starting model (dpo: reference log-probabilities)
+    objective_for(cfg).prepare(data, workdir, None if restored is not None else lambda: setup.reference_logprobs(state),
+                               log)
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
-    write_run_info(workdir, cfg, step_fn, data)  # XLA's FLOPs of the step, eval bytes/token (for sweeps)
-    eval_step = setup.jit_eval_step()
-    task_eval = None
-    if extras.tasks:
-        task_eval = TaskEvaluator(extras.tasks, setup.family, setup.decode_model, setup.mesh, setup.rules,
-                                  data.tokenizer, cfg.model.max_seq_len,
-                                  start=document_start(data.tokenizer, cfg.data.add_bos))
-
-    writer = MetricsWriter(workdir, enabled=primary, tensorboard=cfg.train.tensorboard,
-                           sinks=[extras.tracker] if extras.tracker is not None else [])
-    writer.write_config(to_dict(cfg), extras.hardware)
-    bar = ProgressBar(cfg.train.steps, start, enabled=primary and cfg.train.progress, log_every=cfg.train.log_every,
-                      mfu_mark="" if peak_reliable else "?")
-    signals = StopSignals()
-    profiler = StepProfiler(cfg.train.profile_steps, workdir, log)
-    tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
-    steps = cfg.train.steps
-    end = cfg.train.stop_after or steps  # the schedule follows `steps`; the run stops at `end`
-    last_saved = start if restored else -1
-    status = EXIT_OK
-
-    def say(msg: str) -> None:
-        bar.write(msg) if bar.enabled else log(msg)
-
-    def record(step: int, metrics: Any, dt: float) -> None:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
-            raise NonFiniteLoss(f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}, parameter norm "
-                                f"{m['param_norm']}) at step {step}", step)
-        tps = tokens_per_step / dt if dt > 0 else 0.0
-        util = mfu(tps, fpt, peak)
-        m.update(lr=current_lr(cfg.optim, steps, step), tokens_per_s=tps, step_time=dt)
-        if len(data.sources) > 1:  # realised mixture (this process's tokens so far)
-            m.update({f"data_fraction/{k}": v for k, v in iterator.source_fractions().items()})
-        if util is not None:
-            m["mfu"] = util
-        writer.write(step, m, kind="train")
-        bar.update(step + 1, m["loss"], tps, util, m["lr"])
-
-    def run_eval(step: int) -> None:
-        if cfg.eval.every_steps <= 0:
-            return
-        metrics = evaluate(setup, eval_step, setup.model_params(state), data)
-        writer.write(step, metrics, kind="eval")
-        extra = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl"))
-        say(f"step {step}: eval_loss {metrics['eval_loss']:.4f}{extra}")
-        if task_eval is not None:
-            scores = task_eval(setup.model_params(state))
-            writer.write(step, scores, kind="tasks")
-            say(f"step {step}: {task_eval.summary(scores)}")
-
-    def save(step: int) -> None:
-        nonlocal last_saved
-        if step != last_saved:
-            ckpt.save(step, setup.checkpoint_state(state), {**iterator.get_state(), "model": to_dict(cfg.model),
-                                                            "base": base_record})
-            writer.sync()
-            last_saved = step
-
+    write_run_info(workdir, cfg, step_fn, data, setup.family)  # XLA's FLOPs of the step, eval bytes/token (sweeps)
+    trainer = LoneTrainer(cfg, workdir, setup, data, ckpt, iterator, extras, base_record,
+                          (fpt, *peak_and_reliable), start if restored else -1)
+    run = Run(state, start, cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+    hooks = trainer.hooks(run)
     try:
-        if start == 0:
-            run_eval(0)
-        cadence = StepCadence(cfg, steps, end, record)
-        for step in range(start, end):
-            batch = setup.put_batch(next(iterator))
-            profiler.before_step(step, state)
-            with profiler.annotation(step):
-                state, metrics = step_fn(state, batch)
-            cadence.dispatched(step, metrics)
-            done = step + 1
-            stop = agree_on_signal(signals.received) if multi else signals.received
-            due = cadence.boundary(done, stop)
-            if due is None:
-                continue
-            if due.evaluate:
-                run_eval(done)
-                cadence.restart_clock()
-            if due.save:
-                save(done)
-            if stop:
-                say(f"{signal.Signals(stop).name} received: saved checkpoint {done} in {ckpt.directory}; "
-                    "run the same command to resume")
-                status = 128 + stop
-                break
-        cadence.flush()
+        run_loop(run, step_fn, lambda: setup.put_batch(next(iterator)), hooks)
     except NonFiniteLoss as e:
-        say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
-        status = EXIT_FAILED
-    except BaseException:
-        writer.close()
-        signals.restore()
-        raise
+        trainer.say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
+        run.status = EXIT_FAILED
     finally:
-        profiler.finish(state)
-        iterator.close()
-        try:
-            ckpt.close()
-        except BaseException:
-            writer.close()
-            signals.restore()
-            raise
-        finally:
-            bar.close()
-    try:  # the handlers stay until the samples are done: a Ctrl-C must not interrupt a computation midway
-        late = None
-        if status == EXIT_OK:  # every process gets here; they must agree (the samples are a collective)
-            late = agree_on_signal(signals.received) if multi else signals.received
-        if late:  # a signal during the last step's eval or save: the checkpoint is saved, skip the samples
-            log(f"{signal.Signals(late).name} received after the last step: checkpoint {last_saved} is saved in "
-                f"{ckpt.directory}; skipping the samples")
-            status = 128 + late
-        elif status == EXIT_OK and end < steps:
-            log(f"stopped after step {end} of {steps} (train.stop_after): checkpoint {end} in {ckpt.directory}")
-        elif status == EXIT_OK:
-            show_samples(cfg, setup, setup.model_params(state), data)
-            late = agree_on_signal(signals.received) if multi else signals.received
-            if late:
-                log(f"{signal.Signals(late).name} received during the samples: the run is complete, checkpoint "
-                    f"{last_saved} is saved in {ckpt.directory}")
-                status = 128 + late
-    finally:
-        signals.restore()
-    writer.close()
+        close_all(run, hooks)
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
-    return status
+    return run.status
 
 
 def _blame(ckpt: Checkpointer, resumed_at: int | None, e: NonFiniteLoss) -> str:

@@ -26,8 +26,8 @@ from llmjax.models.roles import boxed_roles, param_roles
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
-from llmjax.post.dpo import training_family
 from llmjax.post.lora import LoraPlan
+from llmjax.train.objectives import objective_for
 from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
 
@@ -61,9 +61,9 @@ def abstract_params(family: ModelFamily, seq_len: int | None = None) -> Abstract
     return AbstractParams(nn.meta.unbox(boxed), logical, param_roles(logical))
 
 
-def model_abstract_params(cfg: ModelConfig) -> AbstractParams:
-    """`abstract_params` of the family a model config names."""
-    return abstract_params(build_family(cfg))
+def model_abstract_params(cfg: ModelConfig, family: ModelFamily | None = None) -> AbstractParams:
+    """`abstract_params` of the family a model config names (`family`: that family, already built)."""
+    return abstract_params(family if family is not None else build_family(cfg))
 
 
 @dataclasses.dataclass
@@ -80,6 +80,7 @@ class Setup:
     state_shardings: TrainState
     batch_sharding: NamedSharding
     params: AbstractParams  # the model's
+    model_family: ModelFamily  # the family `family` wraps (built once per process; the objective's loss over it)
     lora: LoraPlan | None = None  # lora.rank > 0: the optimizer trains adapters, the model's params are frozen
     trained: AbstractParams | None = None  # what TrainState.params holds (the adapters' with LoRA)
 
@@ -252,7 +253,10 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     """Mesh, rules, family, model, optimizer and every sharding for `cfg` (validated beforehand)."""
     mesh = build_mesh(cfg.mesh, devices)
     rules = make_rules(cfg.mesh.rules, dict(mesh.shape), cfg.model.n_kv_heads)
-    family = training_family(cfg)  # the model family, or a training objective over it (dpo)
+    objective = objective_for(cfg)
+    objective.check(cfg)
+    model_family = build_family(cfg.model)  # built once per process: the data and the samples get it from here
+    family = objective.wrap_family(model_family, cfg)  # the objective's loss over it (identity but for dpo)
     model = family.module(pipeline_schedule(cfg, mesh.shape["pipeline"]))
     params = abstract_params(family, cfg.data.seq_len)
     lora, trained = None, params
@@ -274,5 +278,5 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_shardings
     )
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
-    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params, lora,
-                 trained)
+    return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params,
+                 model_family, lora, trained)

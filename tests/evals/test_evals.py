@@ -283,8 +283,8 @@ def instances(kind: str, args_list) -> list:
 
 
 def eval_nll(loaded, ids_in: list[int], ids_target: list[int], scored: int) -> float:
-    """`llmjax eval`'s computation (`infer.commands.evaluate`) on one row: NLL of the last `scored` targets."""
-    from llmjax.infer.commands import evaluate
+    """`llmjax eval`'s computation (`train.evaluation.evaluate`) on one row: NLL of the last `scored` targets."""
+    from llmjax.train.evaluation import evaluate
 
     n = len(ids_in)
     weights = np.zeros((1, n), np.float32)
@@ -292,7 +292,7 @@ def eval_nll(loaded, ids_in: list[int], ids_target: list[int], scored: int) -> f
     batch = {"inputs": np.asarray([ids_in], np.int32), "targets": np.asarray([ids_target], np.int32),
              "segment_ids": np.ones((1, n), np.int32), "positions": np.arange(n, dtype=np.int32)[None],
              "weights": weights}
-    sums = evaluate(loaded, loaded.params, [batch])
+    sums = evaluate(loaded.family, loaded.eval_step(loaded.params), [batch]).sums
     nll, weight = sums["nll_sum"], sums["weight_sum"]
     assert weight == scored
     return nll

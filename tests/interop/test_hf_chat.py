@@ -22,7 +22,7 @@ import pytest
 from llmjax.config import ConfigError, load_config
 from llmjax.data.tokenizers.chat_template import ChatTemplate
 from llmjax.data.tokenizers.hf_tokenizer import HFTokenizer
-from llmjax.infer.commands import bos_prefix
+from llmjax.infer.workdir_model import bos_prefix
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

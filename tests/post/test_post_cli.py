@@ -70,7 +70,7 @@ def test_exports_give_the_adapted_models_logits(runs, tmp_path):
     peft = pytest.importorskip("peft")
     import jax
 
-    from llmjax.infer.commands import Loaded
+    from llmjax.infer.workdir_model import Loaded
 
     base, lora, _ = runs
     for args in ((base, tmp_path / "base"), (lora, tmp_path / "merged", "--merge-lora"), (lora, tmp_path / "peft")):

@@ -85,7 +85,7 @@ def test_train_resume_and_eval_on_a_gs_workdir(corpus, tmp_path, capfd, monkeypa
         records = read_metrics(f"{url}/metrics.jsonl")
         assert sorted(records) == list(range(8))  # the first run's records were kept: appended remotely
 
-        from llmjax.infer.commands import Loaded
+        from llmjax.infer.workdir_model import Loaded
 
         loaded = Loaded(url)
         assert loaded.step == 8

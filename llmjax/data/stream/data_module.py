@@ -123,11 +123,12 @@ class DataModule:
     `block` is the contiguous block of batch_size / process_count rows of every global batch this
     process's devices hold (0 on one process); `shares` overrides the resolved share count (a
     resumed checkpoint's). `tokenizer` is the run's (e.g. the workdir copy); unset, it is resolved
-    from the config.
+    from the config. `family`: the process's model family (whose `objective` makes the examples); unset,
+    one is built from `cfg.model`.
     """
 
     def __init__(self, cfg: Config, block: int = 0, process_count: int = 1, objective: Objective | None = None,
-                 tokenizer: Tokenizer | None = None, shares: int | None = None):
+                 tokenizer: Tokenizer | None = None, shares: int | None = None, family: Any = None):
         t0 = time.perf_counter()
         self.cfg = cfg
         self.process_count = process_count
@@ -146,9 +147,11 @@ class DataModule:
         self.tokenizer = tokenizer or resolve_tokenizer(cfg, self.sources)
         check_vocab(self.tokenizer, cfg)
         if objective is None:  # the model family's (next-token, masked LM, span corruption, ...)
-            from llmjax.models.families import build_family
+            if family is None:  # the caller's family (the trainer's, built once), else one for cfg.model
+                from llmjax.models.families import build_family
 
-            objective = build_family(cfg.model).objective(cfg.data.seq_len, self.tokenizer)
+                family = build_family(cfg.model)
+            objective = family.objective(cfg.data.seq_len, self.tokenizer)
         self.objective: Objective = objective
         self.raw_length = self.objective.raw_length(cfg.data.seq_len)
         for s in self.sources:

@@ -1,8 +1,11 @@
-"""The packed trainer's loop (`train_packed`): the lone trainer's steps, records and saves, once per point.
+"""The multi-point trainer as an adapter (`train_packed`): K points' state, data, writers and run directories
+run through the trainer's one loop and hooks (`llmjax.train.hooks`).
 
-See `llmjax.scaling.sweep.multipoint` for what a pack is and what it shares. Step numbering, records and
-checkpoints follow `llmjax.train.loop` (the train record of step k is the loss of batch k; eval
-and checkpoint k hold the parameters after k updates).
+See `llmjax.scaling.sweep.multipoint` for what a pack is and what it shares (the stacked state and the
+packed step: `PackedProgram`). This module gives the hooks K points' callables where the lone trainer
+(`llmjax.train.lone`) gives one's: each point's train records, evaluations and checkpoints, written to its
+own run directory. Step numbering, records and checkpoints follow `llmjax.train.loop` (the train record of
+step k is the loss of batch k; eval and checkpoint k hold the parameters after k updates).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from llmjax.errors import EXIT_FAILED, EXIT_OK
 from llmjax.scaling.sweep.multipoint import PackedProgram, _PerPoint, build_pack
 from llmjax.storage import as_path
 from llmjax.train import workdir as run_dir
-from llmjax.train.cadence import StepCadence
 from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.manager import Checkpointer
-from llmjax.train.evaluation import evaluate
+from llmjax.train.evaluation import validation_metrics
+from llmjax.train.hooks import Checkpoint, Evaluate, Hook, Record, Run, Stop, close_all, run_loop
 from llmjax.train.optim import current_lr
 from llmjax.train.signals import StopSignals
 from llmjax.train.telemetry.metrics import MetricsWriter, memory_summary, mfu
@@ -50,7 +53,8 @@ class _Point:
         check_resumable(cfg, self.workdir)
         run_dir.create(self.workdir)
         shares = latest_saved_shares(self.workdir / "checkpoints")
-        self.data = DataModule(cfg, 0, 1, tokenizer=run_tokenizer(cfg, self.workdir), shares=shares)
+        self.data = DataModule(cfg, 0, 1, tokenizer=run_tokenizer(cfg, self.workdir), shares=shares,
+                               family=setup.family)
         if not has_copy(self.workdir):
             save_copy(self.data.tokenizer, tokenizer_dir(self.workdir))
         run_dir.save_config(cfg, self.workdir)
@@ -92,6 +96,7 @@ def _restore(points: list[_Point], program: PackedProgram, setup: Any) -> tuple[
     return start, program.stack([r[1] for r in restored])
 
 
+
 def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
                  devices: Sequence[jax.Device] | None = None, mode: str = "auto") -> list[int]:
     """Train the configs together (see `llmjax.scaling.sweep.multipoint`) on `devices` (default all); each point's exit
@@ -101,8 +106,6 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
     setup, program = build_pack(configs, devices, [as_path(w).name for w in workdirs], mode)
     points = [_Point(c, w, setup) for c, w in zip(configs, workdirs, strict=True)]
     K, cfg = len(points), configs[0]
-    fpt = setup.family.flops_per_token(cfg.data.seq_len)
-    peak, _, _ = peak_info(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
     try:
         start, state = _restore(points, program, setup)
         t0 = time.time()
@@ -113,9 +116,17 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
             f"({program.mode}) in "
             f"{time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")
         for p in points:
-            write_run_info(p.workdir, p.cfg, _PerPoint(step_fn, K), p.data)
+            write_run_info(p.workdir, p.cfg, _PerPoint(step_fn, K), p.data, setup.family)
             p.writer.write_config(to_dict(p.cfg), {"packed_with": [q.workdir.name for q in points]})
-        return _loop(points, program, setup, step_fn, state, start, fpt, peak, t_start)
+        run = Run(state, start, cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+        hooks = PackTrainer(points, program, setup).hooks(run)
+        try:
+            run_loop(run, lambda s, b: step_fn(s, b, program.hparams),
+                     lambda: program.put_batch([next(p.iterator) for p in points]), hooks)
+        finally:
+            close_all(run, hooks)
+            log(f"pack of {K} done in {time.time() - t_start:.0f}s")
+        return [p.status for p in points]
     finally:
         for p in points:
             if p.iterator is not None:
@@ -124,20 +135,32 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
             p.writer.close()
 
 
-def _loop(points: list[_Point], program: PackedProgram, setup: Any, step_fn: Any, state: Any, start: int,
-          fpt: float, peak: float, t_start: float) -> list[int]:
-    cfg = points[0].cfg
-    steps, K = cfg.train.steps, len(points)
-    end = cfg.train.stop_after or steps
-    tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
-    eval_step, take = setup.jit_eval_step(), program.take()
-    signals = StopSignals()
+class PackTrainer:
+    """The hooks' callables for K points: records, evaluations and checkpoints of every live point (a point
+    whose loss turns non-finite stops alone; the loop ends when none is left)."""
 
-    def record(step: int, metrics: Any, dt: float) -> None:
+    def __init__(self, points: list[_Point], program: PackedProgram, setup: Any) -> None:
+        cfg = points[0].cfg
+        self.points, self.program, self.setup, self.cfg = points, program, setup, cfg
+        self.fpt = setup.family.flops_per_token(cfg.data.seq_len)
+        self.peak, _, _ = peak_info(jax.devices(), cfg.model.compute_dtype, cfg.data.cache_dir)
+        self.tokens_per_step = cfg.train.batch_size * setup.family.tokens_per_example(cfg.data.seq_len)
+        self.eval_step, self.take = setup.jit_eval_step(), program.take()
+        self.signals = StopSignals()
+
+    def hooks(self, run: Run) -> list[Hook]:
+        cfg = self.cfg
+        return [Record(lambda step, metrics, dt: self.report(run, step, metrics, dt)),
+                Evaluate(cfg.eval.every_steps, lambda step: self.evaluate(step, run.state)),
+                Checkpoint(cfg.checkpoint.every_steps, lambda step: self.save(step, run.state), lambda: None),
+                Stop(lambda: self.signals.received, self.stopped, self.signals.restore)]
+
+    def report(self, run: Run, step: int, metrics: Any, dt: float) -> None:
+        """Every live point's train record of step `step` (metrics [K] each)."""
         host = jax.device_get(metrics)
-        tps = tokens_per_step / dt if dt > 0 else 0.0
-        util = mfu(tps * K, fpt, peak)
-        for i, p in enumerate(points):
+        tps = self.tokens_per_step / dt if dt > 0 else 0.0
+        util = mfu(tps * len(self.points), self.fpt, self.peak)
+        for i, p in enumerate(self.points):
             if not p.live:
                 continue
             m = {k: float(np.asarray(v)[i]) for k, v in host.items()}
@@ -146,55 +169,30 @@ def _loop(points: list[_Point], program: PackedProgram, setup: Any, step_fn: Any
                     f"norm {m['param_norm']}) at step {step}; stopping this point (the others go on)")
                 p.status = EXIT_FAILED
                 continue
-            m.update(lr=current_lr(p.cfg.optim, steps, step), tokens_per_s=tps, step_time=dt)
+            m.update(lr=current_lr(p.cfg.optim, run.steps, step), tokens_per_s=tps, step_time=dt)
             if util is not None:
                 m["mfu"] = util
             p.writer.write(step, m, kind="train")
+        if not any(p.live for p in self.points):
+            run.finished = True
 
-    def run_eval(step: int) -> None:
-        if cfg.eval.every_steps <= 0:
-            return
-        for i, p in enumerate(points):
+    def evaluate(self, step: int, state: Any) -> None:
+        for i, p in enumerate(self.points):
             if p.live:
-                metrics = evaluate(setup, eval_step, take(state, i).params, p.data)
+                metrics = validation_metrics(self.setup, self.eval_step, self.take(state, i).params, p.data)
                 p.writer.write(step, metrics, kind="eval")
                 log(f"{p.workdir.name}: step {step}: eval_loss {metrics['eval_loss']:.4f}")
 
-    def save(step: int) -> None:
-        for i, p in enumerate(points):
+    def save(self, step: int, state: Any) -> None:
+        for i, p in enumerate(self.points):
             if p.live and step != p.last_saved:
-                p.ckpt.save(step, take(state, i), {**p.iterator.get_state(), "model": to_dict(p.cfg.model)})
+                p.ckpt.save(step, self.take(state, i), {**p.iterator.get_state(), "model": to_dict(p.cfg.model)})
                 p.writer.sync()
                 p.last_saved = step
 
-    try:
-        if start == 0:
-            run_eval(0)
-        cadence = StepCadence(cfg, steps, end, record)
-        for step in range(start, end):
-            batch = program.put_batch([next(p.iterator) for p in points])
-            state, metrics = step_fn(state, batch, program.hparams)
-            cadence.dispatched(step, metrics)
-            done = step + 1
-            stop = signals.received
-            due = cadence.boundary(done, stop)
-            if due is not None:
-                if due.evaluate:
-                    run_eval(done)
-                    cadence.restart_clock()
-                if due.save:
-                    save(done)
-                if stop:
-                    log(f"{signal.Signals(stop).name} received: saved checkpoint {done} of every point; run the same "
-                        "command to resume")
-                    for p in points:
-                        if p.live:
-                            p.status = 128 + stop
-                    break
-            if not any(p.live for p in points):
-                break
-        cadence.flush()
-    finally:
-        signals.restore()
-    log(f"pack of {K} done in {time.time() - t_start:.0f}s")
-    return [p.status for p in points]
+    def stopped(self, done: int, sig: int) -> None:
+        log(f"{signal.Signals(sig).name} received: saved checkpoint {done} of every point; run the same "
+            "command to resume")
+        for p in self.points:
+            if p.live:
+                p.status = 128 + sig

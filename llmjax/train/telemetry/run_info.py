@@ -71,16 +71,17 @@ def xla_flops_caveats(cfg: Config) -> list[str]:
     return out
 
 
-def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
+def eval_bytes_per_token(cfg: Config, data: Any, family: Any) -> float | None:
     """UTF-8 bytes per (weighted) target token of `data.eval_batches()`, summed over processes.
 
     The targets are the family's (`batch.targets`: next tokens, masked tokens or decoder targets).
     A collective when several processes run: every process must call it."""
-    from llmjax.models.families import batch_from_dict, build_family
+    from llmjax.models.families import batch_from_dict
+    from llmjax.train.objectives import objective_for
 
-    if cfg.train.objective == "dpo":  # bits per byte measures language modelling, not preference pairs
+    if not objective_for(cfg).language_modelling:  # bits per byte measures text, not e.g. preference pairs
         return None
-    batch_type = build_family(cfg.model).batch_type
+    batch_type = family.batch_type
     nbytes = data.tokenizer.model_token_bytes(cfg.model.vocab_size)
     total = np.zeros(2, np.float64)  # [bytes, weight]
     for arrays in data.eval_batches():
@@ -94,13 +95,11 @@ def eval_bytes_per_token(cfg: Config, data: Any) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def build_run_info(cfg: Config, compiled: Any, data: Any, devices: int) -> dict[str, Any]:
-    """The run_info.json record (module docstring) of `cfg`'s compiled train step on `devices` devices."""
-
+def build_run_info(cfg: Config, compiled: Any, data: Any, devices: int, family: Any) -> dict[str, Any]:
+    """The run_info.json record (module docstring) of `cfg`'s compiled train step on `devices` devices;
+    `family`: the family contract the step trains (`Setup.family`, the objective's wrapper)."""
     per_device = xla_flops(compiled)
-    from llmjax.post.dpo import training_family
-
-    tokens_per_step = cfg.train.batch_size * training_family(cfg).tokens_per_example(cfg.data.seq_len)
+    tokens_per_step = cfg.train.batch_size * family.tokens_per_example(cfg.data.seq_len)
     caveats = xla_flops_caveats(cfg)
     return {
         "flops_per_token_formula": flops_per_token(cfg.model, cfg.data.seq_len),
@@ -111,13 +110,14 @@ def build_run_info(cfg: Config, compiled: Any, data: Any, devices: int) -> dict[
         "devices": int(devices),
         "backend": jax.default_backend(),
         "tokens_per_step": tokens_per_step,
-        "eval_bytes_per_token": eval_bytes_per_token(cfg, data),
+        "eval_bytes_per_token": eval_bytes_per_token(cfg, data, family),
     }
 
 
-def write_run_info(workdir: str | Path, cfg: Config, compiled: Any, data: Any) -> dict[str, Any]:
-    """Build the record for the trainer's compiled step and write it (process 0) to WORKDIR/run_info.json."""
-    info = build_run_info(cfg, compiled, data, jax.device_count())
+def write_run_info(workdir: str | Path, cfg: Config, compiled: Any, data: Any, family: Any) -> dict[str, Any]:
+    """Build the record for the trainer's compiled step (training `family`) and write it (process 0) to
+    WORKDIR/run_info.json."""
+    info = build_run_info(cfg, compiled, data, jax.device_count(), family)
     if jax.process_index() == 0:
         from llmjax.storage import as_path, reraise_storage
 

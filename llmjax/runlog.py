@@ -26,7 +26,7 @@ LOG_NAME = "llmjax.log"
 class _State:
     path: str | None = None  # the local file written to
     upload_to: Any = None  # a remote path to copy it to at detach
-    handler: logging.Handler | None = None
+    handler: _FileHandler | None = None  # (defined below; annotations are not evaluated)
     removed: list[logging.Handler] = []
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from llmjax.config import DTYPES, ConfigError, ModelConfig
+from llmjax.config.schema import Dtype
 from llmjax.interop.hf_config import check_exportable, hf_config_from_model, model_config_from_hf, read_hf_config
 from llmjax.interop.hf_names import sources
 from llmjax.interop.hf_weights import (
@@ -81,7 +82,8 @@ def load(hf_dir: str | Path, mesh: Mesh | None = None, rules: Rules | None = Non
     for name, value in (("compute_dtype", compute_dtype), ("param_dtype", param_dtype)):
         if value not in DTYPES:
             raise ConfigError(f"{name}: '{value}' is not one of {', '.join(DTYPES)}")
-    base = dataclasses.replace(ModelConfig(), compute_dtype=compute_dtype, param_dtype=param_dtype)
+    base = dataclasses.replace(ModelConfig(), compute_dtype=cast(Dtype, compute_dtype),  # checked just above
+                               param_dtype=cast(Dtype, param_dtype))
     cfg, _ = load_model_config(hf_dir, base)
     abstract, logical = abstract_params(cfg)
     if mesh is None:
@@ -90,7 +92,9 @@ def load(hf_dir: str | Path, mesh: Mesh | None = None, rules: Rules | None = Non
     else:
         rules = rules if rules is not None else make_rules(None, dict(mesh.shape), cfg.n_kv_heads)
         shardings = tree_shardings(logical, mesh, rules)
-    return build_family(cfg).module(), load_params(hf_dir, cfg, shardings)
+    model = build_family(cfg).module()
+    assert isinstance(model, Transformer)  # Hugging Face models load as decoders
+    return model, load_params(hf_dir, cfg, shardings)
 
 
 def save(cfg: ModelConfig, params: Any, hf_dir: str | Path, dtype: str | None = None,

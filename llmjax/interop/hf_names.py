@@ -105,7 +105,7 @@ def _layer_sources(m: ModelConfig, layer: Callable[..., np.ndarray], kind: str, 
     """One block's parameters (paths relative to the block) -> sources; `layer(suffix, *dims)` names them."""
     D, F = m.d_model, m.d_ff
     H, K, E = m.n_heads, m.n_kv_heads, m.resolved_head_dim
-    norms = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
+    norms: tuple[tuple[str, str], ...] = (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
     if m.post_norms:
         norms = (("attn_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
                  ("mlp_norm", "pre_feedforward_layernorm"), ("post_mlp_norm", "post_feedforward_layernorm"))

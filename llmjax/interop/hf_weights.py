@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import ml_dtypes
@@ -169,7 +169,8 @@ def build_params(reader: SafetensorsReader, table: dict[Path_, Source], abstract
         shape = tuple(leaf.shape)
         cache: dict[tuple[tuple[int, int], ...], np.ndarray] = {}  # replicated blocks are read once
 
-        def callback(index: tuple[slice, ...]) -> np.ndarray:
+        def callback(index: tuple[slice, ...] | None) -> np.ndarray:
+            assert index is not None  # typed Optional by jax, which asserts an index before calling
             bounds = _bounds(index, shape)
             if bounds not in cache:
                 cache[bounds] = read_block(reader, src, shape, bounds, leaf.dtype)
@@ -201,7 +202,7 @@ def hf_tensors(table: dict[Path_, Source], params: Any, dtype: Any) -> Iterator[
                 block = np.asarray(jax.device_get(block)).transpose(order)
                 return block.reshape(src.hf_shape).astype(dtype)
 
-            yield src.names[idx], thunk
+            yield cast(str, src.names[idx]), thunk  # an element of an array of names (numpy types it an array)
 
 
 def write_safetensors(hf_dir: Path, tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],

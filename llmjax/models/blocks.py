@@ -17,6 +17,7 @@ stacked parameters, so checkpoints do not depend on how the stack is run.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -77,19 +78,22 @@ class Block(nn.Module):
         cfg = self.cfg
         h = make_norm(cfg, "attn_norm")(x_BLD)
         self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        mask = inputs.mask if inputs.mask.window == self.window else inputs.mask.replace(window=self.window)
+        mask = inputs.mask
+        if mask.window != self.window:  # struct.dataclass's (untyped) `replace` is this dataclasses.replace
+            mask = dataclasses.replace(mask, window=self.window)
         attn, self_cache = Attention(cfg, name="attn")(h, inputs.positions, mask, self_cache)
         if cfg.post_norms:
             attn = make_norm(cfg, "post_attn_norm")(attn)
         x_BLD = x_BLD + attn
-        new_cache = None if cache is None else dict(self_cache)
+        new_cache = None if self_cache is None else dict(self_cache)  # Attention returns a cache iff given one
         if self.cross:
+            assert inputs.cross_mask is not None, "a cross-attention block needs inputs.cross_mask"
             h = make_norm(cfg, "cross_norm")(x_BLD)
             cross_cache = None if cache is None else {"k": cache["cross_k"], "v": cache["cross_v"]}
             out, cross_cache = Attention(cfg, cross=True, name="cross_attn")(
                 h, inputs.positions, inputs.cross_mask, cross_cache, inputs.cross_x)
             x_BLD = x_BLD + out
-            if cache is not None:
+            if new_cache is not None and cross_cache is not None:
                 new_cache.update(cross_k=cross_cache["k"], cross_v=cross_cache["v"])
         h = make_norm(cfg, "mlp_norm")(x_BLD)
         y, aux = ffn_kinds()[self.ffn].apply(cfg, h)
@@ -221,6 +225,7 @@ def layer_stack(module: nn.Module, name: str, unit: nn.Module, n_units: int, x_B
     jitter = cfg.moe.enabled and cfg.moe.router_jitter > 0 and module.has_rng("router") and cache is None
     rng = module.make_rng("router") if jitter else None
     if pipeline is not None and cache is None:
+        assert make_inputs is not None, "a pipelined stack needs make_inputs"
         x_BLD, aux = pipelined_units(unit, pipeline, params, x_BLD, side, make_inputs, remat=cfg.remat,
                                      router_rng=rng)
         return x_BLD, None, aux

@@ -15,7 +15,8 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,15 @@ Initializer = Any
 
 def dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+def logical_init(init: Initializer, axes: tuple[str | None, ...]) -> Callable[..., jax.Array]:
+    """`nn.with_logical_partitioning(init, axes)`, typed as `Module.param` hands it back.
+
+    The initializer returns a `LogicallyPartitioned` box, but `param` (unbox=True) strips the
+    box and returns the bare array; flax's annotations say the box, so the cast says the array.
+    """
+    return cast(Callable[..., jax.Array], nn.with_logical_partitioning(init, axes))
 
 
 class Linear(nn.Module):
@@ -52,7 +62,7 @@ class Linear(nn.Module):
         in_shape = x.shape[x.ndim - self.n_in :]
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes),
+            logical_init(nn.initializers.normal(self.init_std), self.kernel_axes),
             (*in_shape, *self.out_shape),
             self.param_dtype,
         )
@@ -65,7 +75,7 @@ class Linear(nn.Module):
         if self.use_bias:
             bias = self.param(
                 "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.n_in :]),
+                logical_init(nn.initializers.zeros, self.kernel_axes[self.n_in :]),
                 self.out_shape,
                 self.param_dtype,
             )
@@ -89,7 +99,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(_scale_init(self.scale_offset), ("norm",)), (x.shape[-1],),
+            "scale", logical_init(_scale_init(self.scale_offset), ("norm",)), (x.shape[-1],),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
@@ -110,8 +120,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         ones, zeros = _scale_init(self.scale_offset), nn.initializers.zeros
-        scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (d,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (d,), self.param_dtype)
+        scale = self.param("scale", logical_init(ones, ("norm",)), (d,), self.param_dtype)
+        bias = self.param("bias", logical_init(zeros, ("norm",)), (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -140,7 +150,7 @@ class Embed(nn.Module):
     def setup(self) -> None:
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
+            logical_init(nn.initializers.normal(self.init_std), self.axes),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )

@@ -57,7 +57,7 @@ from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
 from llmjax.models.feedforward import Aux
-from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype
+from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype, logical_init
 from llmjax.parallel.rules import constrain, current_sharding
 
 
@@ -100,10 +100,10 @@ class ExpertWeights(nn.Module):
                 shape, axes, std = (X, F, D), ("expert", "mlp", "embed"), out_std
             else:
                 shape, axes, std = (X, D, F), ("expert", "embed", "mlp"), cfg.init_std
-            init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+            init = logical_init(nn.initializers.normal(std), axes)
             w[name + "_kernel"] = self.param(f"{name}_kernel", init, shape, pdt)
             if cfg.use_bias:
-                w[name + "_bias"] = self.param(f"{name}_bias", nn.with_logical_partitioning(
+                w[name + "_bias"] = self.param(f"{name}_bias", logical_init(
                     nn.initializers.zeros, (axes[0], axes[2])), (shape[0], shape[2]), pdt)
         return w
 

@@ -69,6 +69,8 @@ class EncoderDecoder(nn.Module):
         enc_x = None
         embed, pos_embed = make_embeddings(cfg)
         if enc_tokens_BS is not None:
+            assert enc_segment_ids_BS is not None and enc_positions_BS is not None, \
+                "encoder tokens come with their segment ids and positions"
             x = embed_tokens(embed, pos_embed, enc_tokens_BS, enc_positions_BS, cfg.scale_embeddings)
             unit, n = stack_unit(cfg, n_layers=cfg.encoder_layers)
             inputs = StackInputs(enc_positions_BS, MaskSpec.self_attention(enc_segment_ids_BS, causal=False))
@@ -83,6 +85,7 @@ class EncoderDecoder(nn.Module):
             mask, kv_seg = cached_mask(cache, dec_segment_ids_BL, causal=True)
             layer_cache = units_view(jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache["layers"]), n)
             cross_seg = cache["cross_segment_ids"] if enc_segment_ids_BS is None else enc_segment_ids_BS
+        assert cross_seg is not None, "without a cache the encoder inputs are required"
         cross_mask = MaskSpec(dec_segment_ids_BL, cross_seg, 0, causal=False)
         inputs = StackInputs(dec_positions_BL, mask, enc_x, cross_mask)
         y, new_layers, dec_aux = layer_stack(self, "decoder", unit, n, y, inputs, layer_cache)
@@ -92,6 +95,7 @@ class EncoderDecoder(nn.Module):
         logits = output_logits(cfg, y, embed)
         if cache is None:
             return logits
+        assert new_layers is not None  # layer_stack returns the new cache when given one
         new_layers = jax.tree.map(lambda a: constrain(a, CACHE_AXES), layers_view(new_layers, cfg.n_layers))
         return logits, {"layers": new_layers, "segment_ids": kv_seg, "cross_segment_ids": cross_seg,
                         "index": cache["index"] + dec_tokens_BL.shape[1]}

@@ -190,5 +190,6 @@ class Transformer(nn.Module):
         logits = project_to_vocab(cfg, x, embed)
         if cache is None:
             return logits
+        assert new_layers is not None  # layer_stack returns the new cache when given one
         new_layers = jax.tree.map(lambda a: constrain(a, CACHE_AXES), layers_view(new_layers, cfg.n_layers))
         return logits, {"layers": new_layers, "segment_ids": kv_seg, "index": cache["index"] + L}

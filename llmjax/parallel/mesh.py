@@ -41,7 +41,7 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     from jax.sharding import AxisType, Mesh
 
     explicit = devices is not None
-    devices = list(devices) if explicit else jax.devices()
+    devices = list(devices) if devices is not None else jax.devices()
     ici, dcn = hybrid_mesh_shape(cfg, len(devices))
     names = mesh_axis_names()
     sizes = tuple(ici[n] * dcn[n] for n in names)

@@ -79,7 +79,7 @@ def _no_persistent_cache() -> Iterator[None]:
     """Compile-only executables cannot be read back from the persistent compilation cache: skip it."""
     import jax
 
-    enabled = jax.config.jax_enable_compilation_cache
+    enabled = jax.config.jax_enable_compilation_cache  # type: ignore[attr-defined]  # flags are dynamic attributes
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         yield

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import flax.linen as nn
 import jax
@@ -40,15 +40,17 @@ def width_config(cfg: Config, width: int, parametrization: str) -> Config:
     if width * m.d_ff % m.d_model:
         raise ConfigError(f"--widths: {width} x model.d_ff={m.d_ff} / model.d_model={m.d_model} is not a whole "
                           "MLP width")
-    heads = {}
+    n_heads, n_kv_heads = m.n_heads, m.n_kv_heads
     if m.head_dim:
         if width % m.head_dim or (width // m.head_dim) % (m.n_heads // m.n_kv_heads):
             raise ConfigError(f"--widths: {width} is not a multiple of model.head_dim={m.head_dim} with whole "
                               "key/value groups")
         n = width // m.head_dim
-        heads = {"n_heads": n, "n_kv_heads": n // (m.n_heads // m.n_kv_heads)}
-    model = dataclasses.replace(m, d_model=width, d_ff=width * m.d_ff // m.d_model, parametrization=parametrization,
-                                scan_layers=False, remat="none", **heads)
+        n_heads, n_kv_heads = n, n // (m.n_heads // m.n_kv_heads)
+    # the name is checked against the schema's choices by `validate` (coordinate_check)
+    param = cast(Literal["standard", "mup"], parametrization)
+    model = dataclasses.replace(m, d_model=width, d_ff=width * m.d_ff // m.d_model, parametrization=param,
+                                scan_layers=False, remat="none", n_heads=n_heads, n_kv_heads=n_kv_heads)
     optim = dataclasses.replace(cfg.optim, schedule="constant", warmup_steps=0)
     return dataclasses.replace(cfg, model=model, optim=optim)
 

@@ -134,7 +134,7 @@ def lr_transfer_table(csv_path: str | Path, loss: str | None = None, width: str 
             if ok:
                 x, v = min(ok, key=lambda p: p[1])
                 best[name][w] = {"lr": x, "loss": v, "index": grid.index(x)}
-        indices = [b["index"] for b in best[name].values()]
+        indices = [int(b["index"]) for b in best[name].values()]  # ints (stored among the floats)
         drift[name] = max(indices) - min(indices) if indices else 0
     order = sorted(panels, key=lambda n: (n != "standard", n))
     return {"loss": loss, "unit": loss_unit(loss), "panels": {n: panels[n] for n in order}, "best": best,

@@ -69,6 +69,7 @@ class BatchIterator:
     def source_fractions(self) -> dict[str, float]:
         """Realised share of each source in the (non-padding) tokens this process has read so far."""
         total = sum(self._tokens.values())
+        assert isinstance(total, np.ndarray)  # one counter array per local iterator, and there is at least one
         s = max(int(total.sum()), 1)
         return {name: float(n) / s for name, n in zip(self._names, total, strict=True)}
 
@@ -178,8 +179,8 @@ class DataModule:
                                            "train.batch_size, or disable evaluation with eval.every_steps=0")):
             if split == "validation" and self.cfg.eval.every_steps <= 0:
                 continue
-            bounds = [s.max_tokens(split) for s in self.sources]
-            if any(b is None for b in bounds):
+            bounds = [b for s in self.sources if (b := s.max_tokens(split)) is not None]
+            if len(bounds) < len(self.sources):  # some source's size is unknown
                 continue
             if sum(bounds) < need:
                 raise ConfigError(

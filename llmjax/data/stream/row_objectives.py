@@ -138,7 +138,9 @@ class SpanCorruption(Objective):
             raise ValueError(f"span corruption needs {spans} sentinels per row, has {len(self.sentinel_ids)}")
         kept = self._cut(n - noise, spans, rng)
         noisy = self._cut(noise, spans, rng)
-        inputs, targets, start = [], [], 0
+        inputs: list[np.ndarray | list[int]] = []
+        targets: list[np.ndarray | list[int]] = []
+        start = 0
         for i in range(spans):
             inputs.append(tokens[start:start + kept[i]])
             start += kept[i]

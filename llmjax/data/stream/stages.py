@@ -141,7 +141,7 @@ class TagSource:
     def __init__(self, index: int):
         self.index = index
 
-    def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray | np.generic]:
         return {**row, "_source": np.int32(self.index)}
 
 
@@ -162,10 +162,11 @@ class ObjectiveStage:
         step, j = divmod(int(i), self.share_rows)
         return step * self.global_batch + self.share * self.share_rows + j
 
-    def __call__(self, i: int, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, i: int, row: dict[str, Any]) -> dict[str, np.ndarray | np.generic]:
+        """`row`: a packed row's arrays, plus the `_source` scalar when `TagSource` ran."""
         rng = np.random.default_rng([self.seed, self.global_index(i)])
         core = {k: row[k] for k in ("tokens", "segment_ids", "positions")}
-        out = dict(self.objective(core, rng))
+        out: dict[str, np.ndarray | np.generic] = dict(self.objective(core, rng))
         out["_source"] = np.int32(row.get("_source", 0))
         out["_tokens"] = np.int32(np.count_nonzero(row["segment_ids"]))
         return out

@@ -143,7 +143,7 @@ class HFTokenizer(Tokenizer):
         return {"path": str(self.files["tokenizer.json"]), "key": self._key}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["key"])
+        type(self).__init__(self, state["path"], state["key"])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -153,7 +153,7 @@ class HFTokenizer(Tokenizer):
         offsets of each token in `text`), for masks over parts of a rendered chat
         (`llmjax.data.tokenizers.chat_template`)."""
         enc = self._tok.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
+        return list(enc.ids), [(start, end) for start, end in enc.offsets]
 
     def decode(self, ids: Sequence[int] | Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

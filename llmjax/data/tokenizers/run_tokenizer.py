@@ -74,7 +74,7 @@ def load_copy(directory: str | Path) -> Tokenizer:
     return load_tokenizer(directory, str(directory))
 
 
-def _local_mirror(directory: str) -> Path:
+def _local_mirror(directory: str | Path) -> Path:
     """A local copy of the remote tokenizer directory `directory`, in the cache under the hash of its
     manifest. Written to a temporary directory and renamed into place, so concurrent processes never
     read a partial copy; an existing mirror is reused (its files are checked against the manifest)."""

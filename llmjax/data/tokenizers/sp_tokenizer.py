@@ -58,7 +58,7 @@ class SentencePieceTokenizer(Tokenizer):
         return {"path": str(self.files["tokenizer.model"]), "key": self._key}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["key"])
+        type(self).__init__(self, state["path"], state["key"])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), out_type=int)

@@ -83,7 +83,7 @@ def approach1(runs: Runs, points: int = 40) -> dict[str, Any]:
         if not covering:
             continue
         losses = {i: float(np.interp(np.log(c), np.log(curves[i][0]), curves[i][1])) for i in covering}
-        best = min(losses, key=losses.get)
+        best = min(losses, key=losses.__getitem__)
         n = float(runs.N[best])
         k = float(runs.C[best] / (runs.N[best] * runs.D[best]))
         j = int(np.searchsorted(sizes, n))

@@ -145,8 +145,8 @@ def summary(fit: dict[str, Any]) -> str:
         for vs in ("vs_N", "vs_C"):
             law = entry.get(vs) or {}
             if "exponent" in law:
-                iv = law.get("interval")
-                ci = f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""
+                interval = law.get("interval")
+                ci = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
                 lines.append(f"optimal {key} = {law['coef']:.3g} * {law['of']}^{law['exponent']:.3f}{ci} "
                              f"({law['n_points']} optima)")
         if "skipped" in entry or "note" in entry:

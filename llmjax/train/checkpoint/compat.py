@@ -40,9 +40,10 @@ ARCHITECTURE_KEYS = (
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
     for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def architecture_diff(saved: dict[str, Any], model: ModelConfig) -> list[str]:

@@ -174,7 +174,8 @@ def cpu_peak(compute_dtype: str, cache_dir: str | os.PathLike | None = None) -> 
     key = _cpu_cache_key(compute_dtype)
     entry = _read_cache(path).get(key)
     cached = float(entry.get("flops", 0)) if isinstance(entry, dict) else 0.0
-    if cached > 0 and entry.get("quiet") is True:  # entries of older versions (no "quiet") are measured again
+    # entries of older versions (no "quiet") are measured again
+    if cached > 0 and isinstance(entry, dict) and entry.get("quiet") is True:
         return cached, f"CPU {compute_dtype} matmul peak measured earlier on a quiet machine (cached in {path})", True
     measured, share = others_cpu_share(lambda: measure_matmul_flops(compute_dtype))
     quiet = share is not None and share <= LOADED_SHARE

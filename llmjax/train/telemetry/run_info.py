@@ -51,9 +51,9 @@ def xla_flops(compiled: Any) -> float | None:
         analysis = analysis[0] if analysis else None
     if not isinstance(analysis, dict):
         return None
-    value = analysis.get("flops")
+    raw: Any = analysis.get("flops")  # a number; None or absent on some backends (float raises TypeError)
     try:
-        value = float(value)
+        value = float(raw)
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) and value > 0 else None

@@ -36,8 +36,9 @@ def _lm_eval() -> Any:
 def lm_class() -> type:
     """The lm-eval `LM` subclass over a `TextModel` (lm-eval imported on the first call)."""
     lm_eval = _lm_eval()
+    base: Any = lm_eval.api.model.LM  # lm-eval ships no types: a base class mypy takes as Any
 
-    class LlmjaxLM(lm_eval.api.model.LM):
+    class LlmjaxLM(base):
         """lm-eval's model interface for an llmjax model (one process: rank 0 of 1; the devices
         are used through the mesh, not through lm-eval's data parallelism)."""
 

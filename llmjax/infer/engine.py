@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.infer.sampling import SamplingParams, sample
-from llmjax.models.families import ModelFamily, build_family
+from llmjax.models.families import DecodingFamily, ModelFamily, build_family
 from llmjax.parallel.rules import Rules, logical_to_spec, use_sharding
 
 PROMPT_BUCKET, CACHE_BUCKET = 16, 64
@@ -72,9 +72,10 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params: Any, mesh: Mesh | None = None, rules: Rules | None = None,
                  param_transform: Callable[[Any], Any] | None = None, family: ModelFamily | None = None):
         self.cfg = cfg
-        self.family = family if family is not None else build_family(cfg)
-        if not hasattr(self.family, "step"):
+        built = family if family is not None else build_family(cfg)
+        if not isinstance(built, DecodingFamily):
             raise ConfigError(f"model.family={cfg.family} has no decoder to generate with")
+        self.family: DecodingFamily[Any, Any] = built
         self.model = self.family.module()
         self.params = params
         self.mesh, self.rules = mesh, rules
@@ -82,24 +83,30 @@ class Engine:
         self.param_transform = param_transform or (lambda p: p)
         self.batch_multiple = 1
         if mesh is not None:
-            for axis in logical_to_spec(("act_batch",), rules)[0] or ():
+            for axis in logical_to_spec(("act_batch",), self._rules())[0] or ():
                 self.batch_multiple *= mesh.shape[axis]
         self._jits: dict[str, Callable] = {}
 
     # ------------------------------------------------------------------ jitted pieces (public: beam search)
 
+    def _rules(self) -> Rules:
+        """The sharding rules of an engine with a mesh (a mesh is always given with its rules)."""
+        assert self.rules is not None, "Engine: a mesh needs its sharding rules"
+        return self.rules
+
     def _ctx(self, fn: Callable) -> Callable:
-        if self.mesh is None:
+        mesh = self.mesh
+        if mesh is None:
             return fn
 
         def wrapped(*args, **kwargs):
-            with use_sharding(self.mesh, self.rules):
+            with use_sharding(mesh, self._rules()):
                 return fn(*args, **kwargs)
 
         return wrapped
 
     def _sharding(self, names: tuple) -> NamedSharding | None:
-        return None if self.mesh is None else NamedSharding(self.mesh, logical_to_spec(names, self.rules))
+        return None if self.mesh is None else NamedSharding(self.mesh, logical_to_spec(names, self._rules()))
 
     def replicated(self) -> NamedSharding | None:
         """The sharding of a value every device holds whole (None without a mesh)."""

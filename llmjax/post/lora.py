@@ -126,11 +126,11 @@ class LoraPlan:
             found = sorted({n for p, r in flat_roles.items() if (n := target_name(p, r)) is not None})
             raise ConfigError(f"lora.targets={cfg.targets}: no parameter of this model matches (its targetable "
                               f"matrices: {', '.join(found) or 'none'})")
-        found = {target_name(t.path, flat_roles[t.path]) for t in self.targets}
-        missing = [t for t in cfg.targets if t not in found]
+        matched = {n for t in self.targets if (n := target_name(t.path, flat_roles[t.path])) is not None}
+        missing = [t for t in cfg.targets if t not in matched]
         if missing:
             raise ConfigError(f"lora.targets: {', '.join(missing)} match no parameter of this model (matched: "
-                              f"{', '.join(sorted(found))})")
+                              f"{', '.join(sorted(matched))})")
 
     # ------------------------------------------------------------------ trees
     def _tree(self, leaf: Any) -> Any:

@@ -33,7 +33,7 @@ from llmjax.train.hooks import Run, close_all, run_loop
 from llmjax.train.lone import LoneTrainer, NonFiniteLoss, log
 from llmjax.train.objectives import RunData, objective_for
 from llmjax.train.preflight import preflight
-from llmjax.train.setup import Setup, build_setup
+from llmjax.train.setup import AbstractParams, Setup, build_setup
 from llmjax.train.telemetry.metrics import memory_summary, param_counts
 from llmjax.train.telemetry.peak import peak_info
 from llmjax.train.telemetry.run_info import write_run_info
@@ -50,6 +50,7 @@ def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
         return 0
     rows: set[int] = set()
     for index in setup.batch_sharding.addressable_devices_indices_map((B, L)).values():
+        assert index is not None, "a NamedSharding indexes every addressable device"
         rows.update(range(*index[0].indices(B)[:2]))
     b = B // process_count
     lo = min(rows)
@@ -60,6 +61,12 @@ def batch_block(setup: Setup, process_index: int, process_count: int) -> int:
             "(mesh.data x mesh.fsdp a multiple of the process count)"
         )
     return lo // b
+
+
+def _trained(setup: Setup) -> AbstractParams:
+    """What the optimizer trains (`Setup.trained`: set by `Setup.__post_init__`, never None)."""
+    assert setup.trained is not None
+    return setup.trained
 
 
 def _newest_step_dir(checkpoints: Any) -> Any | None:
@@ -75,7 +82,7 @@ def check_run(cfg: Config, workdir: Any, setup: Setup, data: RunData) -> int:
     the checkpoint it would resume from must match, and the train and eval steps must compile."""
     newest = _newest_step_dir(workdir / "checkpoints")
     if newest is not None:
-        check_matches(cfg.model, newest, setup.abstract_state.params, setup.trained.logical, "the config")
+        check_matches(cfg.model, newest, setup.abstract_state.params, _trained(setup).logical, "the config")
         log(f"would resume from {newest} (its parameter shapes match)")
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
@@ -98,7 +105,8 @@ def _describe(cfg: Config, setup: Setup) -> tuple[float, float, bool]:
         f"{active}; {fpt / 1e6:.2f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     if setup.schedule is not None:
         log(setup.schedule.describe())
-    log(describe_decay(setup.trained.roles, decay_mask(setup.trained.roles, cfg.optim.decay_embeddings)))
+    roles = _trained(setup).roles
+    log(describe_decay(roles, decay_mask(roles, cfg.optim.decay_embeddings)))
     if setup.lora is not None:
         log(setup.lora.describe())
     if mup.enabled(cfg.model):
@@ -174,7 +182,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
          peak_and_reliable: tuple[float, bool], t_start: float, extras: _Extras) -> int:
     """Restore or initialise, then the step loop with the lone trainer's hooks. Returns the exit status."""
     restored = ckpt.restore_latest(setup.checkpoint_abstract_state, check=lambda step_dir: check_matches(
-        cfg.model, step_dir, setup.abstract_state.params, setup.trained.logical, "the config"),
+        cfg.model, step_dir, setup.abstract_state.params, _trained(setup).logical, "the config"),
         data_shares=data.local_shares)
     base, base_record = load_base(cfg, setup, workdir, resuming=restored is not None)  # train.init_from
     if restored is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import flax.linen as nn
 import jax
@@ -32,6 +32,12 @@ from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
 
 BATCH_AXES = ("act_batch", "act_length")
+
+
+class ReferenceFamily(Protocol):
+    """A family that scores a batch under reference parameters (`llmjax.post.dpo.PreferenceObjective`)."""
+
+    def reference_logprobs(self, model: Any, params: Any, batch: Any) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +144,8 @@ class Setup:
 
     def merge_fn(self) -> Callable[[Any, Any, jax.Array | None], Any] | None:
         """(frozen, trained, rng) -> the model's parameters (LoRA's merge), or None without LoRA."""
-        return None if self.lora is None else (lambda base, adapters, rng: self.lora.merge(base, adapters, rng))
+        lora = self.lora
+        return None if lora is None else (lambda base, adapters, rng: lora.merge(base, adapters, rng))
 
     def model_params(self, state: TrainState) -> Any:
         """The model's parameters of a train state (LoRA: base + adapters merged, sharded like the base)."""
@@ -150,13 +157,16 @@ class Setup:
         """This process's rows of a batch -> [B, 2] reference log-probabilities of the global batch under the
         model parameters of `state` (train.objective=dpo, `llmjax.post.dpo`)."""
         params = self.model_params(state)
-        fn = jax.jit(self._in_mesh_context(lambda p, b: self.family.reference_logprobs(self.model, p, b)),
+        family = cast(ReferenceFamily, self.family)  # train.objective=dpo: the family is the preference wrapper
+        fn = jax.jit(self._in_mesh_context(lambda p, b: family.reference_logprobs(self.model, p, b)),
                      out_shardings=replicated(self.mesh))
         return lambda rows: np.asarray(jax.device_get(fn(params, self.put_batch(rows))))
 
     @functools.cached_property
     def _jit_merge(self) -> Callable[[Any, Any], Any]:
-        return jax.jit(self._in_mesh_context(lambda f, p: self.lora.merge(f, p)),
+        lora = self.lora
+        assert lora is not None, "only a LoRA run merges adapters into its base"
+        return jax.jit(self._in_mesh_context(lambda f, p: lora.merge(f, p)),
                        out_shardings=self.state_shardings.frozen)
 
     def _in_mesh_context(self, fn: Callable) -> Callable:
@@ -166,8 +176,9 @@ class Setup:
 
         return wrapped
 
-    def jit_train_step(self) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-        """Jitted train step: state donated, batch sharded over (data, fsdp), metrics replicated."""
+    def jit_train_step(self) -> jax.stages.Wrapped:
+        """Jitted train step (state, batch) -> (state, metrics): state donated, batch sharded over (data, fsdp),
+        metrics replicated."""
         o = self.cfg.optim
         step = make_train_step(self.family, self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps,
                                self.merge_fn())
@@ -187,7 +198,7 @@ class Setup:
             return batch_gradients(self.family, self.model, params, batch, self.cfg.train.z_loss, o.grad_accum_steps,
                                    frozen=frozen, model_params=self.merge_fn())
 
-        shardings = (self.state_shardings.params, self.batch_sharding)
+        shardings: tuple[Any, ...] = (self.state_shardings.params, self.batch_sharding)
         if self.lora is not None:
             shardings = (*shardings, self.state_shardings.frozen)
         return jax.jit(
@@ -196,7 +207,7 @@ class Setup:
             out_shardings=(self.state_shardings.params, replicated(self.mesh)),
         )
 
-    def jit_eval_step(self) -> Callable[[Any, Batch], dict]:
+    def jit_eval_step(self) -> jax.stages.Wrapped:
         """eval_step(the model's parameters (`model_params`), batch) -> the family's evaluation sums."""
         return jax.jit(
             self._in_mesh_context(make_eval_step(self.family, self.model)),
@@ -267,11 +278,12 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     repl = replicated(mesh)
     param_shardings = trained.shardings(mesh, rules)
     state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r, lora), jax.random.PRNGKey(0))
+    # a TrainState of shardings: the state's tree with a NamedSharding where each array goes
     state_shardings = TrainState(
-        step=repl,
+        step=cast(jax.Array, repl),
         params=param_shardings,
         opt_state=opt_state_shardings(state_shape.opt_state, param_shardings, state_shape.params, repl),
-        rng=repl,
+        rng=cast(jax.Array, repl),
         frozen=None if lora is None else params.shardings(mesh, rules),
     )
     abstract_state = jax.tree.map(

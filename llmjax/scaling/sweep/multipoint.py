@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +142,7 @@ class PackedProgram:
         def point_step(state: TrainState, batch: Any, hp: dict[str, jax.Array]) -> tuple[TrainState, Any]:
             from llmjax.train.optim import make_optimizer
 
-            optim = dataclasses.replace(cfg.optim, **hp)
+            optim = dataclasses.replace(cfg.optim, **cast(dict[str, Any], hp))  # traced values for the floats
             tx = make_optimizer(optim, cfg.train.steps, setup.params.roles,
                                 mup.lr_multipliers(cfg.model, setup.params.roles))
             step = make_train_step(setup.family, setup.model, tx, cfg.train.z_loss, cfg.optim.grad_accum_steps)

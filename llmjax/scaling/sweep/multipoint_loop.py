@@ -14,7 +14,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -74,9 +74,12 @@ def _restore(points: list[_Point], program: PackedProgram, setup: Any) -> tuple[
     """(start step, stacked state): every point's newest checkpoint (all at one step), or fresh states."""
     from llmjax.config import ConfigError
 
-    restored = [p.ckpt.restore_latest(setup.abstract_state, check=lambda d, p=p: check_matches(
-        p.cfg.model, d, setup.abstract_state.params, setup.params.logical, "the config"),
-        data_shares=p.data.local_shares) for p in points]
+    def matches(p: _Point) -> Callable[[Any], None]:
+        return lambda d: check_matches(p.cfg.model, d, setup.abstract_state.params, setup.params.logical,
+                                       "the config")
+
+    restored = [p.ckpt.restore_latest(setup.abstract_state, check=matches(p), data_shares=p.data.local_shares)
+                for p in points]
     if all(r is None for r in restored):
         for p in points:
             p.iterator = p.data.train_iterator()
@@ -86,14 +89,15 @@ def _restore(points: list[_Point], program: PackedProgram, setup: Any) -> tuple[
         raise ConfigError("--pack: the points of a pack resume from different steps ("
                           + ", ".join(f"{p.workdir.name}: {s}" for p, s in zip(points, steps, strict=True))
                           + "); train them alone")
-    start = restored[0][0]
-    for p, (_, _, data_state) in zip(points, restored, strict=True):
+    loaded = [r for r in restored if r is not None]  # all of them: the steps above agree
+    start = loaded[0][0]
+    for p, (_, _, data_state) in zip(points, loaded, strict=True):
         p.iterator, note = p.data.restore_iterator(data_state, start)
         p.last_saved = start
         log(f"{p.workdir.name}: resumed from {p.ckpt.directory / str(start)}")
         if note:
             log(f"llmjax: warning: {p.workdir.name}: {note}: the data stream restarts at step {start}")
-    return start, program.stack([r[1] for r in restored])
+    return start, program.stack([r[1] for r in loaded])
 
 
 

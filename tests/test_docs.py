@@ -156,3 +156,53 @@ def test_mkdocs_build_is_strict_clean(tmp_path: Path):
                        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert (tmp_path / "site" / "how-a-step-flows" / "index.html").is_file()
+
+
+_MODULE_PATH = re.compile(r"(?<![\w/.])(?:llmjax/)((?:[a-z_]+/)*[a-z_]+\.py)")
+_DOTTED = re.compile(r"(?<![\w.])llmjax((?:\.[a-z_]+)+)")
+
+
+def _named_modules(text: str) -> set[str]:
+    """Every `llmjax/...py` path and `llmjax.a.b` dotted name in `text` (dotted names may end in an attribute)."""
+    return {f"llmjax/{m}" for m in _MODULE_PATH.findall(text)} | {"llmjax" + m for m in _DOTTED.findall(text)}
+
+
+# The modules that docs/extending.md's worked examples create (they are examples, not part of the package).
+EXAMPLE_MODULES = {"models/families/fim", "kernels/repeat_kv", "train/objectives_smooth"}
+
+
+def _exists(name: str) -> bool:
+    if name == "llmjax.log":  # the run's log file, not a module
+        return True
+    stem = name.removeprefix("llmjax/").removeprefix("llmjax.").removesuffix(".py").replace(".", "/")
+    if any(stem == m or stem.startswith(m + "/") for m in EXAMPLE_MODULES):
+        return True
+    if name.endswith(".py"):
+        return (ROOT / name).is_file()
+    parts = name.split(".")
+    for i in range(len(parts), 1, -1):  # the longest prefix that is a module or package; the rest an attribute
+        base = ROOT.joinpath(*parts[:i])
+        if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+            return i >= len(parts) - 1  # at most one attribute after the module
+    return False
+
+
+@pytest.mark.parametrize("path", DOC_FILES + sorted((ROOT / "experiments" / "results").glob("*/README.md")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_name_only_modules_that_exist(path: Path):
+    """A module moved or removed must not leave the docs pointing at it."""
+    missing = sorted(n for n in _named_modules(path.read_text()) if not _exists(n))
+    assert not missing, f"{path.relative_to(ROOT)} names modules that do not exist: {missing}"
+
+
+def test_the_package_map_lists_every_module_and_no_other():
+    """docs/layout.md names each module of llmjax/ (by its path within its folder's table) and nothing that is
+    gone: a module added, moved or removed updates the map."""
+    text = (ROOT / "docs" / "layout.md").read_text()
+    named = {n.removeprefix("llmjax/") for n in re.findall(r"`([\w/]+\.py)`", text)}
+    modules = [p.relative_to(ROOT / "llmjax").as_posix() for p in (ROOT / "llmjax").rglob("*.py")]
+    gone = sorted(n for n in named if not any(m == n or m.endswith("/" + n) for m in modules))
+    assert not gone, f"docs/layout.md names modules that do not exist: {gone}"
+    unlisted = sorted(m for m in modules if not m.endswith("__init__.py")
+                      and not any(m == n or m.endswith("/" + n) for n in named))
+    assert not unlisted, f"docs/layout.md does not list: {unlisted}"

@@ -44,13 +44,13 @@ from typing import Any
 
 from llmjax import runlog
 from llmjax.config import ConfigError, load_config
-from llmjax.data import cli_args as data_cli
+from llmjax.data import data_cli
 from llmjax.errors import EXIT_FAILED, EXIT_STORAGE, EXIT_USAGE, CheckpointError, StorageError
-from llmjax.evals import cli_args as harness_cli
-from llmjax.infer import cli_args as infer_cli
-from llmjax.interop import cli_args as convert_cli
-from llmjax.planner import cli_args as planner_cli
-from llmjax.scaling import cli_args as scaling_cli
+from llmjax.evals import harness_cli
+from llmjax.infer import infer_cli
+from llmjax.interop import convert_cli
+from llmjax.planner import compile_cli as planner_cli
+from llmjax.scaling import scaling_cli
 from llmjax.storage import storage_problem
 
 

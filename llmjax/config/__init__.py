@@ -26,6 +26,15 @@ from llmjax.config.loading import (
     save_config,
     to_dict,
 )
+from llmjax.config.rules.data_rules import validate_data
+from llmjax.config.rules.validate import (
+    check_environment,
+    check_keys,
+    config_warnings,
+    validate,
+    validate_config,
+    validate_mesh,
+)
 from llmjax.config.schema import (
     DTYPES,
     CheckpointConfig,
@@ -48,15 +57,6 @@ from llmjax.config.schema import (
     choices,
     mesh_axis_names,
 )
-from llmjax.config.validate import (
-    check_environment,
-    check_keys,
-    config_warnings,
-    validate,
-    validate_config,
-    validate_mesh,
-)
-from llmjax.config.validate_data import validate_data
 
 __all__ = [
     "DEFAULT_CONFIG", "DTYPES", "FAMILIES", "PRESETS_DIR", "CheckpointConfig", "Config", "ConfigError", "DataConfig",

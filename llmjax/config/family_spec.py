@@ -3,7 +3,7 @@
 A `FamilySpec` says what a family is (its config class, the module of its code) and what it can do
 (which `data.packing` its objective takes, whether it is a next-token model, splits into pipeline
 stages, decodes with a KV cache, exports to Hugging Face). Config validation
-(`llmjax.config.validate`) and the family code (`llmjax.models.families`, `ModelFamily.spec`) both
+(`llmjax.config.rules.validate`) and the family code (`llmjax.models.families`, `ModelFamily.spec`) both
 read these flags from here; `ModelConfig.spec` gives a config's.
 
 A family may add model keys of its own by subclassing `ModelConfig` here (frozen, with defaults);

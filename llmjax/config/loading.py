@@ -18,8 +18,8 @@ from typing import Any, Literal, TypeVar, cast
 import yaml
 
 from llmjax.config.family_spec import model_config_class
+from llmjax.config.rules.validate import validate_config
 from llmjax.config.schema import Config, ModelConfig
-from llmjax.config.validate import validate_config
 from llmjax.errors import ConfigError
 
 # Presets ship inside the package (so a wheel install finds them); experiments/configs links here.

@@ -24,7 +24,7 @@ scaled with it). The logged `lr` is the base learning rate η (the embedding's).
 Only Adam-like optimizers follow these rules (`adamw`, `lion`: updates of size ~lr per entry);
 SGD and Adafactor (updates relative to the parameter's scale) need others and are refused. A tied
 embedding is both an input and an output weight, whose rules conflict: refused too. Those
-configuration rules (`enabled`, `check`) are in `llmjax.config.mup_rules`, re-exported here.
+configuration rules (`enabled`, `check`) are in `llmjax.config.rules.mup_rules`, re-exported here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmjax.config import ModelConfig
-from llmjax.config.mup_rules import MUP_OPTIMIZERS, check, enabled
+from llmjax.config.rules.mup_rules import MUP_OPTIMIZERS, check, enabled
 
 __all__ = ["MUP_OPTIMIZERS", "ROLE_EXPONENTS", "attention_scale", "base_head_dim", "check", "describe", "enabled",
            "init_multipliers", "lr_multipliers", "scale_init", "width_multiplier"]

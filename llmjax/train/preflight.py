@@ -101,7 +101,7 @@ def check_fits(cfg: Config, devices: Sequence[Any]) -> None:
 def preflight(cfg: Config) -> dict[str, int]:
     """`validate_mesh` against this process's view of the devices, `check_environment`, then `check_fits`.
     Returns the mesh shape. The config's own rules are `load_config`'s (a config built in code is checked
-    with `llmjax.config.validate`)."""
+    with `llmjax.config.rules.validate`)."""
     import jax
 
     shape = validate_mesh(cfg, jax.device_count())

@@ -21,7 +21,7 @@ from typing import cast
 import numpy as np
 
 from llmjax.config import Config, ConfigError, SourceConfig
-from llmjax.config.validate_data import check_weights
+from llmjax.config.rules.data_rules import check_weights
 from llmjax.data.stream.files import (
     fingerprint_files,
     list_local_files,

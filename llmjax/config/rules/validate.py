@@ -26,14 +26,14 @@ import types
 import typing
 from typing import Any, Literal
 
-from llmjax.config import mup_rules
 from llmjax.config.attention_impls import attention_names, canonical_attention
 from llmjax.config.family_spec import family_spec, model_config_class
 from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.logical_axes import LOGICAL_AXES, merge_rules
 from llmjax.config.mesh_shape import mesh_shape
+from llmjax.config.rules import mup_rules
+from llmjax.config.rules.data_rules import validate_data
 from llmjax.config.schema import Config, ModelConfig, mesh_axis_names
-from llmjax.config.validate_data import validate_data
 from llmjax.errors import ConfigError
 
 

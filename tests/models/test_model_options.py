@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
-from test_parallel import RTOL, assert_trees_close, run
+from helpers import RTOL, assert_trees_close, run, tiny_config
 
 from llmjax.config import ConfigError, validate
 from llmjax.models.families import build_family

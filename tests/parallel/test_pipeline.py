@@ -15,9 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import packed_batch, small_corpus, tiny_config, tiny_train_overrides
+from helpers import RTOL, assert_trees_close, packed_batch, small_corpus, tiny_config, tiny_train_overrides
 from jax.sharding import PartitionSpec as P
-from test_parallel import RTOL, assert_trees_close
 
 from llmjax.config import ConfigError, validate
 from llmjax.parallel.pipeline import Schedule

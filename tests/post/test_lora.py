@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import packed_batch, tiny_config
-from test_parallel import LAYOUTS, RTOL, assert_trees_close
+from helpers import LAYOUTS, RTOL, assert_trees_close, packed_batch, tiny_config
 
 from llmjax.config import ConfigError
 from llmjax.post.lora import LoraPlan

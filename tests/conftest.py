@@ -53,3 +53,11 @@ def eval_run(tmp_path_factory):
     from helpers import eval_run as run
 
     return run(tmp_path_factory.mktemp("eval_run"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection
+def pytest_collection_modifyitems(config, items):
+    """hf and multiprocess tests are slow too (pyproject's markers), so `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("hf") or item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.slow)

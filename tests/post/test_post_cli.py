@@ -64,6 +64,7 @@ def test_lora_starts_at_its_base_and_resumes_exactly(runs):
     assert f"loss {lora_eval[4]['eval_loss']:.4f}" in out.stdout
 
 
+@pytest.mark.hf
 def test_exports_give_the_adapted_models_logits(runs, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

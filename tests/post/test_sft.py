@@ -44,6 +44,7 @@ def records(name: str) -> list[dict]:
     return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("source", ["sft_chat.jsonl", "sft_completion.jsonl"])
 def test_mask_is_transformers_assistant_mask(source, hf_tokenizer):
     tok = load_tokenizer(str(TOKENIZER))
@@ -59,6 +60,7 @@ def test_mask_is_transformers_assistant_mask(source, hf_tokenizer):
         assert template.render(messages) == text
 
 
+@pytest.mark.hf
 def test_prefix_mask_without_generation_tags_matches_tagged_template(hf_tokenizer):
     """The mask found by prefix differences on a template without tags = transformers' mask on the same
     template with generation tags (whitespace trimming, BOS variable)."""

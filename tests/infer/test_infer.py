@@ -214,6 +214,7 @@ def trained(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_cli_generate_and_eval(trained, tmp_path):
     r = llmjax("generate", "--workdir", trained, "--prompt", "def main(", "--max-new-tokens", 8)
     assert r.returncode == 0, r.stderr
@@ -230,6 +231,7 @@ def test_cli_generate_and_eval(trained, tmp_path):
         assert word in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2(trained, tmp_path):
     cases = [
         (("generate", "--workdir", tmp_path, "--prompt", "x"), "config.yaml"),

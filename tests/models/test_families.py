@@ -224,6 +224,7 @@ def _losses(workdir, kind="train", key="loss"):
     return {k: r[key] for k, r in read_metrics(workdir / "metrics.jsonl", kind).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
 def test_kill9_then_resume_is_bitwise(family, tmp_path):
     import signal

@@ -109,6 +109,7 @@ def test_int8_quantizes_expert_kernels():
     assert nbytes(q) < 0.4 * nbytes(params)
 
 
+@pytest.mark.slow
 def test_cli_eval_int8_on_an_moe_run_quantizes_the_experts(tmp_path):
     import subprocess
     import sys

@@ -231,6 +231,7 @@ def test_cli_exits_2_before_compiling(corpus, tmp_path, verb, overrides, needle)
 # ----------------------------------------------------------------------------- checkpoints across layouts
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_from_pipelined_to_unpipelined(corpus, tmp_path):
     """Train pipelined (circular, 2 stages x 2 repeats) with checkpoints, rewind to step 4 and resume on
     the plain data-parallel layout: the loss curve continues as the pipelined run went on."""

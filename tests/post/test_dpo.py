@@ -114,6 +114,7 @@ def test_bad_pairs_are_named_by_line(tmp_path):
         PreferenceData(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("lora.rank=8", "lora.alpha=16", "lora.targets=[q,k,v,o,mlp]",
                                         "optim.lr=3e-3")], ids=["full", "lora"])
 def test_accuracy_rises_on_the_example_dataset(tmp_path, extra):

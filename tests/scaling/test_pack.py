@@ -100,6 +100,7 @@ def test_packing_refuses_points_of_different_shapes(tmp_path):
         train_packed([sgd[0], _configs(corpus, "optim.name=sgd", "optim.b1=0.5")[0]], [tmp_path / "a", tmp_path / "b"])
 
 
+@pytest.mark.slow
 def test_sweep_run_pack_cli(tmp_path):
     """`sweep run --pack 2` on 2 shapes x 2 learning rates: one pack per shape (shapes never share one), each
     point DONE with its own curve; collect lists all four; --pack 0 is a usage error."""

@@ -251,6 +251,7 @@ def test_sweep_collect_reads_run_directories(tmp_path):
     assert load_curves(load_runs(exported))[0][1].size == 10
 
 
+@pytest.mark.slow
 def test_wsd_cooldown_branches_equal_independent_runs(tmp_path):
     """One trunk per shape; each shorter point branches from it before its decay and ends exactly where
     an independent run of the same point ends (same seed, same warmup, same data order)."""

@@ -366,6 +366,7 @@ def test_xla_flops_of_the_compiled_step_unrolled_and_scanned():
     assert 1.0 < ratios[False] < 1.25 and ratios[True] < 0.6, ratios
 
 
+@pytest.mark.slow
 def test_keep_going_marks_a_diverging_point_and_the_trainer_records_run_info(tmp_path):
     from helpers import small_corpus, tiny_train_overrides
 

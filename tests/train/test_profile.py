@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from helpers import small_corpus, tiny_train_overrides
 
 from llmjax.config import load_config
 from llmjax.train.loop import train
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(tmp_path, capsys):
     corpus = small_corpus(tmp_path / "corpus")
     cfg = load_config(None, [*tiny_train_overrides(corpus), "train.steps=5", "train.profile_steps=[2,4]",

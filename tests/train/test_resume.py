@@ -18,6 +18,7 @@ from helpers import small_corpus, tiny_train_overrides
 from llmjax.train.telemetry.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # every test trains in a subprocess, most of them kill it on the way
 
 
 @pytest.fixture(scope="module")

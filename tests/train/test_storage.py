@@ -72,6 +72,7 @@ def _train(url: str, corpus: str, *extra: str) -> int:
     return train(cfg, url)
 
 
+@pytest.mark.slow
 def test_train_resume_and_eval_on_a_gs_workdir(corpus, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
     bucket = tmp_path / "bucket-root"

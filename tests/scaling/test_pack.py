@@ -65,6 +65,7 @@ def _assert_same_runs(lone, packed, cfg, devices):
         assert (b / "run_info.json").is_file() and (b / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["map", "vmap"])
 def test_packed_points_equal_lone_runs(lone_runs, mode):
     tmp, corpus, lone = lone_runs
@@ -74,6 +75,7 @@ def test_packed_points_equal_lone_runs(lone_runs, mode):
     _assert_same_runs(lone, packed, configs[0], jax.devices())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["map", "vmap"])
 def test_packed_points_equal_lone_runs_under_data_and_fsdp(lone_runs, mode):
     tmp, corpus, lone = lone_runs

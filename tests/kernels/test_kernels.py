@@ -67,7 +67,7 @@ def assert_matches_reference(fn, q, k, v, spec):
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])  # MHA, GQA, MQA
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 5), (64, 64), (3, 11)])
+@pytest.mark.parametrize("blocks", [pytest.param((8, 8), marks=pytest.mark.slow), (16, 5), (64, 64), (3, 11)])
 def test_chunked_equals_reference(n_kv, blocks):
     L = 37  # divisible by none of the blocks
     q, k, v = qkv(L, L, n_kv, seed=n_kv)

@@ -347,6 +347,7 @@ def test_expert_parallel_matches_single_device(layout, mode):
     assert_trees_close(grads, ref_grads)
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_forward():
     """The KV-cache path (`Engine`) runs MoE layers too: dropless routing is per token, so it is exact.
 
@@ -368,6 +369,7 @@ def test_cached_decoding_equals_full_forward():
         np.testing.assert_allclose(g.logits, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_moe_every_second_layer():
     """every=2: a scan over groups (dense block, MoE block); equals the blocks applied one by one."""
     from llmjax.models.attention import MaskSpec

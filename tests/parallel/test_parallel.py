@@ -17,7 +17,13 @@ def reference():
     return run(cfg, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# The quick run (-m "not slow") keeps data8 and data2_fsdp2_tensor2 (all three axes); the others take 16-28 s each
+# on 2 cores with a cold compilation cache.
+SLOW_LAYOUTS = {"fsdp8", "tensor4_data2", "data2_fsdp2_tensor2_scanned"}
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
+                                    for name in LAYOUTS])
 def test_layout_matches_single_device(layout, reference):
     assert jax.device_count() == 8
     cfg = tiny_config(*LAYOUTS[layout])

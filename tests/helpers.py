@@ -153,12 +153,13 @@ def read_records(workdir, kind: str) -> dict[int, dict]:
     return read_metrics(workdir / "metrics.jsonl", kind)
 
 
-def eval_run(tmp):
-    """10 training steps of a tiny model with the committed task scored at every evaluation (5 steps),
-    TensorBoard on and, when wandb is installed, W&B offline -> (workdir, corpus, CompletedProcess)."""
+def eval_run(tmp, corpus: str | None = None):
+    """10 training steps of a tiny model on `corpus` (default: a new small_corpus under `tmp`) with the committed
+    task scored at every evaluation (5 steps), TensorBoard on and, when wandb is installed, W&B offline
+    -> (workdir, corpus, CompletedProcess)."""
     import importlib.util
 
-    corpus = small_corpus(tmp / "corpus")
+    corpus = corpus or small_corpus(tmp / "corpus")
     workdir = tmp / "run"
     tracking = ["log.wandb.project=llmjax-tests", "log.wandb.mode=offline"] if importlib.util.find_spec("wandb") else []
     r = run_llmjax("train", "--workdir", workdir, *tiny_train_overrides(corpus), "train.steps=10",

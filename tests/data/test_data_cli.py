@@ -95,11 +95,6 @@ def test_a_source_that_disappears_mid_run_stops_cleanly(tmp_path):
     assert f"resumed from {work / 'checkpoints' / str(saved[-1])}" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def _tiny(corpus, *extra):
     return [*tiny_train_overrides(corpus), "train.steps=2", "optim.warmup_steps=1", "eval.every_steps=0", *extra]
 

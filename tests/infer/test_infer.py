@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_config, tiny_train_overrides
+from helpers import tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError
 from llmjax.infer.beam_search import beam_search
@@ -205,8 +205,7 @@ def llmjax(*args):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    corpus = small_corpus(tmp_path_factory.mktemp("corpus"))
+def trained(tmp_path_factory, corpus):
     workdir = tmp_path_factory.mktemp("run")
     r = llmjax("train", "--workdir", workdir, *tiny_train_overrides(corpus), "train.steps=10",
                "eval.every_steps=0", "sample.max_new_tokens=0")

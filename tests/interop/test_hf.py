@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.config import ConfigError, MeshConfig
 from llmjax.interop import hf
@@ -262,11 +262,10 @@ def llmjax(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
+def test_cli_convert_then_eval_train_and_export(llama, tmp_path, corpus):
     _, _, path, _ = llama
     from llmjax.data.tokenizers.sp_tokenizer import train_sentencepiece, training_sentences
 
-    corpus = small_corpus(tmp_path / "corpus")
     text = [p.read_text() for p in sorted(Path(corpus).iterdir())]
     hf_dir = tmp_path / "hf"
     shutil.copytree(path, hf_dir)

@@ -231,17 +231,16 @@ def _losses(workdir, kind="train", key="loss"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
-def test_kill9_then_resume_is_bitwise(family, tmp_path):
+def test_kill9_then_resume_is_bitwise(family, tmp_path, corpus):
     import signal
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    from helpers import small_corpus, tiny_train_overrides
+    from helpers import tiny_train_overrides
 
     root = Path(__file__).resolve().parents[2]
-    corpus = small_corpus(tmp_path / "corpus")
     extra = {"encoder": ["model.family=encoder", "model.position=learned", "model.max_seq_len=32"],
              "encoder_decoder": ["model.family=encoder_decoder", "model.sentinels=8"]}[family]
     steps = ["train.steps=30", "checkpoint.every_steps=10", "eval.every_steps=15", "sample.max_new_tokens=4"]

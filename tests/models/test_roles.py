@@ -112,15 +112,14 @@ def test_int8_quantizes_expert_kernels():
 
 
 @pytest.mark.slow
-def test_cli_eval_int8_on_an_moe_run_quantizes_the_experts(tmp_path):
+def test_cli_eval_int8_on_an_moe_run_quantizes_the_experts(tmp_path, corpus):
     import subprocess
     import sys
     from pathlib import Path
 
-    from helpers import small_corpus, tiny_train_overrides
+    from helpers import tiny_train_overrides
 
     root = Path(__file__).resolve().parents[2]
-    corpus = small_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
 
     def llmjax(*args):

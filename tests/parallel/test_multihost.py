@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import full_mesh_shape, small_corpus, tiny_config, tiny_train_overrides
+from helpers import full_mesh_shape, tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError, load_config, mesh_axis_names, validate
 from llmjax.parallel import distributed
@@ -36,11 +36,6 @@ TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "e
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def llmjax_train(workdir, corpus, *extra) -> list[str]:

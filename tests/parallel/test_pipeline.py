@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import RTOL, assert_trees_close, packed_batch, small_corpus, tiny_config, tiny_train_overrides
+from helpers import RTOL, assert_trees_close, packed_batch, tiny_config, tiny_train_overrides
 from jax.sharding import PartitionSpec as P
 
 from llmjax.config import ConfigError, validate
@@ -208,11 +208,6 @@ def test_bad_pipeline_settings_name_the_keys(overrides, keys):
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmjax.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.mark.parametrize("verb, overrides, needle", [

@@ -367,10 +367,10 @@ def test_xla_flops_of_the_compiled_step_unrolled_and_scanned():
 
 
 @pytest.mark.slow
-def test_keep_going_marks_a_diverging_point_and_the_trainer_records_run_info(tmp_path):
-    from helpers import small_corpus, tiny_train_overrides
+def test_keep_going_marks_a_diverging_point_and_the_trainer_records_run_info(tmp_path, corpus):
+    from helpers import tiny_train_overrides
 
-    overrides = tiny_train_overrides(small_corpus(tmp_path / "corpus")) + [
+    overrides = tiny_train_overrides(corpus) + [
         "checkpoint.every_steps=0", "sample.max_new_tokens=0", "model.scan_layers=false"]
     spec = {"name": "kg", "overrides": overrides, "shapes": [{"d_model": 64, "n_layers": 2, "n_heads": 4,
                                                               "d_ff": 128}],

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.config import ConfigError
 from llmjax.storage import StorageError, storage_problem
@@ -39,11 +39,6 @@ def train(workdir: Path, corpus: str, *extra: str) -> subprocess.CompletedProces
 
 def losses(workdir: Path) -> dict[int, float]:
     return {k: r["loss"] for k, r in read_metrics(workdir / "metrics.jsonl").items()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

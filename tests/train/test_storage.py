@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.config import load_config
 from llmjax.train.telemetry.metrics import read_metrics
@@ -56,11 +56,6 @@ def local_gcs(root: Path) -> Iterator[None]:
         mp.setattr(ts_utils, "_normalize_path", lambda p: normalize(local(p)))
         mp.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda p: False)
         yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _train(url: str, corpus: str, *extra: str) -> int:

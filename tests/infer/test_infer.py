@@ -37,7 +37,7 @@ def make_params(cfg, scale=8.0):
 PROMPTS = [list(np.random.default_rng(0).integers(4, 128, n)) for n in (3, 11, 6)]
 
 
-@pytest.fixture(scope="module", params=["scan", "unrolled"])
+@pytest.fixture(scope="module", params=["scan", pytest.param("unrolled", marks=pytest.mark.slow)])  # 13-19 s a test
 def setup(request):
     cfg = tiny_config(f"model.scan_layers={'true' if request.param == 'scan' else 'false'}")
     model, params = make_params(cfg)
@@ -106,6 +106,7 @@ def test_top_k_and_top_p_stay_inside_their_sets():
     assert vals.shape == (4, 5) and np.isfinite(np.asarray(vals)[:, 0]).all()
 
 
+@pytest.mark.slow
 def test_temperature_to_zero_is_greedy_and_seed_reproduces(setup):
     _, _, _, engine = setup
     greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
@@ -118,6 +119,7 @@ def test_temperature_to_zero_is_greedy_and_seed_reproduces(setup):
     assert [g.tokens for g in a] != [g.tokens for g in other]
 
 
+@pytest.mark.slow
 def test_one_beam_is_greedy_and_more_beams_score_at_least_as_well(setup):
     _, model, params, engine = setup
     sp = SamplingParams(max_new_tokens=8)
@@ -158,6 +160,7 @@ def test_invalid_sampling_values_and_prompts():
         engine.check_prompts([[5] * cfg.model.max_seq_len])
 
 
+@pytest.mark.slow
 def test_int8_weights():
     cfg = tiny_config()
     model, params = make_params(cfg, scale=1.0)

@@ -85,6 +85,7 @@ def test_loss_equals_hand_computation(model_and_params, kind):
     np.testing.assert_allclose(ev["eval_loss"], loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_beta_to_zero_is_log2_and_half_beta_likelihood_ratio(model_and_params):
     """beta -> 0: every pair's loss -> log 2, and the gradient -> -beta/2 x the gradient of the mean log-ratio h."""
     cfg, family, model, params = model_and_params

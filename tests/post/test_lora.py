@@ -87,6 +87,7 @@ def test_adapters_sharded_like_their_base_matrices():
         None, "fsdp", "tensor", None)
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_the_optimizer_holds_only_adapters():
     cfg = tiny_config(*LORA, "mesh.data=8", "train.steps=3")
     setup = build_setup(cfg)

@@ -150,6 +150,7 @@ def test_bad_records_are_named_by_line(tmp_path, line, needle):
     assert needle in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_before_compiling(tmp_path):
     base = ["--workdir", str(tmp_path / "run"), "--check", "--config", str(ROOT / "experiments/configs/sft_small.yaml"),
             "train.progress=false"]

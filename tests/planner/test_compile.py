@@ -60,6 +60,7 @@ def memory_of(*overrides: str) -> analysis.Memory:
     return analysis.memory(compiled)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_memory_moves_the_expected_way():
     """Measured: temporaries 447 -> 65 MiB with the chunked loss, -> 42 MiB adding remat; arguments

@@ -163,6 +163,7 @@ def test_fit_cli_exit_status_2_on_a_missing_column(tmp_path):
     assert r.returncode == 2 and "llmjax: error:" in r.stderr and "'tokens'" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_fit_and_plot_cli_write_json_and_figures(synthetic, tmp_path):
     path, _ = synthetic
     r = cli("fit", "--csv", str(path), "--out", str(tmp_path), "--budgets", "1e19,1e21", "--bootstrap", "5")

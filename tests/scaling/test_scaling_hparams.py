@@ -168,6 +168,7 @@ def test_fit_cli_usage_errors_exit_2(tmp_path, args, message):
 # ----------------------------------------------------------------------------- plots
 
 
+@pytest.mark.slow
 def test_plots_extrapolate_to_the_budgets_in_the_fits_units(hparam_fit, tmp_path):
     path, fit = hparam_fit
     (row,) = fit["compute_optimal"]
@@ -346,6 +347,7 @@ def test_collect_keeps_hyperparameters_status_and_bits_per_byte(tmp_path):
 # ----------------------------------------------------------------------------- runs (tiny trainings)
 
 
+@pytest.mark.slow
 def test_xla_flops_of_the_compiled_step_unrolled_and_scanned():
     """XLA's count of an unrolled step is the formula's plus what it leaves out (norms, softmax, optimizer):
     a little above it; a scanned stack counts its body once and is flagged inexact."""

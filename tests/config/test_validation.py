@@ -261,6 +261,7 @@ def _mutate_yaml(rng: random.Random, text: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+@pytest.mark.slow
 def test_fuzz_train_check_exits_0_or_2(capsys, tmp_path, corpus):
     """>= 200 random override sets and malformed YAML files: every one ends in exit 0 or 2, never a traceback
     (an internal error would exit 1 with its traceback in the log)."""

@@ -48,8 +48,26 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def eval_run(tmp_path_factory):
+def corpus(tmp_path_factory) -> str:
+    """helpers.small_corpus, made once for the session and only read by the tests. The trained tokenizer is
+    cached (LLMJAX_CACHE) under the corpus's path and mtimes, so every training run on it, subprocesses
+    included, trains the tokenizer once per session instead of once per module or test."""
+    from helpers import small_corpus
+
+    return small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory, corpus):
     """One tiny training run shared by test_evals.py and test_tracking.py (helpers.eval_run)."""
     from helpers import eval_run as run
 
-    return run(tmp_path_factory.mktemp("eval_run"))
+    return run(tmp_path_factory.mktemp("eval_run"), corpus)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection
+def pytest_collection_modifyitems(config, items):
+    """hf and multiprocess tests are slow too (pyproject's markers), so `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("hf") or item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.slow)

@@ -41,6 +41,50 @@ def packed_batch(cfg: Config, seed: int = 0, rows: int | None = None) -> dict[st
             "weights": np.ones((B, L), np.float32)}
 
 
+# Mesh layouts and tree comparison shared by tests/parallel, tests/models and tests/post (they lived in
+# test_parallel.py, which other folders' tests cannot import by name).
+LAYOUTS = {
+    "data8": ("mesh.data=8",),
+    "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
+    "tensor4_data2": ("mesh.data=2", "mesh.tensor=4"),
+    "data2_fsdp2_tensor2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
+    # tiny_config runs the layers as a Python loop (the default preset); check nn.scan too.
+    "data2_fsdp2_tensor2_scanned": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.scan_layers=true"),
+}
+STEPS = 3
+RTOL, ATOL = 1e-5, 1e-6  # atol is relative to the largest entry of each tensor
+
+
+def run(cfg, devices):
+    """Gradients at step 0 and the losses of STEPS optimizer steps on fixed batches."""
+    import jax
+
+    from llmjax.train.setup import build_setup
+
+    setup = build_setup(cfg, devices)
+    state = setup.init_state()
+    batches = [setup.put_batch(packed_batch(cfg, seed=0))] * STEPS  # one batch, so the loss must fall
+    grads, _ = setup.jit_gradients()(state.params, batches[0])
+    grads = jax.device_get(grads)
+    step = setup.jit_train_step()
+    losses = []
+    for b in batches:
+        state, metrics = step(state, b)
+        losses.append(float(metrics["loss"]))
+    return grads, losses
+
+
+def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
+    import jax
+
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        scale = float(np.max(np.abs(y))) or 1.0
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path))
+
+
 def small_corpus(directory) -> str:
     """~0.3 MB of real text (standard-library modules) copied into `directory`; returns its path."""
     import shutil
@@ -109,12 +153,13 @@ def read_records(workdir, kind: str) -> dict[int, dict]:
     return read_metrics(workdir / "metrics.jsonl", kind)
 
 
-def eval_run(tmp):
-    """10 training steps of a tiny model with the committed task scored at every evaluation (5 steps),
-    TensorBoard on and, when wandb is installed, W&B offline -> (workdir, corpus, CompletedProcess)."""
+def eval_run(tmp, corpus: str | None = None):
+    """10 training steps of a tiny model on `corpus` (default: a new small_corpus under `tmp`) with the committed
+    task scored at every evaluation (5 steps), TensorBoard on and, when wandb is installed, W&B offline
+    -> (workdir, corpus, CompletedProcess)."""
     import importlib.util
 
-    corpus = small_corpus(tmp / "corpus")
+    corpus = corpus or small_corpus(tmp / "corpus")
     workdir = tmp / "run"
     tracking = ["log.wandb.project=llmjax-tests", "log.wandb.mode=offline"] if importlib.util.find_spec("wandb") else []
     r = run_llmjax("train", "--workdir", workdir, *tiny_train_overrides(corpus), "train.steps=10",

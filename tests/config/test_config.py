@@ -373,6 +373,7 @@ def test_every_preset_loads_and_validates(path):
     assert math.prod(shape.values()) == 8
 
 
+@pytest.mark.slow
 def test_presets_ship_in_the_wheel(tmp_path):
     """`llmjax train` with no --config must find default.yaml when installed from a wheel (package data)."""
     import subprocess

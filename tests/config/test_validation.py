@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from helpers import small_corpus
 
 from llmjax import cli
 from llmjax.config import DEFAULT_CONFIG, Config, ConfigError, load_config
@@ -28,11 +27,6 @@ TINY = [
     "optim.warmup_steps=1", "eval.every_steps=0", "eval.batches=1", "sample.max_new_tokens=0",
     "data.validation_fraction=0.2",
 ]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
@@ -267,6 +261,7 @@ def _mutate_yaml(rng: random.Random, text: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+@pytest.mark.slow
 def test_fuzz_train_check_exits_0_or_2(capsys, tmp_path, corpus):
     """>= 200 random override sets and malformed YAML files: every one ends in exit 0 or 2, never a traceback
     (an internal error would exit 1 with its traceback in the log)."""

@@ -30,6 +30,7 @@ def usage_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in r.stderr, f"{n!r} not in {r.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_workdir_generates_identically_without_its_corpus(tmp_path):
     corpus = small_corpus(tmp_path / "corpus")
     cache = tmp_path / "cache"
@@ -62,6 +63,7 @@ def _many_files(root: Path, n: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_source_that_disappears_mid_run_stops_cleanly(tmp_path):
     corpus = _many_files(tmp_path / "corpus", 400)
     backup = tmp_path / "backup"
@@ -93,15 +95,11 @@ def test_a_source_that_disappears_mid_run_stops_cleanly(tmp_path):
     assert f"resumed from {work / 'checkpoints' / str(saved[-1])}" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def _tiny(corpus, *extra):
     return [*tiny_train_overrides(corpus), "train.steps=2", "optim.warmup_steps=1", "eval.every_steps=0", *extra]
 
 
+@pytest.mark.slow
 def test_bad_data_input_exits_2_before_training(corpus, tmp_path):
     work = tmp_path / "work"
     config_json = tmp_path / "config.json"
@@ -120,6 +118,7 @@ def test_bad_data_input_exits_2_before_training(corpus, tmp_path):
         assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_prepare_then_train_and_a_truncated_shard(corpus, tmp_path):
     out = tmp_path / "prepared"
     r = llmjax("data", "prepare", out, f"data.path={corpus}", "model.vocab_size=512", "data.validation_fraction=0.2",
@@ -140,6 +139,7 @@ def test_prepare_then_train_and_a_truncated_shard(corpus, tmp_path):
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_bench_data_prints_figures(corpus):
     r = llmjax("bench-data", "--batches", 20, *tiny_train_overrides(corpus))
     assert r.returncode == 0, r.stderr

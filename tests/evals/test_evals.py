@@ -238,6 +238,7 @@ def test_accuracy_and_length_normalised_accuracy():
 # ----------------------------------------------------------------------------- in the training loop
 
 
+@pytest.mark.slow
 def test_tasks_are_scored_at_every_evaluation(eval_run):
     workdir, _, r = eval_run
     records = read_records(workdir, "tasks")
@@ -247,6 +248,7 @@ def test_tasks_are_scored_at_every_evaluation(eval_run):
     assert "step 10: python_mc acc" in r.stderr
 
 
+@pytest.mark.slow
 def test_bad_task_file_exits_2_before_compiling(eval_run, tmp_path):
     _, corpus, _ = eval_run
     bad = tmp_path / "bad.jsonl"
@@ -298,6 +300,7 @@ def eval_nll(loaded, ids_in: list[int], ids_target: list[int], scored: int) -> f
     return nll
 
 
+@pytest.mark.slow
 def test_harness_loglikelihoods_equal_llmjax_eval(harness_lm):
     lm, text, loaded = harness_lm
     tok, eos = text.tokenizer, text.eos_id
@@ -321,6 +324,7 @@ def test_harness_loglikelihoods_equal_llmjax_eval(harness_lm):
         np.testing.assert_allclose(value, -eval_nll(loaded, ids[:-1], ids[1:], len(ids) - 1), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_harness_generate_until_matches_the_engine(harness_lm):
     from llmjax.infer.sampling import SamplingParams
 
@@ -338,6 +342,7 @@ def test_harness_generate_until_matches_the_engine(harness_lm):
         assert out == want.text
 
 
+@pytest.mark.slow
 def test_harness_cli_matches_the_in_loop_task(eval_run, tmp_path):
     pytest.importorskip("lm_eval")
     workdir, _, _ = eval_run
@@ -353,6 +358,7 @@ def test_harness_cli_matches_the_in_loop_task(eval_run, tmp_path):
     assert theirs["acc,none"] == ours["python_mc/acc"] and theirs["acc_norm,none"] == ours["python_mc/acc_norm"]
 
 
+@pytest.mark.slow
 def test_harness_usage_errors(eval_run, tmp_path, monkeypatch):
     workdir, _, _ = eval_run
     code = ("import sys; sys.modules['lm_eval'] = None; from llmjax.cli import main; "

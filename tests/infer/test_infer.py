@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_config, tiny_train_overrides
+from helpers import tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError
 from llmjax.infer.beam_search import beam_search
@@ -37,7 +37,7 @@ def make_params(cfg, scale=8.0):
 PROMPTS = [list(np.random.default_rng(0).integers(4, 128, n)) for n in (3, 11, 6)]
 
 
-@pytest.fixture(scope="module", params=["scan", "unrolled"])
+@pytest.fixture(scope="module", params=["scan", pytest.param("unrolled", marks=pytest.mark.slow)])  # 13-19 s a test
 def setup(request):
     cfg = tiny_config(f"model.scan_layers={'true' if request.param == 'scan' else 'false'}")
     model, params = make_params(cfg)
@@ -106,6 +106,7 @@ def test_top_k_and_top_p_stay_inside_their_sets():
     assert vals.shape == (4, 5) and np.isfinite(np.asarray(vals)[:, 0]).all()
 
 
+@pytest.mark.slow
 def test_temperature_to_zero_is_greedy_and_seed_reproduces(setup):
     _, _, _, engine = setup
     greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
@@ -118,6 +119,7 @@ def test_temperature_to_zero_is_greedy_and_seed_reproduces(setup):
     assert [g.tokens for g in a] != [g.tokens for g in other]
 
 
+@pytest.mark.slow
 def test_one_beam_is_greedy_and_more_beams_score_at_least_as_well(setup):
     _, model, params, engine = setup
     sp = SamplingParams(max_new_tokens=8)
@@ -158,6 +160,7 @@ def test_invalid_sampling_values_and_prompts():
         engine.check_prompts([[5] * cfg.model.max_seq_len])
 
 
+@pytest.mark.slow
 def test_int8_weights():
     cfg = tiny_config()
     model, params = make_params(cfg, scale=1.0)
@@ -205,8 +208,7 @@ def llmjax(*args):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    corpus = small_corpus(tmp_path_factory.mktemp("corpus"))
+def trained(tmp_path_factory, corpus):
     workdir = tmp_path_factory.mktemp("run")
     r = llmjax("train", "--workdir", workdir, *tiny_train_overrides(corpus), "train.steps=10",
                "eval.every_steps=0", "sample.max_new_tokens=0")
@@ -214,6 +216,7 @@ def trained(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_cli_generate_and_eval(trained, tmp_path):
     r = llmjax("generate", "--workdir", trained, "--prompt", "def main(", "--max-new-tokens", 8)
     assert r.returncode == 0, r.stderr
@@ -230,6 +233,7 @@ def test_cli_generate_and_eval(trained, tmp_path):
         assert word in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2(trained, tmp_path):
     cases = [
         (("generate", "--workdir", tmp_path, "--prompt", "x"), "config.yaml"),

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.config import ConfigError, MeshConfig
 from llmjax.interop import hf
@@ -26,6 +26,7 @@ from llmjax.parallel.mesh import build_mesh
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # (the tests that need neither are in test_hf_weights.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = np.random.default_rng(0).integers(0, 512, (2, 12)).astype(np.int32)
@@ -158,31 +159,6 @@ def test_fused_mixtral_expert_names(mixtral, tmp_path):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
-def test_read_block_reads_any_block_of_a_merged_layout(tmp_path):
-    """Blocks that split the merged (H, E) dimension anywhere, inner dimension included, equal the
-    same block of the fully transformed tensors (what a sharding over any logical axis asks for)."""
-    from safetensors.numpy import save_file
-
-    from llmjax.interop.hf_names import _linear, _names
-    from llmjax.interop.hf_weights import SafetensorsReader, read_block
-
-    N, H, E, D = 3, 4, 6, 5
-    rng = np.random.default_rng(0)
-    weights = [rng.normal(size=(D, H * E)).astype(np.float32) for _ in range(N)]  # o_proj [D, H*E]
-    save_file({f"l.{n}.o": w for n, w in enumerate(weights)}, str(tmp_path / "model.safetensors"))
-    src = _linear(_names("l.{}.o", N), 2, (H, E, D))
-    full = np.stack([w.T.reshape(H, E, D) for w in weights])  # [N, H, E, D]
-    reader = SafetensorsReader(tmp_path)
-    cases = [
-        ((0, 3), (0, 4), (0, 6), (0, 5)),  # everything
-        ((1, 2), (1, 3), (2, 5), (0, 5)),  # some layers, heads and head dims
-        ((2, 3), (3, 4), (0, 1), (4, 5)),
-    ]
-    for bounds in cases:
-        block = read_block(reader, src, full.shape, bounds, np.float32)
-        np.testing.assert_array_equal(block, full[tuple(slice(*b) for b in bounds)])
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -286,11 +262,10 @@ def llmjax(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_cli_convert_then_eval_train_and_export(llama, tmp_path):
+def test_cli_convert_then_eval_train_and_export(llama, tmp_path, corpus):
     _, _, path, _ = llama
     from llmjax.data.tokenizers.sp_tokenizer import train_sentencepiece, training_sentences
 
-    corpus = small_corpus(tmp_path / "corpus")
     text = [p.read_text() for p in sorted(Path(corpus).iterdir())]
     hf_dir = tmp_path / "hf"
     shutil.copytree(path, hf_dir)
@@ -379,14 +354,3 @@ def test_cli_convert_errors_exit_2(llama, tmp_path, case, needles):
     for needle in needles:
         assert needle in r.stderr, r.stderr
     assert not (tmp_path / "work").exists()
-
-
-def test_cli_to_hf_errors_exit_2(tmp_path):
-    r = llmjax("convert", "to-hf", tmp_path / "nowhere", tmp_path / "out")
-    assert r.returncode == 2 and "not a directory" in r.stderr, r.stderr
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "x").write_text("x")
-    r = llmjax("convert", "to-hf", tmp_path, tmp_path / "out", "--max-shard-size", "lots")
-    assert r.returncode == 2 and "--max-shard-size" in r.stderr, r.stderr
-    r = llmjax("convert", "to-hf", tmp_path, tmp_path / "out")
-    assert r.returncode == 2 and "not an empty directory" in r.stderr, r.stderr

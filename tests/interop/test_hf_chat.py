@@ -26,6 +26,7 @@ from llmjax.infer.workdir_model import bos_prefix
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "<start_of_turn>", "<end_of_turn>"]

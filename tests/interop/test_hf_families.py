@@ -21,6 +21,7 @@ from llmjax.parallel.rules import make_rules
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
 VOCAB, LENGTH, WINDOW, ORIGINAL = 256, 24, 6, 8  # 24 tokens: 4x the window, 3x the original context
 TOKENS = np.random.default_rng(1).integers(0, VOCAB, (2, LENGTH)).astype(np.int32)

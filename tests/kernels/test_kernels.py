@@ -67,7 +67,7 @@ def assert_matches_reference(fn, q, k, v, spec):
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])  # MHA, GQA, MQA
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 5), (64, 64), (3, 11)])
+@pytest.mark.parametrize("blocks", [pytest.param((8, 8), marks=pytest.mark.slow), (16, 5), (64, 64), (3, 11)])
 def test_chunked_equals_reference(n_kv, blocks):
     L = 37  # divisible by none of the blocks
     q, k, v = qkv(L, L, n_kv, seed=n_kv)
@@ -109,7 +109,7 @@ def test_traced_query_offset(impl, offset, window):
 
 
 @pytest.mark.parametrize("L,n_kv,causal,window,blocks", [
-    (200, 2, True, 0, (128, 128)),  # GQA, lengths padded to the tiles
+    pytest.param(200, 2, True, 0, (128, 128), marks=pytest.mark.slow),  # GQA, lengths padded to the tiles
     (37, 1, True, 7, (128, 128)),  # MQA, sliding window
     (150, 4, False, 0, (128, 256)),  # MHA, bidirectional
 ])
@@ -211,7 +211,8 @@ def one_device_reference():
 
 
 @pytest.mark.parametrize("impl", ["chunked", "splash"])
-@pytest.mark.parametrize("layout", [("mesh.data=2", "mesh.tensor=2"), ("mesh.data=1", "mesh.fsdp=4")])
+@pytest.mark.parametrize("layout", [("mesh.data=2", "mesh.tensor=2"),
+                                    pytest.param(("mesh.data=1", "mesh.fsdp=4"), marks=pytest.mark.slow)])
 def test_layouts_equal_one_device(impl, layout, one_device_reference):
     cfg = tiny_config(f"model.attention={impl}", "model.attention_block_q=128", "model.attention_block_kv=128",
                       *layout)
@@ -226,7 +227,7 @@ def test_layouts_equal_one_device(impl, layout, one_device_reference):
 PROMPTS = [list(np.random.default_rng(0).integers(4, 128, n)) for n in (3, 11, 6)]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "splash"])
+@pytest.mark.parametrize("impl", [pytest.param("chunked", marks=pytest.mark.slow), "splash"])  # chunked: 16-23 s
 @pytest.mark.parametrize("sharded", [False, True])
 def test_cached_decode_equals_full_forward(impl, sharded):
     """Prefill + decode with the implementation equal the reference model's full forward; sharded:

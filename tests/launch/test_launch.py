@@ -318,6 +318,7 @@ def _env_words(srun: list[str]) -> dict[str, str]:
     return dict(w.split("=", 1) for w in srun[1:i])
 
 
+@pytest.mark.slurm
 def test_slurm_srun_line():
     (srun,) = _dry([SBATCH, "--dry-run", "--", *TRAIN], SLURM_JOB)
     i = srun.index("srun")
@@ -332,6 +333,7 @@ def test_slurm_srun_line():
     assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in srun and "--ntasks-per-node=1" in srun
 
 
+@pytest.mark.slurm
 def test_slurm_environment_hook_container_and_xla_flags():
     (srun,) = _dry([SBATCH, "--dry-run", "--venv", "/shared/venvs/llmjax", "--env-setup", "module load cuda/12.4",
                     "--container-image", "nvcr.io/nvidia/jax:25.04", "--container-mounts", "/shared:/shared",
@@ -352,6 +354,7 @@ def test_slurm_environment_hook_container_and_xla_flags():
     assert srun[srun.index("bash") + 2] == 'set -e; conda activate x; exec "$@"'
 
 
+@pytest.mark.slurm
 def test_slurm_submit():
     sbatch, srun = _dry([SUBMIT, "--dry-run", "--nodes", "8", "--gpus-per-node", "8", "--partition", "h100",
                          "--venv", "/shared/venv", "--max-restarts", "5", "--", *TRAIN])
@@ -391,6 +394,7 @@ exit $status
     return env, log
 
 
+@pytest.mark.slurm
 def test_slurm_time_limit_checkpoints_and_requeues(tmp_path, fake_slurm):
     env, log = fake_slurm
     program = tmp_path / "train.py"
@@ -421,6 +425,7 @@ time.sleep(60)
     assert not any(c.startswith("scontrol requeue") for c in log.read_text().splitlines())
 
 
+@pytest.mark.slurm
 def test_slurm_success_and_failure_statuses(fake_slurm):
     env, log = fake_slurm
     for code in (0, 3):

@@ -185,6 +185,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 FAMILY_LAYOUTS = [(fam, layout) for fam in ("encoder", "encoder_decoder") for layout in LAYOUTS] + [
     ("encoder", "pipeline2_data4")]
+# The quick run (-m "not slow") keeps every encoder layout and encoder-decoder on data8; these take 10-40 s each.
+SLOW_FAMILY_LAYOUTS = {("encoder_decoder", "fsdp8"), ("encoder_decoder", "data2_fsdp2_tensor2"),
+                       ("encoder", "pipeline2_data4")}
 FAMILY_OVERRIDES = {"encoder": ENCODER, "encoder_decoder": ENC_DEC}
 
 
@@ -193,7 +196,8 @@ def references():
     return {fam: run(tiny_config(*FAMILY_OVERRIDES[fam]), jax.devices()[:1]) for fam in FAMILY_OVERRIDES}
 
 
-@pytest.mark.parametrize("family, layout", FAMILY_LAYOUTS)
+@pytest.mark.parametrize("family, layout", [pytest.param(*case, marks=pytest.mark.slow) if case in SLOW_FAMILY_LAYOUTS
+                                             else case for case in FAMILY_LAYOUTS])
 def test_family_layouts_match_one_device(family, layout, references):
     extra = LAYOUTS.get(layout, ("mesh.pipeline=2", "mesh.data=4", "pipeline.microbatches=2"))
     grads, losses = run(tiny_config(*FAMILY_OVERRIDES[family], *extra), jax.devices())
@@ -206,6 +210,7 @@ def test_family_layouts_match_one_device(family, layout, references):
 # ----------------------------------------------------------------------------- encoder-decoder decoding
 
 
+@pytest.mark.slow
 def test_teacher_forced_logits_equal_cached_decoding():
     from llmjax.infer.engine import Engine
     from llmjax.infer.sampling import SamplingParams
@@ -237,18 +242,18 @@ def _losses(workdir, kind="train", key="loss"):
     return {k: r[key] for k, r in read_metrics(workdir / "metrics.jsonl", kind).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
-def test_kill9_then_resume_is_bitwise(family, tmp_path):
+def test_kill9_then_resume_is_bitwise(family, tmp_path, corpus):
     import signal
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    from helpers import small_corpus, tiny_train_overrides
+    from helpers import tiny_train_overrides
 
     root = Path(__file__).resolve().parents[2]
-    corpus = small_corpus(tmp_path / "corpus")
     extra = {"encoder": ["model.family=encoder", "model.position=learned", "model.max_seq_len=32"],
              "encoder_decoder": ["model.family=encoder_decoder", "model.sentinels=8"]}[family]
     steps = ["train.steps=30", "checkpoint.every_steps=10", "eval.every_steps=15", "sample.max_new_tokens=4"]

@@ -61,6 +61,7 @@ def gradients(cfg, devices):
     return jax.device_get(grads), {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("model.tie_embeddings=false",),
     ("model.tie_embeddings=true", "mesh.data=2", "mesh.tensor=2"),
@@ -85,6 +86,7 @@ def train_step_temporaries(*overrides: str) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunked_loss_shrinks_train_step_temporaries():
     """8 x 128 tokens x 16384 vocab: the float32 logits alone are 64 MiB."""
     dense = train_step_temporaries()

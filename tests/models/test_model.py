@@ -265,6 +265,7 @@ def test_rope_scores_depend_only_on_position_difference():
 # ----------------------------------------------------------------------------- remat, z-loss
 
 
+@pytest.mark.slow
 def test_remat_policies_give_identical_loss_and_gradients():
     policies = ("none", "full", "dots", "dots_no_batch", "minimal")
     models = [Transformer(model_cfg(remat=p)) for p in policies]
@@ -371,6 +372,7 @@ def mesh_gradients(cfg, devices, params):
     return setup, params, jax.device_get(grads), float(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_gpt2_style_model_builds_trains_and_matches_on_a_mesh():
     small = (f"data.seq_len={L}", "train.batch_size=4", "train.steps=5")
     cfg = tiny_config(*GPT2, *small)
@@ -418,6 +420,7 @@ def test_mqa_runs_on_a_tensor_mesh_and_matches_one_device():
     assert_trees_close(mesh_grads, grads)
 
 
+@pytest.mark.slow
 def test_unrolled_layers_equal_scanned_layers():
     """model.scan_layers=false runs the same stacked parameters in a Python loop."""
     for remat in ("none", "full"):

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
-from test_parallel import RTOL, assert_trees_close, run
+from helpers import RTOL, assert_trees_close, run, tiny_config
 
 from llmjax.config import ConfigError, validate
 from llmjax.models.families import build_family
@@ -50,6 +49,7 @@ def test_options_shape_the_parameters():
     np.testing.assert_array_equal(block["attn_norm"]["scale"], 0.0)  # (1 + w) norms start at w = 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_device(layout, reference):
     grads, losses = run(tiny_config(*OPTIONS, *LAYOUTS[layout]), jax.devices()[:4])
@@ -67,6 +67,7 @@ def logits(cfg, tokens, params=None):
     return np.asarray(jax.jit(model.apply)({"params": params}, tokens)), params
 
 
+@pytest.mark.slow
 def test_a_local_layer_never_sees_past_its_window():
     cfg = tiny_config("model.n_layers=1", "model.sliding_window=4")
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 128, (1, 16)), jnp.int32)
@@ -77,6 +78,7 @@ def test_a_local_layer_never_sees_past_its_window():
     assert np.all(diff[7:] == 0)  # position 7 and later: token 3 is 4+ back
 
 
+@pytest.mark.slow
 def test_chunked_kernel_equals_reference_with_windows():
     opts = ("model.n_layers=2", "model.sliding_window=5", "model.global_every=2", "model.attention_block_q=8",
             "model.attention_block_kv=8")

@@ -28,6 +28,7 @@ def _train(cfg, steps: int = 3):
     return init, jax.device_get(state.params), losses
 
 
+@pytest.mark.slow
 def test_mup_at_the_base_width_is_standard_parametrisation_exactly():
     base = ["optim.weight_decay=0.1", "model.n_heads=4", "model.n_kv_heads=2"]
     standard = _train(tiny_config(*base))
@@ -40,6 +41,7 @@ def test_mup_at_the_base_width_is_standard_parametrisation_exactly():
     assert away[2] != standard[2]
 
 
+@pytest.mark.slow
 def test_init_and_learning_rate_multipliers_by_role():
     """At 4x the base width: hidden matrices init x 1/2 and lr x 1/4, the head init and lr x 1/4, the embedding
     x 1 (measured on real parameters and one Adam step)."""
@@ -86,6 +88,7 @@ def _layer_outputs(names):
     return [n for n in names if (n.startswith("layer") and "/" not in n) or n == "lm_head"]
 
 
+@pytest.mark.slow
 def test_coordinate_check_mup_flat_standard_grows(coordinate_check):
     check = coordinate_check
     names = _layer_outputs(C.spread(check, "mup"))

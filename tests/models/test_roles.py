@@ -74,6 +74,7 @@ def test_expert_kernels_are_weight_decayed():
     assert leaves_by_path(decay_mask(params.roles, decay_embeddings=True))["pos_embed/embedding"]
 
 
+@pytest.mark.slow
 def test_weight_decay_reaches_expert_weights_in_training():
     """With zero gradients AdamW's update is -lr * wd * w: experts shrink, norms and biases do not."""
     from llmjax.train.optim import make_optimizer
@@ -90,6 +91,7 @@ def test_weight_decay_reaches_expert_weights_in_training():
     np.testing.assert_allclose(u["layers/mlp_norm/scale"], 0.0)
 
 
+@pytest.mark.slow
 def test_int8_quantizes_expert_kernels():
     cfg = tiny_config(*MOE)
     abstract = model_abstract_params(cfg.model)
@@ -109,15 +111,15 @@ def test_int8_quantizes_expert_kernels():
     assert nbytes(q) < 0.4 * nbytes(params)
 
 
-def test_cli_eval_int8_on_an_moe_run_quantizes_the_experts(tmp_path):
+@pytest.mark.slow
+def test_cli_eval_int8_on_an_moe_run_quantizes_the_experts(tmp_path, corpus):
     import subprocess
     import sys
     from pathlib import Path
 
-    from helpers import small_corpus, tiny_train_overrides
+    from helpers import tiny_train_overrides
 
     root = Path(__file__).resolve().parents[2]
-    corpus = small_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
 
     def llmjax(*args):

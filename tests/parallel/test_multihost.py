@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import full_mesh_shape, small_corpus, tiny_config, tiny_train_overrides
+from helpers import full_mesh_shape, tiny_config, tiny_train_overrides
 
 from llmjax.config import ConfigError, load_config, mesh_axis_names, validate
 from llmjax.parallel import distributed
@@ -36,11 +36,6 @@ TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "e
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def llmjax_train(workdir, corpus, *extra) -> list[str]:
@@ -85,6 +80,7 @@ def multi(corpus, tmp_path_factory):
     return workdir, r
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process(single, multi):
     workdir, r = multi
     assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
@@ -109,6 +105,7 @@ def test_two_processes_match_one_process(single, multi):
     assert (state / "ocdbt.process_0").exists() and (state / "ocdbt.process_1").exists()
 
 
+@pytest.mark.multiprocess
 def test_hybrid_mesh_across_two_processes_matches(single, corpus, tmp_path):
     """mesh.dcn_data=2: the data axis spans the 2 processes (each one a "slice", as on a GPU
     cluster); same global mesh sizes, so the same losses."""
@@ -125,6 +122,7 @@ def _rewind_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.multiprocess
 def test_two_process_checkpoint_restores_in_one_process(single, multi, tmp_path, corpus):
     workdir = _rewind_copy(multi[0], tmp_path / "w")
     r = one_process(workdir, corpus, *RUN)
@@ -138,6 +136,7 @@ def test_two_process_checkpoint_restores_in_one_process(single, multi, tmp_path,
     np.testing.assert_allclose([got[s] for s in range(5, 10)], [ref[s] for s in range(5, 10)], rtol=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_one_process_checkpoint_restores_in_two_processes(single, tmp_path, corpus):
     workdir = _rewind_copy(single, tmp_path / "w")
     r = two_processes(workdir, corpus, *RUN)
@@ -158,6 +157,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.multiprocess
 def test_killing_one_process_stops_all_and_rerun_resumes(corpus, tmp_path):
     workdir = tmp_path / "w"
     log = tmp_path / "launcher.log"
@@ -198,6 +198,7 @@ def test_killing_one_process_stops_all_and_rerun_resumes(corpus, tmp_path):
     assert {last, last + 1} <= set(losses(workdir))
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_launcher_stops_every_process_at_the_same_step(corpus, tmp_path):
     """SIGTERM reaches both processes; they agree on the step, save one checkpoint and exit 143."""
     workdir = tmp_path / "w"
@@ -220,6 +221,7 @@ def test_sigterm_to_launcher_stops_every_process_at_the_same_step(corpus, tmp_pa
     assert checkpoint_steps(workdir) == [max(losses(workdir)) + 1]
 
 
+@pytest.mark.multiprocess
 def test_local_sh_usage_and_argument_errors():
     r = subprocess.run([LOCAL, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "Usage: launch/local.sh" in r.stdout
@@ -228,6 +230,7 @@ def test_local_sh_usage_and_argument_errors():
         assert r.returncode == 2, args
 
 
+@pytest.mark.multiprocess
 def test_local_sh_failure_status_and_environment(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -287,6 +290,7 @@ json.dump({"read": read, "shares": data.local_shares}, open(f"{out}/read_{p}.jso
 """
 
 
+@pytest.mark.multiprocess
 def test_two_processes_read_disjoint_shares_whose_union_is_the_global_batch(corpus, tmp_path):
     """launch/local.sh 2 4: each process reads only its own records (no file block in both) and its own
     rows; concatenated in process order they are the global batch one process reads (data.shares=2)."""

@@ -6,44 +6,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from helpers import packed_batch, tiny_config
+from helpers import LAYOUTS, RTOL, assert_trees_close, run, tiny_config
 
 from llmjax.train.setup import build_setup
-
-LAYOUTS = {
-    "data8": ("mesh.data=8",),
-    "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
-    "tensor4_data2": ("mesh.data=2", "mesh.tensor=4"),
-    "data2_fsdp2_tensor2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
-    # tiny_config runs the layers as a Python loop (the default preset); check nn.scan too.
-    "data2_fsdp2_tensor2_scanned": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.scan_layers=true"),
-}
-STEPS = 3
-RTOL, ATOL = 1e-5, 1e-6  # atol is relative to the largest entry of each tensor
-
-
-def run(cfg, devices):
-    """Gradients at step 0 and the losses of STEPS optimizer steps on fixed batches."""
-    setup = build_setup(cfg, devices)
-    state = setup.init_state()
-    batches = [setup.put_batch(packed_batch(cfg, seed=0))] * STEPS  # one batch, so the loss must fall
-    grads, _ = setup.jit_gradients()(state.params, batches[0])
-    grads = jax.device_get(grads)
-    step = setup.jit_train_step()
-    losses = []
-    for b in batches:
-        state, metrics = step(state, b)
-        losses.append(float(metrics["loss"]))
-    return grads, losses
-
-
-def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
-    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
-    assert tree_a == tree_b
-    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
-        scale = float(np.max(np.abs(y))) or 1.0
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +17,13 @@ def reference():
     return run(cfg, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# The quick run (-m "not slow") keeps data8 and data2_fsdp2_tensor2 (all three axes); the others take 16-28 s each
+# on 2 cores with a cold compilation cache.
+SLOW_LAYOUTS = {"fsdp8", "tensor4_data2", "data2_fsdp2_tensor2_scanned"}
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
+                                    for name in LAYOUTS])
 def test_layout_matches_single_device(layout, reference):
     assert jax.device_count() == 8
     cfg = tiny_config(*LAYOUTS[layout])

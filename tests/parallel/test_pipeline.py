@@ -15,9 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import packed_batch, small_corpus, tiny_config, tiny_train_overrides
+from helpers import RTOL, assert_trees_close, packed_batch, tiny_config, tiny_train_overrides
 from jax.sharding import PartitionSpec as P
-from test_parallel import RTOL, assert_trees_close
 
 from llmjax.config import ConfigError, validate
 from llmjax.parallel.pipeline import Schedule
@@ -85,7 +84,8 @@ def check_matches(result, reference):
         np.testing.assert_allclose(metrics0[k], ref_metrics0[k], rtol=RTOL, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("layout", list(DENSE_LAYOUTS))
+@pytest.mark.parametrize("layout", [name if name == "pipe2_data4" else pytest.param(name, marks=pytest.mark.slow)
+                                    for name in DENSE_LAYOUTS])  # the quick run keeps one; each takes 30-50 s cold
 def test_dense_layout_matches_single_device(layout, dense_reference):
     assert jax.device_count() == 8
     cfg = tiny_config(*DENSE, *DENSE_LAYOUTS[layout])
@@ -93,6 +93,7 @@ def test_dense_layout_matches_single_device(layout, dense_reference):
     check_matches(run(cfg, jax.devices()), dense_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
 def test_moe_layout_matches_single_device(layout, moe_reference):
     cfg = tiny_config(*MOE, *MOE_LAYOUTS[layout])
@@ -102,6 +103,7 @@ def test_moe_layout_matches_single_device(layout, moe_reference):
     assert result[1]["moe_aux_loss"] > 0.5  # the load-balancing loss is on (and merged over microbatches)
 
 
+@pytest.mark.slow
 def test_capacity_moe_drops_the_same_through_microbatches():
     """Capacity groups are sequences, so microbatching drops exactly the same assignments."""
     capped = (*MOE, "model.moe.capacity_factor=0.5")
@@ -132,6 +134,7 @@ def collectives(compiled_text: str) -> collections.Counter:
     return ops
 
 
+@pytest.mark.slow
 def test_params_stay_stacked_and_split_over_stages():
     cfg = tiny_config(*DENSE, "mesh.pipeline=2", "mesh.data=2", "mesh.tensor=2", "pipeline.microbatches=2")
     setup = build_setup(cfg)
@@ -154,6 +157,7 @@ def test_params_stay_stacked_and_split_over_stages():
     assert ops["all-to-all"] == 0 and ops["all-gather"] == 0, ops
 
 
+@pytest.mark.slow
 def test_pipelined_model_decodes_unpipelined():
     """Batch-1 decoding (the end-of-training sample) runs the same params without the schedule."""
     cfg = tiny_config(*DENSE, "mesh.pipeline=2", "mesh.data=4", "pipeline.microbatches=2")
@@ -170,6 +174,7 @@ def test_pipelined_model_decodes_unpipelined():
     np.testing.assert_allclose(piped, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_memory_per_device_falls_as_stages_grow():
     """XLA's per-device estimate for the train step, at a fixed per-device batch (data=2, 2 x S devices):
     parameters and optimizer state split over the stages, saved activations over their layers."""
@@ -211,11 +216,6 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 @pytest.mark.parametrize("verb, overrides, needle", [
     ("train", ["mesh.pipeline=4", "mesh.data=2"], "model.n_layers=2 is not divisible by mesh.pipeline"),
     ("train", ["mesh.pipeline=2", "mesh.data=4", "pipeline.microbatches=4"], "pipeline.microbatches=4"),
@@ -232,6 +232,7 @@ def test_cli_exits_2_before_compiling(corpus, tmp_path, verb, overrides, needle)
 # ----------------------------------------------------------------------------- checkpoints across layouts
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_from_pipelined_to_unpipelined(corpus, tmp_path):
     """Train pipelined (circular, 2 stages x 2 repeats) with checkpoints, rewind to step 4 and resume on
     the plain data-parallel layout: the loss curve continues as the pipelined run went on."""

@@ -26,6 +26,7 @@ SMALL = ("model.compute_dtype=bfloat16", "model.d_model=128", "model.n_layers=2"
          "model.n_kv_heads=2", "model.d_ff=256", "model.vocab_size=2048", "data.seq_len=128", "model.max_seq_len=128")
 
 
+@pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("name,mesh", [("v5e-8", ("mesh.data=2", "mesh.fsdp=4")),
                                        ("v5p-32", ("mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2"))])
@@ -37,6 +38,7 @@ def test_compile_succeeds(name, mesh, capsys):
     assert "over " + ("8" if name == "v5e-8" else "16") + " tpu devices" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cuda_plugin_installed(), reason="jax's CUDA plugin is not installed (llmjax[gpu-compile])")
 def test_compile_for_gpus_without_a_gpu(capsys):
     """8 x H100 from a written target description; cuDNN attention is refused (no cuDNN library here)."""
@@ -58,6 +60,7 @@ def memory_of(*overrides: str) -> analysis.Memory:
     return analysis.memory(compiled)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_memory_moves_the_expected_way():
     """Measured: temporaries 447 -> 65 MiB with the chunked loss, -> 42 MiB adding remat; arguments
@@ -77,6 +80,7 @@ PRESETS_CI = {
 }
 
 
+@pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize("preset", list(PRESETS_CI))
 def test_presets_compile_in_ci_size(preset, capsys):

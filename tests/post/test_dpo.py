@@ -85,6 +85,7 @@ def test_loss_equals_hand_computation(model_and_params, kind):
     np.testing.assert_allclose(ev["eval_loss"], loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_beta_to_zero_is_log2_and_half_beta_likelihood_ratio(model_and_params):
     """beta -> 0: every pair's loss -> log 2, and the gradient -> -beta/2 x the gradient of the mean log-ratio h."""
     cfg, family, model, params = model_and_params
@@ -114,6 +115,7 @@ def test_bad_pairs_are_named_by_line(tmp_path):
         PreferenceData(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("lora.rank=8", "lora.alpha=16", "lora.targets=[q,k,v,o,mlp]",
                                         "optim.lr=3e-3")], ids=["full", "lora"])
 def test_accuracy_rises_on_the_example_dataset(tmp_path, extra):

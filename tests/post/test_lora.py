@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import packed_batch, tiny_config
-from test_parallel import LAYOUTS, RTOL, assert_trees_close
+from helpers import LAYOUTS, RTOL, assert_trees_close, packed_batch, tiny_config
 
 from llmjax.config import ConfigError
 from llmjax.post.lora import LoraPlan
@@ -60,7 +59,10 @@ def references():
     return get
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, *EXTRA_LAYOUTS])
+# The quick run (-m "not slow") keeps data2_fsdp2_tensor2; the layouts take 20-50 s each on 2 cores.
+@pytest.mark.parametrize("layout", [
+    name if name == "data2_fsdp2_tensor2" else pytest.param(name, marks=pytest.mark.slow)
+    for name in [*LAYOUTS, *EXTRA_LAYOUTS]])
 def test_lora_layout_matches_single_device(layout, references):
     extra = LAYOUTS.get(layout) or EXTRA_LAYOUTS[layout]
     model = tuple(x for x in extra if x.startswith(("model.", "lora.")))
@@ -85,6 +87,7 @@ def test_adapters_sharded_like_their_base_matrices():
         None, "fsdp", "tensor", None)
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_the_optimizer_holds_only_adapters():
     cfg = tiny_config(*LORA, "mesh.data=8", "train.steps=3")
     setup = build_setup(cfg)

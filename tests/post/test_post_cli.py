@@ -42,6 +42,7 @@ def runs(tmp_path_factory):
     return base, lora, resumed
 
 
+@pytest.mark.slow
 def test_sft_run_trains_and_evaluates(runs):
     base, _, _ = runs
     train_m, eval_m = read_metrics(base / "metrics.jsonl"), read_metrics(base / "metrics.jsonl", "eval")
@@ -50,6 +51,7 @@ def test_sft_run_trains_and_evaluates(runs):
     assert all(0 < m["tokens"] < 8 * 128 for m in train_m.values())  # assistant tokens only
 
 
+@pytest.mark.slow
 def test_lora_starts_at_its_base_and_resumes_exactly(runs):
     base, lora, resumed = runs
     base_eval = read_metrics(base / "metrics.jsonl", "eval")
@@ -64,6 +66,8 @@ def test_lora_starts_at_its_base_and_resumes_exactly(runs):
     assert f"loss {lora_eval[4]['eval_loss']:.4f}" in out.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.hf
 def test_exports_give_the_adapted_models_logits(runs, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -91,6 +95,7 @@ def test_exports_give_the_adapted_models_logits(runs, tmp_path):
             np.testing.assert_allclose(model(ids).logits.numpy(), ours, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2(runs, tmp_path):
     base, _, _ = runs
     assert_usage_error(run_cli("convert", "to-hf", str(base), str(tmp_path / "x"), "--merge-lora"),

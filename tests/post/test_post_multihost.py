@@ -15,6 +15,7 @@ from llmjax.train.telemetry.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = str(ROOT / "launch" / "local.sh")
+pytestmark = pytest.mark.multiprocess
 DATA = ROOT / "experiments" / "data"
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shares=2"]
 TINY = [

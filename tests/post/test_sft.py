@@ -44,6 +44,7 @@ def records(name: str) -> list[dict]:
     return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("source", ["sft_chat.jsonl", "sft_completion.jsonl"])
 def test_mask_is_transformers_assistant_mask(source, hf_tokenizer):
     tok = load_tokenizer(str(TOKENIZER))
@@ -59,6 +60,7 @@ def test_mask_is_transformers_assistant_mask(source, hf_tokenizer):
         assert template.render(messages) == text
 
 
+@pytest.mark.hf
 def test_prefix_mask_without_generation_tags_matches_tagged_template(hf_tokenizer):
     """The mask found by prefix differences on a template without tags = transformers' mask on the same
     template with generation tags (whitespace trimming, BOS variable)."""
@@ -148,6 +150,7 @@ def test_bad_records_are_named_by_line(tmp_path, line, needle):
     assert needle in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_before_compiling(tmp_path):
     base = ["--workdir", str(tmp_path / "run"), "--check", "--config", str(ROOT / "experiments/configs/sft_small.yaml"),
             "train.progress=false"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from helpers import read_records, small_corpus, tiny_train_overrides
+from helpers import read_records, tiny_train_overrides
 
 from llmjax import runlog
 from llmjax.config import ConfigError, load_config
@@ -26,9 +26,8 @@ def _configs(corpus, *extra):
 
 
 @pytest.fixture(scope="module")
-def lone_runs(tmp_path_factory):
+def lone_runs(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("pack")
-    corpus = small_corpus(tmp / "corpus")
     dirs = []
     for i, cfg in enumerate(_configs(corpus)):
         try:
@@ -65,6 +64,7 @@ def _assert_same_runs(lone, packed, cfg, devices):
         assert (b / "run_info.json").is_file() and (b / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["map", "vmap"])
 def test_packed_points_equal_lone_runs(lone_runs, mode):
     tmp, corpus, lone = lone_runs
@@ -74,6 +74,7 @@ def test_packed_points_equal_lone_runs(lone_runs, mode):
     _assert_same_runs(lone, packed, configs[0], jax.devices())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["map", "vmap"])
 def test_packed_points_equal_lone_runs_under_data_and_fsdp(lone_runs, mode):
     tmp, corpus, lone = lone_runs
@@ -83,8 +84,7 @@ def test_packed_points_equal_lone_runs_under_data_and_fsdp(lone_runs, mode):
     _assert_same_runs(lone, packed, configs[0], jax.devices()[:4])
 
 
-def test_packing_refuses_points_of_different_shapes(tmp_path):
-    corpus = small_corpus(tmp_path / "corpus")
+def test_packing_refuses_points_of_different_shapes(tmp_path, corpus):
     a = _configs(corpus)[0]
     b = _configs(corpus, "model.d_model=32")[1]
     with pytest.raises(ConfigError, match="model.d_model differs"):
@@ -100,7 +100,8 @@ def test_packing_refuses_points_of_different_shapes(tmp_path):
         train_packed([sgd[0], _configs(corpus, "optim.name=sgd", "optim.b1=0.5")[0]], [tmp_path / "a", tmp_path / "b"])
 
 
-def test_sweep_run_pack_cli(tmp_path):
+@pytest.mark.slow
+def test_sweep_run_pack_cli(tmp_path, corpus):
     """`sweep run --pack 2` on 2 shapes x 2 learning rates: one pack per shape (shapes never share one), each
     point DONE with its own curve; collect lists all four; --pack 0 is a usage error."""
     import subprocess
@@ -111,7 +112,7 @@ def test_sweep_run_pack_cli(tmp_path):
 
     from llmjax.scaling.sweep.runner import collect
 
-    overrides = tiny_train_overrides(small_corpus(tmp_path / "corpus")) + [
+    overrides = tiny_train_overrides(corpus) + [
         "checkpoint.every_steps=0", "sample.max_new_tokens=0"]
     spec = {"name": "packed", "overrides": overrides, "grid": {"tokens": [4 * 8 * 32]},
             "shapes": [{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64},

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import run_llmjax, small_corpus, tiny_config, tiny_train_overrides, write_csv
+from helpers import run_llmjax, tiny_config, tiny_train_overrides, write_csv
 
 from llmjax.config import save_config
 from llmjax.scaling import ScalingError
@@ -163,6 +163,7 @@ def test_fit_cli_exit_status_2_on_a_missing_column(tmp_path):
     assert r.returncode == 2 and "llmjax: error:" in r.stderr and "'tokens'" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_fit_and_plot_cli_write_json_and_figures(synthetic, tmp_path):
     path, _ = synthetic
     r = cli("fit", "--csv", str(path), "--out", str(tmp_path), "--budgets", "1e19,1e21", "--bootstrap", "5")
@@ -251,10 +252,11 @@ def test_sweep_collect_reads_run_directories(tmp_path):
     assert load_curves(load_runs(exported))[0][1].size == 10
 
 
-def test_wsd_cooldown_branches_equal_independent_runs(tmp_path):
+@pytest.mark.slow
+def test_wsd_cooldown_branches_equal_independent_runs(tmp_path, corpus):
     """One trunk per shape; each shorter point branches from it before its decay and ends exactly where
     an independent run of the same point ends (same seed, same warmup, same data order)."""
-    overrides = tiny_train_overrides(small_corpus(tmp_path / "corpus")) + [
+    overrides = tiny_train_overrides(corpus) + [
         "optim.schedule=wsd", "optim.decay_fraction=0.25", "checkpoint.every_steps=0", "sample.max_new_tokens=0"]
     rows = 8 * 32  # batch_size x seq_len tokens per step
     spec = {"name": "wsd", "overrides": overrides, "cooldown_branches": True, "warmup_fraction": 0.1,

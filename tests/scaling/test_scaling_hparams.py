@@ -168,6 +168,7 @@ def test_fit_cli_usage_errors_exit_2(tmp_path, args, message):
 # ----------------------------------------------------------------------------- plots
 
 
+@pytest.mark.slow
 def test_plots_extrapolate_to_the_budgets_in_the_fits_units(hparam_fit, tmp_path):
     path, fit = hparam_fit
     (row,) = fit["compute_optimal"]
@@ -346,6 +347,7 @@ def test_collect_keeps_hyperparameters_status_and_bits_per_byte(tmp_path):
 # ----------------------------------------------------------------------------- runs (tiny trainings)
 
 
+@pytest.mark.slow
 def test_xla_flops_of_the_compiled_step_unrolled_and_scanned():
     """XLA's count of an unrolled step is the formula's plus what it leaves out (norms, softmax, optimizer):
     a little above it; a scanned stack counts its body once and is flagged inexact."""
@@ -366,10 +368,11 @@ def test_xla_flops_of_the_compiled_step_unrolled_and_scanned():
     assert 1.0 < ratios[False] < 1.25 and ratios[True] < 0.6, ratios
 
 
-def test_keep_going_marks_a_diverging_point_and_the_trainer_records_run_info(tmp_path):
-    from helpers import small_corpus, tiny_train_overrides
+@pytest.mark.slow
+def test_keep_going_marks_a_diverging_point_and_the_trainer_records_run_info(tmp_path, corpus):
+    from helpers import tiny_train_overrides
 
-    overrides = tiny_train_overrides(small_corpus(tmp_path / "corpus")) + [
+    overrides = tiny_train_overrides(corpus) + [
         "checkpoint.every_steps=0", "sample.max_new_tokens=0", "model.scan_layers=false"]
     spec = {"name": "kg", "overrides": overrides, "shapes": [{"d_model": 64, "n_layers": 2, "n_heads": 4,
                                                               "d_ff": 128}],

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.config import ConfigError
 from llmjax.storage import StorageError, storage_problem
@@ -39,11 +39,6 @@ def train(workdir: Path, corpus: str, *extra: str) -> subprocess.CompletedProces
 
 def losses(workdir: Path) -> dict[int, float]:
     return {k: r["loss"] for k, r in read_metrics(workdir / "metrics.jsonl").items()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +217,7 @@ def test_metrics_write_on_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_corrupted_data_file_resumes_bitwise_from_the_previous_checkpoint(trained, corpus, tmp_path):
     """The issue's case: 4 KB of random bytes in the middle of the newest checkpoint's largest data file."""
     reference = tmp_path / "reference"
@@ -243,6 +239,7 @@ def test_corrupted_data_file_resumes_bitwise_from_the_previous_checkpoint(traine
     assert all(after[s] == ref[s] for s in range(20, 40))  # bitwise, from the previous checkpoint on
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_right_after_a_restore_blames_that_checkpoint(trained, corpus, tmp_path):
     """Values that pass every check (finite, checksums taken of them) but are absurd: the run names the
     restored checkpoint instead of calling it good."""
@@ -270,6 +267,7 @@ def test_nonfinite_loss_right_after_a_restore_blames_that_checkpoint(trained, co
     assert "Last good checkpoint" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, key", [
     (("  d_model: 64", "  d_model: 128"), "model.d_model"),
     (("  tie_embeddings: false", "  tie_embeddings: true"), "model.tie_embeddings"),
@@ -287,6 +285,7 @@ def test_eval_on_a_shape_edited_config_names_the_key(trained, tmp_path, edit, ke
         assert key in r.stderr and "does not match checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_shapes_alone_name_the_key(trained):
     """Checkpoints written before the model section was recorded: the logical axes of the mismatched
     dimension name the key."""
@@ -326,6 +325,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_gives_one_line_and_keeps_earlier_checkpoints(small_tmpfs, corpus, tmp_path):
     work = small_tmpfs / "run"
     r = train(work, corpus, "train.steps=40", "checkpoint.every_steps=5", "checkpoint.keep=10")
@@ -345,6 +345,7 @@ def test_full_disk_gives_one_line_and_keeps_earlier_checkpoints(small_tmpfs, cor
     assert "is unreadable" not in r.stderr and "not verified" not in r.stderr
 
 
+@pytest.mark.slow
 def test_read_only_workdir_is_a_storage_error(small_tmpfs, corpus):
     work = small_tmpfs / "run"
     r = train(work, corpus, "train.steps=4", "checkpoint.every_steps=2")
@@ -369,6 +370,7 @@ def test_storage_error_is_distinct_from_usage_errors():
     assert os.path.exists(ROOT / "README.md") and "exit status 3" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_sigint_during_the_final_evaluation_is_honoured(corpus, tmp_path):
     """A SIGINT that arrives after the last step's record (during the final eval or save) used to be ignored:
     the run went on to print samples and exited 0. Now the checkpoint is saved and the run exits 130."""
@@ -396,6 +398,7 @@ def test_sigint_during_the_final_evaluation_is_honoured(corpus, tmp_path):
     assert (work / "checkpoints" / "6").is_dir()
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_samples_lets_them_finish_and_exits_128_plus_signal(corpus, tmp_path, monkeypatch,
                                                                                  capfd):
     """A Ctrl-C while the end-of-run samples decode is held until they finish (a KeyboardInterrupt in the middle

@@ -388,6 +388,7 @@ def test_cpu_peak_under_load_is_measured_again_and_marked_unreliable(tmp_path, m
     assert (flops, reliable) == (2e11, True) and "cached" in source  # quiet figure: not measured again
 
 
+@pytest.mark.slow
 def test_others_cpu_share_sees_a_busy_neighbour() -> None:
     """A process spinning on every one of our CPUs while we sleep: most of their time is someone else's."""
     import multiprocessing

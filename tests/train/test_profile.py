@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from helpers import small_corpus, tiny_train_overrides
+import pytest
+from helpers import tiny_train_overrides
 
 from llmjax.config import load_config
 from llmjax.train.loop import train
 
 
-def test_profile_steps_write_a_trace(tmp_path, capsys):
-    corpus = small_corpus(tmp_path / "corpus")
+@pytest.mark.slow
+def test_profile_steps_write_a_trace(tmp_path, capsys, corpus):
     cfg = load_config(None, [*tiny_train_overrides(corpus), "train.steps=5", "train.profile_steps=[2,4]",
                              "eval.every_steps=0", "sample.max_new_tokens=0", "checkpoint.every_steps=0"])
     assert train(cfg, tmp_path / "run") == 0

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.train.telemetry.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.slow  # every test trains in a subprocess, most of them kill it on the way
 
 
 def train_cmd(workdir, corpus, *extra):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import small_corpus, tiny_train_overrides
+from helpers import tiny_train_overrides
 
 from llmjax.config import load_config
 from llmjax.train.telemetry.metrics import read_metrics
@@ -58,11 +58,6 @@ def local_gcs(root: Path) -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def _train(url: str, corpus: str, *extra: str) -> int:
     from llmjax.runtime import setup_jax
     from llmjax.train.loop import train
@@ -72,6 +67,7 @@ def _train(url: str, corpus: str, *extra: str) -> int:
     return train(cfg, url)
 
 
+@pytest.mark.slow
 def test_train_resume_and_eval_on_a_gs_workdir(corpus, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
     bucket = tmp_path / "bucket-root"

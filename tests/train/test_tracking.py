@@ -12,6 +12,7 @@ import pytest
 from helpers import TASK, run_llmjax, tiny_train_overrides, wandb_env
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_a_run_with_config_hardware_and_metrics(eval_run):
     pytest.importorskip("wandb")
     workdir, _, _ = eval_run
@@ -40,6 +41,7 @@ def _tensorboard_summaries(workdir: Path) -> dict[str, list]:
     return values
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_config_as_hparams_and_text(eval_run):
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
@@ -56,6 +58,7 @@ def test_tensorboard_gets_the_config_as_hparams_and_text(eval_run):
     assert len(tb["tasks/python_mc/acc"]) == 3
 
 
+@pytest.mark.slow
 def test_wandb_resume_continues_the_run_and_env_offline_is_honoured(eval_run, tmp_path):
     pytest.importorskip("wandb")
     workdir, corpus, _ = eval_run

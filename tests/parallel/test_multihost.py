@@ -342,9 +342,14 @@ def test_hybrid_mesh_shape():
     (["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=4"], 12, "do not divide the 6 devices of each of the 2 slices"),
 ])
 def test_hybrid_mesh_validation(overrides, devices, message):
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides, check=False)  # mesh_shape's own checks (load_config refuses some earlier)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         mesh_shape(cfg.mesh, devices)
+
+
+def test_a_slice_count_below_one_is_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"mesh.dcn_data=0 must be in \[1, "):
+        load_config(None, ["mesh.dcn_data=0"])
 
 
 def test_hybrid_mesh_validate_uses_total_sizes():

@@ -4,7 +4,7 @@ A config is a tree of dataclasses (`Config` at the root, `config.schema`). It is
 from a YAML file plus `section.key=value` overrides with every key and type checked
 (`config.loading`), and the cross-field rules (divisibility, lengths, the family's
 capabilities) are checked when it loads (`validate_config`); the rules that need the device
-count (mesh sizes) by `validate_mesh` before anything is compiled (`config.validate`). Every
+count (mesh sizes) by `validate_mesh` before anything is compiled (`config.rules.validate`). Every
 problem raises `ConfigError` (`llmjax.errors`, re-exported here), which names the offending
 key; the CLI turns it into exit status 2.
 

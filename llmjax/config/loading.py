@@ -1,7 +1,7 @@
 """Building a `Config`: YAML files, dotted `section.key=value` overrides, type checks, validation at load.
 
 Every key and type is checked against the schema (`config.schema`), then the rules that depend on
-the config alone (`config.validate.validate_config`); a problem raises `ConfigError` naming the
+the config alone (`config.rules.validate.validate_config`); a problem raises `ConfigError` naming the
 key, which the CLI turns into exit status 2.
 """
 

@@ -5,7 +5,7 @@ that annotation is the one place the allowed values are declared (`choices` read
 back, e.g. for a CLI's `choices=`). Every key is declared with `option(default, doc,
 range)` (`config.fields`): its one-line description and its allowed range live next to it,
 `llmjax config show` prints both and `validate` checks every range. Loading and type checks
-live in `config.loading`, cross-field rules in `config.validate`.
+live in `config.loading`, cross-field rules in `config.rules.validate`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rules of the `data` section (called by `config.validate`): ranges, sources and mixture weights."""
+"""Rules of the `data` section (called by `config.rules.validate`): ranges, sources and mixture weights."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 so an invalid config fails where it is read, whichever command reads it. It first checks every
 key on its own (`check_keys`: the `Literal` choices, the ranges declared in the schema, 32-bit
 integers, no empty strings), then the cross-field rules: divisibility, lengths, the family's
-capabilities (`config.family_spec`), μP (`config.mup_rules`), MoE, data (`config.validate_data`),
+capabilities (`config.family_spec`), μP (`config.rules.mup_rules`), MoE, data (`config.rules.data_rules`),
 the logical-rule overrides and the in-loop tasks. `validate_mesh(cfg, n_devices)` resolves the
 mesh against a device count and checks what depends on it (tensor, expert and batch
 divisibility, pipeline stages, expert-parallel rules); `check_environment(cfg)` what depends on

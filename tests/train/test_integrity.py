@@ -408,7 +408,7 @@ def test_a_signal_during_the_samples_lets_them_finish_and_exits_128_plus_signal(
 
     from llmjax.config import load_config
     from llmjax.runtime import setup_jax
-    from llmjax.train import loop
+    from llmjax.train import lone, loop
 
     sampled = []
 
@@ -416,7 +416,7 @@ def test_a_signal_during_the_samples_lets_them_finish_and_exits_128_plus_signal(
         os.kill(os.getpid(), signal.SIGINT)  # with the trainer's handler installed: recorded, not raised
         sampled.append(True)
 
-    monkeypatch.setattr(loop, "show_samples", interrupted_samples)
+    monkeypatch.setattr(lone, "show_samples", interrupted_samples)  # the lone trainer's Samples hook calls it
     before = signal.getsignal(signal.SIGINT)
     cfg = load_config(None, [*tiny_train_overrides(corpus), "train.steps=2", "eval.every_steps=0"])
     setup_jax(cfg)

@@ -120,6 +120,7 @@ def test_resume_mid_epoch_is_bitwise(corpus, packing):
             assert all(np.array_equal(a[key], b[key]) for key in a), (packing, k)
 
 
+@pytest.mark.slow  # 8 s cold on 2 cores: grain worker processes
 def test_workers_give_the_same_batches_and_resume_bitwise(corpus):
     tmp, root = corpus
     ref, _ = _batches(DataModule(make_cfg(tmp, root)), 12)

@@ -1,4 +1,4 @@
-"""The μP coordinate check's table, plot and files (`llmjax mup-check`; the numbers: `train.coord_check`)."""
+"""The μP coordinate check's table, plot and files (`llmjax mup-check`; the numbers: `scaling.mup_check`)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from llmjax.train.checkpoint.init_from import load_base
 from llmjax.train.checkpoint.manager import Checkpointer
 from llmjax.train.hooks import Run, close_all, run_loop
 from llmjax.train.lone import LoneTrainer, NonFiniteLoss, log
-from llmjax.train.objectives import RunData, objective_for
+from llmjax.train.objectives import RunData
 from llmjax.train.preflight import preflight
 from llmjax.train.setup import AbstractParams, Setup, build_setup
 from llmjax.train.telemetry.metrics import memory_summary, param_counts
@@ -138,9 +138,9 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     # Each process reads only the rows of every global batch that its devices hold; a resumed run
     # keeps the checkpoint's data shares (unless data.shares says otherwise).
     shares = latest_saved_shares(workdir / "checkpoints")
-    data = objective_for(cfg).open_data(cfg, setup.model_family, batch_block(setup, jax.process_index(),
-                                        jax.process_count()), jax.process_count(),
-                                        tokenizer=run_tokenizer(cfg, workdir), shares=shares)
+    block = batch_block(setup, jax.process_index(), jax.process_count())
+    data = setup.objective.open_data(cfg, setup.model_family, block, jax.process_count(),
+                                     tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
     if primary and not check_only:
         if not has_copy(workdir):
@@ -198,8 +198,8 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
         if note:
             log(f"llmjax: warning: {note}: the data stream restarts from its beginning at step {start}")
     # data that needs the starting model (dpo: reference log-probabilities)
-    objective_for(cfg).prepare(data, workdir, None if restored is not None else lambda: setup.reference_logprobs(state),
-                               log)
+    reference = None if restored is not None else lambda: setup.reference_logprobs(state)
+    setup.objective.prepare(data, workdir, reference, log)
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
     log(f"compiled train step in {time.time() - t0:.1f}s; per-device memory: {memory_summary(step_fn)}")

@@ -27,7 +27,7 @@ from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
 from llmjax.post.lora import LoraPlan
-from llmjax.train.objectives import objective_for
+from llmjax.train.objectives import TrainingObjective, objective_for
 from llmjax.train.optim import make_optimizer, opt_state_shardings
 from llmjax.train.step import Batch, TrainState, batch_gradients, make_eval_step, make_train_step
 
@@ -87,6 +87,7 @@ class Setup:
     batch_sharding: NamedSharding
     params: AbstractParams  # the model's
     model_family: ModelFamily  # the family `family` wraps (built once per process; the objective's loss over it)
+    objective: TrainingObjective  # train.objective's data opener and loss wrapper, resolved once per process
     lora: LoraPlan | None = None  # lora.rank > 0: the optimizer trains adapters, the model's params are frozen
     trained: AbstractParams | None = None  # what TrainState.params holds (the adapters' with LoRA)
 
@@ -291,4 +292,4 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     )
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
     return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params,
-                 model_family, lora, trained)
+                 model_family, objective, lora, trained)

@@ -44,8 +44,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--budgets", help="comma-separated FLOPs budgets for compute-optimal N, D (e.g. 1e18,1e19)")
     f.add_argument("--holdout", help="'largest' (the largest IsoFLOP budget) or a FLOPs value: refit without "
                                      "those runs and predict their losses")
-    f.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for approach 3's intervals, and for the intervals "
-                                                            "from the replicate spread (seeds per point)")
+    f.add_argument("--bootstrap", type=int, default=100,
+                   help="bootstrap refits for approach 3's intervals, and for the intervals from the replicate spread "
+                        "(several seeds per point)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     _add_run_options(f)
 

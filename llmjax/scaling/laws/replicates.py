@@ -109,7 +109,8 @@ def summary_lines(fit: dict[str, Any]) -> list[str]:
         parts = []
         for k, iv in spread.items():
             mine = own.get(name, {}).get(k)
-            parts.append(f"{k} [{iv[0]:.3f}, {iv[1]:.3f}]" + (f" (fit: [{mine[0]:.3f}, {mine[1]:.3f}])" if mine else ""))
+            theirs = f" (fit: [{mine[0]:.3f}, {mine[1]:.3f}])" if mine else ""
+            parts.append(f"{k} [{iv[0]:.3f}, {iv[1]:.3f}]{theirs}")
         if parts:
             lines.append(f"{name.replace('approach', 'approach ')} exponents, 95% interval from the replicate spread "
                          f"({rep['bootstrap']} refits): {', '.join(parts)}")

@@ -3,11 +3,13 @@
 Replicate r of a point is the point's config with every seed key raised by r: each config field
 named `seed` or ending in `_seed`, at any depth (today only the top-level `seed`, which seeds both
 the initialisation and the data order; a separate data-order seed added later is found the same
-way). Nothing else differs between the replicates of a point. With R = 1 (the default) a point is
-left exactly as before: same name, same overrides. With R > 1 replicate r is named
-`<point>_r<r>` and carries explicit `KEY=VALUE` overrides for every seed key (replicate 0 keeps the
-base seeds), so `sweep run --dry-run` shows the seed of every run and a directory never holds two
-replicates.
+way). Nothing else differs between the replicates of a point.
+
+Replicate 0 is the point itself: same name, same overrides, same seeds as with `replicates: 1`
+(the default). Replicate r > 0 is named `<point>_r<r>` and carries explicit `KEY=VALUE` overrides
+for every seed key, so `sweep run --dry-run` shows each run's seed and no two replicates share a
+directory. A spec that adds `replicates: R` to a sweep already trained into the same directory
+therefore reuses its runs as replicate 0 and trains only the R - 1 new seeds per point.
 
 `sweep collect` writes a `replicate` and a `seed` column and, in `point`, the name shared by the
 replicates of one point; `llmjax fit` averages the loss over them (`scaling/laws/runs.py`).
@@ -47,13 +49,13 @@ def seed_keys(cfg: Any, prefix: str = "") -> dict[str, int]:
 
 
 def replicate_overrides(cfg: Any, replicate: int) -> list[str]:
-    """`KEY=VALUE` overrides that give replicate `replicate` of the point whose config is `cfg`."""
-    return [f"{k}={v + replicate}" for k, v in seed_keys(cfg).items()]
+    """`KEY=VALUE` overrides that give replicate `replicate` of the point whose config is `cfg` (none for 0)."""
+    return [f"{k}={v + replicate}" for k, v in seed_keys(cfg).items()] if replicate else []
 
 
-def replicate_name(name: str, replicate: int, replicates: int) -> str:
-    """The run directory name of a replicate: the point's name when the spec has one replicate."""
-    return name if replicates == 1 else f"{name}_r{replicate}"
+def replicate_name(name: str, replicate: int) -> str:
+    """The run directory name of a replicate: the point's own name for replicate 0."""
+    return f"{name}_r{replicate}" if replicate else name
 
 
 __all__ = ["parse_replicates", "replicate_name", "replicate_overrides", "seed_keys"]

@@ -259,10 +259,10 @@ def load_sweep(path: str | Path) -> Sweep:
                 raise ScalingError(f"sweep spec {path}: 'replicates' and a seed axis in 'hyperparameters' "
                                    f"({sorted(set(hp) & set(seed_keys(cfg)))}): give one or the other")
             for r in range(replicates):
-                seeds = replicate_overrides(cfg, r) if replicates > 1 else []
+                seeds = replicate_overrides(cfg, r)
                 if r:
                     load_config(base, overrides + seeds)  # the raised seeds are checked like any value
-                out.append(Point(replicate_name(point_name, r, replicates), shape, steps, tokens, fpt * tokens,
+                out.append(Point(replicate_name(point_name, r), shape, steps, tokens, fpt * tokens,
                                  budget, overrides + seeds, hyperparameters=hp, replicate=r,
                                  replicate_of=point_name if replicates > 1 else None))
         return out

@@ -293,3 +293,38 @@ def test_fit_cli_on_too_few_finished_points_exits_2_with_the_count(tmp_path):
     assert len(error) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "partial sweep: 4 of 54 points done; missing 50:" in error[0] and "too few to fit" in error[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_two_point_two_seed_sweep_end_to_end(tmp_path, corpus, capsys):
+    """2 points (one shape, two learning rates) x 2 seeds trained by `sweep run --pack 4` in one program,
+    collected into 4 rows that `llmjax fit` reads as 2 points; with a replicate removed, `collect` names it."""
+    spec = {"name": "e2e", "overrides": [*tiny_train_overrides(corpus), "sample.max_new_tokens=0"],
+            "shapes": [{"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}], "grid": {"tokens": [6 * 8 * 32]},
+            "hyperparameters": {"optim.lr": [1e-2, 3e-3]}, "replicates": 2}
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    points = load_sweep(path).points
+    names = [p.name for p in points]
+    assert len(names) == 4 and names[1] == names[0] + "_r1" and names[3] == names[2] + "_r1"
+    work = tmp_path / "w"
+    r = run_llmjax("sweep", "run", path, "--workdir", work, "--pack", "4", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    collect(work)
+    assert "partial sweep" not in capsys.readouterr().out
+    rows = {row["name"]: row for row in csv.DictReader(open(work / "runs.csv"))}
+    assert sorted(rows) == sorted(names)
+    for point in names[::2]:
+        a, b = rows[point], rows[point + "_r1"]
+        assert (a["replicate"], a["seed"], b["replicate"], b["seed"]) == ("0", "0", "1", "1")
+        assert a["point"] == b["point"] == point and a["status"] == b["status"] == "done"
+        assert a["params"] == b["params"] and a["tokens"] == b["tokens"] and a["final_loss"] != b["final_loss"]
+    runs = load_runs(work / "runs.csv")
+    assert sorted(runs.names) == sorted(names[::2]) and [len(x) for x in runs.replicate_losses] == [2, 2]
+    i = runs.names.index(names[0])
+    assert runs.L[i] == pytest.approx((float(rows[names[0]]["final_loss"]) + float(rows[names[1]]["final_loss"])) / 2)
+    import shutil
+
+    shutil.rmtree(work / names[3])
+    collect(work)
+    assert f"partial sweep: 3 of 4 points done; missing 1: {names[3]} (pending)" in capsys.readouterr().out

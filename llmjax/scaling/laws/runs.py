@@ -172,8 +172,13 @@ def _choose_columns(path: Path, header: list[str], params: str, loss: str | None
 
 
 def load_runs(path: str | Path, params: str = "total", loss: str | None = None, flops: str = "formula") -> Runs:
-    """Read and check a runs CSV (see the module docstring for the columns and options)."""
+    """Read and check a runs CSV, or DIR/runs.csv for a directory (see the module docstring for the columns and
+    options)."""
     path = Path(path)
+    if path.is_dir():  # a sweep directory: the runs.csv that `sweep collect DIR` wrote there
+        if not (path / "runs.csv").is_file():
+            raise ScalingError(f"runs CSV not found: {path / 'runs.csv'} (run `llmjax sweep collect {path}` first)")
+        path = path / "runs.csv"
     header, rows = _read(path)
     n_col, loss_col = _choose_columns(path, header, params, loss, flops)
     notes = []

@@ -106,6 +106,27 @@ def test_replicate_bootstrap_is_deterministic_and_counts_single_seed_points(tmp_
     assert fit["replicates"]["bootstrap"] == 0 and "approach3" not in fit["replicates"]
 
 
+def test_plots_draw_each_points_seed_range_as_an_error_bar(tmp_path):
+    from llmjax.scaling.plots import _spread_bars, pyplot
+
+    plt = pyplot()
+    runs = load_runs(replicate_csv(tmp_path, 0.02))
+    single = load_runs(write_csv(tmp_path / "one.csv", HEADER, replicate_rows(1, 0.0)))
+    fig, (ax, bare) = plt.subplots(1, 2)
+    sel = runs.budget == 0
+    _spread_bars(ax, runs, sel, "red")
+    _spread_bars(bare, single, single.budget == 0, "red")
+    (bars,) = ax.containers
+    segments = bars.lines[2][0].get_segments()  # one vertical segment per point: lowest to highest seed
+    assert len(segments) == sel.sum() == 9
+    for seg, i in zip(segments, np.flatnonzero(sel), strict=True):
+        assert seg[0][0] == seg[1][0] == runs.N[i]
+        assert sorted([seg[0][1], seg[1][1]]) == pytest.approx([runs.replicate_losses[i].min(),
+                                                                runs.replicate_losses[i].max()])
+    assert not bare.containers  # one seed per point: no bars
+    plt.close(fig)
+
+
 def test_replicates_of_a_point_must_agree_in_size(tmp_path):
     rows = replicate_rows(2, 0.01)
     rows[1][1] *= 2  # the second replicate of the first point: another model size

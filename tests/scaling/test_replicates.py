@@ -134,6 +134,7 @@ def test_replicates_of_a_point_must_agree_in_size(tmp_path):
         load_runs(write_csv(tmp_path / "runs.csv", HEADER, rows))
 
 
+@pytest.mark.slow
 def test_single_seed_csvs_fit_exactly_as_before(tmp_path, sweep="cpu_isoflop_tuned"):
     """The committed runs.csv (no replicate columns) and the same rows with `point` = name (what `sweep
     collect` now writes for one seed) give the same fit, bit for bit, with no replicate section."""

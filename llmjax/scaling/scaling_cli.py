@@ -39,17 +39,20 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("fit", help="fit scaling laws (Hoffmann approaches 1-3, Kaplan) to a runs.csv")
     f.add_argument("--csv", required=True, help="runs CSV: params, tokens, loss (or final_loss)[, flops, budget, "
-                                                 "workdir, ...] (see llmjax/scaling/laws/runs.py)")
+                                                 "point, workdir, ...] (see llmjax/scaling/laws/runs.py), or a sweep "
+                                                 "directory (its runs.csv)")
     f.add_argument("--out", required=True, help="output directory for fit.json")
     f.add_argument("--budgets", help="comma-separated FLOPs budgets for compute-optimal N, D (e.g. 1e18,1e19)")
     f.add_argument("--holdout", help="'largest' (the largest IsoFLOP budget) or a FLOPs value: refit without "
                                      "those runs and predict their losses")
-    f.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for approach 3's intervals")
+    f.add_argument("--bootstrap", type=int, default=100,
+                   help="bootstrap refits for approach 3's intervals, and for the intervals from the replicate spread "
+                        "(several seeds per point)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     _add_run_options(f)
 
     p = sub.add_parser("plot", help="plot IsoFLOP curves, the frontier, N_opt(C), D_opt(C) and residuals")
-    p.add_argument("--csv", required=True, help="runs CSV")
+    p.add_argument("--csv", required=True, help="runs CSV, or a sweep directory (its runs.csv)")
     p.add_argument("--fit", help="fit.json from `llmjax fit` (its options choose N, L and C); needed by the "
                                  "scaling plots")
     p.add_argument("--out", required=True, help="output directory (PNG and SVG)")

@@ -5,9 +5,10 @@ command `--dry-run` prints) in `WORKDIR/<point name>`. A point is finished when 
 marker exists, or when its metrics.jsonl has the train record of the last step and the final
 eval record (a DONE marker is then written). An interrupted point is simply run again: the
 trainer resumes from its newest checkpoint. `WORKDIR/sweep.json` lists the points (budget,
-steps, tokens, flops, hyperparameters) for `collect` (`scaling/sweep/collect.py`), keeping the points
-that other specs trained into the same directory listed; each point's DONE marker repeats its
-budget and hyperparameters.
+steps, tokens, flops, hyperparameters, replicate and the point it replicates) for `collect`
+(`scaling/sweep/collect.py`), keeping the points that other specs trained into the same directory
+listed; each point's DONE marker repeats its budget, hyperparameters and replicate. The replicates
+of a point (`replicates: R` in the spec, `scaling/sweep/replicates.py`) are points of their own.
 
 With `--pack K` (`scaling/sweep/pack.py`) up to K unfinished points of one shape that differ only in
 their seed or optimizer hyperparameters train together in one compiled program, each point's
@@ -63,7 +64,8 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
         return 0
     workdir.mkdir(parents=True, exist_ok=True)
     listing = [{"name": p.name, "budget": p.budget, "steps": p.steps, "tokens": p.tokens, "flops": p.flops,
-                "shape": p.shape, "hyperparameters": p.hyperparameters, "overrides": p.overrides}
+                "shape": p.shape, "hyperparameters": p.hyperparameters, "overrides": p.overrides,
+                "replicate": p.replicate, "point": p.replicate_of or p.name}
                for p in sweep.points]
     _write_listing(workdir, sweep, listing)
     if pack != 1:
@@ -221,7 +223,8 @@ def _write_done(run_dir: Path, point: Any, timed: bool) -> None:
     """Mark a point finished (with its accumulated wall time when the runner timed it)."""
     if not run_dir.is_dir() or (not timed and (run_dir / "DONE").is_file()):
         return
-    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps, "hyperparameters": point.hyperparameters}
+    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps, "hyperparameters": point.hyperparameters,
+                            "replicate": point.replicate, "point": point.replicate_of or point.name}
     try:
         info["wall_time"] = float((run_dir / "WALL_TIME").read_text())
     except (OSError, ValueError):

@@ -41,16 +41,25 @@ def _is_phone(text: str) -> bool:
     return 7 <= sum(c.isdigit() for c in text) <= 15
 
 
-# kind -> (pattern, a character every match holds (a cheap test before the scan), a check of each match)
-_KINDS: dict[str, list[tuple[re.Pattern[str], str, Callable[[str], bool] | None]]] = {
-    "email": [(_EMAIL, "@", None)],
-    "ip": [(_IPV4, ".", None), (_IPV6, ":", _is_ipv6)],
-    "phone": [(_PHONE, "", _is_phone)],
+# A cheap pattern that finds every match of the precise one (and more): the precise pattern runs only on the lines
+# that hold one, which gives the same result (no match spans lines) several times faster.
+_FAST = {
+    _EMAIL: re.compile(r"[A-Za-z0-9._%+-]@[A-Za-z0-9-]+\."),
+    _IPV4: re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d"),
+    _IPV6: re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:"),
+    _PHONE: re.compile(r"[+(\d][\d()+ .-]{6,}\d"),
+}
+# kind -> (pattern, a check of each match)
+_KINDS: dict[str, list[tuple[re.Pattern[str], Callable[[str], bool] | None]]] = {
+    "email": [(_EMAIL, None)],
+    "ip": [(_IPV4, None), (_IPV6, _is_ipv6)],
+    "phone": [(_PHONE, _is_phone)],
 }
 
 
 def _replace(pattern: re.Pattern[str], check: Callable[[str], bool] | None, placeholder: str,
              text: str) -> tuple[str, int]:
+    """`text` with the matches of `pattern` that pass `check` replaced, on the lines `_FAST[pattern]` points at."""
     n = 0
 
     def sub(m: re.Match[str]) -> str:
@@ -60,7 +69,19 @@ def _replace(pattern: re.Pattern[str], check: Callable[[str], bool] | None, plac
         n += 1
         return placeholder
 
-    return pattern.sub(sub, text), n
+    out, pos = [], 0
+    for m in _FAST[pattern].finditer(text):
+        if m.start() < pos:
+            continue  # on a line already scrubbed
+        start = text.rfind("\n", 0, m.start()) + 1
+        end = text.find("\n", m.end())
+        end = len(text) if end < 0 else end
+        out += [text[pos:start], pattern.sub(sub, text[start:end])]
+        pos = end
+    if not out:
+        return text, 0
+    out.append(text[pos:])
+    return "".join(out), n
 
 
 class PiiScrubber:
@@ -73,9 +94,8 @@ class PiiScrubber:
         """The text with every match replaced, and the number of replacements per kind (kinds with none left out)."""
         counts: dict[str, int] = {}
         for kind in self.kinds:
-            for pattern, needle, check in _KINDS[kind]:
-                if needle in text:
-                    text, n = _replace(pattern, check, PLACEHOLDERS[kind], text)
-                    if n:
-                        counts[kind] = counts.get(kind, 0) + n
+            for pattern, check in _KINDS[kind]:
+                text, n = _replace(pattern, check, PLACEHOLDERS[kind], text)
+                if n:
+                    counts[kind] = counts.get(kind, 0) + n
         return text, counts

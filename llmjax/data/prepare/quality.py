@@ -9,8 +9,11 @@ returns the name of the first filter (in `curate.quality.filters` order) the doc
 
 from __future__ import annotations
 
-from collections import Counter
+import re
 from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
 
 from llmjax.config.curation import QualityConfig
 
@@ -19,6 +22,7 @@ _BULLETS = ("•", "-", "*", "‣", "●", "◦", "▪", "–")
 _ELLIPSES = ("...", "…")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’")
 _PUNCT = "\"'.,;:!?()[]{}<>«»“”‘’`*_"
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 class _Doc:
@@ -28,6 +32,33 @@ class _Doc:
         self.text = text
         self.words = text.split()
         self.lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        self._ids: npt.NDArray[np.int64] | None = None
+        self._cache: dict[int, npt.NDArray[np.int64]] = {}
+
+    @property
+    def ids(self) -> npt.NDArray[np.int64]:
+        """Each word's id (equal words, equal ids) [words], for the n-gram filters."""
+        if self._ids is None:
+            vocab: dict[str, int] = {}
+            self._ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in self.words), np.int64, len(self.words))
+        return self._ids
+
+    def grams(self, n: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """For the word n-grams [len(words) - n + 1] in order: their group (equal n-grams, equal groups), and per
+        group the index of its first occurrence and its size."""
+        group = self._groups(n)
+        _, first, counts = np.unique(group, return_index=True, return_counts=True)
+        return group, first, counts
+
+    def _groups(self, n: int) -> npt.NDArray[np.int64]:
+        """Group ids of the n-grams, from those of the (n-1)-grams and the next word (pairs as one int64)."""
+        if n == 1:
+            return self.ids
+        if n not in self._cache:
+            m = len(self.words) - n + 1
+            pairs = self._groups(n - 1)[:m] * (len(self.words) + 1) + self.ids[n - 1:n - 1 + m]
+            self._cache[n] = np.unique(pairs, return_inverse=True)[1].reshape(-1)
+        return self._cache[n]
 
 
 def _length(q: QualityConfig, d: _Doc) -> bool:
@@ -63,7 +94,7 @@ def _ellipsis_lines(q: QualityConfig, d: _Doc) -> bool:
 def _alpha_words(q: QualityConfig, d: _Doc) -> bool:
     if not d.words:
         return False
-    return sum(any(c.isalpha() for c in w) for w in d.words) / len(d.words) >= q.min_alpha_words
+    return sum(1 for w in d.words if _LETTER.search(w)) / len(d.words) >= q.min_alpha_words
 
 
 def _stop_words(q: QualityConfig, d: _Doc) -> bool:
@@ -95,15 +126,24 @@ def _word_chars(d: _Doc) -> int:
     return max(sum(map(len, d.words)), 1)
 
 
+def _lengths(d: _Doc) -> npt.NDArray[np.int64]:
+    return np.fromiter(map(len, d.words), np.int64, len(d.words))
+
+
 def _top_ngrams(q: QualityConfig, d: _Doc) -> bool:
-    """The most frequent n-gram (n = 2, 3, ...), if repeated, holds at most the given share of the word characters."""
+    """The most frequent n-gram (n = 2, 3, ...; of several, the longest), if repeated, holds at most the given share
+    of the word characters (its length times its count)."""
     total = _word_chars(d)
+    lengths = _lengths(d)
     for n, limit in enumerate(q.max_top_ngram_chars, start=2):
         if len(d.words) < n:
             break
-        counts = Counter(zip(*(d.words[i:] for i in range(n)), strict=False))
-        gram, count = counts.most_common(1)[0]
-        if count > 1 and sum(map(len, gram)) * count / total > limit:
+        _, first, counts = d.grams(n)
+        top = counts.max()
+        if top < 2:
+            continue
+        gram_chars = np.lib.stride_tricks.sliding_window_view(lengths, n).sum(axis=1)[first[counts == top]]
+        if int(gram_chars.max()) * int(top) / total > limit:
             return False
     return True
 
@@ -112,18 +152,18 @@ def _duplicate_ngrams(q: QualityConfig, d: _Doc) -> bool:
     """The words inside repeated n-grams (n = 5, 6, ...; each word counted once) hold at most the given share of the
     word characters."""
     total = _word_chars(d)
-    words = d.words
+    lengths = _lengths(d)
     for n, limit in enumerate(q.max_duplicate_ngram_chars, start=5):
-        if len(words) < n:
+        if len(d.words) < n:
             break
-        seen: set[tuple[str, ...]] = set()
-        covered = [False] * len(words)
-        for i, gram in enumerate(zip(*(words[j:] for j in range(n)), strict=False)):
-            if gram in seen:
-                covered[i:i + n] = [True] * n
-            else:
-                seen.add(gram)
-        if sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total > limit:
+        group, first, _ = d.grams(n)
+        starts = np.flatnonzero(first[group] != np.arange(len(group)))  # n-grams that occurred before
+        if not len(starts):
+            continue
+        depth = np.zeros(len(d.words) + 1, np.int64)  # words under at least one repeated n-gram
+        np.add.at(depth, starts, 1)
+        np.add.at(depth, starts + n, -1)
+        if int(lengths[np.cumsum(depth[:-1]) > 0].sum()) / total > limit:
             return False
     return True
 

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import typing
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,41 @@ def test_quality_filters_remove_what_they_should_and_keep_the_rest():
         assert QualityFilters(QualityConfig(filters=[name])).check(text) == name  # type: ignore[list-item]
     # the thresholds are keys: a looser length bound keeps the short one
     assert QualityFilters(QualityConfig(filters=["length"], min_words=3)).check(BAD["length"]) is None
+
+
+def _repeated_ngram_share(words: list[str], n: int) -> float:
+    """Reference: the share of word characters under an n-gram that occurred before (plain Python)."""
+    seen: set[tuple[str, ...]] = set()
+    covered = [False] * len(words)
+    for i, gram in enumerate(zip(*(words[j:] for j in range(n)), strict=False)):
+        if gram in seen:
+            covered[i:i + n] = [True] * n
+        seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / max(sum(map(len, words)), 1)
+
+
+def _top_ngram_share(words: list[str], n: int) -> float:
+    """Reference: characters of the most frequent (then longest) repeated n-gram times its count, as a share."""
+    counts = Counter(zip(*(words[j:] for j in range(n)), strict=False))
+    top = max(counts.values(), default=0)
+    if top < 2:
+        return 0.0
+    return max(sum(map(len, g)) for g, k in counts.items() if k == top) * top / max(sum(map(len, words)), 1)
+
+
+def test_the_ngram_filters_match_a_plain_python_reference():
+    r = random.Random(0)
+    for trial in range(300):
+        pool = VOCAB[: r.choice([2, 4, 8, 32])] + NATO[: r.randint(0, 16)]
+        words = [r.choice(pool) for _ in range(r.randint(0, 150))]
+        text = " ".join(words)
+        limits = [r.uniform(0, 0.6) for _ in range(6)]
+        q = QualityConfig(filters=["top_ngrams", "duplicate_ngrams"], max_top_ngram_chars=limits[:3],
+                          max_duplicate_ngram_chars=limits)
+        top_ok = all(_top_ngram_share(words, n) <= lim for n, lim in enumerate(limits[:3], 2) if len(words) >= n)
+        dup_ok = all(_repeated_ngram_share(words, n) <= lim for n, lim in enumerate(limits, 5) if len(words) >= n)
+        expected = None if top_ok and dup_ok else "top_ngrams" if not top_ok else "duplicate_ngrams"
+        assert QualityFilters(q).check(text) == expected, (trial, text)
 
 
 def test_pii_is_replaced_by_placeholders_and_the_rest_left_alone():

@@ -14,6 +14,7 @@ import dataclasses
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmjax.config.curation import CurateConfig
 from llmjax.config.fields import INT32_MAX, option, section
 from llmjax.config.post_training import DPOConfig, LoraConfig
 from llmjax.config.rope_scaling import RopeScalingConfig
@@ -363,6 +364,7 @@ class Config:
     distributed: DistributedConfig = section(DistributedConfig, "multi-process runtime")
     lora: LoraConfig = section(LoraConfig, "low-rank adapters (lora.rank > 0)")
     dpo: DPOConfig = section(DPOConfig, "direct preference optimisation (train.objective=dpo)")
+    curate: CurateConfig = section(CurateConfig, "corpus curation in `llmjax data prepare` (dedup, quality, PII)")
 
 
 def choices(cls: type, name: str) -> tuple[Any, ...]:

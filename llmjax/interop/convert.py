@@ -108,6 +108,12 @@ def from_hf(args: argparse.Namespace) -> int:
     from llmjax.runtime import setup_jax
 
     setup_jax(cfg)
+    from llmjax.train.preflight import check_fits
+
+    try:  # before anything is built from the sizes (a name table of 10,000,000 layers would never end)
+        check_fits(cfg, jax.devices())
+    except ConfigError as e:
+        raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
     validate(cfg, jax.device_count())
     tokenizer = import_tokenizer(hf_dir, cfg, workdir)
 

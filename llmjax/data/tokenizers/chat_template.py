@@ -84,7 +84,10 @@ def find_template(tokenizer: Any, path: str | None = None) -> tuple[str, str]:
         return own, f"{tokenizer.path} (tokenizer_config.json)"
     directory = Path(tokenizer.path).parent
     if (directory / TEMPLATE_FILE).is_file():
-        return (directory / TEMPLATE_FILE).read_text(encoding="utf-8"), str(directory / TEMPLATE_FILE)
+        from llmjax.guards import inside
+
+        file = inside(directory, TEMPLATE_FILE, "data.tokenizer")
+        return file.read_text(encoding="utf-8"), str(file)
     raise ConfigError(f"data.tokenizer: {tokenizer.path} has no chat template (no chat_template in "
                       f"tokenizer_config.json, no {TEMPLATE_FILE}); set data.chat_template to a Jinja file")
 

@@ -185,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = [list(rng.integers(4, m.vocab_size, args.prompt_len)) for _ in range(args.batch)]
     sp = SamplingParams(max_new_tokens=args.new_tokens)
     slots = engine.cache_slots(args.prompt_len, args.new_tokens)
+    engine.check_memory(args.batch, args.prompt_len, slots, f"--batch {args.batch}")
 
     def prefill() -> Any:
         logits, cache, _ = engine.prefill(prompts, slots)

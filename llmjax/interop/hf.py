@@ -75,14 +75,14 @@ def _uses_fused_experts(reader: SafetensorsReader, cfg: ModelConfig) -> bool:
             and "model.layers.0.mlp.experts.gate_up_proj" in names)
 
 
-def load_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Any) -> Any:
+def load_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Any, reader: SafetensorsReader | None = None) -> Any:
     """The safetensors weights of `hf_dir` as `Transformer(cfg)` parameters, each placed with the
     matching leaf of `shardings` (a tree of `jax.sharding.Sharding`) as it is read.
 
     Sizes (`check_model_memory`), shapes and dtypes of every tensor are checked before anything is read
-    (ConfigError)."""
+    (ConfigError). `reader`: the directory's `SafetensorsReader`, when the caller made it already."""
     check_model_memory(cfg, str(Path(hf_dir) / "config.json"))
-    reader = SafetensorsReader(hf_dir)
+    reader = reader or SafetensorsReader(hf_dir)
     table = sources(cfg, _uses_fused_experts(reader, cfg))
     check_tensors(reader, table)
     abstract, _ = abstract_params(cfg)

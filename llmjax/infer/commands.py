@@ -76,6 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids, stops = [bos_prefix(loaded.cfg, tokenizer) + p for p in tok.encode(prompts)], tok.eos_id
     engine = loaded.engine(args.int8)
     engine.check_prompts(ids)
+    engine.check_generation(ids, sp)  # the KV-cache memory they imply, before the notes and the allocation
     if any(len(p) + sp.max_new_tokens > loaded.cfg.model.max_seq_len for p in ids):
         print(f"llmjax: note: generation stops when the context of {loaded.cfg.model.max_seq_len} tokens is full",
               file=sys.stderr)

@@ -151,6 +151,16 @@ class Engine:
                               f"row(s) of {slots:,} slots, plus activations and logits), more than {bound[1]} "
                               f"({gib(bound[0])}; {MEMORY_ENV} sets another bound)")
 
+    def check_generation(self, prompts: Sequence[Sequence[int]], sp: SamplingParams) -> None:
+        """`check_memory` for generating from `prompts` (all at once; with beam search `sp.beams` rows of one)."""
+        P = max(len(p) for p in prompts)
+        slots = self.cache_slots(P, min(sp.max_new_tokens, self.family.decode_budget(P)))
+        if sp.beams > 1:
+            self.check_memory(sp.beams, P, slots, f"--beams {sp.beams} (--max-new-tokens {sp.max_new_tokens})")
+        else:
+            self.check_memory(len(prompts), P, slots,
+                              f"{len(prompts):,} prompt(s) with --max-new-tokens {sp.max_new_tokens}")
+
     def new_cache(self, batch: int, length: int, prompt_len: int = 0) -> dict[str, Any]:
         make = partial(self.family.new_cache, batch, length, prompt_len)
         shardings = None
@@ -257,10 +267,7 @@ class Engine:
             if len(stops) > 1:
                 raise ConfigError(f"beam search stops at one EOS id, not at each of {list(stops)} (use --beams 1)")
             eos_id = stops[0] if stops else None
-            P = max(len(p) for p in prompts)
-            T = min(sp.max_new_tokens, self.family.decode_budget(P))
-            self.check_memory(sp.beams, P, self.cache_slots(P, T),
-                              f"--beams {sp.beams} (--max-new-tokens {sp.max_new_tokens})")
+            self.check_generation(prompts, sp)
             return [beam_search(self, list(p), sp, eos_id, tokenizer, on_text, row=i)
                     for i, p in enumerate(prompts)]
         if device_loop is None:
@@ -268,7 +275,7 @@ class Engine:
         n = len(prompts)
         P = max(len(p) for p in prompts)
         T = min(sp.max_new_tokens, self.family.decode_budget(P))
-        self.check_memory(n, P, self.cache_slots(P, T), f"{n:,} prompt(s) with --max-new-tokens {sp.max_new_tokens}")
+        self.check_generation(prompts, sp)
         logits, cache, _ = self.prefill(prompts, self.cache_slots(P, T))
         if device_loop:
             tokens = self._decode_on_device(logits, cache, T, sp, stops)

@@ -40,12 +40,12 @@ print_env() {
 }
 
 stop_pid_file() {
-  local file="$1" pid i
+  local file="$1" pid
   [[ -f "$file" ]] || return 0
   pid="$(cat "$file")"
   if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
@@ -119,7 +119,7 @@ SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
-KillWait=5
+KillWait=30
 MinJobAge=300
 SchedulerParameters=sched_interval=1
 MessageTimeout=20

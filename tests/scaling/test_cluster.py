@@ -187,3 +187,79 @@ def test_submit_to_an_unknown_partition(tmp_path, corpus, slurm_cluster, capsys,
                       "--gpus-per-worker", "0", "--workdir", tmp_path / "w", "--partition", "gpu-nope")
     assert rc == 2 and "unknown --partition 'gpu-nope' (this cluster has: debug)" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def _evals(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in records if r["kind"] == "eval"}
+
+
+def _wait_for(what, timeout: float = 300, every: float = 0.05):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _mid_point(leases: LocalLeases, directory: Path, point) -> tuple[Lease, int] | None:
+    """(its lease, the step it trains) once `point` is leased, has a checkpoint and is not near its end."""
+    held = leases.read(point.name)
+    ckpts = directory / point.name / "checkpoints"
+    steps = [int(d.name) for d in ckpts.iterdir() if d.name.isdigit()] if ckpts.is_dir() else []
+    if held is None or not steps:
+        return None
+    records = [json.loads(line) for line in (directory / point.name / "metrics.jsonl").read_text().splitlines()
+               if line.endswith("}")]
+    step = max((r["step"] for r in records if r["kind"] == "train"), default=0)
+    return (held[0], step) if step < point.steps - 20 else None
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_sweep_on_slurm_survives_scancel_and_kill_9_and_equals_a_local_run(tmp_path, corpus, slurm_cluster, capsys,
+                                                                            monkeypatch):
+    """6 tiny points, 3 Slurm workers (short lease time): the worker training one long point is cancelled
+    with scancel, the one training the other is killed with kill -9, both mid-point after a checkpoint.
+    The cancelled point is released and resumed, the killed one taken over once its lease is stale and
+    resumed from its checkpoint; every point is done exactly once, with the final losses of a local
+    `sweep run` of the same spec, bit for bit. `sweep status` shows a running point's step, and
+    `--wait` exits 0 at the end."""
+    spec = _spec(tmp_path, corpus, tokens=(3, 4, 120))
+    sweep = load_sweep(spec)
+    local = run_llmjax("sweep", "run", spec, "--workdir", tmp_path / "local", timeout=900)
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    directory = tmp_path / "slurm"
+    r = run_llmjax("sweep", "submit", spec, "--executor", "slurm", "--workers", "3", "--gpus-per-worker", "0",
+                   "--workdir", directory, "--lease-seconds", "6", "--retries", "1", env=slurm_cluster)
+    assert r.returncode == 0, r.stderr
+    leases = LocalLeases(directory)
+    long_small, long_big = (p for p in sweep.points if p.steps == 120)
+    env = {**os.environ, **slurm_cluster}
+    lease, step = _wait_for(lambda: _mid_point(leases, directory, long_small))
+    subprocess.run(["scancel", lease.worker.removeprefix("slurm-")], env=env, check=True)  # the array task, 1_2
+    lease, step = _wait_for(lambda: _mid_point(leases, directory, long_big))
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    rc, out, _ = _cli(capsys, "sweep", "status", directory, "--json")
+    running = [p for p in json.loads(out)["points"] if p["state"] == "running"]
+    assert rc == 1 and any(p["name"] == long_big.name and p["step"] >= step for p in running), out
+    os.kill(lease.pid, signal.SIGKILL)  # the worker (its trainer dies with it: PR_SET_PDEATHSIG)
+
+    rc, out, err = _cli(capsys, "sweep", "status", directory, "--wait", "--every", "1")
+    assert rc == 0 and "6 points: 6 done" in out, out + err
+    _wait_for(lambda: not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout, 60, 0.5)
+    events = _journal(directory)
+    done = [e["point"] for e in events if e["event"] == "done"]
+    assert sorted(done) == sorted(p.name for p in sweep.points)  # each exactly once
+    # The cancelled worker releases its point once its trainer has saved a checkpoint and stopped; if that
+    # takes longer than Slurm's KillWait (a loaded machine), the point is taken over when its lease is stale.
+    assert any(e["event"] in ("stopped", "takeover") and e["point"] == long_small.name for e in events)
+    assert any(e["event"] == "takeover" and e["point"] == long_big.name for e in events)
+    logs = "".join(f.read_text() for f in (directory / "logs").iterdir())
+    assert f"[{long_small.name}] {long_small.name}: resuming" in logs
+    assert f"[{long_big.name}] {long_big.name}: resuming" in logs
+    for p in sweep.points:
+        assert _evals(directory / p.name) == _evals(tmp_path / "local" / p.name), p.name

@@ -137,7 +137,7 @@ class GCSLeases:  # pragma: no cover - needs a bucket; the same operations as Lo
     """Leases on gs:// through google-cloud-storage's generation preconditions (module docstring)."""
 
     def __init__(self, sweep_dir: str):
-        from google.cloud import storage  # the `gcs` extra
+        from google.cloud import storage  # type: ignore[import-untyped]  # via the gcs extra (gcsfs)
 
         bucket, _, prefix = sweep_dir.removeprefix("gs://").partition("/")
         self.bucket = storage.Client().bucket(bucket)
@@ -156,7 +156,7 @@ class GCSLeases:  # pragma: no cover - needs a bucket; the same operations as Lo
         return lease, max(0.0, time.time() - blob.updated.timestamp())
 
     def _write(self, lease: Lease, generation: int) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
+        from google.api_core.exceptions import PreconditionFailed  # type: ignore[import-untyped]
 
         blob = self._blob(f"{lease.point}.lease")
         try:

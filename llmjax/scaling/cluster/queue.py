@@ -86,9 +86,9 @@ def read_queue(directory: str | Path) -> tuple[Sweep, dict[str, Any]]:
     return sweep, {**SETTINGS, **data.get("settings", {})}
 
 
-def train_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The train records of a point's metrics.jsonl, tolerant of a line being written."""
-    out = []
+def metric_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The train and eval records of a point's metrics.jsonl, tolerant of a line being written."""
+    out: list[dict[str, Any]] = []
     try:
         lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
@@ -106,19 +106,24 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
 def point_state(directory: Path, p: Point, leases: LocalLeases, settings: dict[str, Any]) -> dict[str, Any]:
     """{state: done|failed|running|stale|pending, ...}: what `sweep status` shows of point `p`.
 
+    done: a DONE marker, or the last step and final eval recorded and no lease (`marked` False: a worker
+    stopped between its trainer's end and the marker; the next claimer writes it); a point whose
+    trainer has finished while its worker still holds the lease is running until the worker marks it.
+
     failed: a FAILED marker and no lease (a worker gave up after `retries` retries, or `sweep run
     --keep-going`); a point whose earlier tries failed with retries left is pending or running, with
     `failures` and the last `error` line."""
     run_dir = directory / p.name
     info: dict[str, Any] = {"name": p.name, "steps": p.steps, "flops": p.flops}
-    if (run_dir / DONE).is_file() or is_finished(run_dir, p.steps):
-        evals = [r for r in train_records(run_dir) if r["kind"] == "eval" and "eval_loss" in r]
-        info.update(state="done", final_loss=evals[-1]["eval_loss"] if evals else None)
+    held = leases.read(p.name)
+    marked = (run_dir / DONE).is_file()
+    if marked or (held is None and is_finished(run_dir, p.steps)):  # finished, its worker gone before marking
+        evals = [r for r in metric_records(run_dir) if r["kind"] == "eval" and "eval_loss" in r]
+        info.update(state="done", final_loss=evals[-1]["eval_loss"] if evals else None, marked=marked)
         return info
     failures, error = leases.failures(p.name)
     if failures:
         info.update(failures=failures, error=error)
-    held = leases.read(p.name)
     if held is None and (run_dir / FAILED).is_file():
         failed = marker(run_dir, FAILED)
         info.update(state="failed", error=failed.get("error") or error or f"exit status {failed.get('exit_status')}")
@@ -127,7 +132,7 @@ def point_state(directory: Path, p: Point, leases: LocalLeases, settings: dict[s
         info["state"] = "pending"
         return info
     lease, age = held
-    records = [r for r in train_records(run_dir) if r["kind"] == "train"]
+    records = [r for r in metric_records(run_dir) if r["kind"] == "train"]
     info.update(state="stale" if age > settings["lease_seconds"] else "running", worker=lease.worker,
                 host=lease.host, heartbeat_age=round(age, 1), claimed=lease.claimed)
     if records:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,15 +56,19 @@ def worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def process_index() -> tuple[int, int]:
-    """(this process's index, the worker's process count): a Slurm job step's task, launch/local.sh's or
-    a TPU slice's host (LLMJAX_PROCESS_ID / LLMJAX_NUM_PROCESSES, TPU_WORKER_ID), else (0, 1)."""
+def process_index() -> tuple[int, bool]:
+    """(this process's index within its worker, whether the worker has several processes): a Slurm job
+    step's task (SLURM_PROCID), launch/local.sh's LLMJAX_PROCESS_ID, a TPU slice's host (its hostname
+    ends in -w-<index>; a slice worker always announces, its host count is not in the environment)."""
     env = os.environ
     if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID"):
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1) > 1
     if env.get("LLMJAX_NUM_PROCESSES"):
-        return int(env.get("LLMJAX_PROCESS_ID", "0")), int(env["LLMJAX_NUM_PROCESSES"])
-    return int(env.get("TPU_WORKER_ID", "0")), int(env.get("LLMJAX_WORKER_HOSTS", "1"))
+        return int(env.get("LLMJAX_PROCESS_ID", "0")), int(env["LLMJAX_NUM_PROCESSES"]) > 1
+    if env.get("LLMJAX_WORKER"):  # launch/tpu_pod.sh --workers
+        m = re.search(r"-w-(\d+)$", socket.gethostname())
+        return (int(m.group(1)) if m else 0), True
+    return 0, False
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -150,8 +155,12 @@ def _journal(leases: LocalLeases, event: str, **info: Any) -> None:
 
 
 def _claimable(directory: Path, p: Point, leases: LocalLeases, settings: dict[str, Any]) -> tuple[str, Any]:
-    """('skip', None) | ('busy', None) | ('free', None) | ('stale', lease)."""
-    state = point_state(directory, p, leases, settings)["state"]
+    """('skip', None) | ('busy', None) | ('free', None) | ('stale', lease) | ('mark', None): finished, DONE
+    marker missing."""
+    info = point_state(directory, p, leases, settings)
+    state = info["state"]
+    if state == "done" and not info["marked"]:
+        return "mark", None
     if state == "done" or (state == "failed" and leases.failures(p.name)[0] > settings["retries"]):
         return "skip", None
     if state in ("pending", "failed"):  # failed with retries left: a FAILED marker of `sweep run --keep-going`
@@ -181,9 +190,14 @@ def claim(directory: Path, sweep: Sweep, leases: LocalLeases, settings: dict[str
         if got and key is not None and _pack_key(sweep, p, directory) != key:
             continue
         lease = Lease(p.name, worker)
-        ok = leases.claim(lease) if what == "free" else leases.take_over(stale, lease, settings["lease_seconds"])
+        ok = leases.claim(lease) if what != "stale" else leases.take_over(stale, lease, settings["lease_seconds"])
         if not ok:
             busy = True
+            continue
+        if what == "mark":  # its trainer finished but its worker was stopped before writing DONE
+            write_done(directory / p.name, p, timed=False)
+            _journal(leases, "done", point=p.name, worker=worker, note="finished before its worker stopped")
+            leases.release(lease)
             continue
         if _claimable(directory, p, leases, settings)[0] == "skip":  # finished just before we claimed it
             leases.release(lease)
@@ -214,7 +228,7 @@ def work(directory: str | Path, worker: str | None = None, resources: str | None
         sweep.points = [p for p in sweep.points if shapes.get(p.name, resources) == resources]
     leases = LocalLeases(directory)
     worker = worker or worker_id()
-    rank, nproc = process_index()
+    rank, several = process_index()
     if rank > 0:
         return _follow(directory, sweep, leases, worker)
     trainer = Trainer(leases, float(settings["lease_seconds"]))
@@ -234,14 +248,14 @@ def work(directory: str | Path, worker: str | None = None, resources: str | None
         assert isinstance(got, list)
         points = [p for p, _ in got]
         trainer.held, trainer.lost = [lease for _, lease in got], False
-        if nproc > 1:
+        if several:
             seq += 1
             _announce(leases, worker, seq, [p.name for p in points])
         statuses = _train_points(directory, sweep, points, by_name, trainer)
         for p, lease in got:
             _finish(directory, p, lease, statuses[p.name], trainer, leases, settings, worker)
         trained += len(points)
-    if nproc > 1:
+    if several:
         _announce(leases, worker, seq + 1, [], end=True)
     print(f"llmjax sweep work: worker {worker} {'stopped' if trainer.stopping else 'done'} after training "
           f"{trained} points", flush=True)

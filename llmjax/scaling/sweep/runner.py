@@ -238,4 +238,5 @@ def write_done(run_dir: Path, point: Any, timed: bool) -> None:
     (run_dir / "DONE").write_text(json.dumps(info))
 
 
-__all__ = ["CSV_COLUMNS", "FAILED", "collect", "is_finished", "point_config", "run_sweep", "write_done", "write_listing"]
+__all__ = ["CSV_COLUMNS", "FAILED", "collect", "is_finished", "point_config", "run_sweep", "write_done",
+           "write_listing"]

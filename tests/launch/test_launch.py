@@ -502,6 +502,7 @@ def test_slurm_submit_runs_a_two_task_gloo_job_and_requeues_it(tmp_path, slurm_c
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[-1]  # "Submitted batch job N"
     _wait_for(lambda: (tmp_path / "ready0").exists() and (tmp_path / "ready1").exists(), timeout=300)
+    _wait_for(lambda: out.read_text().count("restart 0: process") == 2, timeout=60)  # srun forwards the output
     text = out.read_text()
     assert "restart 0: process 0 of 2 (explicit) gathered [0, 1]" in text, text
     assert "restart 0: process 1 of 2 (explicit) gathered [0, 1]" in text

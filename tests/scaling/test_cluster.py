@@ -119,6 +119,38 @@ def test_lease_heartbeat_takeover_and_release(tmp_path):
     assert leases.failures("p") == (2, "llmjax: boom") and leases.failures("q") == (0, "")
 
 
+def test_claims_follow_spec_order_packs_and_leave_done_and_given_up_points(tmp_path, corpus):
+    """claim(): spec order; with k=2 the second point is one that packs with the first (same shape);
+    done points are skipped, failed ones retried until their failures exceed `retries`; WAIT while live
+    workers hold the rest, None when nothing is left."""
+    from llmjax.scaling.cluster.worker import WAIT, claim
+
+    sweep = load_sweep(_spec(tmp_path, corpus, tokens=(3,), lr=[1e-3, 2e-3]))
+    names = [p.name for p in sweep.points]  # d32 x 2 learning rates (they pack), then d64 x 2
+    settings = {"lease_seconds": 60.0, "retries": 1, "pack": 2}
+    d = tmp_path / "w"
+    write_queue(sweep, d, settings)
+    leases = LocalLeases(d)
+    got = claim(d, sweep, leases, settings, "a", k=2)
+    assert [p.name for p, _ in got] == names[:2]
+    (d / names[2]).mkdir()
+    (d / names[2] / "DONE").write_text("{}")
+    leases.set_failures(names[3], 1, "llmjax: boom")  # one failure, one retry left
+    got = claim(d, sweep, leases, settings, "b")
+    assert [p.name for p, _ in got] == [names[3]]
+    leases.release(got[0][1])
+    leases.set_failures(names[3], 2, "llmjax: boom")
+    (d / names[3]).mkdir()
+    (d / names[3] / "FAILED").write_text(json.dumps({"exit_status": 1, "error": "llmjax: boom"}))
+    assert claim(d, sweep, leases, settings, "b") == WAIT  # a's two points are still leased
+    for p in names[:2]:
+        leases.release(leases.read(p)[0])
+        (d / p / "DONE").parent.mkdir(exist_ok=True)
+        (d / p / "DONE").write_text("{}")
+    assert claim(d, sweep, leases, settings, "b") is None
+    assert [e["event"] for e in _journal(d)] == ["claim", "claim", "claim"]
+
+
 @pytest.mark.slow
 def test_a_diverging_point_fails_after_its_retries_and_status_says_why(tmp_path, corpus):
     """Two points, one with a diverging learning rate: the worker trains the good one, tries the bad one

@@ -508,9 +508,10 @@ def test_slurm_submit_runs_a_two_task_gloo_job_and_requeues_it(tmp_path, slurm_c
     assert "restart 0: process 1 of 2 (explicit) gathered [0, 1]" in text
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     _wait_for(lambda: "requeueing job" in out.read_text(), timeout=120)
-    # Slurm holds a requeued job for two minutes before it may start again: start it now.
-    _wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
-                                     capture_output=True).returncode == 0, timeout=60)
+    # Slurm holds a requeued job for two minutes before it may start again: once it waits, start it now.
+    _wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], env=env, capture_output=True,
+                                     text=True).stdout.strip() == "BeginTime", timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     _wait_for(lambda: out.read_text().count("restart 1: process") == 2, timeout=300)
     _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
                                          text=True).stdout.strip(), timeout=120)

@@ -57,6 +57,15 @@ stop_pid_file() {
 case "$verb" in
   env) [[ -f "$conf" ]] || die "no cluster under $dir (run: launch/slurm_local.sh up $dir)"; print_env; exit 0 ;;
   down)
+    if [[ -f "$conf" && -f "$dir/slurmctld.pid" ]]; then
+      # Cancel what still runs, so that no job step outlives the daemons.
+      export SLURM_CONF="$conf" PATH="$PATH:/usr/sbin"
+      scancel --user="$(id -un)" 2>/dev/null || true
+      for _ in $(seq 50); do
+        [[ -z "$(squeue -h 2>/dev/null)" ]] && break
+        sleep 0.2
+      done
+    fi
     stop_pid_file "$dir/slurmd.pid"
     stop_pid_file "$dir/slurmctld.pid"
     stop_pid_file "$dir/munged.pid.ours"
@@ -84,13 +93,12 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
   [[ -f /etc/munge/munge.key ]] || mungekey -c
   mkdir -p /run/munge
   chown munge:munge /run/munge /etc/munge/munge.key 2>/dev/null || true
-  munged --force
+  munged --force --pid-file="$dir/munged.pid.ours"  # the daemon's own PID (not its exiting parent's)
   for _ in $(seq 50); do
     munge -n </dev/null >/dev/null 2>&1 && break
     sleep 0.1
   done
   munge -n </dev/null >/dev/null 2>&1 || die "munged did not start"
-  pgrep -o -x munged >"$dir/munged.pid.ours" || true
 fi
 
 cat >"$conf" <<CONF

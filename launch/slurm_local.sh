@@ -31,6 +31,7 @@ die() {
 case "$1" in -h | --help) usage; exit 0 ;; esac
 [[ $# -eq 2 ]] || { usage >&2; exit 2; }
 verb="$1"
+case "$verb" in up | down | env) ;; *) die "unknown verb '$verb' (up, down or env)" ;; esac
 mkdir -p "$2"
 dir="$(cd "$2" && pwd)"
 conf="$dir/slurm.conf"
@@ -72,7 +73,6 @@ case "$verb" in
     exit 0
     ;;
   up) ;;
-  *) die "unknown verb '$verb' (up, down or env)" ;;
 esac
 
 for cmd in slurmctld slurmd munged; do

@@ -22,6 +22,7 @@ TPU = str(ROOT / "launch" / "tpu_pod.sh")
 JOB = str(ROOT / "launch" / "job.sh")
 SBATCH = str(ROOT / "launch" / "slurm_gpu.sbatch")
 SUBMIT = str(ROOT / "launch" / "slurm_submit.sh")
+SLURM_LOCAL = str(ROOT / "launch" / "slurm_local.sh")
 
 TRAIN = ["llmjax", "train", "--workdir", "/mnt/runs/my run", "sample.prompt=def f(x):\n  return 'y'",
          "mesh.fsdp=8"]
@@ -395,6 +396,16 @@ def test_slurm_submit():
     assert "--no-requeue" in sbatch and "--requeue" not in sbatch and _flags(sbatch)["signal"] == "B:USR1@600"
     for args in (["--grace", "0"], ["--nodes", "x"], ["--frob"]):
         assert subprocess.run([SUBMIT, "--dry-run", *args, "--", "true"], capture_output=True).returncode == 2
+    # A CPU job array: no GPUs (the script's own #SBATCH --gpus-per-node=8 overridden), tasks per node as given.
+    sbatch, srun = _dry([SUBMIT, "--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2", "--array", "0-3",
+                         "--", "llmjax", "sweep", "work", "/shared/s"])
+    assert {"gpus-per-node": "0", "ntasks-per-node": "2", "cpus-per-task": "1", "array": "0-3"}.items() <= \
+        _flags(sbatch).items()
+    assert "--gpus-per-node=8" not in srun and "--ntasks-per-node=2" in srun and "XLA_FLAGS" not in _env_words(srun)
+    for args in (["--array", "x"], ["--tasks-per-node", "0"]):
+        assert subprocess.run([SUBMIT, "--dry-run", *args, "--", "true"], capture_output=True).returncode == 2
+    r = subprocess.run([SLURM_LOCAL, "frob", str(ROOT)], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown verb 'frob'" in r.stderr
 
 
 @pytest.fixture
@@ -460,7 +471,7 @@ def test_slurm_success_and_failure_statuses(fake_slurm):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_launch_scripts_are_shellcheck_clean():
-    scripts = [LOCAL, TPU, JOB, SBATCH, SUBMIT]
+    scripts = [LOCAL, TPU, JOB, SBATCH, SUBMIT, SLURM_LOCAL]
     r = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)  # -x: follow shquote.sh
     assert r.returncode == 0, r.stdout
 

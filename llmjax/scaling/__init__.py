@@ -4,6 +4,8 @@
   `axes`: its hyperparameter axes (grids, per-size rules, fitted laws); `replicates`: seeds per point.
 - `runner`: `llmjax sweep run` (train every point, skip finished ones, resume interrupted ones);
   `collect`: `llmjax sweep collect` (one `runs.csv` row per run directory, `--export` copies).
+- `cluster`: `llmjax sweep submit|work|status` (workers on Slurm or TPU VMs claiming points through
+  lease files, see docs/sweeps-on-a-cluster.md).
 - `fit`: `llmjax fit` -> `fit.json`, from `runs` (the CSV and the --params/--loss/--flops options),
   `hparams` (best run over the hyperparameters, optimal-lr and batch-size laws), `envelope`
   (Hoffmann et al. approach 1), `chinchilla` (approaches 2 and 3, allocations, held-out

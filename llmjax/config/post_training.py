@@ -1,4 +1,5 @@
-"""Post-training config sections: `lora.*` (parameter-efficient fine-tuning) and `dpo.*` (preference tuning).
+"""Post-training config sections: `lora.*` (parameter-efficient fine-tuning), `dpo.*` (preference tuning) and
+`reward.*` (reward models).
 
 `train.objective` picks what a run optimises (next-token pre-training, supervised fine-tuning
 on chat data, direct preference optimisation); `train.init_from` starts it from another run's
@@ -41,3 +42,11 @@ class DPOConfig:
     beta: float = option(0.1, "inverse temperature of the implicit reward beta log(pi / pi_ref)", gt=0)
     loss: Literal["sigmoid", "ipo"] = option("sigmoid", "sigmoid: DPO's -log sigmoid(beta margin); ipo: "
                                                         "(margin - 1 / (2 beta))^2 (Azar et al. 2023)")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """A reward model (`train.objective=reward`): a scalar head on the decoder's last hidden state, trained with the
+    Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) on the DPO pair JSONL (`llmjax.post.rl.reward`)."""
+
+    margin: float = option(0.0, "Bradley-Terry margin m: the loss asks r_chosen - r_rejected to exceed it", ge=0)

@@ -25,6 +25,7 @@ OBJECTIVES: dict[str, str] = {
     "lm": "llmjax.train.objectives:LanguageModelling",
     "sft": "llmjax.post.sft:SupervisedFineTuning",
     "dpo": "llmjax.post.dpo:DirectPreference",
+    "reward": "llmjax.post.rl.reward:RewardModelling",
 }
 
 

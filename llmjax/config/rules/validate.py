@@ -138,8 +138,9 @@ def validate_config(cfg: Config) -> None:
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
     _validate_profile_steps(t.profile_steps, t.steps)
-    if t.objective == "dpo" and not spec.causal_lm:
-        raise ConfigError(f"train.objective=dpo needs a causal language model; model.family={m.family} is not")
+    if t.objective in ("dpo", "reward") and not spec.causal_lm:
+        raise ConfigError(f"train.objective={t.objective} needs a causal language model; model.family={m.family} "
+                          "is not")
     if t.batch_size % o.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}"

@@ -30,6 +30,7 @@ from llmjax.models.feedforward import aux_loss_terms, aux_metrics
 from llmjax.models.layers import logical_init
 from llmjax.post.dpo import PreferenceBatch
 from llmjax.post.rl.losses import bradley_terry_loss
+from llmjax.train.objectives import host_batches
 
 if TYPE_CHECKING:
     from llmjax.data.tokenizers.tokenizer import Tokenizer
@@ -183,3 +184,5 @@ class RewardModelling:
     def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,
                 log: Callable[[str], None]) -> None:
         return None  # no reference model
+
+    batches = staticmethod(host_batches)

@@ -124,7 +124,7 @@ class GroupRelative:
     def check(self, cfg: Config) -> None:
         if cfg.eval.every_steps > 0:
             raise ConfigError("eval.every_steps: train.objective=grpo has no validation batches (its held-out reward "
-                              "is measured with rollouts: `heldout_reward`); set eval.every_steps=0")
+                              "is measured with rollouts: experiments/scripts/rl_heldout.py); set eval.every_steps=0")
 
     def wrap_family(self, family: ModelFamily, cfg: Config) -> ModelFamily:
         return GRPOFamily(family, cfg)  # type: ignore[return-value]  # the family contract

@@ -155,7 +155,7 @@ class PromptData:
         return self.train_iterator({"step": step}), None
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(())  # held-out rewards are measured with rollouts (`heldout_reward`), not eval batches
+        return iter(())  # held-out rewards are measured with rollouts (experiments/scripts/rl_heldout.py)
 
 
 def stop_ids(cfg: Config, tokenizer: Any) -> tuple[int, ...]:

@@ -1,8 +1,10 @@
 """Write experiments/data/rl_tasks.jsonl: prompts with exact answers for GRPO (`train.objective=grpo`).
 
-The five task kinds of make_post_data.py (addition, reversal, letter count, kilometres to metres,
-capitals), each record {"prompt": question, "answer": the exact answer} (the number or word the
-response must contain), from its own seed so the prompts are mostly new to the SFT model. The
+The two task kinds of make_post_data.py that the SFT model of sft_small.yaml gets wrong most
+(addition of two numbers below 50, and counting a word's letters; it copies reversal, capitals and
+kilometres almost perfectly), each record {"prompt": question, "answer": the exact answer} (the
+number the response must contain), from its own seed so the prompts are mostly new to the SFT
+model. The
 reward function `llmjax.post.rl.rewards:exact_answer` gives 1 when the answer appears in the
 response as a whole word. Usage: python3 experiments/scripts/make_rl_data.py [OUT]
 """
@@ -21,19 +23,11 @@ SEED, N = 1234, 400
 
 
 def record(rng: random.Random) -> dict:
-    kind = rng.randrange(5)
-    if kind == 0:
+    if rng.random() < 0.75:
         a, b = rng.randrange(1, 50), rng.randrange(1, 50)
         return {"prompt": f"What is {a} plus {b}?", "answer": str(a + b)}
     w = rng.choice(WORDS)
-    if kind == 1:
-        return {"prompt": f"Reverse the word {w}.", "answer": w[::-1]}
-    if kind == 2:
-        return {"prompt": f"How many letters are in the word {w}?", "answer": str(len(w))}
-    if kind == 3:
-        km = rng.randrange(1, 20)
-        return {"prompt": f"How many meters are in {km} kilometers?", "answer": str(km * 1000)}
-    return {"prompt": f"Write the word {w} in capital letters.", "answer": w.upper()}
+    return {"prompt": f"How many letters are in the word {w}?", "answer": str(len(w))}
 
 
 def main(out: Path) -> None:

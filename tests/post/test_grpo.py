@@ -143,4 +143,9 @@ def test_grpo_bad_input_exits_2(sft_run, tmp_path):
     err = assert_usage_error(grpo(wd, "rl.reward_fn=bad_reward:reward", env={"PYTHONPATH": f"{fns}:{ROOT}"}),
                              "rl.reward_fn=bad_reward:reward raised KeyError", "rl_tasks.jsonl line")
     assert "Traceback" not in err
+    other = tmp_path / "other_vocab_rm"  # a reward-model workdir of another vocabulary (refused before its weights)
+    (other / "checkpoints" / "0").mkdir(parents=True)
+    (other / "config.yaml").write_text("train:\n  objective: reward\nmodel:\n  vocab_size: 256\n")
+    assert_usage_error(grpo(wd, "rl.reward_fn=null", f"rl.reward_model={other}"), "rl.reward_model",
+                       "another vocabulary", "256")
     assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())

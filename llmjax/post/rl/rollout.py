@@ -101,10 +101,14 @@ class PromptData:
         self.reward_fn = load_reward_fn(rl.reward_fn) if rl.reward_fn else None
         self.reward_model = None
         if rl.reward_model:
-            from llmjax.post.rl.scoring import RewardModel
+            from llmjax.post.rl.scoring import RewardModel, reward_config
 
+            vocab = reward_config(rl.reward_model, "rl.reward_model").model.vocab_size
+            if vocab != cfg.model.vocab_size:  # before reading any weights
+                raise ConfigError(f"rl.reward_model: {rl.reward_model} has another vocabulary (model.vocab_size "
+                                  f"{vocab}) than the policy (model.vocab_size {cfg.model.vocab_size})")
             rm = RewardModel(rl.reward_model, key="rl.reward_model")
-            if rm.vocab_size != cfg.model.vocab_size or rm.tokenizer.file_hash() != self.tokenizer.file_hash():
+            if rm.tokenizer.file_hash() != self.tokenizer.file_hash():
                 raise ConfigError(f"rl.reward_model: {rl.reward_model} has another vocabulary (vocab_size "
                                   f"{rm.vocab_size}, tokenizer {rm.tokenizer.path}) than the policy (vocab_size "
                                   f"{cfg.model.vocab_size}, tokenizer {self.tokenizer.path})")

@@ -1,6 +1,6 @@
 """GRPO (`train.objective=grpo`): the loss the train step differentiates equals a hand computation on fixed
 log-probabilities and advantages (per token and per sequence); through the command line a run from an SFT model
-samples, scores and steps, resumes after a stop with the same rollouts and losses bit for bit, LoRA trains only
+samples, scores and steps, resumes after kill -9 with the same rollouts and losses bit for bit, LoRA trains only
 adapters, and bad input (no prompts, a group of 1, a reward function that cannot be imported or that raises)
 exits 2 naming the key before anything is written."""
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -102,20 +104,32 @@ def sft_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_grpo_runs_and_resumes_bitwise(sft_run, tmp_path):
+def test_grpo_runs_and_resumes_bitwise_after_kill9(sft_run, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    out = grpo(full, f"train.init_from={sft_run}")
+    steps = ("train.steps=8", "checkpoint.every_steps=2")
+    out = grpo(full, f"train.init_from={sft_run}", *steps)
     assert out.returncode == 0, out.stderr
     assert "rl step 0: 8 rollouts" in out.stderr
-    out = grpo(resumed, f"train.init_from={sft_run}", "train.stop_after=1")
+    proc = subprocess.Popen([sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(resumed), *TINY, *GRPO,
+                             f"train.init_from={sft_run}", *steps], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, reached = time.time() + 600, False
+    while time.time() < deadline and proc.poll() is None and not reached:
+        m = resumed / "metrics.jsonl"
+        reached = m.exists() and any(s >= 5 for s in read_metrics(m))  # checkpoint 2 (or 4) finished
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert reached and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    out = grpo(resumed, f"train.init_from={sft_run}", *steps)
     assert out.returncode == 0, out.stderr
-    out = grpo(resumed, f"train.init_from={sft_run}")
-    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stderr, out.stderr
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     keys = ("loss", "reward", "kl", "entropy", "response_length", "grad_norm")
-    assert [[a[k][x] for x in keys] for k in range(3)] == [[b[k][x] for x in keys] for k in range(3)]
+    assert sorted(b) == list(range(8))
+    assert [[a[k][x] for x in keys] for k in range(8)] == [[b[k][x] for x in keys] for k in range(8)]
     assert {"reward", "reward_std", "kl", "entropy", "clip_fraction", "approx_kl", "response_length"} <= set(a[0])
-    assert a[0]["kl"] == 0.0 and a[2]["kl"] > 0.0  # the policy starts as the reference, then moves
+    assert a[0]["kl"] == 0.0 and a[7]["kl"] > 0.0  # the policy starts as the reference, then moves
 
 
 @pytest.mark.slow

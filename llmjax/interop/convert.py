@@ -213,6 +213,11 @@ def to_hf(args: argparse.Namespace) -> int:
     else:
         files += export_tokenizer(tok, hf_dir)
     arch = family_for(cfg.model).architecture
+    if cfg.train.objective == "reward":  # a reward model: the decoder above plus its score head
+        from llmjax.interop.hf_reward import export_reward_model
+
+        files += export_reward_model(workdir, hf_dir, tok)
+        arch = arch.replace("ForCausalLM", "ForSequenceClassification")
     log(f"wrote {arch} (step {loaded.step}, {args.dtype or cfg.model.param_dtype}) to {hf_dir}: config.json, "
         f"{', '.join(files)}")
     return 0

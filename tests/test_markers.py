@@ -10,6 +10,7 @@ which its `pytestmark` gives."""
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def parse(path: Path) -> Module:
                 mod.marks |= _mark_names(node.value)
             elif "launch" in text and any(s in text for s in (".sh", ".sbatch")):
                 for t in targets:
-                    mod.scripts[t] = "local.sh" if "local.sh" in text else text
+                    mod.scripts[t] = "local.sh" if re.search(r"['/]local\.sh'", text) else text
             if _imports_hf(node):  # torch = pytest.importorskip("torch")
                 mod.hf_at_top = True
         elif isinstance(node, (ast.Import, ast.ImportFrom)) and _imports_hf(node):
@@ -85,7 +86,7 @@ def parse(path: Path) -> Module:
 def _is_local_sh(node: ast.AST, mod: Module) -> bool:
     if isinstance(node, ast.Name):
         return mod.scripts.get(node.id) == "local.sh"
-    return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith("local.sh")
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and Path(node.value).name == "local.sh"
 
 
 def _own_needs(fn: ast.FunctionDef, mod: Module) -> set[str]:

@@ -256,12 +256,18 @@ def write_plots(csv_path: str | Path, fit_path: str | Path, out_dir: str | Path)
         fit = json.loads(Path(fit_path).read_text())
     except (OSError, ValueError) as e:
         raise ScalingError(f"--fit {fit_path}: cannot read the fit: {e}") from None
+    if not isinstance(fit, dict):
+        raise ScalingError(f"--fit {fit_path}: expected the JSON object `llmjax fit` writes, got a "
+                           f"{type(fit).__name__}")
     runs = runs_for_plots(csv_path, fit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):
-        paths += fn(plt, runs, fit, out)
-    if any("vs_N" in e for e in (fit.get("hyperparameters") or {}).values()):
-        paths += plot_hparam_laws(plt, fit, out)
+    try:
+        for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):
+            paths += fn(plt, runs, fit, out)
+        if any("vs_N" in e for e in (fit.get("hyperparameters") or {}).values()):
+            paths += plot_hparam_laws(plt, fit, out)
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign JSON object
+        raise ScalingError(f"--fit {fit_path}: not a fit written by `llmjax fit` ({type(e).__name__}: {e})") from None
     return paths

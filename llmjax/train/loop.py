@@ -23,12 +23,13 @@ from llmjax.evals.tasks import load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
-from llmjax.storage import as_path
+from llmjax.storage import as_path, reraise_storage
 from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
 from llmjax.train.checkpoint.init_from import check_base, load_base
 from llmjax.train.checkpoint.manager import Checkpointer
+from llmjax.train.evaluation import check_validation
 from llmjax.train.hooks import Run, close_all, run_loop
 from llmjax.train.lock import WorkdirLock, check_free
 from llmjax.train.lone import LoneTrainer, NonFiniteLoss, log
@@ -141,6 +142,7 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     data = setup.objective.open_data(cfg, setup.model_family, block, jax.process_count(),
                                      tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
+    check_validation(cfg, data)
     if check_only:
         _describe(cfg, setup)
         return check_run(cfg, workdir, setup, data)
@@ -162,8 +164,12 @@ def _start_run(cfg: Config, workdir: Any, setup: Setup, data: RunData, t_start: 
     if primary:
         runlog.attach(workdir)
         tracker = open_wandb(cfg, workdir, extras.hardware)
-        if not has_copy(workdir):
-            save_copy(data.tokenizer, tokenizer_dir(workdir))
+        try:
+            if not has_copy(workdir):
+                save_copy(data.tokenizer, tokenizer_dir(workdir))
+        except OSError as e:  # a full disk before the first step: the path and the free space
+            reraise_storage(e, "copy the tokenizer into", tokenizer_dir(workdir))
+            raise
         run_dir.save_config(cfg, workdir)
     fpt, peak, peak_reliable = _describe(cfg, setup)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary,
@@ -224,13 +230,17 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
                           (fpt, *peak_and_reliable), start if restored else -1)
     run = Run(state, start, cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
     hooks = trainer.hooks(run)
+    failing = False
     try:
         run_loop(run, step_fn, lambda: setup.put_batch(next(iterator)), hooks)
     except NonFiniteLoss as e:
         trainer.say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         run.status = EXIT_FAILED
+    except BaseException:
+        failing = True  # this error is the one reported: closing errors after it go to the run log only
+        raise
     finally:
-        close_all(run, hooks)
+        close_all(run, hooks, failing)
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
     return run.status
 

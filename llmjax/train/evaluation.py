@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 from llmjax.config import Config
-from llmjax.errors import DataError
 from llmjax.data.tokenizers.decode import ModelVocabulary
 from llmjax.data.tokenizers.tokenizer import document_start
+from llmjax.errors import DataError
 from llmjax.models.families import ModelFamily
 from llmjax.train.objectives import RunData
 from llmjax.train.setup import Setup

@@ -86,7 +86,8 @@ def test_a_disk_full_before_the_run_starts(tmpfs, corpus):
                         *tiny_train_overrides(corpus), "train.steps=4"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 3, r.stderr
-    assert f"{tmpfs / 'run'}" in r.stderr and "no space left on the device" in r.stderr and "free of 3.0 MiB" in r.stderr
+    assert f"{tmpfs / 'run'}" in r.stderr and "no space left on the device" in r.stderr, r.stderr
+    assert "free of 3.0 MiB" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("llmjax: error:") == 1, r.stderr
 
 

@@ -254,16 +254,16 @@ def write_plots(csv_path: str | Path, fit_path: str | Path, out_dir: str | Path)
 
     try:
         fit = json.loads(Path(fit_path).read_text())
-    except (OSError, ValueError) as e:
-        raise ScalingError(f"--fit {fit_path}: cannot read the fit: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ScalingError(f"--fit {fit_path}: cannot read the fit: {type(e).__name__}: {e}") from None
     if not isinstance(fit, dict):
         raise ScalingError(f"--fit {fit_path}: expected the JSON object `llmjax fit` writes, got a "
                            f"{type(fit).__name__}")
-    runs = runs_for_plots(csv_path, fit)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     try:
+        runs = runs_for_plots(csv_path, fit)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):
             paths += fn(plt, runs, fit, out)
         if any("vs_N" in e for e in (fit.get("hyperparameters") or {}).values()):

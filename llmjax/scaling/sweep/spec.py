@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,8 @@ def _count_points(spec: dict[str, Any], shapes: list[dict[str, int]], axes: list
     if n > MAX_POINTS:
         raise ScalingError(f"sweep spec {path}: {n:,} points (shapes x budgets x hyperparameter values), more than "
                            f"{MAX_POINTS:,}; split it into smaller sweeps")
+    if n > 1000:  # about a millisecond each: say so rather than print nothing for seconds
+        print(f"sweep spec {path}: validating up to {n:,} points ...", file=sys.stderr, flush=True)
 
 
 def load_sweep(path: str | Path) -> Sweep:

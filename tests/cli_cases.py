@@ -348,9 +348,7 @@ def _scaling_verbs(root: Path) -> list[Case]:
         case(["fit"], USAGE), case(["fit", "--csv", good_csv], USAGE),
     ]
     for name in FITS:
-        if name == "empty_obj.json":  # no fitted law: the IsoFLOP curves alone
-            out.append(case(["plot", "--csv", good_csv, "--fit", f"{root}/fits/{name}", "--out", f"{root}/plot_ok"],
-                            {0, 2}))
+        if name == "empty_obj.json":  # no fitted law: the IsoFLOP curves alone (valid, and ~14 s of plotting)
             continue
         out.append(case(["plot", "--csv", good_csv, "--fit", f"{root}/fits/{name}", "--out", f"{root}/never_plot"],
                         USAGE, f"--fit {root}/fits/{name}"))

@@ -5,7 +5,6 @@ was refused. In-process `llmjax.cli.main` calls (no interpreter start per case).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from cli_cases import cases, inputs

@@ -127,7 +127,8 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     workdir = as_path(workdir)
     run_dir.check_writable(workdir)
     check_resumable(cfg, workdir)
-    check_free(workdir, warn=log)  # another live trainer on this workdir: exit 2 before anything else
+    if primary:  # another live trainer on this workdir: exit 2 before anything else (process 0 holds the lock)
+        check_free(workdir, warn=log)
     tasks = load_tasks(cfg.eval.tasks, cfg.eval.tasks_limit)  # a bad task file: exit 2 before any compile
     hardware = hardware_info(mesh_shape)
 

@@ -11,7 +11,9 @@ Submits launch/slurm_gpu.sbatch, which runs COMMAND (e.g. `llmjax train --workdi
 
 Options:
   --nodes N            nodes [8]
-  --gpus-per-node G    GPUs per node [8]
+  --gpus-per-node G    GPUs per node [8]; 0: a CPU job (no GPUs requested)
+  --tasks-per-node T   a CPU job's processes per node [1] (with GPUs: set by --per-gpu/--per-node)
+  --array SPEC         submit a job array (sbatch --array), e.g. 0-3 for 4 identical workers
   --per-gpu            one process per GPU (default)
   --per-node           one process per node, seeing all its GPUs
   --partition P        Slurm partition
@@ -64,11 +66,15 @@ grace=180
 requeue=1
 job_args=()
 dry_run=0
+tasks_cpu=1
+array=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --nodes) [[ $# -ge 2 ]] || die "--nodes needs a value"; nodes="$2"; shift 2 ;;
     --gpus-per-node) [[ $# -ge 2 ]] || die "--gpus-per-node needs a value"; gpus="$2"; shift 2 ;;
+    --tasks-per-node) [[ $# -ge 2 ]] || die "--tasks-per-node needs a value"; tasks_cpu="$2"; shift 2 ;;
+    --array) [[ $# -ge 2 ]] || die "--array needs a value"; array="$2"; shift 2 ;;
     --per-gpu) mode=per-gpu; shift ;;
     --per-node) mode=per-node; shift ;;
     --partition) [[ $# -ge 2 ]] || die "--partition needs a value"; partition="$2"; shift 2 ;;
@@ -88,10 +94,15 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
-[[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$gpus'"
+[[ "$gpus" =~ ^[0-9]+$ ]] || die "--gpus-per-node must be a whole number, got '$gpus'"
+[[ "$tasks_cpu" =~ ^[1-9][0-9]*$ ]] || die "--tasks-per-node must be a positive integer, got '$tasks_cpu'"
+[[ -z "$array" || "$array" =~ ^[0-9][-0-9,:%]*$ ]] || die "--array must be a Slurm array spec like 0-3, got '$array'"
 [[ "$grace" =~ ^[1-9][0-9]*$ ]] || die "--grace must be a positive number of seconds, got '$grace'"
 
-if [[ "$mode" == per-gpu ]]; then
+if [[ "$gpus" -eq 0 ]]; then
+  tasks="$tasks_cpu"
+  cpus="${cpus:-1}"
+elif [[ "$mode" == per-gpu ]]; then
   tasks="$gpus"
   cpus="${cpus:-8}"
 else
@@ -100,8 +111,13 @@ else
 fi
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, got '$cpus'"
 
-sbatch_args=(--job-name="$job_name" --nodes="$nodes" --gpus-per-node="$gpus" --ntasks-per-node="$tasks"
-  --cpus-per-task="$cpus" --time="$time_limit" --output="$output" --open-mode=append --signal="B:USR1@$grace")
+# --gpus-per-node=0 overrides the script's own #SBATCH --gpus-per-node=8 (a CPU job).
+sbatch_args=(--job-name="$job_name" --nodes="$nodes" --gpus-per-node="$gpus"
+  --ntasks-per-node="$tasks" --cpus-per-task="$cpus" --time="$time_limit" --output="$output"
+  --open-mode=append --signal="B:USR1@$grace")
+if [[ -n "$array" ]]; then
+  sbatch_args+=(--array="$array")
+fi
 if [[ $requeue -eq 1 ]]; then
   sbatch_args+=(--requeue)
 else
@@ -119,7 +135,8 @@ if [[ $dry_run -eq 1 ]]; then
   quoted="$(shquote "${cmd[@]}")"
   printf '%s\n' "$quoted"
   # The srun line the job will run (its first node is only known once the job starts).
-  SLURM_JOB_NUM_NODES="$nodes" SLURM_GPUS_ON_NODE="$gpus" SLURM_CPUS_PER_TASK="$cpus" SLURM_JOB_NODELIST="" \
+  SLURM_JOB_NUM_NODES="$nodes" SLURM_GPUS_ON_NODE="$gpus" SLURM_NTASKS_PER_NODE="$tasks" SLURM_CPUS_PER_TASK="$cpus" \
+    SLURM_JOB_NODELIST="" \
     "$here/slurm_gpu.sbatch" --dry-run "--$mode" "${job_args[@]+"${job_args[@]}"}" -- "$@"
   exit 0
 fi

@@ -34,6 +34,9 @@ Options (defaults in brackets; also from the environment variables named):
   --project PROJECT      GCP project [$TPU_PROJECT, or gcloud's default]
   --type TYPE            accelerator type per slice [$TPU_TYPE, or v5p-8], e.g. v5p-64, v5litepod-16
   --version VERSION      TPU software version [$TPU_VERSION, or v2-alpha-tpuv5]
+  --workers N            N independent slices NAME-w0 ... (queued resources), each running COMMAND on
+                         its own with LLMJAX_WORKER=NAME-wI: the workers of `llmjax sweep submit
+                         --executor tpu` (run implies --detach; up/status/stop/delete act on all)
   --num-slices N         N slices of --type joined over the data-centre network (multi-slice; created
                          as one queued resource with nodes NAME-0 .. NAME-(N-1)) [1]
   --queued               create through a queued resource (waits for capacity; implied by --num-slices > 1)
@@ -80,6 +83,8 @@ die() {
 }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+all_args=("$@")
+workers=0
 name="${TPU_NAME:-llmjax}"
 zone="${TPU_ZONE:-us-east5-a}"
 project="${TPU_PROJECT:-}"
@@ -116,6 +121,7 @@ while [[ $# -gt 0 ]]; do
     --type) need "$1" $#; accel_type="$2"; shift 2 ;;
     --version) need "$1" $#; version="$2"; shift 2 ;;
     --num-slices) need "$1" $#; num_slices="$2"; shift 2 ;;
+    --workers) need "$1" $#; workers="$2"; shift 2 ;;
     --queued) queued=1; shift ;;
     --spot) spot=1; shift ;;
     --create-arg) need "$1" $#; create_args+=("$2"); shift 2 ;;
@@ -168,6 +174,36 @@ for e in "${job_envs[@]+"${job_envs[@]}"}"; do
 done
 if [[ $num_slices -gt 1 ]]; then
   queued=1  # multi-slice needs a queued resource
+fi
+[[ "$workers" =~ ^[0-9]+$ ]] || die "--workers must be a whole number, got '$workers'"
+if [[ $workers -gt 0 ]]; then
+  # One queued-resource slice per worker: this script once per slice (in parallel unless --dry-run).
+  [[ $num_slices -eq 1 ]] || die "--workers and --num-slices do not mix (each worker is one slice)"
+  rest=()
+  skip=0
+  for a in "${all_args[@]}"; do
+    if [[ $skip -eq 1 ]]; then skip=0; continue; fi
+    case "$a" in --workers | --name) skip=1; continue ;; esac
+    rest+=("$a")
+  done
+  pids=()
+  for ((i = 0; i < workers; i++)); do
+    one=("$0" --name "$name-w$i" --queued)
+    if [[ "$action" == run ]]; then
+      one+=(--detach --env "LLMJAX_WORKER=$name-w$i")
+    fi
+    if [[ $dry_run -eq 1 ]]; then
+      "${one[@]}" "${rest[@]}"
+    else
+      "${one[@]}" "${rest[@]}" &
+      pids+=($!)
+    fi
+  done
+  status=0
+  for pid in "${pids[@]+"${pids[@]}"}"; do
+    wait "$pid" || status=$?
+  done
+  exit "$status"
 fi
 
 common=(--zone="$zone")

@@ -51,6 +51,7 @@ from llmjax.evals import harness_cli
 from llmjax.infer import infer_cli
 from llmjax.interop import convert_cli
 from llmjax.planner import compile_cli as planner_cli
+from llmjax.post.rl import reward_cli
 from llmjax.scaling import scaling_cli
 from llmjax.storage import free_space, storage_problem
 
@@ -220,6 +221,7 @@ VERBS: tuple[Verb, ...] = (
     Verb(harness_cli.HARNESS_VERBS, harness_cli.add_arguments, _detached(harness_cli.run)),
     Verb(scaling_cli.SCALING_VERBS, scaling_cli.add_arguments, lambda args, beam_args: scaling_cli.run(args)),
     Verb(convert_cli.CONVERT_VERBS, convert_cli.add_arguments, _detached(_convert)),
+    Verb(reward_cli.REWARD_VERBS, reward_cli.add_arguments, _detached(reward_cli.run)),
     Verb(data_cli.DATA_VERBS, data_cli.add_arguments, data_cli.run),
     Verb(planner_cli.PLANNER_VERBS, planner_cli.add_arguments, _compile),
 )

@@ -71,3 +71,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("hf") or item.get_closest_marker("multiprocess"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm cluster for the session (launch/slurm_local.sh up, down at the end): the environment
+    its clients need ({"SLURM_CONF": ...}). Skips where it cannot start (not root, Debian's Slurm not installed,
+    daemons that do not come up)."""
+    import shutil
+    import subprocess
+
+    script = ROOT / "launch" / "slurm_local.sh"
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm cluster needs root (slurmd runs the jobs)")
+    if shutil.which("slurmctld", path=os.environ.get("PATH", "") + ":/usr/sbin") is None:
+        pytest.skip("Slurm is not installed (apt-get install slurm-wlm)")
+    state = tmp_path_factory.mktemp("slurm")
+    r = subprocess.run([str(script), "up", str(state)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        subprocess.run([str(script), "down", str(state)], capture_output=True, timeout=60)
+        pytest.skip(f"the local Slurm cluster did not start: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    env = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines()
+               if line.startswith("export "))
+    yield env
+    subprocess.run([str(script), "down", str(state)], capture_output=True, timeout=60)

@@ -28,6 +28,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "router": (),  # the MoE router's output (one score per expert)
     "expert": ("expert",),  # MoE expert dimension
     "lora_rank": (),  # the rank dimension of LoRA adapters (`llmjax.post.lora`)
+    "score": (),  # the output of a scalar head (a reward model's, `llmjax.post.rl`)
     # activations
     "act_batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis splits the batch
     "act_length": (),

@@ -1,4 +1,5 @@
-"""Post-training config sections: `lora.*` (parameter-efficient fine-tuning) and `dpo.*` (preference tuning).
+"""Post-training config sections: `lora.*` (parameter-efficient fine-tuning), `dpo.*` (preference tuning) and
+`reward.*` (reward models).
 
 `train.objective` picks what a run optimises (next-token pre-training, supervised fine-tuning
 on chat data, direct preference optimisation); `train.init_from` starts it from another run's
@@ -41,3 +42,36 @@ class DPOConfig:
     beta: float = option(0.1, "inverse temperature of the implicit reward beta log(pi / pi_ref)", gt=0)
     loss: Literal["sigmoid", "ipo"] = option("sigmoid", "sigmoid: DPO's -log sigmoid(beta margin); ipo: "
                                                         "(margin - 1 / (2 beta))^2 (Azar et al. 2023)")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """A reward model (`train.objective=reward`): a scalar head on the decoder's last hidden state, trained with the
+    Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) on the DPO pair JSONL (`llmjax.post.rl.reward`)."""
+
+    margin: float = option(0.0, "Bradley-Terry margin m: the loss asks r_chosen - r_rejected to exceed it", ge=0)
+
+
+@dataclasses.dataclass
+class RLConfig:
+    """Policy optimisation with rollouts (`train.objective=grpo`, `llmjax.post.rl.grpo`): each step samples
+    `train.batch_size` responses (`samples_per_prompt` per prompt) with the on-device decoder, scores them and
+    takes one clipped-surrogate step."""
+
+    prompts: str | None = option(None, 'JSON-lines prompt set: records with a "prompt" string or "messages", plus '
+                                       "any fields the reward function reads")
+    samples_per_prompt: int = option(4, "responses sampled per prompt (the GRPO group size; >= 2)", ge=1)
+    max_new_tokens: int = option(32, "longest response sampled", ge=1)
+    temperature: float = option(1.0, "sampling temperature of the rollouts", gt=0)
+    top_p: float = option(1.0, "nucleus sampling of the rollouts (1: off)", gt=0, le=1)
+    stop_ids: list[int] = option(factory=list, doc="token ids that end a response besides the tokenizer's "
+                                                   "end-of-turn ids")
+    reward_fn: str | None = option(None, "module:function called as fn(prompt, response, record) -> float "
+                                         "(e.g. llmjax.post.rl.rewards:exact_answer)")
+    reward_model: str | None = option(None, "a reward-model workdir (train.objective=reward) that scores the "
+                                            "responses")
+    kl_coef: float = option(0.04, "weight of the k3 KL to the reference (the starting model) in the loss", ge=0)
+    clip_eps: float = option(0.2, "PPO clipping of the probability ratio: [1 - eps, 1 + eps]", gt=0, lt=1)
+    normalise: Literal["token", "sequence"] = option(
+        "token", "token: the loss is the mean over every response token of the batch (no length bias); sequence: "
+                 "the mean of each response's mean (the original GRPO)")

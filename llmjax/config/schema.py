@@ -14,8 +14,9 @@ import dataclasses
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmjax.config.curation import CurateConfig
 from llmjax.config.fields import INT32_MAX, option, section
-from llmjax.config.post_training import DPOConfig, LoraConfig
+from llmjax.config.post_training import DPOConfig, LoraConfig, RewardConfig, RLConfig
 from llmjax.config.rope_scaling import RopeScalingConfig
 from llmjax.errors import ConfigError  # noqa: F401 - re-exported (`llmjax.config.schema.ConfigError`)
 
@@ -275,9 +276,11 @@ class TrainConfig:
                                 "follows train.steps; 0: run to train.steps", ge=0)
     profile_steps: list[int] = option(factory=list, doc="[start, stop): a jax.profiler trace of steps start .. "
                                       "stop-1 in WORKDIR/profile; []: off")
-    objective: Literal["lm", "sft", "dpo"] = option(
+    objective: Literal["lm", "sft", "dpo", "reward", "grpo"] = option(
         "lm", "lm: the family's pre-training objective on text; sft: chat/prompt-completion JSONL through the "
-        "chat template, loss on assistant tokens; dpo: preference pairs (dpo.*)")
+        "chat template, loss on assistant tokens; dpo: preference pairs (dpo.*); reward: a reward model on "
+        "preference pairs (reward.*); grpo: policy optimisation with sampled rollouts and group-normalised "
+        "advantages (rl.*)")
     init_from: str | None = option(None, "start from the newest checkpoint's parameters of this workdir (a run or "
                                          "`convert from-hf`); with lora.rank > 0 it is the frozen base")
 
@@ -363,6 +366,9 @@ class Config:
     distributed: DistributedConfig = section(DistributedConfig, "multi-process runtime")
     lora: LoraConfig = section(LoraConfig, "low-rank adapters (lora.rank > 0)")
     dpo: DPOConfig = section(DPOConfig, "direct preference optimisation (train.objective=dpo)")
+    curate: CurateConfig = section(CurateConfig, "corpus curation in `llmjax data prepare` (dedup, quality, PII)")
+    reward: RewardConfig = section(RewardConfig, "reward models (train.objective=reward)")
+    rl: RLConfig = section(RLConfig, "rollouts, rewards and the policy loss (train.objective=grpo)")
 
 
 def choices(cls: type, name: str) -> tuple[Any, ...]:

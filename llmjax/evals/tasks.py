@@ -77,6 +77,8 @@ def load_task(path: str | Path, limit: int = 0) -> ChoiceTask:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deeply to read as JSON") from None
         examples.append(_example(record, where))
         if limit and len(examples) == limit:
             break

@@ -76,6 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids, stops = [bos_prefix(loaded.cfg, tokenizer) + p for p in tok.encode(prompts)], tok.eos_id
     engine = loaded.engine(args.int8)
     engine.check_prompts(ids)
+    engine.check_generation(ids, sp)  # the KV-cache memory they imply, before the notes and the allocation
     if any(len(p) + sp.max_new_tokens > loaded.cfg.model.max_seq_len for p in ids):
         print(f"llmjax: note: generation stops when the context of {loaded.cfg.model.max_seq_len} tokens is full",
               file=sys.stderr)
@@ -185,6 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = [list(rng.integers(4, m.vocab_size, args.prompt_len)) for _ in range(args.batch)]
     sp = SamplingParams(max_new_tokens=args.new_tokens)
     slots = engine.cache_slots(args.prompt_len, args.new_tokens)
+    engine.check_memory(args.batch, args.prompt_len, slots, f"--batch {args.batch}")
 
     def prefill() -> Any:
         logits, cache, _ = engine.prefill(prompts, slots)

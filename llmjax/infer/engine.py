@@ -17,6 +17,7 @@ axes, kv heads over `tensor`) and donated to each step.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -117,6 +118,48 @@ class Engine:
         if name not in self._jits:
             self._jits[name] = jax.jit(self._ctx(fn), **kw)
         return self._jits[name]
+
+    def memory_needed(self, rows: int, prompt_len: int, slots: int) -> tuple[int, int]:
+        """(KV-cache bytes, a lower bound on all the bytes generating needs) for `rows` rows (prompts or beams,
+        padded to the batch multiple), prompts of `prompt_len` tokens and `slots` cache slots: the cache (twice:
+        it is donated to each step but beam search reorders a copy) plus the prefill's float32 activations and
+        logits [rows, P, V] and the decode logits [rows, V]. From shapes alone (`jax.eval_shape`): nothing is
+        allocated."""
+        rows += -rows % self.batch_multiple
+        P = self.padded_prompt_len(prompt_len)
+        shapes = jax.eval_shape(partial(self.family.new_cache, rows, slots, P))
+        cache = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+        m = self.cfg
+        prefill = rows * P * (m.vocab_size + 4 * m.d_model + m.d_ff) * 4
+        return cache, 2 * cache + prefill + 3 * rows * m.vocab_size * 4
+
+    def check_memory(self, rows: int, prompt_len: int, slots: int, what: str) -> None:
+        """ConfigError naming `what` (the flags that set `rows`) when `memory_needed` exceeds the memory bound:
+        $LLMJAX_MEMORY_LIMIT if set, else the memory of the engine's devices (the host's RAM for CPU devices)."""
+        import os
+
+        from llmjax.guards import MEMORY_ENV, gib, memory_bound
+        from llmjax.train.preflight import devices_memory
+
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else jax.devices()[:1]
+        bound = memory_bound() if os.environ.get(MEMORY_ENV) else devices_memory(devices) or memory_bound()
+        if bound is None:
+            return
+        cache, need = self.memory_needed(rows, prompt_len, slots)
+        if need > bound[0]:
+            raise ConfigError(f"{what}: generating needs about {gib(need)} (a KV cache of {gib(cache)} for {rows:,} "
+                              f"row(s) of {slots:,} slots, plus activations and logits), more than {bound[1]} "
+                              f"({gib(bound[0])}; {MEMORY_ENV} sets another bound)")
+
+    def check_generation(self, prompts: Sequence[Sequence[int]], sp: SamplingParams) -> None:
+        """`check_memory` for generating from `prompts` (all at once; with beam search `sp.beams` rows of one)."""
+        P = max(len(p) for p in prompts)
+        slots = self.cache_slots(P, min(sp.max_new_tokens, self.family.decode_budget(P)))
+        if sp.beams > 1:
+            self.check_memory(sp.beams, P, slots, f"--beams {sp.beams} (--max-new-tokens {sp.max_new_tokens})")
+        else:
+            self.check_memory(len(prompts), P, slots,
+                              f"{len(prompts):,} prompt(s) with --max-new-tokens {sp.max_new_tokens}")
 
     def new_cache(self, batch: int, length: int, prompt_len: int = 0) -> dict[str, Any]:
         make = partial(self.family.new_cache, batch, length, prompt_len)
@@ -224,7 +267,7 @@ class Engine:
             if len(stops) > 1:
                 raise ConfigError(f"beam search stops at one EOS id, not at each of {list(stops)} (use --beams 1)")
             eos_id = stops[0] if stops else None
-
+            self.check_generation(prompts, sp)
             return [beam_search(self, list(p), sp, eos_id, tokenizer, on_text, row=i)
                     for i, p in enumerate(prompts)]
         if device_loop is None:
@@ -232,6 +275,7 @@ class Engine:
         n = len(prompts)
         P = max(len(p) for p in prompts)
         T = min(sp.max_new_tokens, self.family.decode_budget(P))
+        self.check_generation(prompts, sp)
         logits, cache, _ = self.prefill(prompts, self.cache_slots(P, T))
         if device_loop:
             tokens = self._decode_on_device(logits, cache, T, sp, stops)

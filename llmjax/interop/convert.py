@@ -34,6 +34,7 @@ from pathlib import Path
 from llmjax.config import Config, ConfigError, load_config, parse_override, save_config
 from llmjax.data.tokenizers.run_tokenizer import run_tokenizer, save_copy, tokenizer_dir
 from llmjax.data.tokenizers.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from llmjax.guards import inside
 from llmjax.interop.hf_config import (
     ARCH_FIELDS,
     MOE_ARCH_FIELDS,
@@ -72,6 +73,7 @@ def import_config(hf_dir: Path, config: str | None, overrides: list[str], workdi
     if cfg.data.tokenizer is None:
         found = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
         if found:
+            inside(hf_dir, found[0], "HF_DIR")  # not a link to a file elsewhere
             cfg.data.tokenizer = str(tokenizer_dir(workdir).absolute())
             notes.append(f"stored the model's tokenizer ({hf_dir / found[0]}) in {cfg.data.tokenizer} "
                          "(data.tokenizer)")
@@ -101,6 +103,9 @@ def from_hf(args: argparse.Namespace) -> int:
     if ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir()):
         raise ConfigError(f"WORKDIR: {ckpts} already holds checkpoints; import into a new directory")
     cfg, notes = import_config(hf_dir, args.config, list(args.overrides), workdir)
+    from llmjax.interop.hf_weights import SafetensorsReader
+
+    reader = SafetensorsReader(hf_dir)  # its shard names checked (inside HF_DIR, present) before anything is built
 
     import jax
 
@@ -108,6 +113,12 @@ def from_hf(args: argparse.Namespace) -> int:
     from llmjax.runtime import setup_jax
 
     setup_jax(cfg)
+    from llmjax.train.preflight import check_fits
+
+    try:  # before anything is built from the sizes (a name table of 10,000,000 layers would never end)
+        check_fits(cfg, jax.devices())
+    except ConfigError as e:
+        raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
     validate(cfg, jax.device_count())
     tokenizer = import_tokenizer(hf_dir, cfg, workdir)
 
@@ -117,7 +128,7 @@ def from_hf(args: argparse.Namespace) -> int:
     from llmjax.train.step import TrainState
 
     setup = build_setup(cfg)
-    params = load_params(hf_dir, cfg.model, setup.state_shardings.params)
+    params = load_params(hf_dir, cfg.model, setup.state_shardings.params, reader)
 
     def initial_state(p):
         # The same rng split as a fresh run (`train.setup._fresh_state`): the second key drives training.
@@ -202,6 +213,11 @@ def to_hf(args: argparse.Namespace) -> int:
     else:
         files += export_tokenizer(tok, hf_dir)
     arch = family_for(cfg.model).architecture
+    if cfg.train.objective == "reward":  # a reward model: the decoder above plus its score head
+        from llmjax.interop.hf_reward import export_reward_model
+
+        files += export_reward_model(workdir, hf_dir, tok)
+        arch = arch.replace("ForCausalLM", "ForSequenceClassification")
     log(f"wrote {arch} (step {loaded.step}, {args.dtype or cfg.model.param_dtype}) to {hf_dir}: config.json, "
         f"{', '.join(files)}")
     return 0

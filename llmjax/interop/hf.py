@@ -46,6 +46,23 @@ def load_model_config(hf_dir: str | Path, base: ModelConfig | None = None) -> tu
     return model_config_from_hf(read_hf_config(hf_dir), str(hf_dir / "config.json"), base)
 
 
+def check_model_memory(cfg: ModelConfig, where: str, devices: Any = None) -> None:
+    """ConfigError naming `where` (config.json) when the parameters its sizes imply cannot fit in the memory of
+    `devices` (default: all), by the trainer's estimate (`llmjax.train.preflight`): checked before any name table
+    or array is built, so `num_hidden_layers: 10000000` is refused in milliseconds."""
+    from llmjax.train.preflight import DTYPE_BYTES, GIB, _largest_part, devices_memory
+    from llmjax.train.telemetry.flops import estimate_params
+
+    memory = devices_memory(jax.devices() if devices is None else devices)
+    if memory is None:
+        return
+    n = sum(estimate_params(cfg).values())
+    need = n * DTYPE_BYTES[cfg.param_dtype]
+    if need > memory[0]:
+        raise ConfigError(f"{where}: about {n:.3g} parameters (most from {_largest_part(cfg)}) need "
+                          f"{need / GIB:,.1f} GiB in {cfg.param_dtype}, more than the memory of {memory[1]}")
+
+
 def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
     """(ShapeDtypeStructs of the model's parameters, their logical PartitionSpecs)."""
     params = model_abstract_params(cfg)
@@ -58,12 +75,14 @@ def _uses_fused_experts(reader: SafetensorsReader, cfg: ModelConfig) -> bool:
             and "model.layers.0.mlp.experts.gate_up_proj" in names)
 
 
-def load_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Any) -> Any:
+def load_params(hf_dir: str | Path, cfg: ModelConfig, shardings: Any, reader: SafetensorsReader | None = None) -> Any:
     """The safetensors weights of `hf_dir` as `Transformer(cfg)` parameters, each placed with the
     matching leaf of `shardings` (a tree of `jax.sharding.Sharding`) as it is read.
 
-    Shapes and dtypes of every tensor are checked before anything is read (ConfigError)."""
-    reader = SafetensorsReader(hf_dir)
+    Sizes (`check_model_memory`), shapes and dtypes of every tensor are checked before anything is read
+    (ConfigError). `reader`: the directory's `SafetensorsReader`, when the caller made it already."""
+    check_model_memory(cfg, str(Path(hf_dir) / "config.json"))
+    reader = reader or SafetensorsReader(hf_dir)
     table = sources(cfg, _uses_fused_experts(reader, cfg))
     check_tensors(reader, table)
     abstract, _ = abstract_params(cfg)
@@ -85,6 +104,7 @@ def load(hf_dir: str | Path, mesh: Mesh | None = None, rules: Rules | None = Non
     base = dataclasses.replace(ModelConfig(), compute_dtype=cast(Dtype, compute_dtype),  # checked just above
                                param_dtype=cast(Dtype, param_dtype))
     cfg, _ = load_model_config(hf_dir, base)
+    check_model_memory(cfg, str(Path(hf_dir) / "config.json"))
     abstract, logical = abstract_params(cfg)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])

@@ -20,6 +20,7 @@ from typing import Any
 
 from llmjax.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
 from llmjax.config.family_spec import family_spec
+from llmjax.guards import inside
 from llmjax.interop.hf_families import FAMILIES, SUPPORTED_MODEL_TYPES, Family, family_for, window_fields
 from llmjax.models import mup
 
@@ -42,9 +43,10 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"HF_DIR: {path} not found (a Hugging Face model directory has a config.json)")
+    inside(hf_dir, "config.json", "HF_DIR")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: cannot read it as JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")

@@ -21,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from llmjax.config import ConfigError
+from llmjax.guards import inside
 from llmjax.interop.hf_names import Path_, Source
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,7 +35,10 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 class SafetensorsReader:
     """The tensors of a Hugging Face directory: one `model.safetensors`, several `*.safetensors`,
-    or the shards listed by `model.safetensors.index.json`. Reads slices without loading files."""
+    or the shards listed by `model.safetensors.index.json`. Reads slices without loading files.
+
+    Every file must be inside the directory (`llmjax.guards.inside`: no absolute or `..` shard names, no
+    links out of it; a hub cache snapshot's links into its blobs are fine), checked before any is opened."""
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
@@ -42,14 +46,19 @@ class SafetensorsReader:
         index = self.dir / INDEX_FILE
         files: dict[str, Path] = {}
         if index.is_file():
+            inside(self.dir, INDEX_FILE, "HF_DIR")
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError("weight_map is not an object")
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 raise ConfigError(f"{index}: not a safetensors index ({e})") from None
+            checked: dict[Any, Path] = {}
             for name, file in weight_map.items():
-                files[name] = self.dir / file
+                key = file if isinstance(file, str) else repr(file)
+                if key not in checked:
+                    checked[key] = inside(self.dir, file, f"{index}: weight_map[{name!r}]")
+                files[name] = checked[key]
             missing = sorted({str(p) for p in files.values() if not p.is_file()})
             if missing:
                 raise ConfigError(f"{index}: weight_map names missing file(s): {', '.join(missing)}")
@@ -59,6 +68,8 @@ class SafetensorsReader:
                 pickled = " (PyTorch *.bin weights are not read: save them as safetensors)" \
                     if any(self.dir.glob("*.bin")) else ""
                 raise ConfigError(f"HF_DIR: no *.safetensors file (nor {INDEX_FILE}) in {self.dir}{pickled}")
+            for path in paths:
+                inside(self.dir, path.name, "HF_DIR")
             for path in paths:
                 for name in self._open(path).keys():
                     files[name] = path

@@ -29,6 +29,7 @@ from llmjax.config import Config, ConfigError
 from llmjax.config.post_training import DPOConfig
 from llmjax.models.families.base import LMBatch, ModelFamily, Sums
 from llmjax.models.feedforward import aux_loss_terms, aux_metrics
+from llmjax.train.objectives import host_batches
 
 if TYPE_CHECKING:
     from llmjax.data.tokenizers.tokenizer import Tokenizer
@@ -178,3 +179,5 @@ class DirectPreference:
                 log: Callable[[str], None]) -> None:
         """Load or compute the reference log-probabilities (`PreferenceData.prepare`)."""
         data.prepare(workdir, reference() if reference is not None else None, log)  # type: ignore[attr-defined]  # PreferenceData's
+
+    batches = staticmethod(host_batches)

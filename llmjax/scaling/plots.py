@@ -13,6 +13,8 @@ figures show the runs that were fitted, in the fit's units (loss in nats/token o
              bootstrap; 1 and 2: the exponent's interval); a reference line at
              `TOKENS_PER_PARAM` tokens per parameter (Hoffmann et al.'s compute-optimal ratio).
 - residuals: approach 3's relative error (predicted / observed - 1) against C and N.
+- replicates: with several seeds per point, each point is their mean loss and carries an error bar
+             from its lowest to its highest seed (isoflop, frontier).
 - hparams:   (fits with hyperparameter axes) the optimal learning rate / batch size per
              configuration against N and C with the fitted power laws (`scaling/plots_hparams.py`).
 """
@@ -90,6 +92,19 @@ def _law_line(ax: Any, law: dict[str, Any], C: np.ndarray, label: str, style: st
                         label=f"{label}: 95% interval of the exponent [{iv[0]:.3f}, {iv[1]:.3f}]")
 
 
+def _spread_bars(ax: Any, runs: Runs, sel: np.ndarray, color: Any, x: np.ndarray | None = None,
+                 label: str | None = None) -> None:
+    """Error bars from each selected point's lowest to its highest replicate loss (runs with several
+    seeds per point; nothing otherwise). x: N unless given."""
+    if runs.replicate_losses is None:
+        return
+    idx = np.flatnonzero(sel)
+    low = [runs.L[i] - runs.replicate_losses[i].min() for i in idx]
+    high = [runs.replicate_losses[i].max() - runs.L[i] for i in idx]
+    ax.errorbar((runs.N if x is None else x)[idx], runs.L[idx], yerr=[low, high], fmt="none", ecolor=color,
+                elinewidth=1, capsize=2, zorder=2, label=label)
+
+
 def plot_isoflop(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
     cmap = plt.get_cmap("viridis")
@@ -99,6 +114,7 @@ def plot_isoflop(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[P
         color = cmap(g / max(len(runs.budgets) - 1, 1))
         sel = runs.budget == g
         ax.scatter(runs.N[sel], runs.L[sel], color=color, s=25, zorder=3, label=f"C = {c:.2g} FLOPs")
+        _spread_bars(ax, runs, sel, color)
         n_grid = np.geomspace(runs.N[sel].min() / 1.3, runs.N[sel].max() * 1.3, 100)
         m = minima.get(round(np.log10(c), 3))
         if m:
@@ -108,6 +124,9 @@ def plot_isoflop(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[P
             ax.scatter([m["N_opt"]], [m["loss"]], marker="*", s=160, color=color, edgecolor="black", zorder=4)
         if p3:
             ax.plot(n_grid, chinchilla_loss(p3, n_grid, c / (k * n_grid)), "--", color=color, lw=0.8, alpha=0.7)
+    if runs.replicate_losses is not None:
+        ax.errorbar([], [], yerr=[[0], [0]], fmt="none", ecolor="gray", capsize=2,
+                    label="lowest to highest seed (the point is their mean)")
     ax.plot([], [], "k-", label="approach 2: parabola in log N")
     ax.scatter([], [], marker="*", s=100, color="white", edgecolor="black", label="approach 2: minimum")
     if p3:
@@ -126,6 +145,7 @@ def plot_isoflop(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[P
 def plot_frontier(plt: Any, runs: Runs, fit: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
     sc = ax.scatter(runs.C, runs.L, c=np.log10(runs.N), cmap="viridis", s=25, label="runs")
+    _spread_bars(ax, runs, np.ones(len(runs.L), bool), "gray", x=runs.C, label="lowest to highest seed")
     fig.colorbar(sc, ax=ax, label="log10 parameters N")
     C, L = frontier(runs)
     ax.plot(C, L, "o-", color="black", mfc="none", label="frontier: best loss per budget")
@@ -262,6 +282,10 @@ def write_plots(csv_path: str | Path, fit_path: str | Path, out_dir: str | Path)
     paths: list[Path] = []
     try:
         runs = runs_for_plots(csv_path, fit)
+        if runs.progress:
+            from llmjax.scaling.sweep.collect import partial_line
+
+            print(partial_line(runs.progress))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):

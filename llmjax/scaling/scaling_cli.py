@@ -1,4 +1,4 @@
-"""`llmjax sweep run|collect`, `llmjax fit`, `llmjax plot`: arguments and dispatch.
+"""`llmjax sweep run|collect|submit|work|status`, `llmjax fit`, `llmjax plot`: arguments and dispatch.
 
 Importing this module imports neither jax, numpy, scipy nor matplotlib (`llmjax --help` stays fast).
 """
@@ -31,6 +31,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--pack-mode", default="auto", choices=("auto", "vmap", "map"),
                    help="how a pack maps its points: vmap (batched into every op: accelerators), map (lax.map: the "
                         "lone step K times in one program: CPU); auto (default): map on CPU, else vmap")
+    _add_cluster_verbs(ssub)
     c = ssub.add_parser("collect", help="write DIR/runs.csv from the run directories under DIR")
     c.add_argument("dir", help="sweep directory")
     c.add_argument("--out", help="CSV path (default: DIR/runs.csv)")
@@ -39,17 +40,20 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
     f = sub.add_parser("fit", help="fit scaling laws (Hoffmann approaches 1-3, Kaplan) to a runs.csv")
     f.add_argument("--csv", required=True, help="runs CSV: params, tokens, loss (or final_loss)[, flops, budget, "
-                                                 "workdir, ...] (see llmjax/scaling/laws/runs.py)")
+                                                 "point, workdir, ...] (see llmjax/scaling/laws/runs.py), or a sweep "
+                                                 "directory (its runs.csv)")
     f.add_argument("--out", required=True, help="output directory for fit.json")
     f.add_argument("--budgets", help="comma-separated FLOPs budgets for compute-optimal N, D (e.g. 1e18,1e19)")
     f.add_argument("--holdout", help="'largest' (the largest IsoFLOP budget) or a FLOPs value: refit without "
                                      "those runs and predict their losses")
-    f.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for approach 3's intervals")
+    f.add_argument("--bootstrap", type=int, default=100,
+                   help="bootstrap refits for approach 3's intervals, and for the intervals from the replicate spread "
+                        "(several seeds per point)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     _add_run_options(f)
 
     p = sub.add_parser("plot", help="plot IsoFLOP curves, the frontier, N_opt(C), D_opt(C) and residuals")
-    p.add_argument("--csv", required=True, help="runs CSV")
+    p.add_argument("--csv", required=True, help="runs CSV, or a sweep directory (its runs.csv)")
     p.add_argument("--fit", help="fit.json from `llmjax fit` (its options choose N, L and C); needed by the "
                                  "scaling plots")
     p.add_argument("--out", required=True, help="output directory (PNG and SVG)")
@@ -57,6 +61,51 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
                    help="scaling: IsoFLOP curves, frontier, N_opt/D_opt, residuals (default); lr-transfer: loss "
                         "against learning rate per width, one panel per parametrization")
     p.add_argument("--loss", help="lr-transfer: the loss column (default final_loss)")
+
+
+def _add_cluster_verbs(ssub: argparse._SubParsersAction) -> None:
+    """`sweep submit`, `sweep work`, `sweep status` (llmjax/scaling/cluster/)."""
+    s = ssub.add_parser("submit", help="start N identical workers on a cluster that claim the sweep's points "
+                                       "(see llmjax/scaling/cluster/submit.py)")
+    s.add_argument("spec", help="sweep spec YAML")
+    s.add_argument("--executor", required=True, choices=("slurm", "tpu"),
+                   help="slurm: a job array through launch/slurm_submit.sh; tpu: slices through launch/tpu_pod.sh")
+    s.add_argument("--workers", type=int, required=True, metavar="N", help="identical workers (per resource shape)")
+    s.add_argument("--workdir", help="sweep directory on a file system every worker sees "
+                                     "(default: runs/sweeps/<name>)")
+    s.add_argument("--gpus-per-worker", type=int, default=8, metavar="G", help="GPUs per node of a worker "
+                                                                                "(0: CPU workers) [8]")
+    s.add_argument("--nodes-per-worker", type=int, default=1, metavar="N", help="nodes per worker [1]")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs per worker process (slurm_submit.sh's default: 8 per GPU, "
+                                                     "1 for a CPU worker)")
+    s.add_argument("--partition", help="Slurm partition")
+    s.add_argument("--account", help="Slurm account")
+    s.add_argument("--time", default="24:00:00", help="Slurm time limit per worker (requeued after it) [24:00:00]")
+    s.add_argument("--venv", help="virtual environment activated in every worker")
+    s.add_argument("--env-setup", help="shell command run in every worker first (module load, conda activate...)")
+    s.add_argument("--container", help="container image of the workers (pyxis)")
+    s.add_argument("--container-mounts", help="container mounts, e.g. /shared:/shared")
+    s.add_argument("--lease-seconds", type=float, default=600.0,
+                   help="a point whose worker has not renewed its lease for this long is taken over [600]")
+    s.add_argument("--retries", type=int, default=2, help="retries of a failing point before it is FAILED [2]")
+    s.add_argument("--pack", type=int, default=1, metavar="K", help="each worker trains up to K points of one "
+                                                                    "shape together (as sweep run --pack) [1]")
+    s.add_argument("--tpu-type", default="v5p-8", help="tpu: accelerator type of each worker's slice [v5p-8]")
+    s.add_argument("--tpu-name", help="tpu: name prefix of the slices [sweep-<name>]")
+    s.add_argument("--zone", help="tpu: zone")
+    s.add_argument("--project", help="tpu: GCP project")
+    s.add_argument("--dry-run", action="store_true", help="print the submission command(s); submit nothing")
+    w = ssub.add_parser("work", help="claim and train a submitted sweep's points until none is left (what each "
+                                     "worker of `sweep submit` runs)")
+    w.add_argument("dir", help="sweep directory (with queue.json)")
+    w.add_argument("--resources", help="only the points of this resource shape (NODESxGPUS, set by sweep submit)")
+    w.add_argument("--worker", help="this worker's name (default: the Slurm array task, else host-pid)")
+    st = ssub.add_parser("status", help="the points of a submitted sweep: pending, running, stale, done, failed")
+    st.add_argument("dir", help="sweep directory (with queue.json)")
+    st.add_argument("--wait", action="store_true", help="wait until every point is done or failed; exit status 0 "
+                                                        "only when all are done")
+    st.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    st.add_argument("--every", type=float, default=5.0, help="--wait: seconds between looks [5]")
 
 
 def _add_run_options(f: argparse.ArgumentParser) -> None:
@@ -87,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / sweep.name
         return run_sweep(sweep, workdir, dry_run=args.dry_run, prefix=args.launcher, keep_going=args.keep_going,
                          pack=args.pack, pack_mode=args.pack_mode)
+    if args.verb == "sweep" and args.sweep_verb in ("submit", "work", "status"):
+        return _cluster(args)
     if args.verb == "sweep":
         from llmjax.scaling.sweep.runner import collect
 
@@ -120,3 +171,21 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    if args.sweep_verb == "submit":
+        import sys
+
+        from llmjax.scaling.cluster.submit import submit
+        from llmjax.scaling.sweep.spec import load_sweep
+
+        args.python = ["python3"] if (args.venv or args.env_setup or args.container) else [sys.executable]
+        return submit(args, load_sweep(args.spec))
+    if args.sweep_verb == "work":
+        from llmjax.scaling.cluster.worker import work
+
+        return work(args.dir, args.worker, args.resources)
+    from llmjax.scaling.cluster.status import status_main
+
+    return status_main(args.dir, wait=args.wait, as_json=args.json, every=args.every)

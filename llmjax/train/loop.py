@@ -233,7 +233,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
     hooks = trainer.hooks(run)
     failing = False
     try:
-        run_loop(run, step_fn, lambda: setup.put_batch(next(iterator)), hooks)
+        run_loop(run, step_fn, setup.objective.batches(setup, data, iterator, run, log), hooks)
     except NonFiniteLoss as e:
         trainer.say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         run.status = EXIT_FAILED

@@ -25,6 +25,8 @@ OBJECTIVES: dict[str, str] = {
     "lm": "llmjax.train.objectives:LanguageModelling",
     "sft": "llmjax.post.sft:SupervisedFineTuning",
     "dpo": "llmjax.post.dpo:DirectPreference",
+    "reward": "llmjax.post.rl.reward:RewardModelling",
+    "grpo": "llmjax.post.rl.grpo:GroupRelative",
 }
 
 
@@ -79,6 +81,19 @@ class TrainingObjective(Protocol):
         starting model's log-probability function; None on a resume)."""
         ...
 
+    def batches(self, setup: Any, data: RunData, iterator: Any, run: Any, log: Callable[[str], None]
+                ) -> Callable[[], Any]:
+        """The step loop's batch source: () -> the next global batch on the devices. `host_batches` (the data's
+        rows, put on the mesh) for every objective but those that sample their batches from the current policy
+        `run.state` (grpo's rollouts)."""
+        ...
+
+
+def host_batches(setup: Any, data: RunData, iterator: Any, run: Any, log: Callable[[str], None]
+                 ) -> Callable[[], Any]:
+    """The batch source of an objective whose data is fixed: the iterator's next rows, put on the mesh."""
+    return lambda: setup.put_batch(next(iterator))
+
 
 class LanguageModelling:
     """`lm`: the family's own pre-training objective (next token, masked LM, span corruption) on the
@@ -102,6 +117,8 @@ class LanguageModelling:
     def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,
                 log: Callable[[str], None]) -> None:
         return None
+
+    batches = staticmethod(host_batches)
 
 
 def objective_for(cfg: Config) -> TrainingObjective:

@@ -90,10 +90,14 @@ class Setup:
     objective: TrainingObjective  # train.objective's data opener and loss wrapper, resolved once per process
     lora: LoraPlan | None = None  # lora.rank > 0: the optimizer trains adapters, the model's params are frozen
     trained: AbstractParams | None = None  # what TrainState.params holds (the adapters' with LoRA)
+    base_params: AbstractParams | None = None  # what `train.init_from` fills: the model family's parameters (the
+    # objective's wrapper may add a head, e.g. a reward model's `score`, which starts from the seed)
 
     def __post_init__(self) -> None:
         if self.trained is None:
             self.trained = self.params
+        if self.base_params is None:
+            self.base_params = self.params
 
     @property
     def param_logical_specs(self) -> Any:
@@ -246,6 +250,11 @@ def _fresh_state(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.G
     params_rng, state_rng = jax.random.split(rng)
     if base is None:
         base = _init_params(cfg, family, model, params_rng)
+    else:  # parameters the objective adds to the model (a head) and `train.init_from` lacks: the seed's init
+        fresh = jax.eval_shape(lambda r: _init_params(cfg, family, model, r), params_rng)
+        if set(fresh) - set(base):
+            fresh = _init_params(cfg, family, model, params_rng)  # what is not used is not computed (jit)
+            base = {**{k: v for k, v in fresh.items() if k not in base}, **base}
     params, frozen = base, None
     if lora is not None:
         params = lora.init(jax.random.fold_in(params_rng, LORA_INIT_KEY), jax.numpy.dtype(cfg.model.param_dtype))
@@ -271,6 +280,7 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     family = objective.wrap_family(model_family, cfg)  # the objective's loss over it (identity but for dpo)
     model = family.module(pipeline_schedule(cfg, mesh.shape["pipeline"]))
     params = abstract_params(family, cfg.data.seq_len)
+    base_params = params if family is model_family else abstract_params(model_family, cfg.data.seq_len)
     lora, trained = None, params
     if cfg.lora.rank > 0:
         lora = LoraPlan(cfg.lora, params.shapes, params.logical, params.roles)
@@ -292,4 +302,4 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     )
     batch_sharding = NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
     return Setup(cfg, mesh, rules, family, model, tx, abstract_state, state_shardings, batch_sharding, params,
-                 model_family, objective, lora, trained)
+                 model_family, objective, lora, trained, base_params)

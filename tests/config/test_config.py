@@ -211,6 +211,18 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         load_config(binary)
 
 
+def test_an_integer_too_long_to_convert_is_a_usage_error(tmp_path):
+    """A 5,000-digit integer (over Python's int-string limit: a ValueError before) names the file and line."""
+    digits = "9" * 5000
+    big = tmp_path / "big.yaml"
+    big.write_text(f"model:\n  d_model: 64\n  n_layers: {digits}\n")
+    with raises("big.yaml", "an integer of 5,000 digits is too long (at most 4,300) (line 3, column 13)"):
+        load_config(big)
+    with raises("model.n_layers=", "an integer of 5,000 digits"):
+        cfg_with(f"model.n_layers={digits}")
+    assert cfg_with(f"model.n_layers={'0' * 4000}3").model.n_layers == 3  # long but convertible: as before
+
+
 # ----------------------------------------------------------------------------- validate
 
 

@@ -141,3 +141,27 @@ def test_tokenizer_sample_is_deterministic_and_bounded():
     assert a == training_sentences(docs, 2000)
     assert 0 < sum(len(s.encode()) for s in a) <= 2000
     assert "".join(_chunks(docs[4] * 200)) == docs[4] * 200
+
+
+def test_files_a_tokenizer_directory_names_stay_inside_it(tmp_path, hf_dir):
+    """A workdir manifest naming ../../etc/passwd, and companions or a chat template linked out of the directory,
+    are refused before anything is read (they are not the user's own choice of file)."""
+    d = save_copy(load_tokenizer(hf_dir), tmp_path / "copy")
+    manifest = json.loads((d / "llmjax_tokenizer.json").read_text())
+    manifest["files"]["../../../../../../etc/passwd"] = "0" * 64
+    (d / "llmjax_tokenizer.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"llmjax_tokenizer.json: files: '../../../../../../etc/passwd' resolves to "):
+        load_copy(d)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (linked / "tokenizer_config.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ConfigError, match=r"data.tokenizer: 'tokenizer_config.json' resolves to .*elsewhere.json"):
+        load_tokenizer(linked)
+    (linked / "tokenizer_config.json").unlink()
+    (linked / "tokenizer.json").rename(tmp_path / "real.json")
+    (linked / "tokenizer.json").symlink_to(tmp_path / "real.json")
+    with pytest.raises(ConfigError, match=r"'tokenizer.json' resolves to .*real.json, outside"):
+        load_tokenizer(linked)
+    assert load_tokenizer(tmp_path / "real.json").vocab_size > 0  # a file the user names is theirs to name

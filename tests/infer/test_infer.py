@@ -137,6 +137,26 @@ def test_one_beam_is_greedy_and_more_beams_score_at_least_as_well(setup):
     assert score(four.tokens) == pytest.approx(four.score, abs=1e-3)
 
 
+def test_beams_and_prompts_are_checked_against_the_cache_memory_they_imply(setup, monkeypatch):
+    """--beams 100000 grew to 21.8 GB and was OOM-killed: now refused from shapes alone, naming the value and
+    the bound ($LLMJAX_MEMORY_LIMIT, else the devices' memory: the RAM for CPU devices)."""
+    cfg, _, _, engine = setup
+    prompt = [PROMPTS[0]]
+    monkeypatch.delenv("LLMJAX_MEMORY_LIMIT", raising=False)
+    with pytest.raises(ConfigError, match=r"^--beams 100000000 \(--max-new-tokens 8\): generating needs about .* GiB "
+                                          r"\(a KV cache of .* for 100,000,000 row\(s\) of 64 slots.*RAM"):
+        engine.generate(prompt, SamplingParams(max_new_tokens=8, beams=10**8))
+    monkeypatch.setenv("LLMJAX_MEMORY_LIMIT", "64MiB")
+    with pytest.raises(ConfigError, match=r"^--beams 100000 .*more than LLMJAX_MEMORY_LIMIT=64MiB \(0.0625 GiB"):
+        engine.generate(prompt, SamplingParams(max_new_tokens=8, beams=100_000))
+    with pytest.raises(ConfigError, match=r"^200,000 prompt\(s\) with --max-new-tokens 10000000000: .*a KV cache"):
+        engine.generate(prompt * 200_000, SamplingParams(max_new_tokens=10**10))
+    cache, need = engine.memory_needed(3, 11, 64)
+    shapes = jax.eval_shape(lambda: engine.new_cache(3, 64, 16))
+    assert cache == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) and need > 2 * cache
+    engine.check_memory(2, 11, 64, "--beams 2")  # what the beam search test runs fits
+
+
 def test_eos_stops_a_row():
     cfg = tiny_config()
     _, params = make_params(cfg)
@@ -243,6 +263,8 @@ def test_cli_bad_input_exits_2(trained, tmp_path):
         (("generate", "--workdir", trained, "--prompt", "x", "--top-p", "1.5"), "--top-p"),
         (("generate", "--workdir", trained, "--prompt", "x", "--temperature", "-1"), "--temperature"),
         (("generate", "--workdir", trained, "--prompt", " ".join(map(str, range(300)))), "context"),
+        (("generate", "--workdir", trained, "--prompt", "x", "--beams", "100000000"), "--beams 100000000"),
+        (("bench-generate", "--workdir", trained, "--batch", "100000000"), "--batch 100000000"),
     ]
     (tmp_path / "config.yaml").write_text((trained / "config.yaml").read_text())
     cases[0] = (cases[0][0], "no checkpoint")

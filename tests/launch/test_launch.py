@@ -22,6 +22,7 @@ TPU = str(ROOT / "launch" / "tpu_pod.sh")
 JOB = str(ROOT / "launch" / "job.sh")
 SBATCH = str(ROOT / "launch" / "slurm_gpu.sbatch")
 SUBMIT = str(ROOT / "launch" / "slurm_submit.sh")
+SLURM_LOCAL = str(ROOT / "launch" / "slurm_local.sh")
 
 TRAIN = ["llmjax", "train", "--workdir", "/mnt/runs/my run", "sample.prompt=def f(x):\n  return 'y'",
          "mesh.fsdp=8"]
@@ -163,6 +164,29 @@ def test_tpu_pod_multislice():
     assert [c[5] for c in stops] == ["ms-0", "ms-1"]
     (logs,) = _gcloud(_dry([TPU, "--dry-run", "--name", "ms", "--num-slices", "2", "--slice", "1", "logs"]))
     assert logs[5] == "ms-1"
+
+
+def test_tpu_pod_workers_one_queued_slice_each():
+    """--workers N: N queued-resource slices NAME-w0.., each installed and running the command on its own,
+    detached, with LLMJAX_WORKER naming the slice (the workers of `llmjax sweep submit --executor tpu`)."""
+    cmds = _gcloud(_dry([TPU, "--dry-run", "--name", "sw", "--workers", "2", "--type", "v5p-16", "--spot", "run", "--",
+                         "llmjax", "sweep", "work", "/mnt/fs/sweep"]))
+    creates = [c for c in cmds if c[3:5] == ["queued-resources", "create"]]
+    assert [c[5] for c in creates] == ["sw-w0", "sw-w1"]
+    assert all(_flags(c)["node-id"] == c[5] and _flags(c)["accelerator-type"] == "v5p-16" and "--spot" in c
+               for c in creates)
+    starts = [c for c in cmds if " start " in _flags(c).get("command", "")]
+    assert [c[5] for c in starts] == ["sw-w0", "sw-w1"] and all("--worker=all" in c for c in starts)
+    for i, c in enumerate(starts):
+        args = _job_args(_remote(c))
+        assert args[:4] == ["start", "--env", f"LLMJAX_WORKER=sw-w{i}", "--"]
+        assert args[4:] == ["llmjax", "sweep", "work", "/mnt/fs/sweep"]
+    assert not any(c[3:5] == ["tpu-vm", "ssh"] and "logs --follow" in _remote(c) for c in cmds)  # detached
+    assert [c[5] for c in _gcloud(_dry([TPU, "--dry-run", "--name", "sw", "--workers", "2", "delete"]))] == \
+        ["sw-w0", "sw-w1"]
+    r = subprocess.run([TPU, "--dry-run", "--workers", "2", "--num-slices", "2", "run", "--", "llmjax"],
+                       capture_output=True, text=True, env=_clean_env())
+    assert r.returncode == 2 and "do not mix" in r.stderr
 
 
 def test_tpu_pod_usage_and_errors():
@@ -372,6 +396,16 @@ def test_slurm_submit():
     assert "--no-requeue" in sbatch and "--requeue" not in sbatch and _flags(sbatch)["signal"] == "B:USR1@600"
     for args in (["--grace", "0"], ["--nodes", "x"], ["--frob"]):
         assert subprocess.run([SUBMIT, "--dry-run", *args, "--", "true"], capture_output=True).returncode == 2
+    # A CPU job array: no GPUs (the script's own #SBATCH --gpus-per-node=8 overridden), tasks per node as given.
+    sbatch, srun = _dry([SUBMIT, "--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2", "--array", "0-3",
+                         "--", "llmjax", "sweep", "work", "/shared/s"])
+    assert {"gpus-per-node": "0", "ntasks-per-node": "2", "cpus-per-task": "1", "array": "0-3"}.items() <= \
+        _flags(sbatch).items()
+    assert "--gpus-per-node=8" not in srun and "--ntasks-per-node=2" in srun and "XLA_FLAGS" not in _env_words(srun)
+    for args in (["--array", "x"], ["--tasks-per-node", "0"]):
+        assert subprocess.run([SUBMIT, "--dry-run", *args, "--", "true"], capture_output=True).returncode == 2
+    r = subprocess.run([SLURM_LOCAL, "frob", str(ROOT)], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown verb 'frob'" in r.stderr
 
 
 @pytest.fixture
@@ -437,6 +471,62 @@ def test_slurm_success_and_failure_statuses(fake_slurm):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_launch_scripts_are_shellcheck_clean():
-    scripts = [LOCAL, TPU, JOB, SBATCH, SUBMIT]
+    scripts = [LOCAL, TPU, JOB, SBATCH, SUBMIT, SLURM_LOCAL]
     r = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)  # -x: follow shquote.sh
     assert r.returncode == 0, r.stdout
+
+
+# ----------------------------------------------------------------------------- a real (local) Slurm cluster
+
+GLOO_PROGRAM = """import os, signal, sys, time
+restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+from llmjax.config import load_config
+from llmjax.parallel.distributed import initialize
+plan = initialize(load_config(None, []))
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+got = multihost_utils.process_allgather(np.array([jax.process_index() + 10 * restart]))
+print(f"restart {restart}: process {jax.process_index()} of {jax.process_count()} ({plan.mode}) gathered "
+      f"{got.ravel().tolist()}", flush=True)
+if restart == 0:  # wait for the end of the time limit (USR1), then checkpoint and stop
+    signal.signal(signal.SIGTERM, lambda s, f: (print(f"process {jax.process_index()}: saved checkpoint", flush=True),
+                                                sys.exit(143)))
+    open(os.path.join(sys.argv[1], f"ready{jax.process_index()}"), "w").close()
+    time.sleep(300)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_submit_runs_a_two_task_gloo_job_and_requeues_it(tmp_path, slurm_cluster):
+    """launch/slurm_submit.sh on the local cluster: 2 tasks of one CPU job form one jax.distributed run (gloo)
+    through the coordinator the sbatch script sets; USR1 (what --signal=B:USR1@grace sends before the time
+    limit) makes every task save a checkpoint and stop, and the script requeue the job, which runs again
+    (SLURM_RESTART_COUNT=1) into the same, appended output file."""
+    env = {**os.environ, **slurm_cluster, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    (tmp_path / "prog.py").write_text(GLOO_PROGRAM)
+    out = tmp_path / "job.out"
+    r = subprocess.run([SUBMIT, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
+                        "--output", str(out), "--", sys.executable, str(tmp_path / "prog.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[-1]  # "Submitted batch job N"
+    _wait_for(lambda: (tmp_path / "ready0").exists() and (tmp_path / "ready1").exists(), timeout=300)
+    _wait_for(lambda: out.read_text().count("restart 0: process") == 2, timeout=60)  # srun forwards the output
+    text = out.read_text()
+    assert "restart 0: process 0 of 2 (explicit) gathered [0, 1]" in text, text
+    assert "restart 0: process 1 of 2 (explicit) gathered [0, 1]" in text
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    _wait_for(lambda: "requeueing job" in out.read_text(), timeout=120)
+    # Slurm holds a requeued job for two minutes before it may start again: once it waits, start it now.
+    _wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], env=env, capture_output=True,
+                                     text=True).stdout.strip() == "BeginTime", timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+    _wait_for(lambda: out.read_text().count("restart 1: process") == 2, timeout=300)
+    _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
+                                         text=True).stdout.strip(), timeout=120)
+    text = out.read_text()
+    assert "process 0: saved checkpoint" in text and "process 1: saved checkpoint" in text, text
+    assert "restart 1: process 0 of 2 (explicit) gathered [10, 11]" in text
+    assert "restart 1: process 1 of 2 (explicit) gathered [10, 11]" in text

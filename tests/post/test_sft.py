@@ -140,6 +140,7 @@ def test_batches_depend_on_the_step_only():
     ('[1, 2]', "line 3: expected a JSON object"),
     ('{"text": "no chat"}', "line 3: expected {\"messages\""),
     ('{"messages": [{"role": "user", "content": "only a question"}]}', "line 3: the conversation has no assistant"),
+    ("[" * 100_000 + "]" * 100_000, "line 3: nested too deeply to read as JSON"),  # was a RecursionError
 ])
 def test_bad_records_are_named_by_line(tmp_path, line, needle):
     good = (DATA / "sft_chat.jsonl").read_text().splitlines()[:2]

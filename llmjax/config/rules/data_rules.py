@@ -1,9 +1,11 @@
-"""Rules of the `data` section (called by `config.rules.validate`): ranges, sources and mixture weights."""
+"""Rules of the `data` section (called by `config.rules.validate`): ranges, sources and mixture weights; and of the
+`curate` section that `llmjax data prepare` reads (`check_curation`)."""
 
 from __future__ import annotations
 
 import math
 
+from llmjax.config.curation import CurateConfig
 from llmjax.config.schema import Config, ConfigError, SourceConfig
 
 
@@ -41,3 +43,31 @@ def validate_data(cfg: Config) -> None:
             raise ConfigError(f"{key}: set exactly one of path and tfds_name")
     if items:
         check_weights(items)
+    check_curation(cfg.curate)
+
+
+def _once(key: str, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{key}: {name} is named twice ({key}[{names.index(name)}] and {key}[{i}])")
+
+
+def check_curation(c: CurateConfig) -> None:
+    """Each stage, filter and PII kind named at most once; the per-n thresholds of the n-gram filters are
+    shares in [0, 1]; lower bounds not above upper bounds. ConfigError naming the key."""
+    _once("curate.stages", list(c.stages))
+    _once("curate.quality.filters", list(c.quality.filters))
+    _once("curate.pii.kinds", list(c.pii.kinds))
+    q = c.quality
+    for name in ("max_top_ngram_chars", "max_duplicate_ngram_chars"):
+        values = getattr(q, name)
+        if not values:
+            raise ConfigError(f"curate.quality.{name}: empty; give one share per n")
+        for i, v in enumerate(values):
+            if not 0 <= v <= 1:
+                raise ConfigError(f"curate.quality.{name}[{i}]={v} must be in [0, 1]")
+    if q.min_words > q.max_words:
+        raise ConfigError(f"curate.quality.min_words={q.min_words} exceeds curate.quality.max_words={q.max_words}")
+    if q.min_mean_word_length > q.max_mean_word_length:
+        raise ConfigError(f"curate.quality.min_mean_word_length={q.min_mean_word_length} exceeds "
+                          f"curate.quality.max_mean_word_length={q.max_mean_word_length}")

@@ -138,8 +138,10 @@ def validate_config(cfg: Config) -> None:
     if t.stop_after > t.steps:
         raise ConfigError(f"train.stop_after={t.stop_after} must be in [0, train.steps={t.steps}] (0: no early stop)")
     _validate_profile_steps(t.profile_steps, t.steps)
-    if t.objective == "dpo" and not spec.causal_lm:
-        raise ConfigError(f"train.objective=dpo needs a causal language model; model.family={m.family} is not")
+    if t.objective in ("dpo", "reward") and not spec.causal_lm:
+        raise ConfigError(f"train.objective={t.objective} needs a causal language model; model.family={m.family} "
+                          "is not")
+    _validate_rl(cfg)
     if t.batch_size % o.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum_steps={o.grad_accum_steps}"
@@ -309,3 +311,27 @@ def _validate_tasks_and_tracking(cfg: Config) -> None:
             raise ConfigError(f"log.wandb.{key} is empty (leave it unset instead)")
     if any(not t.strip() for t in w.tags):
         raise ConfigError("log.wandb.tags: tags must not be empty")
+
+
+def _validate_rl(cfg: Config) -> None:
+    """`rl.*` of a policy-optimisation run (train.objective=grpo)."""
+    t, rl = cfg.train, cfg.rl
+    if t.objective != "grpo":
+        return
+    if not cfg.model.causal_lm:
+        raise ConfigError(f"train.objective={t.objective} needs a causal language model; model.family="
+                          f"{cfg.model.family} is not")
+    if not rl.prompts:
+        raise ConfigError(f"rl.prompts: train.objective={t.objective} needs a prompt set (JSON lines with a "
+                          '"prompt" or "messages" per record)')
+    if (rl.reward_fn is None) == (rl.reward_model is None):
+        raise ConfigError("rl.reward_fn / rl.reward_model: set exactly one (a module:function, or a reward-model "
+                          "workdir)")
+    if rl.reward_fn is not None and rl.reward_fn.count(":") != 1:
+        raise ConfigError(f"rl.reward_fn={rl.reward_fn!r}: expected module:function")
+    if rl.samples_per_prompt < 2:
+        raise ConfigError(f"rl.samples_per_prompt={rl.samples_per_prompt}: GRPO normalises each prompt's rewards "
+                          "over its group of samples, which needs at least 2")
+    if t.batch_size % rl.samples_per_prompt:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of rl.samples_per_prompt="
+                          f"{rl.samples_per_prompt} (each step samples whole groups)")

@@ -48,6 +48,8 @@ def read_jsonl(path: str, key: str = "data.path") -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{key}: {f} line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ConfigError(f"{key}: {f} line {i}: nested too deeply to read as JSON") from None
             if not isinstance(obj, dict):
                 raise ConfigError(f"{key}: {f} line {i}: expected a JSON object, got {type(obj).__name__}")
             out.append((f"{f}:{i}", obj))

@@ -121,6 +121,8 @@ def _json_lines(text: str, key: str, path: Path, block: int) -> list[str]:
             continue
         try:
             obj = json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}: line {n + 1} of block {block} is nested too deeply to read as JSON") from None
         except ValueError as e:
             raise DataError(f"{path}: line {n + 1} of block {block} is not valid JSON ({e}); the file is corrupt or "
                             "truncated") from None

@@ -30,6 +30,8 @@ from llmjax.data.stream.files import (
     split_records,
 )
 from llmjax.data.stream.records import FileBlocks, Records, TfdsRecords, TokenShards
+from llmjax.guards import inside
+from llmjax.storage import is_url
 
 PREPARED_META = "llmjax_prepared.json"
 PREPARED_FORMAT = 1
@@ -181,14 +183,14 @@ def prepared_source(path: Path, key: str, name: str = "") -> Source:
     meta_path = path / PREPARED_META
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"{key}: {meta_path} is unreadable ({e}); prepare the directory again") from None
     if meta.get("format") != PREPARED_FORMAT:
         raise ConfigError(f"{key}: {meta_path} has format {meta.get('format')!r}, this llmjax reads {PREPARED_FORMAT}")
     splits: dict[str, TokenShards] = {}
     for split in ("train", "validation"):
         shards = meta["splits"].get(split, [])
-        paths = [path / sh["file"] for sh in shards]
+        paths = [path / sh["file"] if is_url(path) else inside(path, sh["file"], f"{meta_path}: file") for sh in shards]
         for p, sh in zip(paths, shards, strict=True):
             check_shard(p, sh["documents"], key)
         splits[split] = TokenShards(paths, [sh["documents"] for sh in shards], meta["dtype"], key,

@@ -9,6 +9,11 @@ Jinja environment with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` ext
 special-token strings (`bos_token`, `eos_token`, ...) as variables, and the `{% generation %}`
 tag accepted (it renders its body).
 
+A template comes with the model, so it is rendered with limits (`llmjax.data.tokenizers.template_limits`):
+at most `MAX_STEPS` loop iterations and calls and `MAX_CHARS` characters of output or of any string or
+list it builds, and no `include`/`import`/`extends` (a chat template is one file). Going over a limit is
+a template error naming the template, like any other.
+
 Assistant text is found by prefix differences, independently of generation tags: the text of
 assistant message i is what rendering messages[: i + 1] adds to rendering messages[: i] with the
 generation prompt (so the role header is not assistant text; the message and its end-of-turn
@@ -34,7 +39,8 @@ SPECIAL_VARIABLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 def _environment() -> Any:
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from llmjax.data.tokenizers.template_limits import LimitedEnvironment
 
     class GenerationTag(jinja2.ext.Extension):
         """`{% generation %} ... {% endgeneration %}` (transformers' assistant-mask markers): renders the body."""
@@ -56,11 +62,11 @@ def _environment() -> Any:
                sort_keys: bool = False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.limit_filters()  # tojson too
     return env
 
 
@@ -78,7 +84,10 @@ def find_template(tokenizer: Any, path: str | None = None) -> tuple[str, str]:
         return own, f"{tokenizer.path} (tokenizer_config.json)"
     directory = Path(tokenizer.path).parent
     if (directory / TEMPLATE_FILE).is_file():
-        return (directory / TEMPLATE_FILE).read_text(encoding="utf-8"), str(directory / TEMPLATE_FILE)
+        from llmjax.guards import inside
+
+        file = inside(directory, TEMPLATE_FILE, "data.tokenizer")
+        return file.read_text(encoding="utf-8"), str(file)
     raise ConfigError(f"data.tokenizer: {tokenizer.path} has no chat template (no chat_template in "
                       f"tokenizer_config.json, no {TEMPLATE_FILE}); set data.chat_template to a Jinja file")
 
@@ -107,11 +116,15 @@ class ChatTemplate:
         (e.g. `raise_exception` on roles it does not accept)."""
         import jinja2
 
+        from llmjax.data.tokenizers.template_limits import render_limited
+
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.special_tokens)
+            return render_limited(self._template, messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                  tools=None, documents=None, **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"the chat template ({self.origin}) failed: {e}") from None
+        except RecursionError:
+            raise ValueError(f"the chat template ({self.origin}) failed: it recurses too deeply") from None
 
     def assistant_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
         """(rendered conversation, [(start, end) character spans of each assistant message's text]).

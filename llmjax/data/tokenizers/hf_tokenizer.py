@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from llmjax.config import ConfigError
 from llmjax.data.tokenizers.tokenizer import Tokenizer
+from llmjax.guards import inside
 
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 COMPANION_FILES = ("generation_config.json",)  # the model's end-of-turn ids (`stop_ids`), kept with the tokenizer
@@ -47,12 +48,12 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(c): b for b, c in zip(keep, chars, strict=True)}
 
 
-def _read_json(path: Path, key: str) -> dict[str, Any]:
-    if not path.is_file():
+def _read_json(path: Path | None, key: str) -> dict[str, Any]:
+    if path is None or not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"{key}: cannot read {path}: {e}") from None
     return data if isinstance(data, dict) else {}
 
@@ -88,11 +89,11 @@ class HFTokenizer(Tokenizer):
             raise ConfigError(f"{key}: {path} is JSON but not a Hugging Face tokenizer.json ({e})") from None
         self._spec = json.loads(path.read_text(encoding="utf-8"))
         self.files = {"tokenizer.json": path}
-        for name in CONFIG_FILES + COMPANION_FILES:
+        for name in CONFIG_FILES + COMPANION_FILES:  # companions: inside the directory (`llmjax.guards.inside`)
             if (path.parent / name).is_file():
-                self.files[name] = path.parent / name
-        self.config = _read_json(path.parent / "tokenizer_config.json", key)
-        self.special_tokens_map = _read_json(path.parent / "special_tokens_map.json", key)
+                self.files[name] = inside(path.parent, name, key)
+        self.config = _read_json(self.files.get("tokenizer_config.json"), key)
+        self.special_tokens_map = _read_json(self.files.get("special_tokens_map.json"), key)
         added = self._tok.get_added_tokens_decoder()
         self._special_ids = {i for i, t in added.items() if t.special}
         self.vocab_size = max([self._tok.get_vocab_size(with_added_tokens=True), *(i + 1 for i in added)])

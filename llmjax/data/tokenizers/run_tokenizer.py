@@ -22,6 +22,7 @@ from typing import Any
 from llmjax.config import Config, ConfigError
 from llmjax.data.stream.files import atomic_write_bytes
 from llmjax.data.tokenizers.tokenizer import Tokenizer, load_tokenizer
+from llmjax.guards import inside
 from llmjax.storage import as_path, is_url
 
 DIRNAME = "tokenizer"
@@ -64,10 +65,13 @@ def load_copy(directory: str | Path) -> Tokenizer:
     directory = _local_mirror(directory) if is_url(directory) else Path(directory)
     try:
         manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"{directory / MANIFEST}: unreadable ({e})") from None
-    for name, digest in manifest["files"].items():
-        path = directory / name
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ConfigError(f"{directory / MANIFEST}: no 'files' mapping")
+    for name, digest in files.items():
+        path = inside(directory, name, f"{directory / MANIFEST}: files")
         if not path.is_file() or _sha256(path) != digest:
             raise ConfigError(f"{path}: missing or changed since the run copied it (sha256 differs from {MANIFEST}); "
                               "restore the file, or delete the directory to let training copy the tokenizer again")

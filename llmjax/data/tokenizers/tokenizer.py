@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llmjax.config import Config, ConfigError
+from llmjax.guards import inside
 
 if TYPE_CHECKING:
     from llmjax.data.stream.sources import Source
@@ -104,17 +105,18 @@ def _looks_like_json(path: Path) -> bool:
 def load_tokenizer(path: str | Path, key: str = "data.tokenizer") -> Tokenizer:
     """A SentencePiece model, a tokenizer.json, or a directory holding one -> Tokenizer.
 
-    The kind is read from the content, not the name. Raises ConfigError naming `key` and the file.
+    The kind is read from the content, not the name. Raises ConfigError naming `key` and the file. The files
+    found in a directory (and the companions next to a tokenizer.json) must be inside it, not links elsewhere.
     """
     from llmjax.data.tokenizers.hf_tokenizer import HFTokenizer
     from llmjax.data.tokenizers.sp_tokenizer import SentencePieceTokenizer
 
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir():  # the file in it must be inside it (`llmjax.guards.inside`: not a link elsewhere)
         if (p / "tokenizer.json").is_file():
-            p = p / "tokenizer.json"
+            p = inside(p, "tokenizer.json", key)
         elif (p / "tokenizer.model").is_file():
-            p = p / "tokenizer.model"
+            p = inside(p, "tokenizer.model", key)
         else:
             raise ConfigError(f"{key}: directory {p} holds neither a tokenizer.json nor a tokenizer.model")
     if not p.is_file():

@@ -8,7 +8,8 @@ next smaller and the next larger model both reach C too (at the ends of the C ra
 sizes, the true optimum may be a model whose curve does not cover C).
 
 Needs the run directories (the CSV's `workdir` column, relative to the CSV); skipped with a
-note otherwise. With a decaying LR schedule, intermediate points of a curve are not
+note otherwise. A point trained with several seeds (`replicates`) contributes the mean of its
+replicates' curves. With a decaying LR schedule, intermediate points of a curve are not
 compute-optimal runs of that length (Hoffmann et al. use cosine cycles matched to each length),
 so approach 1 is indicative.
 """
@@ -16,6 +17,7 @@ so approach 1 is indicative.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,19 +46,18 @@ def load_curves(runs: Runs) -> list[tuple[np.ndarray, np.ndarray]] | str:
     curves = []
     for i, wd in enumerate(runs.workdirs):
         d = runs.base_dir / wd
-        path = d / "metrics.jsonl"
-        if not path.is_file():
-            return f"{path} not found"
-        records = {}
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict) and r.get("kind") == "train" and "loss" in r and "step" in r:
-                records[int(r["step"])] = float(r["loss"])
-        if not records:
-            return f"{path}: no train records"
+        replicates = runs.replicate_workdirs[i] if runs.replicate_workdirs is not None else [wd]
+        read = [_train_losses(runs.base_dir / r) for r in replicates]
+        notes = [r for r in read if isinstance(r, str)]
+        if notes:
+            return notes[0]
+        found = [r for r in read if isinstance(r, dict)]
+        records = found[0]
+        if len(found) > 1:  # replicates: the mean curve, over the steps every replicate logged
+            common = set.intersection(*(set(r) for r in found))
+            records = {k: float(np.mean([r[k] for r in found])) for k in sorted(common)}
+            if not records:
+                return f"the replicates of {runs.names[i]} logged no train step in common"
         steps = max(records) + 1
         try:
             steps = int(yaml.safe_load((d / "config.yaml").read_text())["train"]["steps"])
@@ -68,6 +69,22 @@ def load_curves(runs: Runs) -> list[tuple[np.ndarray, np.ndarray]] | str:
         s, loss = s[keep], loss[keep]
         curves.append((runs.C[i] * (s + 1) / steps, _smooth(loss, max(1, int(round(0.05 * len(s)))))))
     return curves
+
+
+def _train_losses(d: Path) -> dict[int, float] | str:
+    """step -> train loss of the run directory `d`'s metrics.jsonl, or a note saying why not."""
+    path = d / "metrics.jsonl"
+    if not path.is_file():
+        return f"{path} not found"
+    records = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and r.get("kind") == "train" and "loss" in r and "step" in r:
+            records[int(r["step"])] = float(r["loss"])
+    return records or f"{path}: no train records"
 
 
 def approach1(runs: Runs, points: int = 40) -> dict[str, Any]:

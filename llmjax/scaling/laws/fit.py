@@ -18,6 +18,13 @@ The fits, each in its own module:
   compute-optimal allocations at `--budgets`, `--holdout` predictions.
 - `kaplan`: L(N), L(D), L(C) with an irreducible term.
 - `lse`: the log-space Huber fit and power laws they share.
+- `replicates`: with several seeds per point (a `point` column), the fits above use each point's
+  mean loss, and the exponents get a second 95% interval from the replicate spread (`replicates`
+  in fit.json: a bootstrap over each point's seeds, `--bootstrap` refits from `--seed`).
+
+A partial sweep (rows not done, or points of the `sweep.json` beside the CSV without a row) is
+fitted from its done rows; `partial` in fit.json and the first line of the summary name the
+others. Too few rows for approach 3 is an error that says how many points are done.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ from llmjax.scaling.laws.envelope import approach1, load_curves
 from llmjax.scaling.laws.hparams import apply_selection
 from llmjax.scaling.laws.kaplan import frontier, kaplan
 from llmjax.scaling.laws.lse import fit_lse, power_law, predict_lse
+from llmjax.scaling.laws.replicates import replicate_intervals, summary_lines
 from llmjax.scaling.laws.runs import Runs, describe_flops, group_budgets, load_runs, loss_unit
+from llmjax.scaling.sweep.collect import partial_line
 
 
 def fit_all(runs: Runs, budgets: list[float] | None = None, holdout: str | None = None, bootstrap: int = 100,
@@ -61,8 +70,18 @@ def fit_all(runs: Runs, budgets: list[float] | None = None, holdout: str | None 
         fit["selection"] = selection
     if laws:
         fit["hyperparameters"] = laws
-    fit["approach3"] = approach3(runs, bootstrap=bootstrap, seed=seed)
+    if all_runs.progress:
+        fit["partial"] = all_runs.progress
+    try:
+        fit["approach3"] = approach3(runs, bootstrap=bootstrap, seed=seed)
+    except ScalingError as e:
+        if all_runs.progress:  # a partial sweep: say how far it got
+            raise ScalingError(f"{partial_line(all_runs.progress)}; too few to fit: {e}") from None
+        raise
     fit["approach2"] = approach2(runs)
+    spread = replicate_intervals(runs, fit["approach3"], fit["approach2"], bootstrap, seed)
+    if spread:
+        fit["replicates"] = spread
     fit["approach1"] = approach1(runs)
     fit["kaplan"] = kaplan(runs)
     if budgets:
@@ -116,7 +135,7 @@ def runs_for_plots(csv_path: str | Path, fit: dict[str, Any]) -> Runs:
 
 
 def summary(fit: dict[str, Any]) -> str:
-    lines = []
+    lines = [partial_line(fit["partial"])] if fit.get("partial") else []
     a3 = fit["approach3"]
     ci = a3.get("intervals", {})
 
@@ -131,6 +150,7 @@ def summary(fit: dict[str, Any]) -> str:
             lines.append(f"{name.replace('approach', 'approach ')}: N_opt ∝ C^{a['a']:.3f}, D_opt ∝ C^{a['b']:.3f}")
         else:
             lines.append(f"{name.replace('approach', 'approach ')}: skipped ({a.get('skipped', '?')})")
+    lines += summary_lines(fit)
     for row in fit.get("compute_optimal", []):
         r = row.get("approach3")
         if r:

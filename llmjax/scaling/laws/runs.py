@@ -13,6 +13,17 @@ writes all of them, see `scaling/sweep/collect.py`). The options (`llmjax fit --
 
 Rows whose `status` is not `done` (failed or unfinished runs of `sweep run --keep-going`) are left
 out. IsoFLOP budgets: the `budget` column, else flops that agree within 1%.
+
+Replicates (`replicates: R` in a sweep spec): rows that share a `point` value are runs of one point
+with different seeds; they become one row whose loss is their mean, `replicate_losses` keeping each
+replicate's loss (for the replicate bootstrap of `scaling/laws/replicates.py` and the plots' error
+bars) and `replicate_workdirs` their run directories (approach 1 averages their curves). They must
+agree in N and tokens. A CSV without a `point` column, or where every point has one row, is
+read exactly as before.
+
+Partial sweeps: `progress` counts the points not done, from the CSV's `status` and the `sweep.json`
+beside the CSV (points it lists that have no row are `pending`): `partial_line` of
+`scaling/sweep/collect.py` words it.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from llmjax.scaling import ScalingError
+from llmjax.scaling.sweep.collect import listed_points, partial_line, sweep_progress
 
 BUDGET_TOLERANCE = 0.01
 PARAMS_COLUMNS = {"total": "params", "non_embedding": "non_embedding_params", "active": "active_params"}
@@ -51,6 +63,9 @@ class Runs:
     columns: dict[str, list[str]] = field(default_factory=dict)  # every CSV column, raw text per row
     options: dict[str, str] = field(default_factory=dict)  # params, loss, flops as chosen
     notes: list[str] = field(default_factory=list)  # rows left out and why
+    replicate_losses: list[np.ndarray] | None = None  # per row: the loss of each replicate (L is their mean)
+    replicate_workdirs: list[list[str]] | None = None  # per row: each replicate's run directory
+    progress: dict | None = None  # a partial sweep's {total, done, missing: {name: status}} (None: complete)
 
     def subset(self, mask: np.ndarray) -> Runs:
         idx = np.flatnonzero(mask)
@@ -60,7 +75,10 @@ class Runs:
                     np.array([remap.get(int(b), -1) for b in self.budget[idx]], int), self.budgets[used],
                     [self.workdirs[i] for i in idx] if self.workdirs is not None else None, self.base_dir,
                     self.flops_given, {k: [v[i] for i in idx] for k, v in self.columns.items()}, self.options,
-                    list(self.notes))
+                    list(self.notes),
+                    [self.replicate_losses[i] for i in idx] if self.replicate_losses is not None else None,
+                    [self.replicate_workdirs[i] for i in idx] if self.replicate_workdirs is not None else None,
+                    self.progress)
 
     @property
     def k(self) -> float:
@@ -154,18 +172,25 @@ def _choose_columns(path: Path, header: list[str], params: str, loss: str | None
 
 
 def load_runs(path: str | Path, params: str = "total", loss: str | None = None, flops: str = "formula") -> Runs:
-    """Read and check a runs CSV (see the module docstring for the columns and options)."""
+    """Read and check a runs CSV, or DIR/runs.csv for a directory (see the module docstring for the columns and
+    options)."""
     path = Path(path)
+    if path.is_dir():  # a sweep directory: the runs.csv that `sweep collect DIR` wrote there
+        if not (path / "runs.csv").is_file():
+            raise ScalingError(f"runs CSV not found: {path / 'runs.csv'} (run `llmjax sweep collect {path}` first)")
+        path = path / "runs.csv"
     header, rows = _read(path)
     n_col, loss_col = _choose_columns(path, header, params, loss, flops)
     notes = []
+    progress = _progress(path, rows)
     if "status" in header:
         bad = [r.get("name") or "?" for r in rows if r.get("status", "done") not in ("done", "")]
         if bad:
             notes.append(f"left out {len(bad)} runs whose status is not 'done': {', '.join(bad)}")
         rows = [r for r in rows if r.get("status", "done") in ("done", "")]
     if not rows:
-        raise ScalingError(f"runs CSV {path}: no rows" + (f" ({notes[0]})" if notes else ""))
+        raise ScalingError(f"runs CSV {path}: no rows" + (f" ({notes[0]})" if notes else "")
+                           + (f"; {partial_line(progress)}" if progress else ""))
     n = [_float(r[n_col], i + 2, n_col) for i, r in enumerate(rows)]
     d = [_float(r["tokens"], i + 2, "tokens") for i, r in enumerate(rows)]
     losses = [_float(r[loss_col], i + 2, loss_col) for i, r in enumerate(rows)]
@@ -199,7 +224,48 @@ def load_runs(path: str | Path, params: str = "total", loss: str | None = None, 
     workdirs = [r.get("workdir", "") for r in rows] if "workdir" in header else None
     columns = {h: [r.get(h, "") for r in rows] for h in header}
     options = {"params": params, "loss": loss_col, "flops": flops}
-    return Runs(names, N, D, L, C, budget, budgets, workdirs, path.parent, flops_given, columns, options, notes)
+    runs = Runs(names, N, D, L, C, budget, budgets, workdirs, path.parent, flops_given, columns, options, notes,
+                progress=progress)
+    return average_replicates(runs, path)
+
+
+def _progress(path: Path, rows: list[dict[str, str]]) -> dict | None:
+    """The points not done (module docstring), or None when every point is."""
+    statuses = {r.get("name") or f"row{i + 2}": r.get("status") or "done" for i, r in enumerate(rows)}
+    try:
+        listed = list(listed_points(path.parent))
+    except ScalingError:  # an unreadable sweep.json: the CSV alone says what is missing
+        listed = []
+    return sweep_progress(listed, statuses)
+
+
+def average_replicates(runs: Runs, path: Path) -> Runs:
+    """One row per `point` (module docstring): the mean loss of its replicates; `runs` itself when no
+    point has more than one row."""
+    points = runs.columns.get("point")
+    if points is None:
+        return runs
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault(p or runs.names[i], []).append(i)
+    if all(len(g) == 1 for g in groups.values()):
+        return runs
+    for p, g in groups.items():
+        if len(set(runs.N[g])) > 1 or len(set(runs.D[g])) > 1:
+            raise ScalingError(f"runs CSV {path}: the replicates of point {p!r} differ in params or tokens "
+                               f"({', '.join(runs.names[i] for i in g)}): a replicate differs only in its seed")
+    first = np.zeros(len(runs.L), bool)
+    first[[g[0] for g in groups.values()]] = True
+    out = runs.subset(first)  # keeps the rows' order: the groups are in order of their first row
+    out.names = list(groups)
+    out.replicate_losses = [runs.L[g] for g in groups.values()]
+    out.L = np.array([float(np.mean(x)) for x in out.replicate_losses])
+    if runs.workdirs is not None:
+        out.replicate_workdirs = [[runs.workdirs[i] for i in g] for g in groups.values()]
+    counts = sorted(len(g) for g in groups.values())
+    out.notes.append(f"averaged {len(runs.L)} runs into {len(groups)} points ({counts[0]} to {counts[-1]} "
+                     "replicates each)")
+    return out
 
 
 def describe_flops(runs: Runs) -> str:
@@ -211,6 +277,6 @@ def describe_flops(runs: Runs) -> str:
     return "flops column" if runs.flops_given else "6*N*D (no flops column)"
 
 
-__all__ = ["BUDGET_TOLERANCE", "FLOPS_CHOICES", "PARAMS_COLUMNS", "Runs", "describe_flops", "group_budgets",
-           "load_runs", "loss_unit"]
+__all__ = ["BUDGET_TOLERANCE", "FLOPS_CHOICES", "PARAMS_COLUMNS", "Runs", "average_replicates", "describe_flops",
+           "group_budgets", "load_runs", "loss_unit"]
 

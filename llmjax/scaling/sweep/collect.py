@@ -22,12 +22,21 @@ then one column per hyperparameter):
                                 otherwise);
   status                        done (the last step and the final eval are recorded), failed (a
                                 FAILED marker from `sweep run --keep-going`, e.g. a diverged
-                                learning rate) or unfinished; `llmjax fit` uses `done` rows only;
+                                learning rate) or unfinished (`point_status`); `llmjax fit` uses `done`
+                                rows only;
   d_model, n_layers             the model's shape;
+  replicate, seed, point        which of the spec's `replicates` (0 with one), the run's `seed`, and the
+                                name its replicates share (the run's own name with one replicate):
+                                `llmjax fit` averages the loss over the rows of one `point`;
   <hyperparameters>             `HPARAM_COLUMNS` (optim.lr, train.batch_size, optim.warmup_steps,
                                 optim.b2, from each run's config) and every other axis of the
                                 sweep (sweep.json), named by their config keys;
   workdir                       the run directory, relative to the CSV (for approach 1's curves).
+
+A partial sweep (some points of `sweep.json` not done: unfinished, failed or not started) is
+collected all the same: the line `partial sweep: K of M points done; missing ...` names the others
+(`partial_line`), and `llmjax fit` / `llmjax plot` say the same from the CSV and the sweep.json
+beside it (`scaling/laws/runs.py`).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from llmjax.scaling import ScalingError
 
 CSV_COLUMNS = ("name", "params", "non_embedding_params", "active_params", "tokens", "flops", "flops_xla",
                "final_loss", "best_loss", "final_bpb", "best_bpb", "wall_time", "budget", "status", "d_model",
-               "n_layers")
+               "n_layers", "replicate", "seed", "point")
 HPARAM_COLUMNS = ("optim.lr", "train.batch_size", "optim.warmup_steps", "optim.b2")
 DONE, FAILED = "DONE", "FAILED"
 
@@ -65,11 +74,44 @@ def marker(run_dir: Path, name: str) -> dict[str, Any]:
         return {}
 
 
-def is_finished(run_dir: Path, steps: int) -> bool:
+def point_status(run_dir: Path, steps: int, train: dict[int, Any] | None = None,
+                 evals: dict[int, Any] | None = None) -> str:
+    """A point's state from its run directory: `done` (a DONE marker, or the train record of the last
+    step and the final eval record), `failed` (a FAILED marker), `unfinished` (a directory without
+    either) or `pending` (no directory). `train`/`evals`: the metrics' records when already read."""
     if (run_dir / DONE).is_file():
-        return True
+        return "done"
     metrics = run_dir / "metrics.jsonl"
-    return (steps - 1) in read_metrics(metrics, "train") and steps in read_metrics(metrics, "eval")
+    train = read_metrics(metrics, "train") if train is None else train
+    if (steps - 1) in train and steps in (read_metrics(metrics, "eval") if evals is None else evals):
+        return "done"
+    if (run_dir / FAILED).is_file():
+        return "failed"
+    return "unfinished" if run_dir.is_dir() else "pending"
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    return point_status(run_dir, steps) == "done"
+
+
+def sweep_progress(listed: list[str], statuses: dict[str, str]) -> dict[str, Any] | None:
+    """{total, done, missing: {name: status}} over the points a sweep lists (`listed`, from sweep.json)
+    and the runs seen (`statuses`: name -> status; a listed point not seen is `pending`); None when
+    every point is done."""
+    names = list(dict.fromkeys([*listed, *statuses]))
+    missing = {n: statuses.get(n, "pending") for n in names if statuses.get(n) != "done"}
+    if not missing:
+        return None
+    return {"total": len(names), "done": len(names) - len(missing), "missing": missing}
+
+
+def partial_line(progress: dict[str, Any], limit: int = 20) -> str:
+    """One line: `partial sweep: K of M points done; missing J: a (unfinished), b (pending), ...`."""
+    missing = progress["missing"]
+    shown = ", ".join(f"{n} ({s})" for n, s in list(missing.items())[:limit])
+    more = f", ... ({len(missing) - limit} more)" if len(missing) > limit else ""
+    return (f"partial sweep: {progress['done']} of {progress['total']} points done; missing {len(missing)}: "
+            f"{shown}{more}")
 
 
 def config_value(cfg: Any, key: str) -> Any:
@@ -105,9 +147,7 @@ def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: P
     xla = info.get("xla_flops_per_token") if info.get("xla_flops_exact") else None
     bpt = info.get("eval_bytes_per_token")
     bpb = (lambda loss: loss / math.log(2) / bpt) if bpt else (lambda loss: "")
-    finished = (cfg.train.steps - 1) in train and cfg.train.steps in evals
-    status = "done" if finished or (run_dir / DONE).is_file() else "failed" if (run_dir / FAILED).is_file() \
-        else "unfinished"
+    status = point_status(run_dir, cfg.train.steps, train, evals)
     best = min(finite) if finite else float("nan")
     row = {
         "name": run_dir.name,
@@ -126,6 +166,9 @@ def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: P
         "status": status,
         "d_model": cfg.model.d_model,
         "n_layers": cfg.model.n_layers,
+        "replicate": int(point.get("replicate") or 0),
+        "seed": cfg.seed,
+        "point": point.get("point") or run_dir.name,
         "workdir": os.path.relpath(run_dir, relative_to),
     }
     for key in HPARAM_COLUMNS:
@@ -135,7 +178,8 @@ def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: P
     return row
 
 
-def _sweep_points(directory: Path) -> dict[str, dict[str, Any]]:
+def listed_points(directory: Path) -> dict[str, dict[str, Any]]:
+    """The points DIR/sweep.json lists, by name ({} without one)."""
     listing = directory / "sweep.json"
     if not listing.is_file():
         return {}
@@ -158,7 +202,7 @@ def collect(directory: str | Path, out: str | Path | None = None, export: str | 
     if export is not None:
         out = Path(export) / "runs.csv"
     out = Path(out) if out else directory / "runs.csv"
-    points = _sweep_points(directory)
+    points = listed_points(directory)
     run_dirs = sorted(d for d in directory.rglob("config.yaml") if (d.parent / "metrics.jsonl").is_file())
     if export is not None:  # an earlier export inside the sweep directory is not a run
         run_dirs = [d for d in run_dirs if Path(export).resolve() not in d.resolve().parents]
@@ -183,6 +227,10 @@ def collect(directory: str | Path, out: str | Path | None = None, export: str | 
     if bad:
         note += f"; not done (status failed/unfinished, left out by `llmjax fit`): {', '.join(bad)}"
     print(f"wrote {out}: {len(rows)} runs{note}")
+    progress = sweep_progress(list(points), {**{n: "unfinished" for n in skipped}, **{r["name"]: r["status"]
+                                                                                      for r in rows}})
+    if progress and points:
+        print(partial_line(progress))
     return out
 
 
@@ -207,4 +255,5 @@ def _export_run(run_dir: Path, dest: Path, relative_to: Path, max_points: int = 
     return os.path.relpath(dest, relative_to)
 
 
-__all__ = ["CSV_COLUMNS", "HPARAM_COLUMNS", "collect", "collect_row", "is_finished", "marker", "read_metrics"]
+__all__ = ["CSV_COLUMNS", "HPARAM_COLUMNS", "collect", "collect_row", "is_finished", "listed_points", "marker",
+           "partial_line", "point_status", "read_metrics", "sweep_progress"]

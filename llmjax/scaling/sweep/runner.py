@@ -5,9 +5,10 @@ command `--dry-run` prints) in `WORKDIR/<point name>`. A point is finished when 
 marker exists, or when its metrics.jsonl has the train record of the last step and the final
 eval record (a DONE marker is then written). An interrupted point is simply run again: the
 trainer resumes from its newest checkpoint. `WORKDIR/sweep.json` lists the points (budget,
-steps, tokens, flops, hyperparameters) for `collect` (`scaling/sweep/collect.py`), keeping the points
-that other specs trained into the same directory listed; each point's DONE marker repeats its
-budget and hyperparameters.
+steps, tokens, flops, hyperparameters, replicate and the point it replicates) for `collect`
+(`scaling/sweep/collect.py`), keeping the points that other specs trained into the same directory
+listed; each point's DONE marker repeats its budget, hyperparameters and replicate. The replicates
+of a point (`replicates: R` in the spec, `scaling/sweep/replicates.py`) are points of their own.
 
 With `--pack K` (`scaling/sweep/pack.py`) up to K unfinished points of one shape that differ only in
 their seed or optimizer hyperparameters train together in one compiled program, each point's
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
             print(launch_command(sweep, p, workdir, prefix))
         return 0
     workdir.mkdir(parents=True, exist_ok=True)
-    listing = [{"name": p.name, "budget": p.budget, "steps": p.steps, "tokens": p.tokens, "flops": p.flops,
-                "shape": p.shape, "hyperparameters": p.hyperparameters, "overrides": p.overrides}
-               for p in sweep.points]
-    _write_listing(workdir, sweep, listing)
+    write_listing(workdir, sweep)
     if pack != 1:
         return _run_packed(sweep, workdir, pack, keep_going, by_name, pack_mode)
     n, failed = len(sweep.points), []
@@ -73,7 +72,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, dry_run: bool = False, prefix: 
         run_dir = workdir / p.name
         if is_finished(run_dir, p.steps):
             print(f"[{i}/{n}] {p.name}: finished, skipped", flush=True)
-            _write_done(run_dir, p, timed=False)
+            write_done(run_dir, p, timed=False)
             continue
         rc = _run_point(sweep, p, by_name, workdir, f"[{i}/{n}]")
         if rc == 0:
@@ -99,7 +98,7 @@ def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: 
     for p in sweep.points:
         if is_finished(workdir / p.name, p.steps):
             print(f"{p.name}: finished, skipped", flush=True)
-            _write_done(workdir / p.name, p, timed=False)
+            write_done(workdir / p.name, p, timed=False)
         else:
             todo.append(p)
     packs = plan_packs(sweep, todo, k, workdir)
@@ -116,7 +115,7 @@ def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: 
             if rc == 0:
                 (run_dir / FAILED).unlink(missing_ok=True)
                 if len(group) > 1:
-                    _write_done(run_dir, p, timed=True)
+                    write_done(run_dir, p, timed=True)
                 continue
             bad.append((p.name, rc))
             if keep_going and run_dir.is_dir():
@@ -136,32 +135,35 @@ def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: 
     return 0
 
 
-def _run_point(sweep: Sweep, p: Any, by_name: dict[str, Any], workdir: Path, counter: str) -> int:
-    """Train (or resume, or branch and train) one point; its trainer's exit status."""
+def _run_point(sweep: Sweep, p: Any, by_name: dict[str, Any], workdir: Path, counter: str,
+               call: Callable[[list[str]], int] = subprocess.call) -> int:
+    """Train (or resume, or branch and train) one point; its trainer's exit status. `call` runs a command
+    (the sweep workers' runs it with a heartbeat, scaling/cluster/worker.py)."""
     run_dir = workdir / p.name
     if p.trunk and not (run_dir / "checkpoints").is_dir():
         print(f"{counter} {p.name}: branching from {p.trunk} at step {p.branch_at}", flush=True)
-        rc = _branch(sweep, by_name[p.trunk], p, workdir)
+        rc = _branch(sweep, by_name[p.trunk], p, workdir, call)
         if rc != 0:
             print(f"llmjax sweep: trunk {p.trunk} exited with status {rc}", file=sys.stderr)
             return rc
     resume = (run_dir / "checkpoints").is_dir()
     print(f"{counter} {p.name}: {'resuming' if resume else 'training'} {p.steps} steps, "
           f"{p.tokens:,} tokens, {p.flops:.3g} FLOPs", flush=True)
-    rc = _train(sweep, p.overrides, run_dir)
+    rc = _train(sweep, p.overrides, run_dir, call)
     if rc == 0:
-        _write_done(run_dir, p, timed=True)
+        write_done(run_dir, p, timed=True)
     return rc
 
 
-def _train(sweep: Sweep, overrides: list[str], run_dir: Path) -> int:
+def _train(sweep: Sweep, overrides: list[str], run_dir: Path,
+           call: Callable[[list[str]], int] = subprocess.call) -> int:
     """One `llmjax train` subprocess in `run_dir`, its time added to the directory's WALL_TIME."""
     cmd = [sys.executable, "-m", "llmjax.cli", "train"]
     if sweep.base:
         cmd += ["--config", sweep.base]
     cmd += ["--workdir", str(run_dir), *overrides]
     t0 = time.time()
-    rc = subprocess.call(cmd)
+    rc = call(cmd)
     _add_wall_time(run_dir, time.time() - t0)
     return rc
 
@@ -171,10 +173,11 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) if ckpts.is_dir() else []
 
 
-def _branch(sweep: Sweep, trunk: Any, point: Any, workdir: Path) -> int:
+def _branch(sweep: Sweep, trunk: Any, point: Any, workdir: Path,
+            call: Callable[[list[str]], int] = subprocess.call) -> int:
     """Advance the trunk to `point.branch_at` and copy its run directory to the point's (atomically)."""
     trunk_dir, run_dir = workdir / trunk.name, workdir / point.name
-    rc = _train(sweep, [*trunk.overrides, f"train.stop_after={point.branch_at}"], trunk_dir)
+    rc = _train(sweep, [*trunk.overrides, f"train.stop_after={point.branch_at}"], trunk_dir, call)
     if rc != 0:
         return rc
     if point.branch_at not in _checkpoint_steps(trunk_dir):
@@ -203,6 +206,14 @@ def _add_wall_time(run_dir: Path, seconds: float) -> None:
         path.write_text(f"{before + seconds:.3f}\n")
 
 
+def write_listing(workdir: Path, sweep: Sweep) -> None:
+    """Write WORKDIR/sweep.json listing the sweep's points (`_write_listing`)."""
+    _write_listing(workdir, sweep, [{"name": p.name, "budget": p.budget, "steps": p.steps, "tokens": p.tokens,
+                                     "flops": p.flops, "shape": p.shape, "hyperparameters": p.hyperparameters,
+                                     "overrides": p.overrides, "replicate": p.replicate,
+                                     "point": p.replicate_of or p.name} for p in sweep.points])
+
+
 def _write_listing(workdir: Path, sweep: Sweep, listing: list[dict[str, Any]]) -> None:
     """Write WORKDIR/sweep.json, keeping the points another spec listed there before (several specs may
     train into one directory, e.g. a grid widened where its optima fell on an edge)."""
@@ -217,11 +228,12 @@ def _write_listing(workdir: Path, sweep: Sweep, listing: list[dict[str, Any]]) -
                                 "points": kept + listing}, indent=1))
 
 
-def _write_done(run_dir: Path, point: Any, timed: bool) -> None:
+def write_done(run_dir: Path, point: Any, timed: bool) -> None:
     """Mark a point finished (with its accumulated wall time when the runner timed it)."""
     if not run_dir.is_dir() or (not timed and (run_dir / "DONE").is_file()):
         return
-    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps, "hyperparameters": point.hyperparameters}
+    info: dict[str, Any] = {"budget": point.budget, "steps": point.steps, "hyperparameters": point.hyperparameters,
+                            "replicate": point.replicate, "point": point.replicate_of or point.name}
     try:
         info["wall_time"] = float((run_dir / "WALL_TIME").read_text())
     except (OSError, ValueError):
@@ -229,4 +241,5 @@ def _write_done(run_dir: Path, point: Any, timed: bool) -> None:
     (run_dir / "DONE").write_text(json.dumps(info))
 
 
-__all__ = ["CSV_COLUMNS", "FAILED", "collect", "is_finished", "run_sweep", "point_config"]
+__all__ = ["CSV_COLUMNS", "FAILED", "collect", "is_finished", "point_config", "run_sweep", "write_done",
+           "write_listing"]

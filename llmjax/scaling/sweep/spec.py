@@ -56,11 +56,12 @@ from typing import Any
 from llmjax.config import Config, ConfigError, load_config, load_yaml
 from llmjax.scaling import ScalingError
 from llmjax.scaling.sweep.axes import PARAMS_OF, Axis, axis_overrides, combinations, name_suffix, parse_axes
+from llmjax.scaling.sweep.replicates import parse_replicates, replicate_name, replicate_overrides, seed_keys
 
 SIZE_RULE_DEFAULTS = {"width_per_layer": 64, "min_layers": 1, "head_dim": 64, "ff_mult": 4, "ff_multiple_of": 64}
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 SPEC_KEYS = {"name", "base", "overrides", "sizes", "shapes", "isoflop", "grid", "warmup_fraction", "evals",
-             "description", "cooldown_branches", "hyperparameters", "extends"}
+             "description", "cooldown_branches", "hyperparameters", "extends", "replicates"}
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Point:
     trunk: str | None = None  # cooldown branches: the point whose run this one branches from ...
     branch_at: int = 0  # ... at this step
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # the axes' values (scaling/sweep/axes.py)
+    replicate: int = 0  # which of the spec's `replicates` seeds (scaling/sweep/replicates.py) ...
+    replicate_of: str | None = None  # ... of this point (the name its replicates share; None: one replicate)
 
 
 @dataclass
@@ -230,16 +233,18 @@ def sweep_name(value: Any, path: Path) -> str:
     return name
 
 
-def _count_points(spec: dict[str, Any], shapes: list[dict[str, int]], axes: list[Axis], path: Path) -> None:
-    """Refuse a spec whose grid expands to more than MAX_POINTS points (counting the axes with fixed values)."""
+def _count_points(spec: dict[str, Any], shapes: list[dict[str, int]], axes: list[Axis], path: Path,
+                  replicates: int = 1) -> None:
+    """Refuse a spec whose grid expands to more than MAX_POINTS points (counting the axes with fixed values
+    and the replicates)."""
     targets = (spec.get("isoflop") or {}).get("budgets") if "isoflop" in spec else (spec.get("grid") or {}).get(
         "tokens")
-    n = len(shapes) * (len(targets) if isinstance(targets, list) else 1)
+    n = len(shapes) * (len(targets) if isinstance(targets, list) else 1) * replicates
     for ax in axes:
         n *= max(1, len(ax.values) if ax.kind == "grid" else len(ax.times))
     if n > MAX_POINTS:
-        raise ScalingError(f"sweep spec {path}: {n:,} points (shapes x budgets x hyperparameter values), more than "
-                           f"{MAX_POINTS:,}; split it into smaller sweeps")
+        raise ScalingError(f"sweep spec {path}: {n:,} points (shapes x budgets x hyperparameter values x "
+                           f"replicates), more than {MAX_POINTS:,}; split it into smaller sweeps")
     if n > 1000:  # about a millisecond each: say so rather than print nothing for seconds
         print(f"sweep spec {path}: validating up to {n:,} points ...", file=sys.stderr, flush=True)
 
@@ -262,7 +267,8 @@ def load_sweep(path: str | Path) -> Sweep:
     evals = max(1, int(spec.get("evals", 1)))
     shapes = _shapes(spec)
     axes = parse_axes(spec.get("hyperparameters"), path)
-    _count_points(spec, shapes, axes, path)
+    replicates = parse_replicates(spec.get("replicates"), str(path))
+    _count_points(spec, shapes, axes, path, replicates)
 
     def make(shape: dict[str, int], target_tokens: float, budget: float | None, name_: str) -> list[Point]:
         """The point of `shape` at `target_tokens`, once per combination of the hyperparameter axes."""
@@ -282,8 +288,17 @@ def load_sweep(path: str | Path) -> Sweep:
             _validate_point(cfg)
             tokens = steps * row_tokens
             fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-            out.append(Point(name_ + name_suffix(axes, hp), shape, steps, tokens, fpt * tokens, budget, overrides,
-                             hyperparameters=hp))
+            point_name = name_ + name_suffix(axes, hp)
+            if replicates > 1 and set(hp) & set(seed_keys(cfg)):
+                raise ScalingError(f"sweep spec {path}: 'replicates' and a seed axis in 'hyperparameters' "
+                                   f"({sorted(set(hp) & set(seed_keys(cfg)))}): give one or the other")
+            for r in range(replicates):
+                seeds = replicate_overrides(cfg, r)
+                if r:
+                    load_config(base, overrides + seeds)  # the raised seeds are checked like any value
+                out.append(Point(replicate_name(point_name, r), shape, steps, tokens, fpt * tokens,
+                                 budget, overrides + seeds, hyperparameters=hp, replicate=r,
+                                 replicate_of=point_name if replicates > 1 else None))
         return out
 
     points: list[Point] = []
@@ -321,10 +336,11 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def _make_branches(points: list[Point], base: str | None, warmup_fraction: float, path: Path) -> None:
     """Turn every shape's shorter points into cooldown branches of its longest point (module docstring).
-    Points with different hyperparameters have different trunks."""
+    Points with different hyperparameters, or different replicates, have different trunks."""
     groups: dict[tuple, list[Point]] = {}
     for p in points:
-        key = (tuple(sorted(p.shape.items())), tuple(sorted((k, str(v)) for k, v in p.hyperparameters.items())))
+        key = (tuple(sorted(p.shape.items())), tuple(sorted((k, str(v)) for k, v in p.hyperparameters.items())),
+               p.replicate)
         groups.setdefault(key, []).append(p)
     for group in groups.values():
         group.sort(key=lambda p: p.steps)

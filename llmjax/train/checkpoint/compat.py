@@ -58,8 +58,14 @@ def _flat(tree: Any) -> dict[str, Any]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]}
 
 
+# Parameters an objective adds on top of the model (a reward model's scalar head, `llmjax.post.rl.reward`): a
+# reader of the model alone (generate, eval, `train.init_from`) ignores them in a checkpoint.
+HEAD_PARAMS = ("score",)
+
+
 def shape_diff(saved_shapes: dict[str, tuple[int, ...]], expected: Any, logical: Any) -> list[str]:
-    """Differences between the checkpoint's parameter shapes and the config's, each naming the key."""
+    """Differences between the checkpoint's parameter shapes and the config's, each naming the key (a head of
+    `HEAD_PARAMS` that only the checkpoint has is not one)."""
     want = {k: tuple(v.shape) for k, v in _flat(expected).items()}
     names = {k: tuple(spec) for k, spec in _flat_specs(logical).items()}
     problems = []
@@ -67,7 +73,8 @@ def shape_diff(saved_shapes: dict[str, tuple[int, ...]], expected: Any, logical:
         if leaf not in saved_shapes:
             problems.append(f"the config has a parameter {leaf} that the checkpoint lacks")
         elif leaf not in want:
-            problems.append(f"the checkpoint has a parameter {leaf} that the config lacks")
+            if leaf not in HEAD_PARAMS:
+                problems.append(f"the checkpoint has a parameter {leaf} that the config lacks")
         elif saved_shapes[leaf] != want[leaf]:
             problems.append(_dim_problem(leaf, saved_shapes[leaf], want[leaf], names.get(leaf, ())))
     return problems

@@ -99,8 +99,9 @@ def load_base(cfg: Config, setup: Any, workdir: Any, resuming: bool) -> tuple[An
     base, step = None, None
     if cfg.train.init_from and (not resuming or setup.lora is not None):
         want = recorded.get("step") if (resuming and recorded) else None
-        step, base = restore_base(cfg, setup.params.placed(setup.mesh, setup.rules), setup.params.logical,
-                                  cfg.train.init_from, want)
+        start = setup.base_params  # the model family's parameters (an objective's head starts from the seed)
+        step, base = restore_base(cfg, start.placed(setup.mesh, setup.rules), start.logical, cfg.train.init_from,
+                                  want)
     elif recorded is not None:
         step = recorded.get("step")
     record = pointer(cfg, step)

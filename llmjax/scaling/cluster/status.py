@@ -1,0 +1,101 @@
+"""`llmjax sweep status DIR [--wait] [--json]`: what each point of a submitted sweep is doing.
+
+One row per point: pending (with its failed tries and last error, if any), running (worker, step,
+train loss, ETA from the recent step times), stale (a lease whose heartbeat is older than the lease
+time: its worker is gone; the next claimer takes it over), done (final eval loss) or failed (the
+trainer's last error line). Totals, the accelerator-hours spent so far (each point's WALL_TIME, plus
+the time since the claim of each running point, times the accelerators per worker) and an estimate
+of the hours to finish (the remaining points' FLOPs at the hours per FLOP of the finished points).
+
+`--wait` re-reads every few seconds until every point is done or failed; the exit status is 0 only
+when all are done (1 when any failed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmjax.scaling.cluster.lease import LocalLeases
+from llmjax.scaling.cluster.queue import point_state, read_queue
+
+STATES = ("pending", "running", "stale", "done", "failed")
+
+
+def sweep_status(directory: str | Path) -> dict[str, Any]:
+    """{name, points: [point_state...], totals: {state: n}, accelerator_hours, hours_to_finish}."""
+    directory = Path(directory)
+    sweep, settings = read_queue(directory)
+    leases = LocalLeases(directory)
+    points = [point_state(directory, p, leases, settings) for p in sweep.points]
+    acc = float(settings["accelerators_per_worker"])
+    now = time.time()
+    spent, done_flops, done_seconds = 0.0, 0.0, 0.0
+    for info in points:
+        try:
+            wall = float((directory / info["name"] / "WALL_TIME").read_text())
+        except (OSError, ValueError):
+            wall = 0.0
+        if info["state"] in ("running", "stale"):
+            wall += max(0.0, now - float(info.get("claimed", now)))
+        if info["state"] == "done" and wall > 0:
+            done_flops += info["flops"]
+            done_seconds += wall
+        spent += wall
+    todo = sum(info["flops"] for info in points if info["state"] in ("pending", "running", "stale"))
+    to_go = todo * done_seconds / done_flops * acc / 3600 if done_flops else None
+    totals = {s: sum(1 for i in points if i["state"] == s) for s in STATES}
+    return {"name": sweep.name, "directory": str(directory), "points": points, "totals": totals,
+            "accelerators_per_worker": acc, "accelerator_hours": round(spent * acc / 3600, 4),
+            "hours_to_finish": None if to_go is None else round(to_go, 4)}
+
+
+def _detail(info: dict[str, Any]) -> str:
+    s = info["state"]
+    retry = f"{info['failures']} failed tries, last: {info.get('error', '')}" if info.get("failures") else ""
+    if s == "done":
+        loss = info.get("final_loss")
+        return f"final loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+    if s == "failed":
+        return str(info.get("error", ""))
+    if s in ("running", "stale"):
+        step = f"step {info['step'] + 1}/{info['steps']}" if "step" in info else f"starting ({info['steps']} steps)"
+        loss = f", loss {info['loss']:.4f}" if isinstance(info.get("loss"), (int, float)) else ""
+        eta = f", ETA {info['eta_seconds']:.0f}s" if "eta_seconds" in info and s == "running" else ""
+        beat = f", no heartbeat for {info['heartbeat_age']:.0f}s" if s == "stale" else ""
+        return f"{info['worker']}: {step}{loss}{eta}{beat}" + (f"; {retry}" if retry else "")
+    return retry
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The table `sweep status` prints."""
+    width = max([len(i["name"]) for i in st["points"]] + [5])
+    lines = [f"{'point':<{width}}  {'state':<8} detail"]
+    lines += [f"{i['name']:<{width}}  {i['state']:<8} {_detail(i)}".rstrip() for i in st["points"]]
+    t = st["totals"]
+    lines.append(f"{len(st['points'])} points: " + ", ".join(f"{t[s]} {s}" for s in STATES if t[s]))
+    to_go = st["hours_to_finish"]
+    lines.append(f"accelerator-hours: {st['accelerator_hours']:.3g} spent, "
+                 + (f"~{to_go:.3g} to finish" if to_go is not None else "no estimate to finish yet (no point done)")
+                 + f" ({st['accelerators_per_worker']:g} per worker)")
+    return "\n".join(lines)
+
+
+def status_main(directory: str | Path, wait: bool = False, as_json: bool = False, every: float = 5.0) -> int:
+    """Print the status (once, or until every point is done or failed); 0 when all done."""
+    while True:
+        st = sweep_status(directory)
+        t = st["totals"]
+        finished = t["pending"] + t["running"] + t["stale"] == 0
+        if not wait or finished:
+            print(json.dumps(st, indent=1) if as_json else format_status(st), flush=True)
+            return 0 if t["done"] == len(st["points"]) else 1
+        print(f"{time.strftime('%H:%M:%S')} {st['name']}: " + ", ".join(f"{t[s]} {s}" for s in STATES if t[s]),
+              file=sys.stderr, flush=True)
+        time.sleep(every)
+
+
+__all__ = ["format_status", "status_main", "sweep_status"]

@@ -1,0 +1,165 @@
+"""GRPO (`train.objective=grpo`): the loss the train step differentiates equals a hand computation on fixed
+log-probabilities and advantages (per token and per sequence); through the command line a run from an SFT model
+samples, scores and steps, resumes after kill -9 with the same rollouts and losses bit for bit, LoRA trains only
+adapters, and bad input (no prompts, a group of 1, a reward function that cannot be imported or that raises)
+exits 2 naming the key before anything is written."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+from test_cli import assert_usage_error, run_cli
+
+from llmjax.models.families import build_family
+from llmjax.post.rl.grpo import GRPOFamily, RolloutBatch
+from llmjax.train.telemetry.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "experiments" / "data"
+
+
+@pytest.mark.parametrize("normalise", ["token", "sequence"])
+def test_grpo_loss_equals_hand_computation(normalise):
+    cfg = tiny_config("train.objective=grpo", "rl.prompts=x.jsonl", "rl.reward_fn=a:b", "eval.every_steps=0",
+                      f"rl.normalise={normalise}")
+    base = build_family(cfg.model)
+    fam = GRPOFamily(base, cfg)
+    model = base.module()
+    B, L = 4, 12
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, L), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(1, 128, (B, L)).astype(np.int32)
+    targets = np.concatenate([inputs[:, 1:], rng.integers(1, 128, (B, 1))], 1).astype(np.int32)
+    lengths = np.array([8, 5, 11, 3])
+    mask = ((np.arange(L)[None] >= 2) & (np.arange(L)[None] < lengths[:, None])).astype(np.float32)
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, inputs), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logp = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz
+    old = logp + rng.normal(0, 0.3, (B, L))  # ratios on both sides of the clip range
+    ref = logp + rng.normal(0, 0.2, (B, L))
+    adv = np.array([1.2, -0.7, 0.3, -1.5])
+    w = mask if normalise == "token" else mask / mask.sum(1, keepdims=True)
+    batch = RolloutBatch(inputs=jnp.asarray(inputs), targets=jnp.asarray(targets),
+                         segment_ids=jnp.ones((B, L), jnp.int32), positions=jnp.broadcast_to(jnp.arange(L), (B, L)),
+                         weights=jnp.asarray(w, jnp.float32), old_logp=jnp.asarray(old, jnp.float32),
+                         ref_logp=jnp.asarray(ref, jnp.float32), entropy=jnp.zeros((B, L)),
+                         advantages=jnp.asarray(adv[:, None], jnp.float32), rewards=jnp.zeros((B, 1)))
+    total, sums = jax.jit(lambda p, b: fam.loss(model, p, b, 0.0))(params, batch)
+    want, clipped = 0.0, 0
+    for i in range(B):
+        for t in range(L):
+            if not mask[i, t]:
+                continue
+            rho = math.exp(logp[i, t] - old[i, t])
+            surr = -min(rho * adv[i], min(max(rho, 0.8), 1.2) * adv[i])
+            lr = ref[i, t] - logp[i, t]
+            want += w[i, t] * (surr + 0.04 * (math.exp(lr) - lr - 1))
+            clipped += (rho > 1.2 and adv[i] > 0) or (rho < 0.8 and adv[i] < 0)
+    assert float(total) == pytest.approx(want, rel=2e-5)
+    m = fam.metrics(sums, jnp.sum(batch.weights))
+    assert float(m["clip_fraction"]) == pytest.approx(clipped / mask.sum())
+    assert 0 < clipped < mask.sum()
+    # the step divides by the weights' sum: tokens (per token) or sequences (per sequence)
+    assert float(jnp.sum(batch.weights)) == pytest.approx(mask.sum() if normalise == "token" else B)
+
+
+TINY = [
+    "model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_ff=128", "model.max_seq_len=128", "model.compute_dtype=float32",
+    f"data.tokenizer={DATA / 'chat_tokenizer'}", "train.progress=false", "train.tensorboard=false",
+    "optim.warmup_steps=1", "sample.max_new_tokens=0",
+]
+SFT = [f"data.path={DATA / 'sft_chat.jsonl'}", "train.objective=sft", "data.seq_len=128", "train.steps=4",
+       "eval.every_steps=0", "checkpoint.every_steps=4", "train.batch_size=8", "optim.lr=3e-3"]
+GRPO = ["train.objective=grpo", f"rl.prompts={DATA / 'rl_tasks.jsonl'}",
+        "rl.reward_fn=llmjax.post.rl.rewards:exact_answer",
+        "rl.samples_per_prompt=4", "rl.max_new_tokens=8", "data.seq_len=48", "train.batch_size=8", "train.steps=3",
+        "eval.every_steps=0", "checkpoint.every_steps=1", "optim.lr=1e-3", "data.validation_fraction=0.2"]
+
+
+def grpo(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(workdir), *TINY, *GRPO,
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    sft = tmp_path_factory.mktemp("grpo") / "sft"
+    out = run_cli("train", "--workdir", str(sft), *TINY, *SFT)
+    assert out.returncode == 0, out.stderr
+    return sft
+
+
+@pytest.mark.slow
+def test_grpo_runs_and_resumes_bitwise_after_kill9(sft_run, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    steps = ("train.steps=8", "checkpoint.every_steps=2")
+    out = grpo(full, f"train.init_from={sft_run}", *steps)
+    assert out.returncode == 0, out.stderr
+    assert "rl step 0: 8 rollouts" in out.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(resumed), *TINY, *GRPO,
+                             f"train.init_from={sft_run}", *steps], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, reached = time.time() + 600, False
+    while time.time() < deadline and proc.poll() is None and not reached:
+        m = resumed / "metrics.jsonl"
+        reached = m.exists() and any(s >= 5 for s in read_metrics(m))  # checkpoint 2 (or 4) finished
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert reached and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    out = grpo(resumed, f"train.init_from={sft_run}", *steps)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stderr, out.stderr
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    keys = ("loss", "reward", "kl", "entropy", "response_length", "grad_norm")
+    assert sorted(b) == list(range(8))
+    assert [[a[k][x] for x in keys] for k in range(8)] == [[b[k][x] for x in keys] for k in range(8)]
+    assert {"reward", "reward_std", "kl", "entropy", "clip_fraction", "approx_kl", "response_length"} <= set(a[0])
+    assert a[0]["kl"] == 0.0 and a[7]["kl"] > 0.0  # the policy starts as the reference, then moves
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_trains_only_adapters(sft_run, tmp_path):
+    wd = tmp_path / "lora"
+    out = grpo(wd, f"train.init_from={sft_run}", "lora.rank=4", "lora.targets=[q,v]", "train.steps=2")
+    assert out.returncode == 0, out.stderr
+    from llmjax.train.checkpoint.compat import saved_param_shapes
+
+    names = set(saved_param_shapes(wd / "checkpoints" / "2") or {})
+    assert names and all(n.endswith(("/a", "/b")) for n in names), names  # adapters only: A and B
+
+
+@pytest.mark.slow
+def test_grpo_bad_input_exits_2(sft_run, tmp_path):
+    wd = tmp_path / "bad"
+    no_prompts = tmp_path / "no_prompts.jsonl"
+    no_prompts.write_text('{"question": "What is 1 plus 1?"}\n')
+    assert_usage_error(grpo(wd, f"rl.prompts={no_prompts}"), "rl.prompts", "line 1", '"prompt"')
+    assert_usage_error(grpo(wd, "rl.samples_per_prompt=1"), "rl.samples_per_prompt=1")
+    assert_usage_error(grpo(wd, "rl.reward_fn=no_such_module:f"), "rl.reward_fn=no_such_module:f", "cannot import")
+    fns = tmp_path / "fns"
+    fns.mkdir()
+    (fns / "bad_reward.py").write_text("def reward(prompt, response, record):\n    return record['missing']\n")
+    err = assert_usage_error(grpo(wd, "rl.reward_fn=bad_reward:reward", env={"PYTHONPATH": f"{fns}:{ROOT}"}),
+                             "rl.reward_fn=bad_reward:reward raised KeyError", "rl_tasks.jsonl line")
+    assert "Traceback" not in err
+    other = tmp_path / "other_vocab_rm"  # a reward-model workdir of another vocabulary (refused before its weights)
+    (other / "checkpoints" / "0").mkdir(parents=True)
+    (other / "config.yaml").write_text("train:\n  objective: reward\nmodel:\n  vocab_size: 256\n")
+    assert_usage_error(grpo(wd, "rl.reward_fn=null", f"rl.reward_model={other}"), "rl.reward_model",
+                       "another vocabulary", "256")
+    assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())

@@ -26,7 +26,8 @@ the data pipeline and the model, compiles the train and eval steps and exits, wr
 
 Exit status: 0 success; 2 usage or configuration error (reported before anything is
 compiled); 1 a run that failed (e.g. a non-finite loss, or an internal error); 3 a storage
-error (disk full, quota exceeded, read-only or forbidden path: the message names the path and
+error (disk full, quota exceeded, read-only or forbidden path, a path that cannot be created:
+the message names the path and
 its free space, and checkpoints saved before are intact); 128+N after signal N (the run saved
 a checkpoint and can be resumed with the same command). Every failure prints one line; the
 full detail (tracebacks, library logs) goes to WORKDIR/llmjax.log, or to a temporary file
@@ -52,7 +53,7 @@ from llmjax.interop import convert_cli
 from llmjax.planner import compile_cli as planner_cli
 from llmjax.post.rl import reward_cli
 from llmjax.scaling import scaling_cli
-from llmjax.storage import storage_problem
+from llmjax.storage import free_space, storage_problem
 
 
 def version() -> str:
@@ -283,6 +284,19 @@ def _error(msg: str) -> None:
     runlog.record(f"error: {msg}")
 
 
+def _file_error(e: BaseException) -> OSError | None:
+    """The OSError naming a file in `e`'s cause/context chain (a path that could not be created, opened or
+    written), or None."""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and node.filename is not None and node.strerror:
+            return node
+        node = node.__cause__ or node.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
@@ -313,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if reason is not None:
             _error(f"{reason}: {type(e).__name__}: {first[:300]} (details in {path})")
+            return EXIT_STORAGE
+        refused = _file_error(e)
+        if refused is not None:  # a path the file system refused (e.g. an --out under /proc)
+            _error(f"cannot use {refused.filename}: {refused.strerror} ({free_space(refused.filename)}; details in "
+                   f"{path})")
             return EXIT_STORAGE
         _error(f"{type(e).__name__}: {first[:300]} (the full traceback is in {path})")
         return EXIT_FAILED

@@ -121,4 +121,30 @@ def writable_ancestor(path: Any) -> str | None:
         return f"{probe} is not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable"
+    kind = _pseudo_file_system(probe)
+    if kind is not None:
+        return f"{probe} is on a {kind} file system, which holds no files of ours"
     return None
+
+
+# kernel file systems where mkdir fails (or means something else) even for root
+PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
+                       "bpf", "configfs", "fusectl", "mqueue", "binfmt_misc", "efivarfs", "hugetlbfs", "autofs"}
+
+
+def _pseudo_file_system(path: str) -> str | None:
+    """The type of the kernel pseudo file system holding `path` (/proc, /sys, ...), or None (from
+    /proc/self/mounts: the longest mount point that contains `path`; None where that cannot be read)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for point, fs in mounts:
+        point = point.replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fs
+    return kind if kind in PSEUDO_FILE_SYSTEMS else None

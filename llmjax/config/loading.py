@@ -249,18 +249,66 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     device count are checked by `validate_mesh` (the trainer's preflight) or `validate`.
     """
     data = load_yaml(path if path is not None else DEFAULT_CONFIG)
+    model_overrides: list[tuple[list[str], Any]] = []
     for item in overrides:
         keys, value = parse_override(item)
+        if keys[0] == "model":
+            model_overrides.append((keys, value))
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
                 node[k] = {}
             node = node[k]
         node[keys[-1]] = value
+    data = _inherit_init_from(data, data.get("model") if path is not None else None, model_overrides)
     cfg = _build(Config, data, "")
     if check:
         validate_config(cfg)
     return cfg
+
+
+INIT_FROM_CONFIG = "config.yaml"  # a workdir's resolved config (`llmjax.train.workdir.save_config`)
+INIT_FROM_TOKENIZER = "tokenizer"  # a workdir's tokenizer copy (`llmjax.data.tokenizers.run_tokenizer`)
+
+
+def _inherit_init_from(data: dict[str, Any], file_model: Any, model_overrides: list[tuple[list[str], Any]]
+                       ) -> dict[str, Any]:
+    """With `train.init_from=WORKDIR`: the model section of WORKDIR/config.yaml (then the model keys of an
+    explicit --config file and of the overrides on top), and `data.tokenizer` defaulting to WORKDIR/tokenizer/
+    (the tokenizer and its chat template), before anything is validated against them. A WORKDIR without a
+    config.yaml leaves `data` as it is (the trainer then reports the missing checkpoint)."""
+    train, section = data.get("train"), data.get("data")
+    init = train.get("init_from") if isinstance(train, dict) else None
+    if not isinstance(init, str) or not init.strip():
+        return data
+    root: Any
+    if "://" in init:
+        from llmjax.storage import as_path
+
+        root = as_path(init)
+    else:
+        root = Path(init).expanduser()
+    if not (root / INIT_FROM_CONFIG).is_file():
+        return data
+    saved = load_yaml(root / INIT_FROM_CONFIG)
+    model = saved.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(f"train.init_from: {root / INIT_FROM_CONFIG} has no model section")
+    if isinstance(file_model, dict):
+        model = deep_merge(model, file_model)
+    tree: dict[str, Any] = {"model": model}
+    for keys, value in model_overrides:  # as load_config applies them
+        node = tree
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    out = dict(data, model=tree["model"])
+    if (section is None or isinstance(section, dict)) and not (section or {}).get("tokenizer") \
+            and (root / INIT_FROM_TOKENIZER).is_dir():
+        out["data"] = dict(section or {}, tokenizer=str(root / INIT_FROM_TOKENIZER))
+    return out
 
 
 def from_dict(data: dict[str, Any]) -> Config:

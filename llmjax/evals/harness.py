@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < (1 if name != "num_fewshot" else 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {1 if name != 'num_fewshot' else 0}, "
                               f"got {value}")
+    text, loaded = text_model(args.workdir, args.batch_size)  # a bad workdir fails fast, before lm-eval's index
     manager = task_manager(tasks, args.include_path)
-    text, loaded = text_model(args.workdir, args.batch_size)
     t0 = time.time()
     results = lm_eval.simple_evaluate(
         model=lm_class()(text), tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,

@@ -274,18 +274,24 @@ def write_plots(csv_path: str | Path, fit_path: str | Path, out_dir: str | Path)
 
     try:
         fit = json.loads(Path(fit_path).read_text())
-    except (OSError, ValueError) as e:
-        raise ScalingError(f"--fit {fit_path}: cannot read the fit: {e}") from None
-    runs = runs_for_plots(csv_path, fit)
-    if runs.progress:
-        from llmjax.scaling.sweep.collect import partial_line
-
-        print(partial_line(runs.progress))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ScalingError(f"--fit {fit_path}: cannot read the fit: {type(e).__name__}: {e}") from None
+    if not isinstance(fit, dict):
+        raise ScalingError(f"--fit {fit_path}: expected the JSON object `llmjax fit` writes, got a "
+                           f"{type(fit).__name__}")
     paths: list[Path] = []
-    for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):
-        paths += fn(plt, runs, fit, out)
-    if any("vs_N" in e for e in (fit.get("hyperparameters") or {}).values()):
-        paths += plot_hparam_laws(plt, fit, out)
+    try:
+        runs = runs_for_plots(csv_path, fit)
+        if runs.progress:
+            from llmjax.scaling.sweep.collect import partial_line
+
+            print(partial_line(runs.progress))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for fn in (plot_isoflop, plot_frontier, plot_optimal, plot_residuals):
+            paths += fn(plt, runs, fit, out)
+        if any("vs_N" in e for e in (fit.get("hyperparameters") or {}).values()):
+            paths += plot_hparam_laws(plt, fit, out)
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign JSON object
+        raise ScalingError(f"--fit {fit_path}: not a fit written by `llmjax fit` ({type(e).__name__}: {e})") from None
     return paths

@@ -12,6 +12,7 @@ import numpy as np
 from llmjax.config import Config
 from llmjax.data.tokenizers.decode import ModelVocabulary
 from llmjax.data.tokenizers.tokenizer import document_start
+from llmjax.errors import DataError
 from llmjax.models.families import ModelFamily
 from llmjax.train.objectives import RunData
 from llmjax.train.setup import Setup
@@ -26,11 +27,12 @@ class Evaluation(NamedTuple):
 
 
 def evaluate(family: ModelFamily, run_step: Callable[[dict[str, np.ndarray]], Any],
-             batches: Iterable[dict[str, np.ndarray]]) -> Evaluation:
+             batches: Iterable[dict[str, np.ndarray]], split: str = "validation") -> Evaluation:
     """Sum `run_step(batch)` (host batch [B_local, ...] -> the family's evaluation sums, on the device) over
     `batches` and derive the family's metrics. The trainer's in-loop evaluation and `llmjax eval` both call
     this. Several processes agree to stop at the first batch some process lacks (a collective: every process
-    must call it). The steps are dispatched before any result is read, so the host never stalls the device."""
+    must call it). The steps are dispatched before any result is read, so the host never stalls the device.
+    DataError when `batches` is empty."""
     sums = []
     it = iter(batches)
     while True:
@@ -46,6 +48,9 @@ def evaluate(family: ModelFamily, run_step: Callable[[dict[str, np.ndarray]], An
     close = getattr(it, "close", None)
     if close is not None:
         close()
+    if not sums:  # the family's metrics divide sums that no batch gave
+        raise DataError(f"data: the {split} split gave no batch to evaluate; raise data.validation_fraction, lower "
+                        "data.seq_len or train.batch_size, or disable evaluation with eval.every_steps=0")
     totals: dict[str, float] = {}
     for s in jax.device_get(sums):
         for k, v in s.items():
@@ -57,6 +62,24 @@ def validation_metrics(setup: Setup, eval_step: Any, params: Any, data: RunData)
     """The trainer's evaluation of `params` (sharded as `setup`'s state) over `data.eval_batches()`
     (`eval.batches` batches, fewer if the split ends first): `evaluate` with the jitted eval step."""
     return evaluate(setup.family, lambda b: eval_step(params, setup.put_batch(b)), data.eval_batches()).metrics
+
+
+def check_validation(cfg: Config, data: RunData) -> None:
+    """Before the run writes or compiles anything: with evaluation on, the validation split gives at least one
+    batch (DataError otherwise, instead of a failure at the first evaluation)."""
+    if cfg.eval.every_steps <= 0:
+        return
+    batches = data.eval_batches()
+    try:
+        first = next(iter(batches), None)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if first is None:
+        raise DataError(f"data: the validation split gives no batch of train.batch_size={cfg.train.batch_size} rows "
+                        f"of data.seq_len={cfg.data.seq_len} tokens; raise data.validation_fraction, lower "
+                        "data.seq_len or train.batch_size, or disable evaluation with eval.every_steps=0")
 
 
 def show_samples(cfg: Config, setup: Setup, params: Any, data: RunData) -> None:

@@ -109,8 +109,10 @@ def run_loop(run: Run, step_fn: Callable[[Any, Any], tuple[Any, Any]], next_batc
     run.completed = True
 
 
-def close_all(run: Run, hooks: Sequence[Hook]) -> None:
-    """Every hook's `close`, in order; the first error is raised once all are closed."""
+def close_all(run: Run, hooks: Sequence[Hook], failing: bool = False) -> None:
+    """Every hook's `close`, in order; the first error is raised once all are closed. `failing`: the loop is
+    already ending with an error, which must reach the user: closing errors are only recorded in the run log
+    (a full disk fails the metrics writer's close as well, and must not hide the first error's message)."""
     error: BaseException | None = None
     for h in hooks:
         try:
@@ -119,6 +121,11 @@ def close_all(run: Run, hooks: Sequence[Hook]) -> None:
             error = error or e
             run.completed = False
     if error is not None:
+        if failing:
+            from llmjax import runlog
+
+            runlog.record_exception(error, "while closing the run after an earlier error")
+            return
         raise error
 
 

@@ -23,13 +23,15 @@ from llmjax.evals.tasks import load_tasks
 from llmjax.models import mup
 from llmjax.models.roles import decay_mask, describe_decay
 from llmjax.parallel.mesh import describe as describe_mesh
-from llmjax.storage import as_path
+from llmjax.storage import as_path, reraise_storage
 from llmjax.train import workdir as run_dir
 from llmjax.train.checkpoint.compat import check_matches
 from llmjax.train.checkpoint.data_state import latest_saved_shares
-from llmjax.train.checkpoint.init_from import load_base
+from llmjax.train.checkpoint.init_from import check_base, load_base
 from llmjax.train.checkpoint.manager import Checkpointer
+from llmjax.train.evaluation import check_validation
 from llmjax.train.hooks import Run, close_all, run_loop
+from llmjax.train.lock import WorkdirLock, check_free
 from llmjax.train.lone import LoneTrainer, NonFiniteLoss, log
 from llmjax.train.objectives import RunData
 from llmjax.train.preflight import preflight
@@ -86,7 +88,8 @@ def check_run(cfg: Config, workdir: Any, setup: Setup, data: RunData) -> int:
         log(f"would resume from {newest} (its parameter shapes match)")
     t0 = time.time()
     step_fn = setup.jit_train_step().lower(setup.abstract_state, setup.abstract_batch()).compile()
-    setup.jit_eval_step().lower(setup.abstract_state.params, setup.abstract_batch()).compile()
+    # the eval step takes the model's parameters (with LoRA: base and adapters merged), not the trained ones
+    setup.jit_eval_step().lower(setup.params.placed(setup.mesh, setup.rules), setup.abstract_batch()).compile()
     log(f"compiled the train and eval steps in {time.time() - t0:.1f}s; per-device memory: "
         f"{memory_summary(step_fn)}")
     log(f"check passed: {workdir} would train {cfg.train.steps} steps of {cfg.train.batch_size} x "
@@ -124,17 +127,15 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     workdir = as_path(workdir)
     run_dir.check_writable(workdir)
     check_resumable(cfg, workdir)
+    if primary:  # another live trainer on this workdir: exit 2 before anything else (process 0 holds the lock)
+        check_free(workdir, warn=log)
     tasks = load_tasks(cfg.eval.tasks, cfg.eval.tasks_limit)  # a bad task file: exit 2 before any compile
     hardware = hardware_info(mesh_shape)
-    tracker = None
-    if not check_only:
-        run_dir.create(workdir)
-        if primary:
-            runlog.attach(workdir)
-            tracker = open_wandb(cfg, workdir, hardware)
 
+    # Everything the run checks before its first step, and nothing written yet: --check stops after it.
     t_start = time.time()
     setup = build_setup(cfg)
+    check_base(cfg, setup, workdir)  # train.init_from: a checkpoint of this model (read only)
     # Each process reads only the rows of every global batch that its devices hold; a resumed run
     # keeps the checkpoint's data shares (unless data.shares says otherwise).
     shares = latest_saved_shares(workdir / "checkpoints")
@@ -142,19 +143,41 @@ def train(cfg: Config, workdir: Any, check_only: bool = False) -> int:
     data = setup.objective.open_data(cfg, setup.model_family, block, jax.process_count(),
                                      tokenizer=run_tokenizer(cfg, workdir), shares=shares)
     log(f"{data.describe()} ({time.time() - t_start:.1f}s)")
-    if primary and not check_only:
-        if not has_copy(workdir):
-            save_copy(data.tokenizer, tokenizer_dir(workdir))
-        run_dir.save_config(cfg, workdir)
-    fpt, peak, peak_reliable = _describe(cfg, setup)
+    check_validation(cfg, data)
     if check_only:
+        _describe(cfg, setup)
         return check_run(cfg, workdir, setup, data)
 
+    run_dir.create(workdir)
+    lock = WorkdirLock(workdir, warn=log).acquire() if primary else None  # one trainer per workdir
+    try:
+        return _start_run(cfg, workdir, setup, data, t_start, _Extras(tasks, None, hardware))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _start_run(cfg: Config, workdir: Any, setup: Setup, data: RunData, t_start: float, extras: _Extras) -> int:
+    """Write the run's files (log, tokenizer copy, config.yaml; process 0), then `_run`, reporting a storage
+    error with the last good checkpoint. The workdir exists and its lock is held."""
+    primary = jax.process_index() == 0
+    tracker = None
+    if primary:
+        runlog.attach(workdir)
+        tracker = open_wandb(cfg, workdir, extras.hardware)
+        try:
+            if not has_copy(workdir):
+                save_copy(data.tokenizer, tokenizer_dir(workdir))
+        except OSError as e:  # a full disk before the first step: the path and the free space
+            reraise_storage(e, "copy the tokenizer into", tokenizer_dir(workdir))
+            raise
+        run_dir.save_config(cfg, workdir)
+    fpt, peak, peak_reliable = _describe(cfg, setup)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save, primary,
                         cfg.checkpoint.checksums)
     try:
         status = _run(cfg, workdir, setup, data, ckpt, fpt, (peak, peak_reliable), t_start,
-                      _Extras(tasks, tracker, hardware))
+                      extras._replace(tracker=tracker))
     except StorageError as e:
         good = ckpt.steps()
         newest = ckpt.directory / str(good[-1]) if good else "none"
@@ -208,13 +231,17 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
                           (fpt, *peak_and_reliable), start if restored else -1)
     run = Run(state, start, cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
     hooks = trainer.hooks(run)
+    failing = False
     try:
         run_loop(run, step_fn, setup.objective.batches(setup, data, iterator, run, log), hooks)
     except NonFiniteLoss as e:
         trainer.say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         run.status = EXIT_FAILED
+    except BaseException:
+        failing = True  # this error is the one reported: closing errors after it go to the run log only
+        raise
     finally:
-        close_all(run, hooks)
+        close_all(run, hooks, failing)
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
     return run.status
 

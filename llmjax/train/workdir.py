@@ -86,7 +86,7 @@ def create(workdir: Any) -> Any:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         reraise_storage(e, "create the workdir", workdir)
-        raise
+        raise StorageError("create the workdir", workdir, e.strerror or str(e)) from e
     return workdir
 
 

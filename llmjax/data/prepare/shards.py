@@ -135,6 +135,7 @@ def plan(cfg: Config, out: Path, shards: int = 0, workers: int = 1) -> tuple[Sou
         raise ConfigError(f"{source.key}: {source.description.split(':')[0]} is already tokenized")
     probe(source)
     tok = resolve_tokenizer(cfg, sources)
+    out.mkdir(parents=True, exist_ok=True)  # only once the source and the tokenizer are known good
     save_copy(tok, out / "tokenizer")
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     nbytes = getattr(source.train, "nbytes", None)
@@ -203,7 +204,6 @@ def prepare(cfg: Config, out: str | Path, workers: int = 1, shards: int = 0, run
     if workers < 0 or shards < 0:
         raise ConfigError("--workers and --shards must be >= 0")
     _check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     source, tasks = plan(cfg, out, shards, workers)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and runner == "local" else None

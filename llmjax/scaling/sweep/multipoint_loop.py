@@ -124,11 +124,15 @@ def train_packed(configs: Sequence[Config], workdirs: Sequence[Any],
             p.writer.write_config(to_dict(p.cfg), {"packed_with": [q.workdir.name for q in points]})
         run = Run(state, start, cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
         hooks = PackTrainer(points, program, setup).hooks(run)
+        failing = False
         try:
             run_loop(run, lambda s, b: step_fn(s, b, program.hparams),
                      lambda: program.put_batch([next(p.iterator) for p in points]), hooks)
+        except BaseException:
+            failing = True  # the loop's error is reported; closing errors after it go to the run log
+            raise
         finally:
-            close_all(run, hooks)
+            close_all(run, hooks, failing)
             log(f"pack of {K} done in {time.time() - t_start:.0f}s")
         return [p.status for p in points]
     finally:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,8 @@ def _numbers(value: Any, what: str) -> list[float]:
         out = [float(v) for v in value]
     except (TypeError, ValueError):
         raise ScalingError(f"sweep spec: '{what}' must be a list of numbers, got {value}") from None
-    if any(v <= 0 for v in out):
-        raise ScalingError(f"sweep spec: '{what}' must be positive, got {value}")
+    if any(not (0 < v < math.inf) for v in out):  # NaN fails this too
+        raise ScalingError(f"sweep spec: '{what}' must be positive and finite, got {value}")
     return out
 
 
@@ -216,6 +217,38 @@ def _context(cfg: Config, shape: dict[str, int], tokens: float, flops: float, ax
     return out
 
 
+MAX_POINTS = 10_000  # a spec that expands to more is refused before its points are validated one by one
+
+
+def sweep_name(value: Any, path: Path) -> str:
+    """The spec's `name` (default: the file's stem): one plain path component, since the sweep's directory is
+    runs/sweeps/<name> (ScalingError for '../x', 'a/b', '.', an absolute path)."""
+    name = path.stem if value is None or value == "" else value
+    if not isinstance(name, (str, int, float)) or isinstance(name, bool):
+        raise ScalingError(f"sweep spec {path}: 'name' must be a string, got {name!r}")
+    name = str(name)
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or not name.strip():
+        raise ScalingError(f"sweep spec {path}: name {name!r} must be a plain directory name (no '/', not '..'): "
+                           "the sweep is written to runs/sweeps/<name>")
+    return name
+
+
+def _count_points(spec: dict[str, Any], shapes: list[dict[str, int]], axes: list[Axis], path: Path,
+                  replicates: int = 1) -> None:
+    """Refuse a spec whose grid expands to more than MAX_POINTS points (counting the axes with fixed values
+    and the replicates)."""
+    targets = (spec.get("isoflop") or {}).get("budgets") if "isoflop" in spec else (spec.get("grid") or {}).get(
+        "tokens")
+    n = len(shapes) * (len(targets) if isinstance(targets, list) else 1) * replicates
+    for ax in axes:
+        n *= max(1, len(ax.values) if ax.kind == "grid" else len(ax.times))
+    if n > MAX_POINTS:
+        raise ScalingError(f"sweep spec {path}: {n:,} points (shapes x budgets x hyperparameter values x "
+                           f"replicates), more than {MAX_POINTS:,}; split it into smaller sweeps")
+    if n > 1000:  # about a millisecond each: say so rather than print nothing for seconds
+        print(f"sweep spec {path}: validating up to {n:,} points ...", file=sys.stderr, flush=True)
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and expand a sweep spec. Every point's config is validated (ConfigError otherwise)."""
     from llmjax.train.telemetry.metrics import flops_per_token  # imports jax: only when a spec is expanded
@@ -227,7 +260,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ScalingError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
     if ("isoflop" in spec) == ("grid" in spec):
         raise ScalingError(f"sweep spec {path}: give exactly one of 'isoflop' (budgets) or 'grid' (tokens)")
-    name = str(spec.get("name") or path.stem)
+    name = sweep_name(spec.get("name"), path)
     base = _resolve_base(spec.get("base"), path)
     common = _overrides(spec.get("overrides"))
     warmup_fraction = float(spec.get("warmup_fraction", 0.05))
@@ -235,6 +268,7 @@ def load_sweep(path: str | Path) -> Sweep:
     shapes = _shapes(spec)
     axes = parse_axes(spec.get("hyperparameters"), path)
     replicates = parse_replicates(spec.get("replicates"), str(path))
+    _count_points(spec, shapes, axes, path, replicates)
 
     def make(shape: dict[str, int], target_tokens: float, budget: float | None, name_: str) -> list[Point]:
         """The point of `shape` at `target_tokens`, once per combination of the hyperparameter axes."""

@@ -49,6 +49,34 @@ def restore_base(cfg: Config, abstract: Any, logical: Any, init_from: str, want_
     return step, params
 
 
+def _newest_step(ckpts: Any) -> Any | None:
+    steps = [c for c in ckpts.iterdir() if c.name.isdigit() and c.is_dir()] if ckpts.is_dir() else []
+    return max(steps, key=lambda c: int(c.name)) if steps else None
+
+
+def check_base(cfg: Config, setup: Any, workdir: Any) -> None:
+    """What `load_base` will need, checked read-only before the run writes anything (and by `train --check`):
+    `train.init_from` names a workdir with a checkpoint of this model (its newest checkpoint's recorded
+    architecture and parameter shapes). Skipped when the base is not read (a resumed full fine-tune)."""
+    from llmjax.train.checkpoint.compat import check_matches
+
+    if not cfg.train.init_from:
+        return
+    resuming = _newest_step(as_path(workdir) / "checkpoints") is not None
+    if resuming and setup.lora is None:
+        return
+    ckpts = as_path(cfg.train.init_from) / "checkpoints"
+    try:
+        newest = _newest_step(ckpts)
+    except OSError as e:
+        raise ConfigError(f"train.init_from: cannot read {ckpts}: {e.strerror or e}") from None
+    if newest is None:
+        raise ConfigError(f"train.init_from: no checkpoint in {ckpts} (a training run or `llmjax convert from-hf` "
+                          "workdir)")
+    check_matches(cfg.model, newest, setup.params.shapes, setup.params.logical,
+                  f"train.init_from={cfg.train.init_from}")
+
+
 def pointer(cfg: Config, step: int | None) -> dict[str, Any]:
     """The base record: where the starting parameters came from."""
     path = str(as_path(cfg.train.init_from).absolute()) if cfg.train.init_from else None

@@ -182,17 +182,43 @@ class MetricsWriter:
             raise
 
     def close(self) -> None:
+        """Close the files, the sinks and (remote) upload; every part is closed even when one fails, and the
+        first failure is raised after (a storage refusal as StorageError naming the file)."""
+        errors: list[BaseException] = []
+
+        def attempt(fn: Any, action: str, path: Any) -> None:
+            try:
+                fn()
+            except OSError as e:
+                try:
+                    reraise_storage(e, action, path)
+                except BaseException as storage:  # noqa: BLE001 - kept, raised after the rest is closed
+                    errors.append(storage)
+                    return
+                errors.append(e)
+            except Exception as e:  # noqa: BLE001 - kept, raised after the rest is closed
+                errors.append(e)
+
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            attempt(file.close, "write metrics to", self.path)
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        for sink in self._sinks:
-            sink.close()
-        self._sinks = []
+            tb, self._tb = self._tb, None
+            attempt(tb.close, "write TensorBoard events to", self._workdir / "tensorboard")
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            attempt(sink.close, "close a metrics sink of", getattr(self, "_workdir", "the run"))
         if self.enabled and self._remote:
+            self._remote = False
+            attempt(self._upload_once, "upload metrics to", self._workdir)
+        if errors:
+            raise errors[0]
+
+    def _upload_once(self) -> None:
+        self._remote = True
+        try:
             self.sync()
+        finally:
             self._remote = False
             shutil.rmtree(self._stage, ignore_errors=True)
 

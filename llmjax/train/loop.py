@@ -209,7 +209,7 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
     run = Run(state, start, cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
     hooks = trainer.hooks(run)
     try:
-        run_loop(run, step_fn, lambda: setup.put_batch(next(iterator)), hooks)
+        run_loop(run, step_fn, _first_batch_logged(iterator, setup.put_batch), hooks)
     except NonFiniteLoss as e:
         trainer.say(f"llmjax: {e}; stopping. {_blame(ckpt, start if restored else None, e)}")
         run.status = EXIT_FAILED
@@ -217,6 +217,24 @@ def _run(cfg: Config, workdir: Any, setup: Setup, data: RunData, ckpt: Checkpoin
         close_all(run, hooks)
     log(f"done in {time.time() - t_start:.0f}s; metrics in {workdir / 'metrics.jsonl'}")
     return run.status
+
+
+def _first_batch_logged(iterator: Any, put: Any) -> Any:
+    """`put(next(iterator))`, logging after the first batch how mixed it is (distinct documents in its rows)."""
+    first = [True]
+
+    def next_batch() -> Any:
+        batch = next(iterator)
+        if first[0]:
+            first[0] = False
+            mixing = getattr(iterator, "mixing", dict)()
+            if mixing:
+                rows = len(next(iter(batch.values())))
+                log(f"data: mixing: {mixing['distinct_documents']:.0f} distinct documents in the first batch's "
+                    f"{rows} rows (this process); see docs/data.md")
+        return put(batch)
+
+    return next_batch
 
 
 def _blame(ckpt: Checkpointer, resumed_at: int | None, e: NonFiniteLoss) -> str:

@@ -194,10 +194,10 @@ class DataConfig:
     packing: Literal["concat", "best_fit"] = option("concat", "concatenate-and-split, or best-fit bins (padding); "
                                                     "sft: always best-fit (conversations are never split)")
     packing_bins: int = option(16, "best_fit: rows open at once", ge=1)
-    shuffle: bool = option(True, "documents in one random order over the whole corpus each epoch, and pieces of "
-                                 "documents within shuffle_window")
-    shuffle_window: int = option(256, "pieces of documents (at most one row each) shuffled together before packing, "
-                                      "so a document's pieces land in rows of different batches (0 or 1: none)", ge=0)
+    shuffle: bool = option(True, "documents in one random order over the whole corpus each epoch, and rows within "
+                                 "shuffle_window")
+    shuffle_window: int = option(256, "packed rows shuffled together, per data share, so the rows of one document "
+                                      "land in different batches (0 or 1: no row shuffle)", ge=0)
     workers: int = option(0, "tokenizer processes per source and data share; 0: in the training process", ge=0)
     shares: int = option(0, "disjoint shares of the data, each filling batch_size/shares rows; 0: gcd(batch_size, "
                             "8), the same batches on 1, 2, 4 or 8 processes", ge=0)

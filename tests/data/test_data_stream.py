@@ -92,11 +92,14 @@ def corpus(tmp_path_factory):
 
 
 def test_global_batch_does_not_depend_on_the_process_count(corpus):
+    """Default settings (data.shares unset): process p of 2, 4 or 8 reads only its own shares, and their rows
+    in process order are the global batch of one process."""
     tmp, root = corpus
-    cfg = make_cfg(tmp, root, shares=4)
+    cfg = make_cfg(tmp, root)
     cfg.train.batch_size = 8
     ref, _ = _batches(DataModule(cfg), 5)
-    for procs in (2, 4):
+    for procs in (2, 4, 8):
+        assert DataModule(cfg, procs - 1, procs).local_shares == list(range(8 - 8 // procs, 8))
         parts = [_batches(DataModule(cfg, p, procs), 5)[0] for p in range(procs)]
         for k in range(5):
             for key in ref[k]:

@@ -28,8 +28,9 @@ from llmjax.train.telemetry.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = str(ROOT / "launch" / "local.sh")
 
-# data.shares=2 in both the 1- and the 2-process runs: the same global batches (see llmjax/data/stream/data_module.py).
-MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shares=2")
+# Default data settings in both the 1- and the 2-process runs (data.shares unset: gcd(batch_size=8, 8) = 8 shares
+# whatever the process count), so the same global batches (see llmjax/data/stream/data_module.py).
+MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 RUN = ("train.steps=10", "checkpoint.every_steps=5", "checkpoint.keep=10", "eval.every_steps=5")
 # In-loop multiple-choice scoring: every process scores the same requests on the global mesh.
 TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "eval.tasks_limit=6")
@@ -280,8 +281,8 @@ setup_jax(cfg)
 p = jax.process_index()
 data = DataModule(cfg, batch_block(build_setup(cfg), p, jax.process_count()), jax.process_count())
 read = []  # the records the training stream reads (not the tokenizer's training sample)
-original = records.FileBlocks.__getitem__
-records.FileBlocks.__getitem__ = lambda self, i: read.append(self.name(i)) or original(self, i)
+original = records.FileDocuments.__getitem__
+records.FileDocuments.__getitem__ = lambda self, i: read.append(self.name(i)) or original(self, i)
 it = data.train_iterator()
 batches = [next(it) for _ in range(6)]
 it.close()
@@ -292,24 +293,24 @@ json.dump({"read": read, "shares": data.local_shares}, open(f"{out}/read_{p}.jso
 
 @pytest.mark.multiprocess
 def test_two_processes_read_disjoint_shares_whose_union_is_the_global_batch(corpus, tmp_path):
-    """launch/local.sh 2 4: each process reads only its own records (no file block in both) and its own
-    rows; concatenated in process order they are the global batch one process reads (data.shares=2)."""
+    """launch/local.sh 2 4, default data settings: each process reads only its own records (no document in
+    both) and its own rows; concatenated in process order they are the global batch one process reads."""
     import json
 
     from llmjax.data.stream.data_module import DataModule
 
     script = tmp_path / "reader.py"
     script.write_text(_READER)
-    overrides = [*tiny_train_overrides(corpus), *MESH, "data.shuffle_window=0", "data.prefetch=0",
-                 "data.validation_fraction=0.0", "eval.every_steps=0"]
+    overrides = [*tiny_train_overrides(corpus), *MESH, "data.prefetch=0", "data.validation_fraction=0.0",
+                 "eval.every_steps=0"]
     r = subprocess.run([LOCAL, "2", "4", "--", sys.executable, str(script), str(tmp_path), *overrides], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-5000:]
     reads = [json.loads((tmp_path / f"read_{p}.json").read_text()) for p in range(2)]
-    assert [x["shares"] for x in reads] == [[0], [1]]
+    assert [x["shares"] for x in reads] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert reads[0]["read"] and reads[1]["read"] and not set(reads[0]["read"]) & set(reads[1]["read"])
     got = [np.load(tmp_path / f"batches_{p}.npz") for p in range(2)]
-    one = DataModule(load_config(None, [*overrides, "data.shares=2"]))
+    one = DataModule(load_config(None, overrides))
     it = one.train_iterator()
     for k in range(6):
         ref = next(it)

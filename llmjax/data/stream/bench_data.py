@@ -14,8 +14,23 @@ import resource
 import sys
 import time
 
+import numpy as np
+
 from llmjax.config import Config
 from llmjax.data.stream.data_module import DataModule
+from llmjax.data.stream.records import FileDocuments
+
+
+def independent_mixing(records: object, rows: int) -> tuple[float, float] | None:
+    """(distinct files per batch, share of rows from a file of the previous batch) if every row were an
+    independent draw of a file weighted by its bytes; None unless `records` are documents of local files."""
+    if not isinstance(records, FileDocuments) or not len(records):
+        return None
+    f = records.docs[:, 0]
+    p = np.bincount(f, weights=records.sizes[f] / np.maximum(records.ndocs[f], 1))
+    p = p[p > 0] / p.sum()
+    hit = 1 - (1 - p) ** rows
+    return float(hit.sum()), float((p * hit).sum())
 
 
 def _peak_mib(who: int) -> float:
@@ -37,7 +52,7 @@ def bench_data(cfg: Config, batches: int) -> int:
     print(data.describe(), file=sys.stderr)
     d = cfg.data
     print(f"pipeline: {d.packing} packing, rows of {data.raw_length}, batch {data.local_batch} x {cfg.data.seq_len}, "
-          f"{d.workers} worker(s), {data.shares} share(s), shuffle window {d.shuffle_window if d.shuffle else 0} pieces")
+          f"{d.workers} worker(s), {data.shares} share(s), shuffle window {d.shuffle_window if d.shuffle else 0} rows")
     print(f"time to first batch: {t_first:.2f} s (data module {data.build_seconds:.2f} s)")
     print(f"tokens/s: {batches * tokens / dt:,.0f} ({batches} batches in {dt:.2f} s, "
           f"{1e3 * dt / batches:.2f} ms/batch)")
@@ -45,9 +60,13 @@ def bench_data(cfg: Config, batches: int) -> int:
           f"{_peak_mib(resource.RUSAGE_CHILDREN):,.0f} MiB (largest worker)")
     mixing = it.mixing()
     if mixing:
-        print(f"mixing: {mixing['distinct_documents']:.1f} distinct documents per batch of {data.local_batch} rows; "
-              f"{100 * mixing['same_file_as_previous']:.1f}% of rows from a file of the previous batch "
-              f"({mixing['batches']} batches)")
+        print(f"mixing: {mixing['distinct_documents']:.1f} distinct documents and {mixing['distinct_files']:.2f} "
+              f"files per batch of {data.local_batch} rows; {100 * mixing['same_file_as_previous']:.1f}% of rows "
+              f"from a file of the previous batch ({mixing['batches']} batches)")
+        ideal = independent_mixing(data.sources[0].train, data.local_batch) if len(data.sources) == 1 else None
+        if ideal:
+            print(f"mixing if every row were an independent draw: {ideal[0]:.2f} files per batch, {100 * ideal[1]:.1f}% "
+                  "of rows from a file of the previous batch")
     if len(fractions) > 1:
         print("mixture: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items()))
     it.close()

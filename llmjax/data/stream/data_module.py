@@ -55,6 +55,7 @@ class BatchIterator:
         self._groups, self._mixing_left = groups, mixing_batches if groups else 0
         self._mix: list[tuple[int, float]] = []
         self._prev_files: set[tuple[int, int]] | None = None
+        self._files: list[int] = []
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -91,18 +92,20 @@ class BatchIterator:
         rows = [(s, int(self._groups[s](int(row[int(np.argmax(ok))]) // DOCS_PER_RECORD)))
                 for s, row, ok in zip(sources.tolist(), docs, real, strict=True) if ok.any()]
         files = set(rows)
+        self._files.append(len(files))
         same = (sum(f in self._prev_files for f in rows) / max(len(rows), 1)) if self._prev_files is not None else -1.0
         self._prev_files = files
         self._mix.append((distinct, same))
 
     def mixing(self) -> dict[str, float]:
-        """Over the batches measured so far (this process's rows): mean distinct documents per batch, and the
-        mean share of a batch's rows whose file (that of the row's first token) is the file of a row of the
-        previous batch. Empty before the first measured batch."""
+        """Over the batches measured so far (this process's rows): mean distinct documents per batch, mean
+        distinct files per batch (a row's file: that of its first token), and the mean share of a batch's rows
+        whose file is the file of a row of the previous batch. Empty before the first measured batch."""
         if not self._mix:
             return {}
         same = [x for _, x in self._mix if x >= 0]
         return {"batches": len(self._mix), "distinct_documents": float(np.mean([d for d, _ in self._mix])),
+                "distinct_files": float(np.mean(self._files)),
                 "same_file_as_previous": float(np.mean(same)) if same else float("nan")}
 
     def source_fractions(self) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The grain pipeline of one data share: read, tokenize (worker processes), shuffle pieces, pack, mix, batch.
+"""The grain pipeline of one data share: read, tokenize (worker processes), pack, mix, shuffle rows, batch.
 
 For each source, share r of R reads records r, r+R, r+2R, ... of the source's record order. A
 record is a document (of a local file cut at natural boundaries, a TFDS example, a prepared
@@ -7,11 +7,11 @@ permutation of all the source's documents each epoch (grain's `index_shuffle`, n
 materialised; the file order otherwise), so the R shares read disjoint documents, every document
 once per epoch, and consecutive documents of a share come from anywhere in the corpus. Records
 are tokenized by `data.workers` grain processes (`mp_prefetch`, placed before any stateful step,
-so the output does not depend on the number of workers); in this process documents are cut into
-pieces of at most one row, the pieces shuffled in windows of `data.shuffle_window` (so the
-pieces of one long document land in rows of different batches), packed into rows, the sources'
-rows mixed by weight (`IterDataset.mix`), turned into examples by the objective and batched into
-[batch_size / R, ...] arrays. Memory is bounded by these buffers, whatever the corpus size.
+so the output does not depend on the number of workers); in this process documents are packed
+into rows, the sources' rows mixed by weight (`IterDataset.mix`), shuffled in windows of
+`data.shuffle_window` rows (so the rows of one long document land in different batches), turned
+into examples by the objective and batched into [batch_size / R, ...] arrays. Memory is bounded
+by these buffers, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -70,14 +70,15 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def record_stream(records: Records, name: str, spec: StreamSpec, share: int, train: bool) -> grain.MapDataset:
+def record_stream(records: Records, name: str, spec: StreamSpec, share: int, train: bool,
+                  epochs: int | None = None) -> grain.MapDataset:
     """(index, record) of the records share `share` reads, in order: every `shares`-th of the epoch-by-epoch
-    order (a new permutation of all records each epoch when shuffling)."""
+    order (a new permutation of all records each epoch when shuffling); `epochs` bounds a training stream."""
     ds = grain.MapDataset.source(IndexedRecords(records))
     if train and spec.shuffle:
         ds = ds.shuffle(seed=derive_seed(spec.seed, name, "documents"))
     if train:
-        ds = ds.repeat()
+        ds = ds.repeat(epochs)
     return ds[share::spec.shares]
 
 
@@ -96,9 +97,10 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
 
 
 def source_rows(source: Source, index: int, records: Records, tokenizer: Any, spec: StreamSpec, share: int,
-                train: bool) -> grain.IterDataset:
-    """Packed rows of one source for one share (infinite when `train`, one pass otherwise)."""
-    ds = record_stream(records, source.name, spec, share, train)
+                train: bool, epochs: int | None = None) -> grain.IterDataset:
+    """Packed rows of one source for one share (when `train`: `epochs` epochs, default forever; else one pass
+    in file order)."""
+    ds = record_stream(records, source.name, spec, share, train, epochs)
     ds = ds.map(TokenizeDocuments(tokenizer, spec.add_bos, source.kind))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_READ_AHEAD))
     workers = spec.workers if train else 0
@@ -106,12 +108,8 @@ def source_rows(source: Source, index: int, records: Records, tokenizer: Any, sp
         _mark_absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_READ_AHEAD)
         it = it.mp_prefetch(options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
-    mix = train and spec.shuffle and spec.shuffle_window > 1
-    max_len = spec.raw_length if spec.packing == "best_fit" or mix else None
-    pieces: grain.IterDataset = DocumentPieces(it, max_len, f"{source.key} ({source.name}, share {share})")
-    if mix:
-        pieces = grain.experimental.WindowShuffleIterDataset(
-            pieces, window_size=spec.shuffle_window, seed=derive_seed(spec.seed, source.name, share, "pieces"))
+    max_len = spec.raw_length if spec.packing == "best_fit" else None
+    pieces = DocumentPieces(it, max_len, f"{source.key} ({source.name}, share {share})")
     rows = pack_rows(pieces, spec.raw_length, spec.packing, spec.packing_bins,
                      derive_seed(spec.seed, source.name, share, "bins"), spec.shuffle and train)
     return rows.map(TagSource(index))
@@ -123,6 +121,9 @@ def share_batches(sources: Sequence[Source], tokenizer: Any, objective: Objectiv
     streams = [source_rows(s, i, s.train if train else s.validation, tokenizer, spec, share, train)
                for i, s in enumerate(sources)]
     ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [s.weight for s in sources])
+    if train and spec.shuffle and spec.shuffle_window > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=spec.shuffle_window,
+                                                         seed=derive_seed(spec.seed, share, "rows"))
     seed = derive_seed(spec.seed, "objective" if train else "objective-eval")
     ds = ds.map_with_index(ObjectiveStage(objective, seed, share, spec.share_rows, spec.global_batch))
     ds = ds.batch(spec.share_rows, drop_remainder=True)

@@ -139,21 +139,20 @@ def _local_source(cfg: Config, key: str, s: SourceConfig, root: Path, files: lis
     records = FileDocuments(root, rels, ndocs, sizes, np.stack([files, within], 1), db, s.text_key, key)
     # the split is decided per file, or per block of data.block_bytes for larger files (never per document, so
     # that validation text has no neighbours in training); a hash of "file" or "file#block" for each
-    blocks = np.where((sizes[files] > bb) & (ndocs[files] > 1), within * db // bb, -1)
-    keys = np.stack([files, blocks], 1)
-    units, unit_of = np.unique(keys, axis=0, return_inverse=True)
-    names = [rels[f] if b < 0 else f"{rels[f]}#{b}" for f, b in units.tolist()]
-    unit_train, unit_val = split_records(names, cfg.data.validation_fraction)
-    is_val = np.zeros(len(units), bool)
+    nunits = np.where((sizes > bb) & (ndocs > 1), (ndocs - 1) * db // bb + 1, 1)
+    first = np.cumsum(nunits) - nunits
+    names = [f"{rels[f]}#{b}" if sizes[f] > bb and ndocs[f] > 1 else rels[f]
+             for f in range(len(rels)) for b in range(int(nunits[f]))]
+    _, unit_val = split_records(names, cfg.data.validation_fraction)
+    is_val = np.zeros(len(names), bool)
     is_val[unit_val] = True
-    unit_of = unit_of.reshape(-1)
+    unit_of = first[files] + np.where(nunits[files] > 1, within * db // bb, 0)
     train_idx, val_idx = np.flatnonzero(~is_val[unit_of]), np.flatnonzero(is_val[unit_of])
     fp = fingerprint_files(root, rels, sizes.tolist(), [t[2] for t in nonempty],
                            f"{cfg.data.validation_fraction}|{bb}|{db}|{s.text_key}")
     label = s.name or name or Path(s.path or root).name.split(".")[0] or "local"
     desc = (f"{what}: {len(rels)} files ({sizes.sum() / 1e6:.1f} MB), documents train {len(train_idx)} / "
-            f"validation "
-            f"{len(val_idx)}")
+            f"validation {len(val_idx)}")
     return Source(label, key, s.weight, "text", records.subset(train_idx), records.subset(val_idx), desc, "local_" + fp)
 
 

@@ -1,5 +1,5 @@
-"""Global mixing: documents cut from long files, every token once per epoch with shuffled pieces, rows of a
-batch from many files, the mixing measures."""
+"""Global mixing: documents cut from long files, every token once per epoch in the global document order, rows
+of a batch from many files, the mixing measures."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from llmjax.data.stream.stages import DOCS_PER_RECORD
 
 @pytest.mark.parametrize("packing", ["concat", "best_fit"])
 def test_every_token_of_every_document_once_per_epoch(packing):
-    src = token_source(60, max_len=60)  # documents up to 3.5 rows: cut into pieces, shuffled, packed
+    src = token_source(60, max_len=60)  # documents up to 3.5 rows, in a permutation split over 2 shares
     s = spec(packing=packing, shares=2, shuffle_window=8)
     got: Counter[int] = Counter()
     rows = []

@@ -45,7 +45,7 @@ def _row_window_iterator(data: DataModule, window: int) -> BatchIterator:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window, seed=derive_seed(spec.seed, 0, "rows"))
     ds = ds.map_with_index(ObjectiveStage(data.objective, 0, 0, spec.global_batch, spec.global_batch))
     ds = ds.batch(spec.global_batch, drop_remainder=True)
-    return BatchIterator({0: iter(ds)}, [source.name], "", 1, [getattr(source.train, "group")], 10**9)
+    return BatchIterator({0: iter(ds)}, [source.name], "", 1, [source.train.group], 10**9)
 
 
 def measure(name: str, overrides: list[str], batches: int, row_window: int = 0) -> None:

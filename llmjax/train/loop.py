@@ -227,7 +227,7 @@ def _first_batch_logged(iterator: Any, put: Any) -> Any:
         batch = next(iterator)
         if first[0]:
             first[0] = False
-            mixing = getattr(iterator, "mixing", dict)()
+            mixing: dict[str, float] = getattr(iterator, "mixing", dict)()
             if mixing:
                 rows = len(next(iter(batch.values())))
                 log(f"data: mixing: {mixing['distinct_documents']:.0f} distinct documents in the first batch's "

@@ -65,8 +65,8 @@ def bench_data(cfg: Config, batches: int) -> int:
               f"from a file of the previous batch ({mixing['batches']} batches)")
         ideal = independent_mixing(data.sources[0].train, data.local_batch) if len(data.sources) == 1 else None
         if ideal:
-            print(f"mixing if every row were an independent draw: {ideal[0]:.2f} files per batch, {100 * ideal[1]:.1f}% "
-                  "of rows from a file of the previous batch")
+            print(f"mixing if every row were an independent draw: {ideal[0]:.2f} files per batch, "
+                  f"{100 * ideal[1]:.1f}% of rows from a file of the previous batch")
     if len(fractions) > 1:
         print("mixture: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items()))
     it.close()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any

@@ -30,8 +30,8 @@ from llmjax.data.stream.row_objectives import Objective
 from llmjax.data.stream.sources import Source
 from llmjax.data.stream.stages import (
     DocumentPieces,
-    ObjectiveStage,
     IndexedRecords,
+    ObjectiveStage,
     TagSource,
     TokenizeDocuments,
     derive_seed,

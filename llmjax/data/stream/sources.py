@@ -134,9 +134,9 @@ def _local_source(cfg: Config, key: str, s: SourceConfig, root: Path, files: lis
     sizes = np.array([t[1] for t in nonempty], np.int64)
     db, bb = cfg.data.document_bytes, cfg.data.block_bytes
     ndocs = np.array([num_documents(r, int(n), db) for r, n in zip(rels, sizes, strict=True)], np.int64)
-    files = np.repeat(np.arange(len(rels)), ndocs)
-    within = np.arange(len(files)) - np.repeat(np.cumsum(ndocs) - ndocs, ndocs)
-    records = FileDocuments(root, rels, ndocs, sizes, np.stack([files, within], 1), db, s.text_key, key)
+    doc_file = np.repeat(np.arange(len(rels)), ndocs)
+    within = np.arange(len(doc_file)) - np.repeat(np.cumsum(ndocs) - ndocs, ndocs)
+    records = FileDocuments(root, rels, ndocs, sizes, np.stack([doc_file, within], 1), db, s.text_key, key)
     # the split is decided per file, or per block of data.block_bytes for larger files (never per document, so
     # that validation text has no neighbours in training); a hash of "file" or "file#block" for each
     nunits = np.where((sizes > bb) & (ndocs > 1), (ndocs - 1) * db // bb + 1, 1)
@@ -146,7 +146,7 @@ def _local_source(cfg: Config, key: str, s: SourceConfig, root: Path, files: lis
     _, unit_val = split_records(names, cfg.data.validation_fraction)
     is_val = np.zeros(len(names), bool)
     is_val[unit_val] = True
-    unit_of = first[files] + np.where(nunits[files] > 1, within * db // bb, 0)
+    unit_of = first[doc_file] + np.where(nunits[doc_file] > 1, within * db // bb, 0)
     train_idx, val_idx = np.flatnonzero(~is_val[unit_of]), np.flatnonzero(is_val[unit_of])
     fp = fingerprint_files(root, rels, sizes.tolist(), [t[2] for t in nonempty],
                            f"{cfg.data.validation_fraction}|{bb}|{db}|{s.text_key}")

@@ -75,11 +75,11 @@ class TokenizeDocuments:
         extra = (self.bos is not None) + 1
         lengths = np.array([len(x) + extra for x in ids], np.int32)
         if not len(lengths):
-            return {"tokens": _EMPTY, "lengths": np.zeros(0, np.int32), "record": np.int64(record)}
+            return {"tokens": _EMPTY, "lengths": np.zeros(0, np.int32), "record": np.asarray(record, np.int64)}
         head = [self.bos] if self.bos is not None else []
         parts = (itertools.chain(head, x, (self.eos,)) for x in ids)
         flat = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=int(lengths.sum()))
-        return {"tokens": flat, "lengths": lengths, "record": np.int64(record)}
+        return {"tokens": flat, "lengths": lengths, "record": np.asarray(record, np.int64)}
 
 
 class DocumentPieces(grain.IterDataset):
@@ -146,7 +146,8 @@ def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def pack_rows(pieces: grain.IterDataset, raw_length: int, packing: str, bins: int, seed: int,
               shuffle: bool) -> grain.IterDataset:
-    """Pieces {"tokens": int32 [k], "doc": int64 [k]} -> rows of `raw_length` tokens with segment ids (0 = padding) and per-piece positions.
+    """Pieces {"tokens": int32 [k], "doc": int64 [k]} -> rows of `raw_length` tokens with segment ids
+    (0 = padding), per-piece positions and the document id of every token.
 
     concat: documents are concatenated and cut into rows (no padding; a document may continue in
     the next row, its positions restarting at 0). best_fit: documents (already cut to at most

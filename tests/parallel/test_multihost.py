@@ -270,6 +270,7 @@ import jax
 from llmjax.config import load_config
 from llmjax.data.stream import records
 from llmjax.data.stream.data_module import DataModule
+from llmjax.data.stream.grain_pipeline import record_stream
 from llmjax.parallel.distributed import initialize
 from llmjax.runtime import setup_jax
 from llmjax.train.loop import batch_block
@@ -288,7 +289,13 @@ it = data.train_iterator()
 batches = [next(it) for _ in range(6)]
 it.close()
 np.savez(f"{out}/batches_{p}.npz", **{f"{k}_{i}": b[k] for i, b in enumerate(batches) for k in b})
-json.dump({"read": read, "shares": data.local_shares}, open(f"{out}/read_{p}.json", "w"))
+(source,) = data.sources
+train, n, R = source.train, len(source.train), data.shares
+streams = {r: record_stream(train, source.name, data.spec, r, True) for r in data.local_shares}
+epoch0 = [train.name(streams[r][j][0]) for r in data.local_shares for j in range(len(range(r, n, R)))]
+own = {train.name(streams[r][j][0]) for r in data.local_shares for j in range(len(read) + 1)}
+json.dump({"read": read, "epoch0": epoch0, "own": sorted(own), "all": [train.name(i) for i in range(n)],
+           "shares": data.local_shares}, open(f"{out}/read_{p}.json", "w"))
 """
 
 
@@ -309,7 +316,12 @@ def test_two_processes_read_disjoint_shares_whose_union_is_the_global_batch(corp
     assert r.returncode == 0, r.stderr[-5000:]
     reads = [json.loads((tmp_path / f"read_{p}.json").read_text()) for p in range(2)]
     assert [x["shares"] for x in reads] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert reads[0]["read"] and reads[1]["read"] and not set(reads[0]["read"]) & set(reads[1]["read"])
+    # each epoch, the two processes' shares hold disjoint documents that together are the corpus; a process
+    # reads only its own shares' documents (over several epochs: the tiny corpus wraps)
+    e0, e1 = reads[0]["epoch0"], reads[1]["epoch0"]
+    assert not set(e0) & set(e1) and sorted(e0 + e1) == sorted(reads[0]["all"])
+    for x in reads:
+        assert x["read"] and set(x["read"]) <= set(x["own"])
     got = [np.load(tmp_path / f"batches_{p}.npz") for p in range(2)]
     one = DataModule(load_config(None, overrides))
     it = one.train_iterator()

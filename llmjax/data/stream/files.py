@@ -5,10 +5,10 @@ document (for JSON lines: all of its lines); a larger one is cut into ceil(size 
 document j running from the cut at j*D to the cut at (j+1)*D. The cut at position x is the first
 natural boundary in [x, x + D): a line starting in column 0 after a blank line (a paragraph, a
 top-level definition in code), else the end of a blank line, else a line start, else a UTF-8
-character start; JSON lines are
-only ever cut at line starts. So the documents of a file are found by seeking, nothing is scanned
-up front, each holds at most 2 D bytes, and together they are the file, byte for byte. Gzip
-files are decompressed whole and cut the same way in memory. Which documents go to validation is
+character start; JSON lines are only ever cut at line starts. So the documents of a file are
+found by seeking, nothing is scanned up front, each holds at most 2 D bytes (JSON lines: whole
+lines), and together they are the file, byte for byte. Gzip files are decompressed whole and cut
+the same way in memory. Which documents go to validation is
 decided by a hash of the file's relative path and, for files over `data.block_bytes`, of the
 block of that many bytes the document starts in, never by reading them.
 """

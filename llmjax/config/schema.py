@@ -195,14 +195,18 @@ class DataConfig:
     packing: Literal["concat", "best_fit"] = option("concat", "concatenate-and-split, or best-fit bins (padding); "
                                                     "sft: always best-fit (conversations are never split)")
     packing_bins: int = option(16, "best_fit: rows open at once", ge=1)
-    shuffle: bool = option(True, "documents in a new random order each epoch, and rows within shuffle_window")
-    shuffle_window: int = option(256, "packed rows shuffled together (0 or 1: no row shuffle)", ge=0)
+    shuffle: bool = option(True, "documents in one random order over the whole corpus each epoch, and rows within "
+                                 "shuffle_window")
+    shuffle_window: int = option(256, "packed rows shuffled together, per data share, so the rows of one document "
+                                      "land in different batches (0 or 1: no row shuffle)", ge=0)
     workers: int = option(0, "tokenizer processes per source and data share; 0: in the training process", ge=0)
-    shares: int = option(0, "disjoint shares of the data, each filling batch_size/shares rows; 0: one per process",
-                         ge=0)
+    shares: int = option(0, "disjoint shares of the data, each filling batch_size/shares rows; 0: gcd(batch_size, "
+                            "8), the same batches on 1, 2, 4 or 8 processes", ge=0)
     prefetch: int = option(2, "batches prepared ahead in a background thread (per share)", ge=0)
-    block_bytes: int = option(1 << 20, "files larger than this are read as line-aligned blocks of about this size",
-                              ge=4096, le=2**62)
+    document_bytes: int = option(4096, "files larger than this are cut into documents of about this size at "
+                                       "blank lines / top-level definitions (at most twice it)", ge=64, le=2**40)
+    block_bytes: int = option(1 << 20, "files larger than this go to train or validation in blocks of this size "
+                                       "(hash of file and block), smaller ones whole", ge=4096, le=2**62)
     cache_dir: str | None = option(None, "tokenizer and compilation caches; null: $LLMJAX_CACHE or ~/.cache/llmjax")
 
 

@@ -91,8 +91,22 @@ class TrainingObjective(Protocol):
 
 def host_batches(setup: Any, data: RunData, iterator: Any, run: Any, log: Callable[[str], None]
                  ) -> Callable[[], Any]:
-    """The batch source of an objective whose data is fixed: the iterator's next rows, put on the mesh."""
-    return lambda: setup.put_batch(next(iterator))
+    """The batch source of an objective whose data is fixed: the iterator's next rows, put on the mesh; after the
+    first batch it logs how mixed that batch is (distinct documents in its rows, where the iterator counts them)."""
+    first = [True]
+
+    def next_batch() -> Any:
+        batch = next(iterator)
+        if first[0]:
+            first[0] = False
+            mixing: dict[str, float] = getattr(iterator, "mixing", dict)()
+            if mixing:
+                rows = len(next(iter(batch.values())))
+                log(f"data: mixing: {mixing['distinct_documents']:.0f} distinct documents in the first batch's "
+                    f"{rows} rows (this process); see docs/data.md")
+        return setup.put_batch(batch)
+
+    return next_batch
 
 
 class LanguageModelling:

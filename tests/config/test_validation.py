@@ -59,6 +59,7 @@ def check(capsys, tmp_path: Path, *overrides: str, config: str | None = None) ->
     ("model.rope_theta=0", ["model.rope_theta=0"]),
     ("model.norm_eps=-1", ["model.norm_eps=-1"]),
     ("optim.eps=0", ["optim.eps=0"]),
+    ("data.document_bytes=10", ["data.document_bytes=10", "[64, "]),
     ("data.path=", ["data.path", "empty"]),
     ("data.tokenizer=", ["data.tokenizer", "empty"]),
     ("data.text_key=''", ["data.text_key", "empty"]),

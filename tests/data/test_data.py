@@ -147,7 +147,7 @@ def test_too_small_splits_error(shared, tmp_path):
     with pytest.raises(ConfigError, match=r"validation split.*data\.validation_fraction"):
         DataModule(val)
     val.eval.every_steps = 0  # evaluation disabled: fine
-    assert DataModule(val).shares == 1
+    assert DataModule(val).shares == 4  # gcd(train.batch_size=4, 8)
     with pytest.raises(ConfigError, match=r"train\.batch_size=4.*process count 3"):
         DataModule(make_cfg(tmp_path, Path(cfg.data.path), cache_dir=cfg.data.cache_dir), 0, 3)
 

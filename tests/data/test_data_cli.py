@@ -143,6 +143,8 @@ def test_prepare_then_train_and_a_truncated_shard(corpus, tmp_path):
 def test_bench_data_prints_figures(corpus):
     r = llmjax("bench-data", "--batches", 20, *tiny_train_overrides(corpus))
     assert r.returncode == 0, r.stderr
-    for needle in ("time to first batch:", "tokens/s:", "peak memory:"):
+    for needle in ("time to first batch:", "tokens/s:", "peak memory:", "mixing: ", "files per batch of 8 rows",
+                   "% of rows from a file of the previous batch (21 batches)",
+                   "mixing if every row were an independent"):
         assert needle in r.stdout
     usage_error(llmjax("bench-data", "--batches", 0, *tiny_train_overrides(corpus)), "--batches")

@@ -66,13 +66,14 @@ def test_each_epoch_reads_every_record_once_split_over_shares():
     n, shares = 23, 2
     s = spec(shares=shares)
     streams = [record_stream(list(range(n)), "x", s, r, train=True) for r in range(shares)]
-    flat = [streams[g % shares][g // shares] for g in range(4 * n)]  # global position g = j * shares + r
+    flat = [streams[g % shares][g // shares][1] for g in range(4 * n)]  # global position g = j * shares + r
+    assert all(i == rec for i, rec in (streams[0][j] for j in range(n)))  # (record index, record)
     epochs = [flat[e * n:(e + 1) * n] for e in range(4)]
     assert all(sorted(ep) == list(range(n)) for ep in epochs)
     assert len({tuple(ep) for ep in epochs}) == 4  # a new permutation each epoch
     other = [record_stream(list(range(n)), "x", spec(shares=shares, seed=1), 0, True)[j] for j in range(n)]
     assert other != [streams[0][j] for j in range(n)]
-    ordered = [record_stream(list(range(n)), "x", spec(shuffle=False), 0, True)[j] for j in range(2 * n)]
+    ordered = [record_stream(list(range(n)), "x", spec(shuffle=False), 0, True)[j][1] for j in range(2 * n)]
     assert ordered == [j % n for j in range(2 * n)]
 
 
@@ -91,11 +92,14 @@ def corpus(tmp_path_factory):
 
 
 def test_global_batch_does_not_depend_on_the_process_count(corpus):
+    """Default settings (data.shares unset): process p of 2, 4 or 8 reads only its own shares, and their rows
+    in process order are the global batch of one process."""
     tmp, root = corpus
-    cfg = make_cfg(tmp, root, shares=4)
+    cfg = make_cfg(tmp, root)
     cfg.train.batch_size = 8
     ref, _ = _batches(DataModule(cfg), 5)
-    for procs in (2, 4):
+    for procs in (2, 4, 8):
+        assert DataModule(cfg, procs - 1, procs).local_shares == list(range(8 - 8 // procs, 8))
         parts = [_batches(DataModule(cfg, p, procs), 5)[0] for p in range(procs)]
         for k in range(5):
             for key in ref[k]:

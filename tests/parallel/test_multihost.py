@@ -28,8 +28,9 @@ from llmjax.train.telemetry.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = str(ROOT / "launch" / "local.sh")
 
-# data.shares=2 in both the 1- and the 2-process runs: the same global batches (see llmjax/data/stream/data_module.py).
-MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.shares=2")
+# Default data settings in both the 1- and the 2-process runs (data.shares unset: gcd(batch_size=8, 8) = 8 shares
+# whatever the process count), so the same global batches (see llmjax/data/stream/data_module.py).
+MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 RUN = ("train.steps=10", "checkpoint.every_steps=5", "checkpoint.keep=10", "eval.every_steps=5")
 # In-loop multiple-choice scoring: every process scores the same requests on the global mesh.
 TASKS = (f"eval.tasks=[{ROOT / 'experiments' / 'data' / 'python_mc.jsonl'}]", "eval.tasks_limit=6")
@@ -85,6 +86,7 @@ def test_two_processes_match_one_process(single, multi):
     workdir, r = multi
     assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
     assert "mesh pipeline=1 x data=2 x fsdp=2 x expert=1 x tensor=2 over 8 cpu devices" in r.stderr
+    assert r.stderr.count("data: mixing: ") == 1  # logged once, by process 0, after the first batch
     ref, got = losses(single), losses(workdir)
     assert sorted(ref) == sorted(got) == list(range(10))
     np.testing.assert_allclose([got[s] for s in range(10)], [ref[s] for s in range(10)], rtol=1e-6)
@@ -268,6 +270,7 @@ import jax
 from llmjax.config import load_config
 from llmjax.data.stream import records
 from llmjax.data.stream.data_module import DataModule
+from llmjax.data.stream.grain_pipeline import record_stream
 from llmjax.parallel.distributed import initialize
 from llmjax.runtime import setup_jax
 from llmjax.train.loop import batch_block
@@ -280,36 +283,47 @@ setup_jax(cfg)
 p = jax.process_index()
 data = DataModule(cfg, batch_block(build_setup(cfg), p, jax.process_count()), jax.process_count())
 read = []  # the records the training stream reads (not the tokenizer's training sample)
-original = records.FileBlocks.__getitem__
-records.FileBlocks.__getitem__ = lambda self, i: read.append(self.name(i)) or original(self, i)
+original = records.FileDocuments.__getitem__
+records.FileDocuments.__getitem__ = lambda self, i: read.append(self.name(i)) or original(self, i)
 it = data.train_iterator()
 batches = [next(it) for _ in range(6)]
 it.close()
 np.savez(f"{out}/batches_{p}.npz", **{f"{k}_{i}": b[k] for i, b in enumerate(batches) for k in b})
-json.dump({"read": read, "shares": data.local_shares}, open(f"{out}/read_{p}.json", "w"))
+(source,) = data.sources
+train, n, R = source.train, len(source.train), data.shares
+streams = {r: record_stream(train, source.name, data.spec, r, True) for r in data.local_shares}
+epoch0 = [train.name(streams[r][j][0]) for r in data.local_shares for j in range(len(range(r, n, R)))]
+own = {train.name(streams[r][j][0]) for r in data.local_shares for j in range(len(read) + 1)}
+json.dump({"read": read, "epoch0": epoch0, "own": sorted(own), "all": [train.name(i) for i in range(n)],
+           "shares": data.local_shares}, open(f"{out}/read_{p}.json", "w"))
 """
 
 
 @pytest.mark.multiprocess
 def test_two_processes_read_disjoint_shares_whose_union_is_the_global_batch(corpus, tmp_path):
-    """launch/local.sh 2 4: each process reads only its own records (no file block in both) and its own
-    rows; concatenated in process order they are the global batch one process reads (data.shares=2)."""
+    """launch/local.sh 2 4, default data settings: each process reads only its own records (no document in
+    both) and its own rows; concatenated in process order they are the global batch one process reads."""
     import json
 
     from llmjax.data.stream.data_module import DataModule
 
     script = tmp_path / "reader.py"
     script.write_text(_READER)
-    overrides = [*tiny_train_overrides(corpus), *MESH, "data.shuffle_window=0", "data.prefetch=0",
-                 "data.validation_fraction=0.0", "eval.every_steps=0"]
+    overrides = [*tiny_train_overrides(corpus), *MESH, "data.prefetch=0", "data.validation_fraction=0.0",
+                 "eval.every_steps=0"]
     r = subprocess.run([LOCAL, "2", "4", "--", sys.executable, str(script), str(tmp_path), *overrides], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-5000:]
     reads = [json.loads((tmp_path / f"read_{p}.json").read_text()) for p in range(2)]
-    assert [x["shares"] for x in reads] == [[0], [1]]
-    assert reads[0]["read"] and reads[1]["read"] and not set(reads[0]["read"]) & set(reads[1]["read"])
+    assert [x["shares"] for x in reads] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # each epoch, the two processes' shares hold disjoint documents that together are the corpus; a process
+    # reads only its own shares' documents (over several epochs: the tiny corpus wraps)
+    e0, e1 = reads[0]["epoch0"], reads[1]["epoch0"]
+    assert not set(e0) & set(e1) and sorted(e0 + e1) == sorted(reads[0]["all"])
+    for x in reads:
+        assert x["read"] and set(x["read"]) <= set(x["own"])
     got = [np.load(tmp_path / f"batches_{p}.npz") for p in range(2)]
-    one = DataModule(load_config(None, [*overrides, "data.shares=2"]))
+    one = DataModule(load_config(None, overrides))
     it = one.train_iterator()
     for k in range(6):
         ref = next(it)

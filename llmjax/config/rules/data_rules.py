@@ -32,7 +32,8 @@ def validate_data(cfg: Config) -> None:
     for name in ("shuffle_window", "workers", "shares", "prefetch"):
         if getattr(d, name) < 0:
             raise ConfigError(f"data.{name} must be >= 0, got {getattr(d, name)}")
-    for name, low in (("packing_bins", 1), ("block_bytes", 4096), ("tokenizer_train_bytes", 1)):
+    for name, low in (("packing_bins", 1), ("block_bytes", 4096), ("document_bytes", 64),
+                      ("tokenizer_train_bytes", 1)):
         if getattr(d, name) < low:
             raise ConfigError(f"data.{name} must be >= {low}, got {getattr(d, name)}")
     if d.shares and cfg.train.batch_size % d.shares:

@@ -1,11 +1,13 @@
 """`DataModule`: a process's view of the data (sources, tokenizer, shares) and its batch iterators.
 
 The global batch at step k is the concatenation, in share order, of one [batch_size / R, ...]
-batch from each of the R data shares (`data.shares`, default the process count). Process p,
-holding batch block q, runs shares q*R/P .. (q+1)*R/P - 1 and reads only their records and rows.
-So for a fixed R the global batch at step k is a pure function of the config, the seed and k,
-whatever the number of processes (any divisor of R) or tokenizer workers; changing R changes
-which records each share reads, hence the batches (each epoch still covers every record once).
+batch from each of the R data shares (`data.shares`; default gcd(batch_size, 8), or the
+process count when that does not divide it). Process p, holding batch block q, runs shares
+q*R/P .. (q+1)*R/P - 1 and reads only their records and rows. So for a fixed R the global batch
+at step k is a pure function of the config, the seed and k, whatever the number of processes
+(any divisor of R: by default 1, 2, 4 or 8), the mesh or the tokenizer workers; changing R
+changes which records each share reads, hence the batches (each epoch still covers every record
+once).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,28 +32,36 @@ from llmjax.errors import DataError, find_data_error
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 2
-_META_KEYS = ("_source", "_tokens")
+_META_KEYS = ("_source", "_tokens", "_doc")
+MIXING_BATCHES = 64  # batches the training iterator measures mixing on (`BatchIterator.mixing`)
 
 
 class BatchIterator:
     """This process's part of global batches k = step, step+1, ...; resumable per share.
 
     `next()` returns a dict of numpy arrays [batch_size / P, ...] (the objective's fields).
-    The state holds, per share, grain's iterator state and the tokens read per source.
+    The state holds, per share, grain's iterator state and the tokens read per source. `groups[s]`
+    maps record indices of source s to the file (group) they come from; the first `mixing_batches`
+    batches are measured for `mixing()`.
     """
 
-    def __init__(self, iterators: dict[int, Any], names: list[str], fingerprint: str, shares: int):
+    def __init__(self, iterators: dict[int, Any], names: list[str], fingerprint: str, shares: int,
+                 groups: list[Any] | None = None, mixing_batches: int = MIXING_BATCHES):
         self._its = iterators
         self._names = names
         self.fingerprint, self.shares = fingerprint, shares
         self.step = 0
         self._tokens = {r: np.zeros(len(names), np.int64) for r in iterators}
+        self._groups, self._mixing_left = groups, mixing_batches if groups else 0
+        self._mix: list[tuple[int, float]] = []
+        self._prev_files: set[tuple[int, int]] | None = None
+        self._files: list[int] = []
 
     def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = []
+        parts, metas = [], []
         for r, it in self._its.items():
             try:
                 b = next(it)
@@ -63,8 +74,39 @@ class BatchIterator:
                 raise
             np.add.at(self._tokens[r], b["_source"], b["_tokens"])
             parts.append({k: v for k, v in b.items() if k not in _META_KEYS})
+            metas.append(b)
         self.step += 1
+        if self._mixing_left > 0:
+            self._mixing_left -= 1
+            self._measure(np.concatenate([m["_source"] for m in metas]), np.concatenate([m["_doc"] for m in metas]))
         return concat_batches(parts)
+
+    def _measure(self, sources: np.ndarray, docs: np.ndarray) -> None:
+        """sources: int32 [b]; docs: int64 [b, raw_length] (-1 on padding)."""
+        from llmjax.data.stream.stages import DOCS_PER_RECORD
+
+        real = docs >= 0
+        keys = (sources[:, None].astype(np.int64) << 56) + docs
+        distinct = len(np.unique(keys[real]))
+        assert self._groups is not None
+        rows = [(s, int(self._groups[s](int(row[int(np.argmax(ok))]) // DOCS_PER_RECORD)))
+                for s, row, ok in zip(sources.tolist(), docs, real, strict=True) if ok.any()]
+        files = set(rows)
+        self._files.append(len(files))
+        same = (sum(f in self._prev_files for f in rows) / max(len(rows), 1)) if self._prev_files is not None else -1.0
+        self._prev_files = files
+        self._mix.append((distinct, same))
+
+    def mixing(self) -> dict[str, float]:
+        """Over the batches measured so far (this process's rows): mean distinct documents per batch, mean
+        distinct files per batch (a row's file: that of its first token), and the mean share of a batch's rows
+        whose file is the file of a row of the previous batch. Empty before the first measured batch."""
+        if not self._mix:
+            return {}
+        same = [x for _, x in self._mix if x >= 0]
+        return {"batches": len(self._mix), "distinct_documents": float(np.mean([d for d, _ in self._mix])),
+                "distinct_files": float(np.mean(self._files)),
+                "same_file_as_previous": float(np.mean(same)) if same else float("nan")}
 
     def source_fractions(self) -> dict[str, float]:
         """Realised share of each source in the (non-padding) tokens this process has read so far."""
@@ -94,6 +136,10 @@ class BatchIterator:
                 close()
 
 
+def _identity(i: int) -> int:
+    return i
+
+
 def _from_json(state: Any) -> Any:
     """Undo what a JSON round trip does to grain's state: ConcatThenSplit compares its remainder
     slices with a tuple, and JSON turns tuples into lists."""
@@ -105,16 +151,23 @@ def _from_json(state: Any) -> Any:
     return state
 
 
+def default_shares(batch_size: int, process_count: int) -> int:
+    """gcd(batch_size, 8): the same global batches on 1, 2, 4 or 8 processes; the process count when it does not
+    divide that (e.g. 16 processes)."""
+    shares = math.gcd(batch_size, 8)
+    return shares if shares % process_count == 0 else process_count
+
+
 def resolve_shares(cfg: Config, process_count: int, saved: int | None = None) -> int:
-    """data.shares, else the shares of the checkpoint being resumed, else the process count."""
-    shares = cfg.data.shares or saved or process_count
+    """data.shares, else the shares of the checkpoint being resumed, else `default_shares`."""
+    shares = cfg.data.shares or saved or default_shares(cfg.train.batch_size, process_count)
     if shares % process_count:
         where = "data.shares" if cfg.data.shares else "the checkpoint's data shares"
         raise ConfigError(f"{where}={shares} is not a multiple of the process count {process_count}; set data.shares "
                           f"to a multiple of it (the data order changes with data.shares)")
     if cfg.train.batch_size % shares:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data shares {shares} "
-                          "(data.shares, default the process count)")
+                          "(data.shares)")
     return shares
 
 
@@ -216,11 +269,15 @@ class DataModule:
 
     # ------------------------------------------------------------------ iterators
 
-    def train_iterator(self, state: dict[str, Any] | None = None) -> BatchIterator:
-        """This process's part of the training batches, from the start or from a saved `state`."""
+    def train_iterator(self, state: dict[str, Any] | None = None,
+                       mixing_batches: int = MIXING_BATCHES) -> BatchIterator:
+        """This process's part of the training batches, from the start or from a saved `state`; the first
+        `mixing_batches` are measured (`BatchIterator.mixing`)."""
         its = {r: iter(share_batches(self.sources, self.tokenizer, self.objective, self.spec, r, True))
                for r in self.local_shares}
-        it = BatchIterator(its, [s.name for s in self.sources], self.fingerprint, self.shares)
+        groups = [getattr(s.train, "group", _identity) for s in self.sources]
+        it = BatchIterator(its, [s.name for s in self.sources], self.fingerprint, self.shares, groups,
+                           mixing_batches)
         if state is not None:
             it.set_state(state)
         return it

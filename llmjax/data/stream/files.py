@@ -1,10 +1,16 @@
-"""Local files: the cache directory and locks, listing `data.path`, line-aligned blocks, the split.
+"""Local files: the cache directory and locks, listing `data.path`, documents cut from files, the split.
 
-A local file is read in blocks: a file of at most `data.block_bytes` bytes is one block (one
-document for text, all of its lines for JSON lines); a larger one is cut into blocks of about
-that size that start and end at line breaks, found by seeking, so nothing is scanned up front.
-Gzip files are one block. Which records go to validation is decided by a hash of the file's
-relative path (and the block number for multi-block files), never by reading them.
+A local file is read as documents: a file of at most `data.document_bytes` (D) bytes is one
+document (for JSON lines: all of its lines); a larger one is cut into ceil(size / D) documents,
+document j running from the cut at j*D to the cut at (j+1)*D. The cut at position x is the first
+natural boundary in [x, x + D): a line starting in column 0 after a blank line (a paragraph, a
+top-level definition in code), else the end of a blank line, else a line start, else a UTF-8
+character start; JSON lines are only ever cut at line starts. So the documents of a file are
+found by seeking, nothing is scanned up front, each holds at most 2 D bytes (JSON lines: whole
+lines), and together they are the file, byte for byte. Gzip files are decompressed whole and cut
+the same way in memory. Which documents go to validation is
+decided by a hash of the file's relative path and, for files over `data.block_bytes`, of the
+block of that many bytes the document starts in, never by reading them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import re
 import sysconfig
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -153,6 +160,63 @@ def split_records(names: Sequence[str], fraction: float) -> tuple[np.ndarray, np
     is_val = np.zeros(len(names), dtype=bool)
     is_val[val] = True
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# ----------------------------------------------------------------------------- documents
+
+_TOP_LEVEL = re.compile(rb"\n[ \t\r\f\v]*\n(?=\S)")  # a blank line, then a line starting in column 0
+_BLANK = re.compile(rb"\n[ \t\r\f\v]*\n")
+
+
+def num_documents(name: str, size: int, document_bytes: int) -> int:
+    """Documents of a file: 0 if empty, 1 if gzip or at most document_bytes, else ceil(size / document_bytes)."""
+    if size == 0:
+        return 0
+    if name.endswith(".gz") or size <= document_bytes:
+        return 1
+    return -(-size // document_bytes)
+
+
+def natural_cut(window: bytes) -> int:
+    """Offset of the first natural boundary in `window`: the start of a line in column 0 after a blank line (a
+    paragraph, a top-level definition), else after a blank line, else after a line break, else at a UTF-8
+    character start; len(window) when it is empty."""
+    for pattern in (_TOP_LEVEL, _BLANK):
+        m = pattern.search(window)
+        if m:
+            return m.end()
+    j = window.find(b"\n")
+    if j >= 0:
+        return j + 1
+    for k, byte in enumerate(window):
+        if byte & 0xC0 != 0x80:
+            return k
+    return len(window)
+
+
+def cut_documents(data: bytes, document_bytes: int) -> list[bytes]:
+    """`data` cut the way a file of these bytes is (see the module docstring); b"".join(result) == data."""
+    n = num_documents("", len(data), document_bytes)
+    if n <= 1:
+        return [data] if data else []
+    d = document_bytes
+    cuts = [0] + [x + natural_cut(data[x:x + d]) for x in range(d, n * d, d)] + [len(data)]
+    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def read_document(path: Path, j: int, ndocs: int, document_bytes: int, jsonl: bool) -> bytes:
+    """The bytes of document `j` of `ndocs` of `path` (JSON lines: whole lines; gzip: the whole file)."""
+    if jsonl or str(path).endswith(".gz"):
+        return read_block(path, j, ndocs, document_bytes)
+    with open(path, "rb") as f:
+        if ndocs == 1:
+            return f.read()
+        d = document_bytes
+        f.seek(j * d)
+        buf = f.read(2 * d)
+    start = natural_cut(buf[:d]) if j else 0
+    end = len(buf) if j == ndocs - 1 else d + natural_cut(buf[d:])
+    return buf[start:end] if end > start else b""
 
 
 # ----------------------------------------------------------------------------- blocks

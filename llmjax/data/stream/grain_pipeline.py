@@ -1,13 +1,17 @@
-"""The grain pipeline of one data share: read, tokenize (worker processes), pack, mix, shuffle, batch.
+"""The grain pipeline of one data share: read, tokenize (worker processes), pack, mix, shuffle rows, batch.
 
-For each source, share r of R reads records r, r+R, r+2R, ... of the source's record order (a
-new permutation of all records each epoch when `data.shuffle`, drawn from the seed; the file
-order otherwise), so the R shares read disjoint records and together every record once per
-epoch. Records are tokenized by `data.workers` grain processes (`mp_prefetch`, placed before any
-stateful step, so the output does not depend on the number of workers), documents are packed
-into rows in this process, the sources' rows are mixed by weight (`IterDataset.mix`), shuffled in
-windows of `data.shuffle_window` rows, turned into examples by the objective and batched into
-[batch_size / R, ...] arrays. Memory is bounded by these buffers, whatever the corpus size.
+For each source, share r of R reads records r, r+R, r+2R, ... of the source's record order. A
+record is a document (of a local file cut at natural boundaries, a TFDS example, a prepared
+document; a few short JSON lines), and with `data.shuffle` the order is a new index-based
+permutation of all the source's documents each epoch (grain's `index_shuffle`, nothing
+materialised; the file order otherwise), so the R shares read disjoint documents, every document
+once per epoch, and consecutive documents of a share come from anywhere in the corpus. Records
+are tokenized by `data.workers` grain processes (`mp_prefetch`, placed before any stateful step,
+so the output does not depend on the number of workers); in this process documents are packed
+into rows, the sources' rows mixed by weight (`IterDataset.mix`), shuffled in windows of
+`data.shuffle_window` rows (so the rows of one long document land in different batches), turned
+into examples by the objective and batched into [batch_size / R, ...] arrays. Memory is bounded
+by these buffers, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from llmjax.data.stream.row_objectives import Objective
 from llmjax.data.stream.sources import Source
 from llmjax.data.stream.stages import (
     DocumentPieces,
+    IndexedRecords,
     ObjectiveStage,
     TagSource,
     TokenizeDocuments,
@@ -65,13 +70,15 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def record_stream(records: Records, name: str, spec: StreamSpec, share: int, train: bool) -> grain.MapDataset:
-    """The records share `share` reads, in order: every `shares`-th of the epoch-by-epoch order."""
-    ds = grain.MapDataset.source(records)
+def record_stream(records: Records, name: str, spec: StreamSpec, share: int, train: bool,
+                  epochs: int | None = None) -> grain.MapDataset:
+    """(index, record) of the records share `share` reads, in order: every `shares`-th of the epoch-by-epoch
+    order (a new permutation of all records each epoch when shuffling); `epochs` bounds a training stream."""
+    ds = grain.MapDataset.source(IndexedRecords(records))
     if train and spec.shuffle:
         ds = ds.shuffle(seed=derive_seed(spec.seed, name, "documents"))
     if train:
-        ds = ds.repeat()
+        ds = ds.repeat(epochs)
     return ds[share::spec.shares]
 
 
@@ -90,9 +97,10 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
 
 
 def source_rows(source: Source, index: int, records: Records, tokenizer: Any, spec: StreamSpec, share: int,
-                train: bool) -> grain.IterDataset:
-    """Packed rows of one source for one share (infinite when `train`, one pass otherwise)."""
-    ds = record_stream(records, source.name, spec, share, train)
+                train: bool, epochs: int | None = None) -> grain.IterDataset:
+    """Packed rows of one source for one share (when `train`: `epochs` epochs, default forever; else one pass
+    in file order)."""
+    ds = record_stream(records, source.name, spec, share, train, epochs)
     ds = ds.map(TokenizeDocuments(tokenizer, spec.add_bos, source.kind))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_READ_AHEAD))
     workers = spec.workers if train else 0

@@ -1,4 +1,4 @@
-"""Random-access record sources that grain reads lazily: local file blocks, TFDS splits, token shards.
+"""Random-access record sources that grain reads lazily: documents of local files, TFDS splits, token shards.
 
 Each is a picklable sequence (`len`, `[i]`) whose item is a list of documents: strings for text
 sources, int32 token arrays for prepared shards. Nothing is read when a source is built except
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from llmjax.data.stream.files import file_format, read_block
+from llmjax.data.stream.files import cut_documents, file_format, read_document
 from llmjax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -53,60 +53,69 @@ class Records(Protocol):
     def subset(self, indices: Indices) -> Records: ...
 
 
-class FileBlocks(Sequence[list[str]]):
-    """Blocks of local text / JSON-lines files; record i is block `blocks[i]` = (file index, block index)."""
+class FileDocuments(Sequence[list[str]]):
+    """Documents of local text / JSON-lines files (`files.py`); record i is `docs[i]` = (file index, document
+    index in the file). A text record holds one document (a gzip file: all of its documents); a JSON-lines
+    record holds the lines of about `document_bytes` bytes."""
 
     kind = "text"
 
-    def __init__(self, root: Path, rels: Sequence[str], nblocks: npt.ArrayLike, sizes: npt.ArrayLike,
-                 blocks: npt.ArrayLike, block_bytes: int, text_key: str, key: str):
+    def __init__(self, root: Path, rels: Sequence[str], ndocs: npt.ArrayLike, sizes: npt.ArrayLike,
+                 docs: npt.ArrayLike, document_bytes: int, text_key: str, key: str):
         self.root, self.rels = Path(root), list(rels)
-        self.nblocks, self.sizes = np.asarray(nblocks, np.int64), np.asarray(sizes, np.int64)
-        self.blocks = np.asarray(blocks, np.int64).reshape(-1, 2)
-        self.block_bytes, self.text_key, self.key = block_bytes, text_key, key
+        self.ndocs, self.sizes = np.asarray(ndocs, np.int64), np.asarray(sizes, np.int64)
+        self.docs = np.asarray(docs, np.int64).reshape(-1, 2)
+        self.document_bytes, self.text_key, self.key = document_bytes, text_key, key
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.docs)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the selected blocks (a file's size split evenly over its blocks)."""
-        f = self.blocks[:, 0]
-        return int(np.sum(self.sizes[f] / np.maximum(self.nblocks[f], 1)))
+        """Bytes of the selected documents (a file's size split evenly over its documents)."""
+        f = self.docs[:, 0]
+        return int(np.sum(self.sizes[f] / np.maximum(self.ndocs[f], 1)))
 
     def name(self, i: int) -> str:
-        f, b = self.blocks[i]
-        return self.rels[f] if self.nblocks[f] == 1 else f"{self.rels[f]}#{b}"
+        f, j = self.docs[i]
+        return self.rels[f] if self.ndocs[f] == 1 else f"{self.rels[f]}#{j}"
 
-    def subset(self, indices: Indices) -> FileBlocks:
-        return FileBlocks(self.root, self.rels, self.nblocks, self.sizes, self.blocks[indices], self.block_bytes,
-                          self.text_key, self.key)
+    def group(self, i: int) -> int:
+        """The file record i comes from (the mixing measures count rows from the same file)."""
+        return int(self.docs[int(i)][0])
+
+    def subset(self, indices: Indices) -> FileDocuments:
+        return FileDocuments(self.root, self.rels, self.ndocs, self.sizes, self.docs[indices], self.document_bytes,
+                             self.text_key, self.key)
 
     def read(self, i: int) -> tuple[Path, str | None]:
-        """(file, text of record i), text None when the block is not valid UTF-8. OSError when unreadable."""
-        f, b = (int(x) for x in self.blocks[int(i)])
+        """(file, text of record i), text None when it is not valid UTF-8. OSError when unreadable."""
+        f, j = (int(x) for x in self.docs[int(i)])
         path = self.root / self.rels[f]
-        data = read_block(path, b, int(self.nblocks[f]), self.block_bytes)
+        data = read_document(path, j, int(self.ndocs[f]), self.document_bytes, file_format(path.name) == "jsonl")
         try:
             return path, data.decode("utf-8")
         except UnicodeDecodeError:
             return path, None
 
     def documents(self, i: int, path: Path, text: str) -> list[str]:
-        """The documents of record i from its `text` (`read`): the block itself, or its JSON lines' texts."""
+        """The documents of record i from its `text` (`read`): the document itself (a gzip file: its documents
+        cut in memory), or its JSON lines' texts."""
         if file_format(path.name) == "text":
+            if path.name.endswith(".gz") and len(text) > self.document_bytes:
+                return [d.decode("utf-8") for d in cut_documents(text.encode("utf-8"), self.document_bytes) if d]
             return [text] if text else []
-        return _json_lines(text, self.text_key, path, int(self.blocks[int(i)][1]))
+        return _json_lines(text, self.text_key, path, int(self.docs[int(i)][1]))
 
     def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
         try:
             path, text = self.read(i)
         except OSError as e:
-            path = self.root / self.rels[int(self.blocks[int(i)][0])]
+            path = self.root / self.rels[int(self.docs[int(i)][0])]
             raise DataError(f"{self.key}: cannot read {path} (it disappeared or is unreadable: {e})") from None
         if text is None:
-            f = int(self.blocks[int(i)][0])
+            f = int(self.docs[int(i)][0])
             if f not in self._warned:
                 self._warned.add(f)
                 log.warning("data: skipping %s: not valid UTF-8", path)
@@ -124,11 +133,11 @@ def _json_lines(text: str, key: str, path: Path, block: int) -> list[str]:
         except RecursionError:
             raise DataError(f"{path}: line {n + 1} of block {block} is nested too deeply to read as JSON") from None
         except ValueError as e:
-            raise DataError(f"{path}: line {n + 1} of block {block} is not valid JSON ({e}); the file is corrupt or "
-                            "truncated") from None
+            raise DataError(f"{path}: line {n + 1} of document {block} is not valid JSON ({e}); the file is corrupt "
+                            "or truncated") from None
         value = obj.get(key) if isinstance(obj, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"{path}: line {n + 1} of block {block} has no string field {key!r} (data.text_key)")
+            raise DataError(f"{path}: line {n + 1} of document {block} has no string field {key!r} (data.text_key)")
         if value:
             docs.append(value)
     return docs

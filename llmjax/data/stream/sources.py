@@ -2,7 +2,7 @@
 
 One source comes from `data.path` / `data.tfds_name` (or the embedded corpus, the running
 interpreter's standard library, when neither is set); a mixture from `data.sources`. A path is
-text (a file, directory or glob of text / JSON-lines files, read in line-aligned blocks) or a
+text (a file, directory or glob of text / JSON-lines files, read as documents cut at natural boundaries) or a
 directory written by `llmjax data prepare` (pre-tokenized array_record shards and their
 tokenizer). Building a source lists files and opens shard indexes, nothing more; `probe` then
 reads a few records so that an empty or undecodable source fails before anything is compiled.
@@ -26,10 +26,10 @@ from llmjax.data.stream.files import (
     fingerprint_files,
     list_local_files,
     list_stdlib_files,
-    num_blocks,
+    num_documents,
     split_records,
 )
-from llmjax.data.stream.records import FileBlocks, Records, TfdsRecords, TokenShards
+from llmjax.data.stream.records import FileDocuments, Records, TfdsRecords, TokenShards
 from llmjax.guards import inside
 from llmjax.storage import is_url
 
@@ -134,16 +134,27 @@ def _local_source(cfg: Config, key: str, s: SourceConfig, root: Path, files: lis
         raise ConfigError(f"{key}: {what}: no documents (all {len(files)} files are empty)")
     rels = [t[0] for t in nonempty]
     sizes = np.array([t[1] for t in nonempty], np.int64)
-    bb = cfg.data.block_bytes
-    nblocks = np.array([num_blocks(r, int(n), bb) for r, n in zip(rels, sizes, strict=True)], np.int64)
-    blocks = np.array([(f, b) for f in range(len(rels)) for b in range(nblocks[f])], np.int64).reshape(-1, 2)
-    records = FileBlocks(root, rels, nblocks, sizes, blocks, bb, s.text_key, key)
-    train_idx, val_idx = split_records([records.name(i) for i in range(len(records))], cfg.data.validation_fraction)
+    db, bb = cfg.data.document_bytes, cfg.data.block_bytes
+    ndocs = np.array([num_documents(r, int(n), db) for r, n in zip(rels, sizes, strict=True)], np.int64)
+    doc_file = np.repeat(np.arange(len(rels)), ndocs)
+    within = np.arange(len(doc_file)) - np.repeat(np.cumsum(ndocs) - ndocs, ndocs)
+    records = FileDocuments(root, rels, ndocs, sizes, np.stack([doc_file, within], 1), db, s.text_key, key)
+    # the split is decided per file, or per block of data.block_bytes for larger files (never per document, so
+    # that validation text has no neighbours in training); a hash of "file" or "file#block" for each
+    nunits = np.where((sizes > bb) & (ndocs > 1), (ndocs - 1) * db // bb + 1, 1)
+    first = np.cumsum(nunits) - nunits
+    names = [f"{rels[f]}#{b}" if sizes[f] > bb and ndocs[f] > 1 else rels[f]
+             for f in range(len(rels)) for b in range(int(nunits[f]))]
+    _, unit_val = split_records(names, cfg.data.validation_fraction)
+    is_val = np.zeros(len(names), bool)
+    is_val[unit_val] = True
+    unit_of = first[doc_file] + np.where(nunits[doc_file] > 1, within * db // bb, 0)
+    train_idx, val_idx = np.flatnonzero(~is_val[unit_of]), np.flatnonzero(is_val[unit_of])
     fp = fingerprint_files(root, rels, sizes.tolist(), [t[2] for t in nonempty],
-                           f"{cfg.data.validation_fraction}|{bb}|{s.text_key}")
+                           f"{cfg.data.validation_fraction}|{bb}|{db}|{s.text_key}")
     label = s.name or name or Path(s.path or root).name.split(".")[0] or "local"
-    desc = (f"{what}: {len(rels)} files ({sizes.sum() / 1e6:.1f} MB), records train {len(train_idx)} / validation "
-            f"{len(val_idx)}")
+    desc = (f"{what}: {len(rels)} files ({sizes.sum() / 1e6:.1f} MB), documents train {len(train_idx)} / "
+            f"validation {len(val_idx)}")
     return Source(label, key, s.weight, "text", records.subset(train_idx), records.subset(val_idx), desc, "local_" + fp)
 
 
@@ -153,13 +164,13 @@ def probe(source: Source) -> None:
     if len(records) == 0:
         raise ConfigError(f"{source.key}: {source.description}: no training records")
     n = min(len(records), _PROBE_RECORDS)
-    if isinstance(records, FileBlocks):
+    if isinstance(records, FileDocuments):
         bad = []
-        for i in range(n):  # each block read once
+        for i in range(n):  # each document read once
             try:
                 path, text = records.read(i)
             except OSError as e:
-                raise ConfigError(f"{source.key}: cannot read {records.root / records.rels[records.blocks[i][0]]}: "
+                raise ConfigError(f"{source.key}: cannot read {records.root / records.rels[records.group(i)]}: "
                                   f"{e}") from None
             if text is None:
                 bad.append(str(path))

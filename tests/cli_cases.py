@@ -162,6 +162,30 @@ HF_CONFIGS = {  # name -> config.json of a directory to import (no weights: refu
                               "intermediate_size": 64, "num_attention_heads": 0, "vocab_size": 64}),
 }
 
+TINY_HF = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+           "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 64}
+ESCAPES = {  # name -> a weight_map entry that points outside the model directory (never opened)
+    "up": "../../outside/secret.safetensors", "etc": "/etc/passwd", "proc": "/proc/self/environ",
+}
+HUGE_HF = {  # name -> config.json fields that would need far more memory than the machine has
+    "layers": {"num_hidden_layers": 10_000_000}, "width": {"hidden_size": 1_000_000},
+    "vocab": {"vocab_size": 10**12},
+}
+TEMPLATES = {  # name -> a chat template that must be refused within its limits (or not compile)
+    "repeat": "{{ 'a' * 4000000000 }}",
+    "loops": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "range": "{% for i in range(10**9) %}{% endfor %}",
+    "include": "{% include 'other.jinja' %}",
+    "import": "{% import 'other.jinja' as o %}",
+}
+CURATE_BAD = [  # (override, needle): `data prepare` refuses before writing anything
+    ("curate.near_dedup.threshold=1.5", "curate.near_dedup.threshold"),
+    ("curate.near_dedup.threshold=0", "curate.near_dedup.threshold"),
+    ("curate.stages=[exact_dedup,exact_dedup]", "curate.stages"),
+    ("curate.stages=[nope]", "curate.stages"),
+    ("curate.quality.filters=[nosuch_filter]", "curate.quality.filters"),
+]
+
 WORKDIR_CONFIGS = {  # name -> config.yaml of a workdir that generate/eval/convert to-hf must refuse
     "no_config": None,
     "binary": b"\xff\xfe\x00",
@@ -199,6 +223,21 @@ def inputs(root: Path) -> None:
         (root / "work" / name).mkdir(parents=True, exist_ok=True)
         if content is not None:
             _write(root / "work" / name / "config.yaml", content)
+    for name, entry in ESCAPES.items():
+        _write(root / "hf_escape" / name / "config.json", json.dumps(TINY_HF))
+        _write(root / "hf_escape" / name / "model.safetensors.index.json",
+               json.dumps({"metadata": {}, "weight_map": {"model.embed_tokens.weight": entry}}))
+    for name, fields in HUGE_HF.items():
+        _write(root / "hf_huge" / name / "config.json", json.dumps({**TINY_HF, **fields}))
+        _write(root / "hf_huge" / name / "model.safetensors.index.json",  # a shard that is never opened
+               json.dumps({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-1.safetensors"}}))
+        _write(root / "hf_huge" / name / "model-1.safetensors", b"")
+    for name, text in TEMPLATES.items():
+        _write(root / "templates" / f"{name}.jinja", text)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    _write(root / "chat.jsonl", "\n".join(json.dumps(chat) for _ in range(40)) + "\n")
+    _write(root / "nested.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")
+    _write(root / "yaml" / "long_int.yaml", "seed: " + "7" * 5000 + "\n")
     _write(root / "a_file", "not a directory\n")
     (root / "empty_dir").mkdir(exist_ok=True)
     _write(root / "prompts.bin", bytes(range(256)) * 4)
@@ -382,6 +421,38 @@ def _data_verbs(root: Path) -> list[Case]:
     ]
 
 
+def _hostile_inputs(root: Path) -> list[Case]:
+    """Inputs that would read outside the directory given or allocate without bound (issue 26 points 1-2)."""
+    chat_tok = str(ROOT / "experiments" / "data" / "chat_tokenizer")
+    sft = ["train", "--check", "--workdir", f"{root}/never", *TINY, "train.objective=sft", f"data.tokenizer={chat_tok}"]
+    out = [case(["convert", "from-hf", f"{root}/hf_escape/{name}", f"{root}/never_work"], USAGE, "weight_map")
+           for name in ESCAPES]
+    out += [case(["convert", "from-hf", f"{root}/hf_huge/{name}", f"{root}/never_work"], USAGE, "config.json")
+            for name in HUGE_HF]
+    out += [case([*sft, f"data.path={root}/chat.jsonl", f"data.chat_template={root}/templates/{name}.jinja"],
+                 USAGE, "chat template") for name in TEMPLATES]
+    out += [case([*sft, f"data.path={root}/nested.jsonl"], USAGE, "nested too deeply"),
+            case(["config", "show", "--config", f"{root}/yaml/long_int.yaml"], USAGE, "too long")]
+    out += [case(["data", "prepare", f"{root}/never_out", *TINY, override], USAGE, needle)
+            for override, needle in CURATE_BAD]
+    return out
+
+
+def _reward_verb(root: Path) -> list[Case]:
+    """`llmjax reward` (scoring with a reward model): bad arguments and workdirs that are not reward models."""
+    out = [case(["reward"], USAGE), case(["reward", "--workdir", f"{root}/empty_dir"], USAGE),
+           case(["reward", "--workdir", f"{root}/empty_dir", "--data", f"{root}/chat.jsonl", "--batch", "0"], USAGE,
+                "--batch"),
+           case(["reward", "--workdir", f"{root}/empty_dir", "--data", f"{root}/chat.jsonl", "--batch", "x"], USAGE),
+           case(["reward", "--workdir", f"{root}/empty_dir", "--data", f"{root}/chat.jsonl", "--output",
+                 f"{root}/a_file"], USAGE, "--output"),
+           case(["reward", "--workdir", f"{root}/nothere", "--data", f"{root}/chat.jsonl"], FAILS)]
+    out += [case(["reward", "--workdir", f"{root}/work/{name}", "--data", f"{root}/chat.jsonl"], FAILS)
+            for name in WORKDIR_CONFIGS]
+    return out
+
+
 def cases(root: Path) -> list[Case]:
     """Every case, with its files under `root` (call `inputs(root)` first)."""
-    return _config_verbs(root) + _workdir_verbs(root) + _scaling_verbs(root) + _data_verbs(root)
+    return (_config_verbs(root) + _workdir_verbs(root) + _scaling_verbs(root) + _data_verbs(root)
+            + _hostile_inputs(root) + _reward_verb(root))

@@ -182,11 +182,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prompt_len + args.new_tokens > m.max_seq_len:
         raise ConfigError(f"--prompt-len + --new-tokens must be <= model.max_seq_len={m.max_seq_len}")
     engine = loaded.engine(args.int8)
+    slots = engine.cache_slots(args.prompt_len, args.new_tokens)
+    engine.check_memory(args.batch, args.prompt_len, slots, f"--batch {args.batch}")  # before building prompts
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(4, m.vocab_size, args.prompt_len)) for _ in range(args.batch)]
     sp = SamplingParams(max_new_tokens=args.new_tokens)
-    slots = engine.cache_slots(args.prompt_len, args.new_tokens)
-    engine.check_memory(args.batch, args.prompt_len, slots, f"--batch {args.batch}")
 
     def prefill() -> Any:
         logits, cache, _ = engine.prefill(prompts, slots)

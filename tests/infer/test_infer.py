@@ -264,7 +264,8 @@ def test_cli_bad_input_exits_2(trained, tmp_path):
         (("generate", "--workdir", trained, "--prompt", "x", "--temperature", "-1"), "--temperature"),
         (("generate", "--workdir", trained, "--prompt", " ".join(map(str, range(300)))), "context"),
         (("generate", "--workdir", trained, "--prompt", "x", "--beams", "100000000"), "--beams 100000000"),
-        (("bench-generate", "--workdir", trained, "--batch", "100000000"), "--batch 100000000"),
+        (("bench-generate", "--workdir", trained, "--batch", "100000000", "--prompt-len", "8", "--new-tokens", "8"),
+         "--batch 100000000"),
     ]
     (tmp_path / "config.yaml").write_text((trained / "config.yaml").read_text())
     cases[0] = (cases[0][0], "no checkpoint")

@@ -252,7 +252,8 @@ def test_nonfinite_loss_right_after_a_restore_blames_that_checkpoint(trained, co
     state = ocp.PyTreeCheckpointHandler().restore(step_dir / "state")
     from llmjax.train.checkpoint.data_state import DataStateHandler, DataStateRestore
 
-    data = DataStateHandler().restore(step_dir / "data", DataStateRestore([0]))  # one process, one data share
+    shares = json.loads((step_dir / "data" / "meta.json").read_text())["shares"]  # all of them: one process
+    data = DataStateHandler().restore(step_dir / "data", DataStateRestore(list(range(shares))))
     ckpt.close()
     state["params"] = jax.tree.map(lambda x: np.full_like(x, 1e38) if x.dtype == np.float32 else x,
                                    state["params"])

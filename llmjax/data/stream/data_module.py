@@ -12,6 +12,7 @@ once).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -301,10 +302,23 @@ class DataModule:
         return self.cfg.eval.batches
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
-        """The first `eval.batches` global validation batches (fixed order); this process's [B/P, ...] part."""
-        its = {r: iter(share_batches(self.sources, self.tokenizer, self.objective, self.spec, r, False))
-               for r in self.local_shares}
-        it = BatchIterator(its, [s.name for s in self.sources], self.fingerprint, self.shares)
+        """The first `eval.batches` global validation batches (fixed order); this process's [B/P, ...] part.
+
+        Each share reads its part of the validation split, as in training; a split with fewer records than
+        shares (a few small validation files) is read as one stream instead, every process taking its rows of
+        each global batch, so no share is left without rows and the batches still do not depend on P."""
+        names = [s.name for s in self.sources]
+        if any(len(s.validation) < self.shares for s in self.sources):
+            one = dataclasses.replace(self.spec, shares=1)
+            it = BatchIterator({0: iter(share_batches(self.sources, self.tokenizer, self.objective, one, 0, False))},
+                               names, self.fingerprint, 1)
+            lo = self.local_shares[0] * self.global_batch // self.shares
+            part: Any = lambda b: {k: v[lo:lo + self.local_batch] for k, v in b.items()}  # noqa: E731
+        else:
+            its = {r: iter(share_batches(self.sources, self.tokenizer, self.objective, self.spec, r, False))
+                   for r in self.local_shares}
+            it = BatchIterator(its, names, self.fingerprint, self.shares)
+            part = lambda b: b  # noqa: E731
         n, k = self.num_eval_batches, 0
         try:
             while n <= 0 or k < n:
@@ -313,6 +327,6 @@ class DataModule:
                 except StopIteration:
                     return
                 k += 1
-                yield batch
+                yield part(batch)
         finally:
             it.close()

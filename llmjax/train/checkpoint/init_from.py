@@ -73,8 +73,8 @@ def check_base(cfg: Config, setup: Any, workdir: Any) -> None:
     if newest is None:
         raise ConfigError(f"train.init_from: no checkpoint in {ckpts} (a training run or `llmjax convert from-hf` "
                           "workdir)")
-    check_matches(cfg.model, newest, setup.params.shapes, setup.params.logical,
-                  f"train.init_from={cfg.train.init_from}")
+    base = setup.base_params or setup.params  # what load_base restores (an objective's head starts from the seed)
+    check_matches(cfg.model, newest, base.shapes, base.logical, f"train.init_from={cfg.train.init_from}")
 
 
 def pointer(cfg: Config, step: int | None) -> dict[str, Any]:

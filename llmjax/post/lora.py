@@ -18,7 +18,8 @@ before projecting it onto A and B, so the compute per step is that of full fine-
 the optimizer update of the base.
 
 Adapters tree: the base tree's path to each targeted leaf, the leaf replaced by {"a": A, "b": B}
-(e.g. adapters["layers"]["attn"]["q"]["kernel"]["a"]).
+(e.g. adapters["layers"]["attn"]["q"]["kernel"]["a"]), plus the top-level leaves an objective trains in full
+(`full`, e.g. PPO's value head `score`): copied from the base at init, replacing it in `merge`.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def _split(axes: tuple[str, ...], path: tuple[str, ...]) -> tuple[int, int]:
 class LoraPlan:
     """Which matrices get adapters, and how to initialise, lay out and merge them."""
 
-    def __init__(self, cfg: LoraConfig, shapes: Any, logical: Any, roles: Any):
+    def __init__(self, cfg: LoraConfig, shapes: Any, logical: Any, roles: Any, full: tuple[str, ...] = ()):
         self.cfg = cfg
+        self.full = tuple(k for k in full if k in shapes)  # top-level leaves trained in full (module docstring)
+        self._full_info = {k: (shapes[k], logical[k], roles[k]) for k in self.full}
         self.scale = cfg.alpha / cfg.rank
         unknown = [t for t in cfg.targets if t not in LORA_TARGETS]
         if unknown or not cfg.targets:
@@ -133,26 +136,29 @@ class LoraPlan:
                               f"{', '.join(sorted(matched))})")
 
     # ------------------------------------------------------------------ trees
-    def _tree(self, leaf: Any) -> Any:
-        return traverse_util.unflatten_dict({(*t.path, k): leaf(t, k) for t in self.targets for k in ("a", "b")})
+    def _tree(self, leaf: Any, full: int = -1) -> Any:
+        tree = {(*t.path, k): leaf(t, k) for t in self.targets for k in ("a", "b")}
+        tree.update({(k,): self._full_info[k][full] for k in self.full} if full >= 0 else {})
+        return traverse_util.unflatten_dict(tree)
 
     def abstract(self, dtype: Any) -> Any:
-        """ShapeDtypeStructs of the adapters."""
+        """ShapeDtypeStructs of the adapters (and of the leaves trained in full, as in the base)."""
         r = self.cfg.rank
-        return self._tree(lambda t, k: jax.ShapeDtypeStruct(t.a_shape(r) if k == "a" else t.b_shape(r), dtype))
+        return self._tree(lambda t, k: jax.ShapeDtypeStruct(t.a_shape(r) if k == "a" else t.b_shape(r), dtype), 0)
 
     def logical(self) -> Any:
         """PartitionSpecs of logical names: the base matrix's axes, `lora_rank` for the rank."""
-        return self._tree(lambda t, k: PartitionSpec(*(t.a_axes() if k == "a" else t.b_axes())))
+        return self._tree(lambda t, k: PartitionSpec(*(t.a_axes() if k == "a" else t.b_axes())), 1)
 
     def roles(self) -> Any:
         """Every adapter matrix has the `matrix` role (weight decay as for the matrices it adapts)."""
-        return self._tree(lambda t, k: "matrix")
+        return self._tree(lambda t, k: "matrix", 2)
 
-    def init(self, rng: jax.Array, dtype: Any) -> Any:
-        """A ~ N(0, 1 / in_features), B = 0 (so the adapted model starts as the base)."""
+    def init(self, rng: jax.Array, dtype: Any, base: Any = None) -> Any:
+        """A ~ N(0, 1 / in_features), B = 0 (so the adapted model starts as the base); the leaves trained in full
+        start as `base`'s."""
         r = self.cfg.rank
-        out = {}
+        out = {(k,): base[k] for k in self.full}
         for i, t in enumerate(self.targets):
             a = jax.random.normal(jax.random.fold_in(rng, i), t.a_shape(r), jnp.float32) / jnp.sqrt(t.in_size)
             out[(*t.path, "a")] = a.astype(dtype)
@@ -170,6 +176,7 @@ class LoraPlan:
         1 / (1 - p)), one mask per matrix (and stacked layer) for the whole step."""
         flat = traverse_util.flatten_dict(base)
         flat_ad = traverse_util.flatten_dict(adapters)
+        flat.update({(k,): flat_ad[(k,)] for k in self.full})
         p = self.cfg.dropout
         for i, t in enumerate(self.targets):
             a, b = flat_ad[(*t.path, "a")], flat_ad[(*t.path, "b")]
@@ -185,7 +192,7 @@ class LoraPlan:
         names = ", ".join("/".join(t.path[:-1]) for t in self.targets)
         return (f"LoRA rank {self.cfg.rank}, alpha {self.cfg.alpha} (scale {self.scale:g}), dropout "
                 f"{self.cfg.dropout}: {n:,} adapter parameters on {len(self.targets)} matrices ({names}); base "
-                "weights frozen")
+                "weights frozen" + (f" but {', '.join(self.full)} (trained in full)" if self.full else ""))
 
 
 def _size(shape: tuple[int, ...]) -> int:

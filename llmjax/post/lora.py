@@ -158,7 +158,7 @@ class LoraPlan:
         """A ~ N(0, 1 / in_features), B = 0 (so the adapted model starts as the base); the leaves trained in full
         start as `base`'s."""
         r = self.cfg.rank
-        out = {(k,): base[k] for k in self.full}
+        out: dict[tuple[str, ...], Any] = {(k,): base[k] for k in self.full}
         for i, t in enumerate(self.targets):
             a = jax.random.normal(jax.random.fold_in(rng, i), t.a_shape(r), jnp.float32) / jnp.sqrt(t.in_size)
             out[(*t.path, "a")] = a.astype(dtype)

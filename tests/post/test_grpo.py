@@ -145,8 +145,10 @@ def test_rl_runs_and_resumes_bitwise_after_kill9(objective, sft_run, tmp_path):
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
 def test_rl_with_lora_trains_only_adapters(objective, sft_run, tmp_path):
     wd = tmp_path / "lora"
+    (tmp_path / "len_reward.py").write_text("def length(prompt, response, record):\n"
+                                            "    return float(len(response) % 5)\n")  # varies: the head learns
     out = grpo(wd, f"train.init_from={sft_run}", "lora.rank=4", "lora.targets=[q,v]", "train.steps=2",
-               *OBJECTIVE[objective])
+               *OBJECTIVE[objective], "rl.reward_fn=len_reward:length", env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
     assert out.returncode == 0, out.stderr
     from llmjax.train.checkpoint.compat import saved_param_shapes
 

@@ -169,7 +169,7 @@ class PPOFamily:
     def rollout_metrics(batch: PPOBatch) -> dict[str, jax.Array]:
         """Of the step's rollouts: reward (mean) and reward_std over rows, kl (k1 to the reference per response
         token), kl_coef, entropy, explained_variance (1 - Var(returns - values) / Var(returns) over the response
-        tokens), response_length."""
+        tokens; 0 when the returns do not vary), response_length."""
         mask = (batch.weights > 0).astype(jnp.float32)
         n = jnp.maximum(jnp.sum(mask), 1.0)
         rows = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
@@ -184,8 +184,8 @@ class PPOFamily:
         return {"reward": mean, "reward_std": jnp.sqrt(jnp.maximum(jnp.sum(r * r * rows) / nr - mean * mean, 0.0)),
                 "kl": jnp.sum(kl_k1(batch.old_logp, batch.ref_logp) * mask) / n, "kl_coef": batch.kl_coef[0, 0],
                 "entropy": jnp.sum(batch.entropy * mask) / n,
-                "explained_variance": 1.0 - var(batch.returns - batch.old_values) / jnp.maximum(var(batch.returns),
-                                                                                                1e-12),
+                "explained_variance": jnp.where(var(batch.returns) > 0, 1.0 - var(batch.returns - batch.old_values)
+                                                / jnp.maximum(var(batch.returns), 1e-30), 0.0),
                 "response_length": jnp.sum(mask) / nr}
 
     def make_train_step(self, model: nn.Module, tx: optax.GradientTransformation, z_loss: float, accum_steps: int,

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         shape = validate(cfg, len(target.devices))
     except ConfigError as e:
         raise ConfigError(f"{e} (--topology {target.name} has {len(target.devices)} devices)") from None
+    if cfg.model.matmul_dtype == "fp8":
+        from llmjax.models.fp8 import check_backend
+
+        check_backend(target.devices)
     return compile_and_report(cfg, target, shape)
 
 

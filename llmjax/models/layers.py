@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
-from llmjax.models.fp8 import fp8_matmul
+from llmjax.kernels.fp8 import fp8_matmul
 from llmjax.parallel.rules import constrain
 
 Initializer = Any
@@ -47,7 +47,7 @@ class Linear(nn.Module):
 
     `kernel_axes` names the kernel's dimensions (inputs first, then outputs);
     `n_in` is how many trailing dimensions of x are contracted. `fp8`: the matmul runs in float8
-    (`llmjax.models.fp8.fp8_matmul`, float32 accumulation) on the compute-dtype operands.
+    (`llmjax.kernels.fp8.fp8_matmul`, float32 accumulation) on the compute-dtype operands.
     """
 
     out_shape: tuple[int, ...]

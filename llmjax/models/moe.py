@@ -56,8 +56,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
+from llmjax.kernels.fp8 import fp8_matmul, fp8_ragged_dot
 from llmjax.models.feedforward import Aux
-from llmjax.models.fp8 import fp8_matmul, fp8_ragged_dot
 from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype, logical_init
 from llmjax.parallel.rules import constrain, current_sharding
 
@@ -135,9 +135,10 @@ class Collectives:
 def expert_mlp(cfg: ModelConfig, w: dict[str, jax.Array], x: jax.Array, matmul: Any, bias: Any,
                comm: Collectives) -> jax.Array:
     """The expert MLPs (the dense MLP's kind) on dispatched rows; `matmul(a, kernel)` multiplies by a
-    stacked kernel (float32 accumulation; float8 operands with `model.matmul_dtype=fp8`) and `bias(b)` lays out a stacked bias for the rows. Each
-    matmul's output is cast to the compute dtype, as in `layers.MLP`; the output projection's partial
-    sums over a split MLP width are summed before its bias is added."""
+    stacked kernel (float32 accumulation; float8 operands with `model.matmul_dtype=fp8`) and `bias(b)`
+    lays out a stacked bias for the rows. Each matmul's output is cast to the compute dtype, as in
+    `layers.MLP`; the output projection's partial sums over a split MLP width are summed before its
+    bias is added."""
     compute = dtype(cfg.compute_dtype)
 
     def lin(a: jax.Array, name: str, reduce: Any = lambda v: v) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Float8 matmuls (`model.matmul_dtype=fp8`, llmjax.models.fp8) on CPU, where XLA emulates them.
+"""Float8 matmuls (`model.matmul_dtype=fp8`, llmjax.kernels.fp8) on CPU, where XLA emulates them.
 
 - quantize / dequantize: the e4m3 and e5m2 rounding bounds at any magnitude, saturation, zeros;
 - fp8_matmul / fp8_ragged_dot: forward and gradients equal the products of the dequantized
@@ -21,9 +21,9 @@ import pytest
 from helpers import family_loss, packed_batch, tiny_config
 
 from llmjax.config import ConfigError, MoEConfig
-from llmjax.models import fp8
-from llmjax.models.fp8 import E4M3, E5M2, dequantize, fp8_matmul, fp8_ragged_dot
-from llmjax.models.fp8 import quantize as _quantize
+from llmjax.kernels import fp8
+from llmjax.kernels.fp8 import E4M3, E5M2, dequantize, fp8_matmul, fp8_ragged_dot
+from llmjax.kernels.fp8 import quantize as _quantize
 from llmjax.models.transformer import Transformer
 
 # Float8 vs float32 on the tiny model (d_model 64, 2 layers, random init, 8 x 32 tokens): the stated
@@ -183,3 +183,25 @@ def test_config_key_and_backend_check(monkeypatch):
     monkeypatch.setattr(fp8, "fp8_matmul", unsupported)
     with pytest.raises(ConfigError, match=r"model\.matmul_dtype=fp8: the cpu backend .*F8E4M3FN dot is not supported"):
         fp8.check_backend(jax.devices())
+
+
+@pytest.mark.slow
+def test_h100_deviceless_compile_emits_float8_dots():
+    """With jax's CUDA plugin installed (no GPU needed): the gradient of fp8_matmul compiled for an H100 has
+    e4m3 x e4m3 (forward) and e5m2 x e4m3 / e4m3 x e5m2 (backward) dots. benchmarks/fp8_hlo.py does the same
+    for the whole train step."""
+    from llmjax.planner.gpu import cuda_plugin_installed, gpu_devices
+
+    if not cuda_plugin_installed():
+        pytest.skip("jax's CUDA plugin is not installed (pip install 'llmjax[gpu-compile]')")
+    from jax.sharding import SingleDeviceSharding
+
+    _, devices = gpu_devices("h100-1", "h100", 1)
+    s = SingleDeviceSharding(devices[0])
+    x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=s)
+    w = jax.ShapeDtypeStruct((512, 1024), jnp.float32, sharding=s)
+    step = jax.value_and_grad(lambda a, b: jnp.sum(fp8_matmul(a, b) ** 2), argnums=(0, 1))
+    hlo = jax.jit(step).lower(x, w).compile().as_text()
+    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo))
+    dots = {(types.get(a), types.get(b)) for a, b in re.findall(r" dot\(%([\w.-]+), %([\w.-]+)", hlo)}
+    assert {("f8e4m3fn", "f8e4m3fn"), ("f8e5m2", "f8e4m3fn"), ("f8e4m3fn", "f8e5m2")} <= dots, dots

@@ -126,7 +126,8 @@ def test_cli_generate_and_eval_int4(eval_run, capsys):
 def test_bad_group_sizes_exit_2_before_compiling(eval_run, capsys):
     workdir, _, _ = eval_run
     cases = [
-        (("eval", "--workdir", workdir, "--quant", "int4"), "--quant-group-size 128 does not divide the input width 64"),
+        (("eval", "--workdir", workdir, "--quant", "int4"),
+         "--quant-group-size 128 does not divide the input width 64"),
         (("generate", "--workdir", workdir, "--prompt", "x", "--quant", "int4-gptq", "--quant-group-size", 48),
          "--quant-group-size 48 does not divide"),
         (("bench-generate", "--workdir", workdir, "--quant", "int4", "--quant-group-size", 0), "--quant-group-size"),

@@ -55,7 +55,7 @@ def test_int4_is_within_half_a_scale_of_every_weight_and_a_seventh_of_float32():
             continue
         err = grouped(np.abs(w - b), x.start, x.stop, 32)  # type: ignore[arg-type]
         assert np.all(err <= np.asarray(x.scale) / 2 * (1 + 1e-6)), jax.tree_util.keystr(path)
-    assert nbytes(q) < 0.16 * nbytes(params) and nbytes(q) < 0.6 * nbytes(jax.eval_shape(quantize, params, logical))
+    assert nbytes(q) < 0.16 * nbytes(params) and nbytes(q) < 0.6 * nbytes(jax.eval_shape(lambda p: quantize(p, logical), params))
 
 
 def test_gptq_has_lower_output_error_than_round_to_nearest():
@@ -95,13 +95,18 @@ def test_int4_logits_stay_close_to_float(eval_run):
     prompts = [list(np.random.default_rng(0).integers(4, 500, n)) for n in (5, 12)]
     sp = SamplingParams(max_new_tokens=6)
     ref = loaded.engine().generate(prompts, sp, return_logits=True)
-    for method in ("int4", "int4-gptq"):
-        out = loaded.engine(QuantOptions(method, 32, calib_sequences=16)).generate(prompts, sp, return_logits=True)
+    for method in ("int4",):  # int4-gptq: its loss in test_cli_generate_and_eval_int4
+        out = loaded.engine(QuantOptions(method, 32)).generate(prompts, sp, return_logits=True)
         for a, b in zip(ref, out, strict=True):
             n = min(len(a.tokens), len(b.tokens))
-            scale = np.abs(a.logits).max()
-            # tolerance: 5% of the largest logit (measured ~1% for int4 at group 32 on this model)
-            np.testing.assert_allclose(b.logits[:n], a.logits[:n], atol=0.05 * scale, err_msg=method)
+            A, B = (x[:n] - x[:n].mean(-1, keepdims=True) for x in (a.logits, b.logits))  # logits up to a shift
+            rel = np.linalg.norm(B - A) / np.linalg.norm(A)
+            P, Q = (np.exp(x - x.max(-1, keepdims=True)) for x in (A, B))
+            tv = 0.5 * np.abs(P / P.sum(-1, keepdims=True) - Q / Q.sum(-1, keepdims=True)).sum(-1).max()
+            # tolerances: 8% relative L2 error of the (centred) logits, 0.05 total variation of the next-token
+            # distribution (measured on a 30-step tiny run: int4 2.5-2.8% and 0.011, int4-gptq 0.8-1.3% and
+            # 0.004-0.011; int8 0.2% and 0.001)
+            assert rel < 0.08 and tv < 0.05, (method, rel, tv)
 
 
 @pytest.mark.slow

@@ -165,6 +165,7 @@ def gptq_quantize(cfg: ModelConfig, params: Any, logical_specs: Any, batches: It
     while unit < n_units:
         hs = hessians(unit)
         n_units = traced_units[-1]  # known after the first trace
+        n_done = 0
         for (_, rel), h in hs.items():
             if stack is None:
                 found = [k for k in params if _sub(params[k], (*rel, "kernel")) is not None]
@@ -172,27 +173,27 @@ def gptq_quantize(cfg: ModelConfig, params: Any, logical_specs: Any, batches: It
                     raise ConfigError(f"--quant int4-gptq: model.family={cfg.family} has {len(found)} layer stacks "
                                       "holding the same layers; use --quant int4")
                 stack = (found[0],)
-            _gptq_leaf(index.get((*stack, *rel, "kernel")), unit, h, work, leaves, specs, group_size, damp, done)
-        log(f"layer unit {unit + 1}/{n_units}: {len(hs)} matrices")
+            n_done += _gptq_leaf(index.get((*stack, *rel, "kernel")), unit, h, work, leaves, specs, group_size, damp,
+                                 done)
+        log(f"layer unit {unit + 1}/{n_units}: {n_done} matrices")
         unit += 1
-    top = hessians(None)
-    for (_, rel), h in top.items():
-        _gptq_leaf(index.get((*rel, "kernel")), None, h, work, leaves, specs, group_size, damp, done)
-    log(f"top level: {len(top)} matrices")
+    n_done = sum(_gptq_leaf(index.get((*rel, "kernel")), None, h, work, leaves, specs, group_size, damp, done)
+                 for (_, rel), h in hessians(None).items())
+    log(f"top level: {n_done} matrices")
     codes = {i: _assemble(leaves[i], specs[i], parts, group_size) for i, parts in done.items()}
     return quantize_int4(params, logical_specs, group_size, codes)
 
 
 def _gptq_leaf(i: int | None, unit: int | None, h: np.ndarray, work: list[np.ndarray], leaves: list[Any],
-               specs: list[Any], group_size: int, damp: float, done: dict) -> None:
+               specs: list[Any], group_size: int, damp: float, done: dict) -> bool:
     """GPTQ of the float leaf i's slice `unit` (None: the unstacked leaf); the dequantized result replaces
-    `work[i]`'s."""
+    `work[i]`'s. False when the leaf stays as it is (not quantized, e.g. the router, or not a plain matrix)."""
     if i is None or quantized_axes(specs[i]) is None:
-        return
+        return False
     w = np.asarray(leaves[i] if unit is None else leaves[i][unit], np.float32)
     n_in = h.shape[0]
     if int(np.prod(w.shape)) % n_in or int(np.prod(w.shape[:_ndim_in(w.shape, n_in)])) != n_in:
-        return  # its inputs are not its leading dimensions (never for Linear kernels): keep round-to-nearest
+        return False  # its inputs are not its leading dimensions (never for Linear kernels): keep round-to-nearest
     codes, scales = gptq_matrix(w.reshape(n_in, -1), h, group_size, damp)
     deq = (codes.reshape(-1, group_size, codes.shape[1]) * scales[:, None, :]).reshape(w.shape)
     if unit is None:
@@ -200,6 +201,7 @@ def _gptq_leaf(i: int | None, unit: int | None, h: np.ndarray, work: list[np.nda
     else:
         work[i][unit] = deq
     done.setdefault(i, {})[-1 if unit is None else unit] = (codes, scales)
+    return True
 
 
 def _ndim_in(shape: tuple[int, ...], n_in: int) -> int:

@@ -196,8 +196,8 @@ class LoraPlan:
                 a = jnp.where(keep, a / (1 - p), 0).astype(a.dtype)
             w = flat[t.path]
             flat[t.path] = (w.astype(jnp.float32) + self.delta(t, a, b)).astype(w.dtype)
-        for p in self.whole:  # a head trained whole replaces the base's
-            flat[p] = flat_ad[p].astype(flat[p].dtype)
+        for path in self.whole:  # a head trained whole replaces the base's
+            flat[path] = flat_ad[path].astype(flat[path].dtype)
         return traverse_util.unflatten_dict(flat)
 
     def describe(self) -> str:

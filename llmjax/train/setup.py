@@ -257,7 +257,8 @@ def _fresh_state(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.G
             base = {**{k: v for k, v in fresh.items() if k not in base}, **base}
     params, frozen = base, None
     if lora is not None:
-        params = lora.init(jax.random.fold_in(params_rng, LORA_INIT_KEY), jax.numpy.dtype(cfg.model.param_dtype))
+        params = lora.init(jax.random.fold_in(params_rng, LORA_INIT_KEY), jax.numpy.dtype(cfg.model.param_dtype),
+                           base)
         frozen = base
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng, frozen=frozen)

@@ -6,9 +6,9 @@
   llmjax mup-check [--config FILE] [--widths 64,128,...] [--steps N] [--out DIR] [section.key=value ...]
   llmjax compile --topology v5p-64 [--slices N] [--config FILE] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
-  llmjax eval --workdir DIR [--split validation|train] [--int8]
+  llmjax eval --workdir DIR [--split validation|train] [--quant int8,int4,int4-gptq [--quant-group-size 128]]
   llmjax harness --workdir DIR --tasks T1,T2 [--num-fewshot K --limit N --include-path DIR]
-  llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N]
+  llmjax bench-generate --workdir DIR [--batch B --prompt-len P --new-tokens N] [--quant none|int8|int4|int4-gptq]
   llmjax sweep run SPEC [--workdir DIR] [--dry-run] [--pack K] | llmjax sweep collect DIR
   llmjax fit --csv runs.csv --out DIR [--budgets 1e18,1e19] [--holdout largest]
   llmjax plot --csv runs.csv --fit DIR/fit.json --out DIR

@@ -106,6 +106,10 @@ class ModelConfig:
                                        "at mup_base_width (head_dim if set, else mup_base_width // n_heads)", ge=0)
     compute_dtype: Dtype = option("bfloat16", "matmul input dtype (accumulation is float32)")
     param_dtype: Dtype = option("float32", "dtype the parameters are stored and updated in")
+    matmul_dtype: Literal["compute", "fp8"] = option(
+        "compute", "the dense and expert matmuls (attention projections, MLPs, experts): compute: inputs in "
+        "compute_dtype; fp8: float8 with per-tensor current scaling, e4m3 forward, e5m2 gradients, float32 "
+        "accumulation (llmjax.kernels.fp8; embeddings, LM head, norms and router stay in compute_dtype or float32)")
     remat: Literal["none", "full", "dots", "dots_no_batch", "minimal"] = option(
         "none", "activation recomputation policy per layer")
     scan_layers: bool = option(True, "nn.scan over the layers; false: a Python loop over the same stacked params "

@@ -11,6 +11,8 @@ command-line verbs live in `llmjax.infer.commands`.
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from llmjax.config import Config, ConfigError, MeshConfig, load_config
 from llmjax.infer.engine import Engine
-from llmjax.infer.quantize import dequantize, quantize
+from llmjax.infer.quantize import QuantOptions, dequantize, quantize, quantize_int4
 from llmjax.models.families import build_family
 from llmjax.parallel.mesh import build_mesh
 from llmjax.parallel.rules import logical_to_spec, make_rules, use_sharding
@@ -87,14 +89,66 @@ class Loaded:
               "the config's data section", file=sys.stderr)
         return resolve_tokenizer(self.cfg, resolve_sources(self.cfg))
 
-    def quantized(self) -> Any:
-        """The parameters in int8 (`llmjax.infer.quantize`: matrices, experts and embeddings)."""
-        return jax.jit(lambda p: quantize(p, self.abstract.logical))(self.params)
+    def check_quant(self, opts: QuantOptions) -> None:
+        """ConfigError (exit 2) when `opts` cannot quantize this model (a group size not dividing a width);
+        from shapes alone, before anything is compiled."""
+        opts.check_widths(self.abstract.shapes, self.abstract.logical, self.cfg.model)
 
-    def engine(self, int8: bool = False) -> Engine:
+    def quantized(self, opts: QuantOptions | None = None) -> Any:
+        """The parameters quantized by `opts` (default int8; `llmjax.infer.quantize`: matrices, experts and
+        embeddings): int8 per channel, int4 group-wise rounded to nearest, or int4 by GPTQ calibrated on
+        `opts.calib_sequences` rows of the run's training data."""
+        opts = opts or QuantOptions("int8")
+        self.check_quant(opts)
+        logical = self.abstract.logical
+        if opts.method == "int8":
+            return jax.jit(lambda p: quantize(p, logical))(self.params)
+        if opts.method == "int4":
+            return jax.jit(lambda p: quantize_int4(p, logical, opts.group_size))(self.params)
+        assert opts.method == "int4-gptq", opts.method
+        from llmjax.infer.gptq import gptq_quantize
+
+        batches = self.calibration_batches(opts.calib_sequences)
+        print(f"llmjax: int4-gptq: calibrating on {len(batches)} training batches "
+              f"({len(batches) * self.cfg.train.batch_size} sequences)", file=sys.stderr)
+        return gptq_quantize(self.cfg.model, jax.device_get(self.params), logical, batches, opts.group_size,
+                             opts.damp, run=self.under_rules,
+                             log=lambda line: print(f"llmjax: int4-gptq: {line}", file=sys.stderr))
+
+    def calibration_batches(self, sequences: int) -> list[Any]:
+        """The first ceil(sequences / train.batch_size) batches of the run's training data (the family's typed
+        batches, as numpy), read through the run's data pipeline."""
+        from llmjax.models.families import batch_from_dict
+        from llmjax.train.checkpoint.data_state import latest_saved_shares
+        from llmjax.train.objectives import objective_for
+
+        objective = objective_for(self.cfg)
+        data = objective.open_data(self.cfg, self.family, tokenizer=self.tokenizer(),
+                                   shares=latest_saved_shares(self.workdir / "checkpoints"))
+        it = data.train_iterator()
+        try:
+            rows = [next(it) for _ in range(math.ceil(sequences / self.cfg.train.batch_size))]
+        finally:
+            it.close()
+        return [batch_from_dict(self.family.batch_type, b) for b in rows]
+
+    def under_rules(self, fn: Callable) -> Callable:
+        """`fn` run under the inference mesh's sharding rules (what the model's `constrain` calls read)."""
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with use_sharding(self.mesh, self.rules):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def engine(self, quant: bool | str | QuantOptions = False) -> Engine:
+        """The decoding engine on the float parameters, or on quantized ones (`quant`: True / "int8" or
+        `QuantOptions`), dequantized inside each jitted step."""
+        opts = quant if isinstance(quant, QuantOptions) else QuantOptions("int8" if quant is True else
+                                                                          (quant or "none"))
         params, transform = self.params, None
-        if int8:
-            params = self.quantized()
+        if opts.method != "none":
+            params = self.quantized(opts)
             dt = jnp.dtype(self.cfg.model.param_dtype)
             transform = lambda p: dequantize(p, dt)  # noqa: E731
         return Engine(self.cfg.model, params, self.mesh, self.rules, transform, family=self.family)

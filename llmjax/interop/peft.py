@@ -54,6 +54,10 @@ def save_adapters(cfg: ModelConfig, lora_cfg: Any, plan: Any, adapters: Any, out
     from safetensors.numpy import save_file
 
     check_exportable(cfg)
+    if plan.whole:
+        raise ConfigError(f"--merge-lora: this LoRA run also trains {', '.join('/'.join(p) for p in plan.whole)} whole "
+                          "(a task head), which the PEFT adapter layout does not hold; export the merged weights "
+                          "with --merge-lora")
     np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import contextvars
 import dataclasses
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,7 @@ from flax import struct
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention
 from llmjax.models import mup
-from llmjax.models.layers import Linear, dtype, make_norm
+from llmjax.models.layers import Linear, dense_kwargs, make_norm
 from llmjax.models.rope import rotary
 from llmjax.parallel.rules import constrain, current_sharding
 
@@ -225,8 +225,7 @@ class Attention(nn.Module):
         is passed: prefill), else the cache's (decode steps)."""
         cfg = self.cfg
         E, H, K = cfg.resolved_head_dim, cfg.n_heads, cfg.n_kv_heads
-        common: dict[str, Any] = dict(use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype),
-                                      param_dtype=dtype(cfg.param_dtype))
+        common = dense_kwargs(cfg)
         qkv = {**common, "use_bias": cfg.use_bias or cfg.qkv_bias}
         q = Linear((H, E), ("embed", "heads", "head_dim"), init_std=cfg.init_std, name="q", **qkv)(x_BLD)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.kernels.fp8 import fp8_matmul
 from llmjax.parallel.rules import constrain
 
 Initializer = Any
@@ -45,7 +46,8 @@ class Linear(nn.Module):
     """x[..., *in] @ kernel[*in, *out] -> [..., *out], with logical names on the kernel.
 
     `kernel_axes` names the kernel's dimensions (inputs first, then outputs);
-    `n_in` is how many trailing dimensions of x are contracted.
+    `n_in` is how many trailing dimensions of x are contracted. `fp8`: the matmul runs in float8
+    (`llmjax.kernels.fp8.fp8_matmul`, float32 accumulation) on the compute-dtype operands.
     """
 
     out_shape: tuple[int, ...]
@@ -56,6 +58,7 @@ class Linear(nn.Module):
     compute_dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     output_dtype: Any = None  # default: compute_dtype
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,7 +74,10 @@ class Linear(nn.Module):
         lead = x.shape[: x.ndim - self.n_in]
         x2 = x.reshape(math.prod(lead), math.prod(in_shape)).astype(self.compute_dtype)
         k2 = kernel.reshape(math.prod(in_shape), math.prod(self.out_shape)).astype(self.compute_dtype)
-        y = jnp.matmul(x2, k2, preferred_element_type=jnp.float32).reshape(*lead, *self.out_shape)
+        if self.fp8:
+            y = fp8_matmul(x2, k2).reshape(*lead, *self.out_shape)
+        else:
+            y = jnp.matmul(x2, k2, preferred_element_type=jnp.float32).reshape(*lead, *self.out_shape)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -81,6 +87,13 @@ class Linear(nn.Module):
             )
             y = y + bias.astype(jnp.float32)
         return y.astype(self.output_dtype or self.compute_dtype)
+
+
+def dense_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The `Linear` settings of the model's dense layers (attention projections, MLPs): bias, dtypes, and
+    float8 matmuls with `model.matmul_dtype=fp8` (the LM head and the router build their own)."""
+    return dict(use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
+                fp8=cfg.matmul_dtype == "fp8")
 
 
 def _scale_init(offset: float) -> Initializer:
@@ -205,9 +218,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        common: dict[str, Any] = dict(
-            use_bias=cfg.use_bias, compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype)
-        )
+        common = dense_kwargs(cfg)
         act = _ACTIVATIONS[cfg.mlp]
         h = act(Linear((cfg.d_ff,), ("embed", "mlp"), init_std=cfg.init_std, name="wi_0", **common)(x_BLD))
         if mlp_matrices(cfg.mlp) == 3:

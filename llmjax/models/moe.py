@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
+from llmjax.kernels.fp8 import fp8_matmul, fp8_ragged_dot
 from llmjax.models.feedforward import Aux
 from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype, logical_init
 from llmjax.parallel.rules import constrain, current_sharding
@@ -134,9 +135,10 @@ class Collectives:
 def expert_mlp(cfg: ModelConfig, w: dict[str, jax.Array], x: jax.Array, matmul: Any, bias: Any,
                comm: Collectives) -> jax.Array:
     """The expert MLPs (the dense MLP's kind) on dispatched rows; `matmul(a, kernel)` multiplies by a
-    stacked kernel (float32 accumulation) and `bias(b)` lays out a stacked bias for the rows. Each
-    matmul's output is cast to the compute dtype, as in `layers.MLP`; the output projection's partial
-    sums over a split MLP width are summed before its bias is added."""
+    stacked kernel (float32 accumulation; float8 operands with `model.matmul_dtype=fp8`) and `bias(b)`
+    lays out a stacked bias for the rows. Each matmul's output is cast to the compute dtype, as in
+    `layers.MLP`; the output projection's partial sums over a split MLP width are summed before its
+    bias is added."""
     compute = dtype(cfg.compute_dtype)
 
     def lin(a: jax.Array, name: str, reduce: Any = lambda v: v) -> jax.Array:
@@ -199,6 +201,9 @@ def _capacity_dispatch(cfg: ModelConfig, x_BLD: jax.Array, weights_BLK: jax.Arra
     x_XNCD = comm.exchange(x_XBCD, 0, 1)  # [X / E, E * B, C, D]: this shard's experts, every shard's slots
 
     def matmul(a: jax.Array, kernel: jax.Array) -> jax.Array:
+        if cfg.matmul_dtype == "fp8":  # one batched [N*C, D] x [D, F] matmul per local expert
+            Xl, N, Cs, _ = a.shape
+            return fp8_matmul(a.reshape(Xl, N * Cs, -1), kernel).reshape(Xl, N, Cs, -1)
         return jnp.einsum("xncd,xdf->xncf", a, kernel, preferred_element_type=jnp.float32)
 
     y_XNCD = expert_mlp(cfg, w, x_XNCD, matmul, lambda b: b[:, None, None, :], comm)
@@ -247,6 +252,8 @@ def _grouped_experts(cfg: ModelConfig, w: dict[str, jax.Array], x_RD: jax.Array,
     group_sizes = jnp.bincount(ids_R, length=num_groups).astype(jnp.int32)
 
     def matmul(a: jax.Array, kernel: jax.Array) -> jax.Array:
+        if cfg.matmul_dtype == "fp8":
+            return fp8_ragged_dot(a, kernel, group_sizes)
         return jax.lax.ragged_dot(a, kernel, group_sizes, preferred_element_type=jnp.float32)
 
     def bias(b_XN: jax.Array) -> jax.Array:

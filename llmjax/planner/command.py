@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         shape = validate(cfg, len(target.devices))
     except ConfigError as e:
         raise ConfigError(f"{e} (--topology {target.name} has {len(target.devices)} devices)") from None
+    if cfg.model.matmul_dtype == "fp8":
+        from llmjax.kernels.fp8 import check_backend
+
+        check_backend(target.devices)
     return compile_and_report(cfg, target, shape)
 
 
@@ -117,7 +121,8 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
     tokens = B * L
     say(describe_mesh(setup.mesh))
     say(f"model: {counts['total'] / 1e6:,.1f}M params ({counts['active'] / 1e6:,.1f}M active), "
-        f"{m.compute_dtype} compute, remat {m.remat}, attention {m.attention}, loss_chunk {m.loss_chunk}; "
+        f"{m.compute_dtype} compute{', fp8 matmuls' if m.matmul_dtype == 'fp8' else ''}, remat {m.remat}, "
+        f"attention {m.attention}, loss_chunk {m.loss_chunk}; "
         f"batch {B} x {L} = {tokens:,} tokens/step")
     t0 = time.perf_counter()
     try:

@@ -80,13 +80,16 @@ def dpo_losses(pi_c: jax.Array, pi_r: jax.Array, ref_c: jax.Array, ref_r: jax.Ar
     return loss, beta * (pi_c - ref_c), beta * (pi_r - ref_r)
 
 
-class PreferenceObjective:
-    """The family contract for DPO over `family` (a causal LM); unknown attributes are the family's."""
+class PairObjective:
+    """The family contract's shared part for a loss over preference pairs (`PreferenceBatch`) on a causal LM
+    `family`: the pair batch's shapes, two sequences per example, the loss and evaluation sums from `_sums`
+    (defined by the subclass: DPO here, the reward model's Bradley-Terry loss in `llmjax.post.rl.reward`);
+    unknown attributes are the family's."""
 
     batch_type = PreferenceBatch
 
-    def __init__(self, family: ModelFamily, dpo: DPOConfig):
-        self.family, self.dpo = family, dpo
+    def __init__(self, family: ModelFamily):
+        self.family = family
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.family, name)
@@ -97,6 +100,33 @@ class PreferenceObjective:
 
     def tokens_per_example(self, seq_len: int) -> int:
         return 2 * seq_len  # a chosen and a rejected sequence
+
+    def _sums(self, model: Any, params: Any, batch: PreferenceBatch, rng: jax.Array | None
+              ) -> tuple[jax.Array, Sums, dict, jax.Array]:
+        """(summed loss over pairs, metric sums, feed-forward aux, pair weights [B])."""
+        raise NotImplementedError
+
+    def loss(self, model: Any, params: Any, batch: PreferenceBatch, z_loss: float, rng: jax.Array | None = None
+             ) -> tuple[jax.Array, Sums]:
+        """-> (sum over pairs of the pair loss + the feed-forward kinds' weighted aux losses, metric sums).
+        `z_loss` does not apply (no token-level cross-entropy is trained)."""
+        total, sums, aux, w = self._sums(model, params, batch, rng)
+        if aux:
+            extra, aux_sums = aux_loss_terms(self.cfg, aux, jnp.sum(w))
+            total, sums = total + extra, {**sums, **aux_sums}
+        return total, sums
+
+    def eval_sums(self, model: Any, params: Any, batch: PreferenceBatch) -> Sums:
+        _, sums, _, w = self._sums(model, params, batch, None)
+        return {**sums, "weight_sum": jnp.sum(w)}
+
+
+class PreferenceObjective(PairObjective):
+    """The family contract for DPO over `family` (a causal LM)."""
+
+    def __init__(self, family: ModelFamily, dpo: DPOConfig):
+        super().__init__(family)
+        self.dpo = dpo
 
     def logprobs(self, model: Any, params: Any, batch: PreferenceBatch, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, dict]:
@@ -123,16 +153,6 @@ class PreferenceObjective:
                 "accuracy_sum": jnp.sum(w * (rc > rr)), "chosen_logp_sum": jnp.sum(w * pc)}
         return total, sums, aux, w
 
-    def loss(self, model: Any, params: Any, batch: PreferenceBatch, z_loss: float, rng: jax.Array | None = None
-             ) -> tuple[jax.Array, Sums]:
-        """-> (sum over pairs of the DPO loss + the feed-forward kinds' weighted aux losses, metric sums).
-        `z_loss` does not apply (no token-level cross-entropy is trained)."""
-        total, sums, aux, w = self._sums(model, params, batch, rng)
-        if aux:
-            extra, aux_sums = aux_loss_terms(self.cfg, aux, jnp.sum(w))
-            total, sums = total + extra, {**sums, **aux_sums}
-        return total, sums
-
     def metrics(self, sums: Sums, total_weight: jax.Array) -> dict[str, jax.Array]:
         """loss (mean DPO loss per pair), reward_chosen / reward_rejected / reward_margin (means), reward_accuracy,
         chosen_logp (mean summed log-probability of the chosen responses)."""
@@ -141,10 +161,6 @@ class PreferenceObjective:
         return {"loss": sums["dpo_sum"] / n, "reward_chosen": chosen, "reward_rejected": rejected,
                 "reward_margin": chosen - rejected, "reward_accuracy": sums["accuracy_sum"] / n,
                 "chosen_logp": sums["chosen_logp_sum"] / n, **aux_metrics(self.cfg, sums, n)}
-
-    def eval_sums(self, model: Any, params: Any, batch: PreferenceBatch) -> Sums:
-        _, sums, _, w = self._sums(model, params, batch, None)
-        return {**sums, "weight_sum": jnp.sum(w)}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """eval_loss (mean DPO loss per pair), eval_reward_margin, eval_reward_accuracy."""

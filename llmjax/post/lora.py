@@ -18,8 +18,12 @@ before projecting it onto A and B, so the compute per step is that of full fine-
 the optimizer update of the base.
 
 Adapters tree: the base tree's path to each targeted leaf, the leaf replaced by {"a": A, "b": B}
-(e.g. adapters["layers"]["attn"]["q"]["kernel"]["a"]), plus the top-level leaves an objective trains in full
-(`full`, e.g. PPO's value head `score`): copied from the base at init, replacing it in `merge`.
+(e.g. adapters["layers"]["attn"]["q"]["kernel"]["a"]).
+
+A task head that an objective adds to the model (a parameter with a logical axis in `WHOLE_AXES`:
+the reward model's `score` [D, 1]) has no pre-trained value to keep: it starts from the seed, so
+LoRA trains it whole, next to the adapters (its leaf in the adapters tree at its own path, starting
+from the base's value; `merge` puts it in place of the base's).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from llmjax.config.post_training import LORA_TARGETS, LoraConfig
 from llmjax.models.roles import STACK_AXES, logical_axes
 
 RANK_AXIS = "lora_rank"
+WHOLE_AXES = ("score",)  # logical axes of task heads LoRA trains whole (module docstring)
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 
 
@@ -106,10 +111,8 @@ def _split(axes: tuple[str, ...], path: tuple[str, ...]) -> tuple[int, int]:
 class LoraPlan:
     """Which matrices get adapters, and how to initialise, lay out and merge them."""
 
-    def __init__(self, cfg: LoraConfig, shapes: Any, logical: Any, roles: Any, full: tuple[str, ...] = ()):
+    def __init__(self, cfg: LoraConfig, shapes: Any, logical: Any, roles: Any):
         self.cfg = cfg
-        self.full = tuple(k for k in full if k in shapes)  # top-level leaves trained in full (module docstring)
-        self._full_info = {k: (shapes[k], logical[k], roles[k]) for k in self.full}
         self.scale = cfg.alpha / cfg.rank
         unknown = [t for t in cfg.targets if t not in LORA_TARGETS]
         if unknown or not cfg.targets:
@@ -118,6 +121,10 @@ class LoraPlan:
         flat_shapes = traverse_util.flatten_dict(shapes)
         flat_axes = traverse_util.flatten_dict(logical_axes(logical), is_leaf=lambda _, x: isinstance(x, tuple))
         flat_roles = traverse_util.flatten_dict(roles)
+        # task heads trained whole: path -> (shape, logical axes, role)
+        self.whole: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str, ...], str]] = {
+            path: (tuple(shape.shape), tuple(flat_axes[path]), flat_roles[path]) for path, shape in flat_shapes.items()
+            if any(a in WHOLE_AXES for a in flat_axes[path])}
         self.targets: list[Target] = []
         for path, shape in flat_shapes.items():
             name = target_name(path, flat_roles[path])
@@ -136,33 +143,38 @@ class LoraPlan:
                               f"{', '.join(sorted(matched))})")
 
     # ------------------------------------------------------------------ trees
-    def _tree(self, leaf: Any, full: int = -1) -> Any:
-        tree = {(*t.path, k): leaf(t, k) for t in self.targets for k in ("a", "b")}
-        tree.update({(k,): self._full_info[k][full] for k in self.full} if full >= 0 else {})
-        return traverse_util.unflatten_dict(tree)
+    def _tree(self, leaf: Any, whole: Any) -> Any:
+        flat = {(*t.path, k): leaf(t, k) for t in self.targets for k in ("a", "b")}
+        return traverse_util.unflatten_dict({**flat, **{p: whole(p, *v) for p, v in self.whole.items()}})
 
     def abstract(self, dtype: Any) -> Any:
-        """ShapeDtypeStructs of the adapters (and of the leaves trained in full, as in the base)."""
+        """ShapeDtypeStructs of the adapters (and the heads trained whole)."""
         r = self.cfg.rank
-        return self._tree(lambda t, k: jax.ShapeDtypeStruct(t.a_shape(r) if k == "a" else t.b_shape(r), dtype), 0)
+        return self._tree(lambda t, k: jax.ShapeDtypeStruct(t.a_shape(r) if k == "a" else t.b_shape(r), dtype),
+                          lambda p, shape, axes, role: jax.ShapeDtypeStruct(shape, dtype))
 
     def logical(self) -> Any:
-        """PartitionSpecs of logical names: the base matrix's axes, `lora_rank` for the rank."""
-        return self._tree(lambda t, k: PartitionSpec(*(t.a_axes() if k == "a" else t.b_axes())), 1)
+        """PartitionSpecs of logical names: the base matrix's axes, `lora_rank` for the rank (a head: its own)."""
+        return self._tree(lambda t, k: PartitionSpec(*(t.a_axes() if k == "a" else t.b_axes())),
+                          lambda p, shape, axes, role: PartitionSpec(*axes))
 
     def roles(self) -> Any:
-        """Every adapter matrix has the `matrix` role (weight decay as for the matrices it adapts)."""
-        return self._tree(lambda t, k: "matrix", 2)
+        """Every adapter matrix has the `matrix` role (weight decay as for the matrices it adapts); a head its own."""
+        return self._tree(lambda t, k: "matrix", lambda p, shape, axes, role: role)
 
     def init(self, rng: jax.Array, dtype: Any, base: Any = None) -> Any:
-        """A ~ N(0, 1 / in_features), B = 0 (so the adapted model starts as the base); the leaves trained in full
-        start as `base`'s."""
+        """A ~ N(0, 1 / in_features), B = 0 (so the adapted model starts as the base); a head trained whole starts
+        as the base's (`base`: the base parameters; needed when the model has such a head)."""
         r = self.cfg.rank
-        out: dict[tuple[str, ...], Any] = {(k,): base[k] for k in self.full}
+        out = {}
         for i, t in enumerate(self.targets):
             a = jax.random.normal(jax.random.fold_in(rng, i), t.a_shape(r), jnp.float32) / jnp.sqrt(t.in_size)
             out[(*t.path, "a")] = a.astype(dtype)
             out[(*t.path, "b")] = jnp.zeros(t.b_shape(r), dtype)
+        if self.whole:
+            assert base is not None, "LoraPlan.init: a head trained whole starts from the base's value"
+            flat_base = traverse_util.flatten_dict(base)
+            out.update({p: flat_base[p].astype(dtype) for p in self.whole})
         return traverse_util.unflatten_dict(out)
 
     # ------------------------------------------------------------------ merge
@@ -176,7 +188,6 @@ class LoraPlan:
         1 / (1 - p)), one mask per matrix (and stacked layer) for the whole step."""
         flat = traverse_util.flatten_dict(base)
         flat_ad = traverse_util.flatten_dict(adapters)
-        flat.update({(k,): flat_ad[(k,)] for k in self.full})
         p = self.cfg.dropout
         for i, t in enumerate(self.targets):
             a, b = flat_ad[(*t.path, "a")], flat_ad[(*t.path, "b")]
@@ -185,14 +196,17 @@ class LoraPlan:
                 a = jnp.where(keep, a / (1 - p), 0).astype(a.dtype)
             w = flat[t.path]
             flat[t.path] = (w.astype(jnp.float32) + self.delta(t, a, b)).astype(w.dtype)
+        for path in self.whole:  # a head trained whole replaces the base's
+            flat[path] = flat_ad[path].astype(flat[path].dtype)
         return traverse_util.unflatten_dict(flat)
 
     def describe(self) -> str:
         n = sum(_size(t.a_shape(self.cfg.rank)) + _size(t.b_shape(self.cfg.rank)) for t in self.targets)
         names = ", ".join("/".join(t.path[:-1]) for t in self.targets)
+        heads = "".join(f"; {'/'.join(p)} {list(v[0])} trained whole" for p, v in self.whole.items())
         return (f"LoRA rank {self.cfg.rank}, alpha {self.cfg.alpha} (scale {self.scale:g}), dropout "
-                f"{self.cfg.dropout}: {n:,} adapter parameters on {len(self.targets)} matrices ({names}); base "
-                "weights frozen" + (f" but {', '.join(self.full)} (trained in full)" if self.full else ""))
+                f"{self.cfg.dropout}: {n:,} adapter parameters on {len(self.targets)} matrices ({names}){heads}; "
+                "base weights frozen")
 
 
 def _size(shape: tuple[int, ...]) -> int:

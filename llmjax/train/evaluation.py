@@ -58,16 +58,22 @@ def evaluate(family: ModelFamily, run_step: Callable[[dict[str, np.ndarray]], An
     return Evaluation(family.eval_metrics(totals), totals)
 
 
-def validation_metrics(setup: Setup, eval_step: Any, params: Any, data: RunData) -> dict[str, float]:
+def validation_metrics(setup: Setup, eval_step: Any, params: Any, data: RunData,
+                       log: Callable[[str], None] = print) -> dict[str, float]:
     """The trainer's evaluation of `params` (sharded as `setup`'s state) over `data.eval_batches()`
-    (`eval.batches` batches, fewer if the split ends first): `evaluate` with the jitted eval step."""
+    (`eval.batches` batches, fewer if the split ends first): `evaluate` with the jitted eval step. Data that
+    evaluates by sampling from the model (a policy-optimisation run's held-out prompts) has its own
+    `evaluate(setup, params, log)`, which is called instead."""
+    own = getattr(data, "evaluate", None)
+    if own is not None:
+        return dict(own(setup, params, log))
     return evaluate(setup.family, lambda b: eval_step(params, setup.put_batch(b)), data.eval_batches()).metrics
 
 
 def check_validation(cfg: Config, data: RunData) -> None:
     """Before the run writes or compiles anything: with evaluation on, the validation split gives at least one
     batch (DataError otherwise, instead of a failure at the first evaluation)."""
-    if cfg.eval.every_steps <= 0:
+    if cfg.eval.every_steps <= 0 or hasattr(data, "evaluate"):  # sampled evaluations check their own prompts
         return
     batches = data.eval_batches()
     try:

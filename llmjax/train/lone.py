@@ -108,10 +108,11 @@ class LoneTrainer:
     def evaluate(self, step: int, state: Any) -> None:
         """The validation metrics (and in-loop tasks) of the parameters after `step` updates."""
         params = self.setup.model_params(state)
-        metrics = validation_metrics(self.setup, self.eval_step, params, self.data)
+        metrics = validation_metrics(self.setup, self.eval_step, params, self.data, self.say)
         self.writer.write(step, metrics, kind="eval")
-        extra = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl"))
-        self.say(f"step {step}: eval_loss {metrics['eval_loss']:.4f}{extra}")
+        first = [f"eval_loss {metrics['eval_loss']:.4f}"] if "eval_loss" in metrics else []
+        extra = [f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("eval_loss", "eval_ppl")]
+        self.say(f"step {step}: {', '.join(first + extra)}")
         if self.task_eval is not None:
             scores = self.task_eval(self.setup.model_params(state))
             self.writer.write(step, scores, kind="tasks")

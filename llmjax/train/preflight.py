@@ -2,7 +2,8 @@
 
 The config's own rules ran when it was loaded (`llmjax.config.validate_config`). `preflight(cfg)`
 runs the rules that need the devices (`validate_mesh`: the mesh resolved against the device
-count) and this machine (`check_environment`), and then `check_fits`: the parameters,
+count) and this machine (`check_environment`; with `model.matmul_dtype=fp8`, that the backend compiles
+float8 matmuls: `llmjax.kernels.fp8.check_backend`), and then `check_fits`: the parameters,
 their gradients and the optimizer state, estimated from the config (`flops.estimate_params`,
 no model is built), must fit into the memory of all devices together, even if perfectly
 sharded. It is a lower bound on what training needs (activations come on top), so it never
@@ -106,5 +107,9 @@ def preflight(cfg: Config) -> dict[str, int]:
 
     shape = validate_mesh(cfg, jax.device_count())
     check_environment(cfg)
+    if cfg.model.matmul_dtype == "fp8":
+        from llmjax.kernels.fp8 import check_backend
+
+        check_backend(jax.devices())
     check_fits(cfg, jax.devices())
     return shape

@@ -285,8 +285,7 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     base_params = params if family is model_family else abstract_params(model_family, cfg.data.seq_len)
     lora, trained = None, params
     if cfg.lora.rank > 0:
-        lora = LoraPlan(cfg.lora, params.shapes, params.logical, params.roles,
-                        full=getattr(family, "trained_in_full", ()))  # e.g. PPO's value head
+        lora = LoraPlan(cfg.lora, params.shapes, params.logical, params.roles)
         trained = AbstractParams(lora.abstract(np.dtype(cfg.model.param_dtype)), lora.logical(), lora.roles())
     updates = cfg.train.steps * getattr(family, "updates_per_step", 1)  # PPO: epochs x minibatches per step
     tx = make_optimizer(cfg.optim, updates, trained.roles, mup.lr_multipliers(cfg.model, trained.roles))

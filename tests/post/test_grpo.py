@@ -1,9 +1,9 @@
 """GRPO (`train.objective=grpo`): the loss the train step differentiates equals a hand computation on fixed
 log-probabilities and advantages (per token and per sequence); through the command line a run from an SFT model
-samples, scores and steps, resumes after kill -9 with the same rollouts and losses bit for bit (also PPO, whose
-adaptive KL coefficient must come back from the checkpoint), LoRA trains only adapters (PPO: and the value
-head), and bad input (no prompts, a group of 1, a reward function that cannot be imported or that raises)
-exits 2 naming the key before anything is written."""
+samples, scores and steps, evaluates on held-out prompts (logging responses), resumes after kill -9 with the
+same rollouts and losses bit for bit (also PPO, whose adaptive KL coefficient must come back from the
+checkpoint), LoRA trains only adapters (PPO: and the value head), and bad input (no prompts, a group of 1, a
+reward function that cannot be imported or that raises) exits 2 naming the key before anything is written."""
 
 from __future__ import annotations
 
@@ -113,9 +113,14 @@ def sft_run(tmp_path_factory):
 def test_rl_runs_and_resumes_bitwise_after_kill9(objective, sft_run, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     steps = ("train.steps=8", "checkpoint.every_steps=2", *OBJECTIVE[objective])
-    out = grpo(full, f"train.init_from={sft_run}", *steps)
+    # the uninterrupted run also evaluates on the held-out prompts (greedy rollouts, a few shown), which must
+    # leave its training bit for bit as the resumed run's without evaluation
+    out = grpo(full, f"train.init_from={sft_run}", *steps, "eval.every_steps=4")
     assert out.returncode == 0, out.stderr
     assert "rl step 0: 8 rollouts" in out.stderr
+    assert out.stderr.count("eval: '") >= 3 and "(reward " in out.stderr, out.stderr
+    ev = read_metrics(full / "metrics.jsonl", "eval")
+    assert {4, 8} <= set(ev) and 0.0 <= ev[8]["eval_reward"] <= 1.0 and ev[8]["eval_response_length"] > 0
     proc = subprocess.Popen([sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(resumed), *TINY, *GRPO,
                              f"train.init_from={sft_run}", *steps], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -122,9 +122,10 @@ class GroupRelative:
     language_modelling = False
 
     def check(self, cfg: Config) -> None:
-        if cfg.eval.every_steps > 0:
-            raise ConfigError("eval.every_steps: train.objective=grpo has no validation batches (its held-out reward "
-                              "is measured with rollouts: experiments/scripts/rl_heldout.py); set eval.every_steps=0")
+        if cfg.eval.every_steps > 0 and cfg.data.validation_fraction <= 0:
+            raise ConfigError("eval.every_steps: train.objective=grpo evaluates on held-out prompts "
+                              "(data.validation_fraction of rl.prompts), and data.validation_fraction=0 holds none "
+                              "out; raise it or set eval.every_steps=0")
 
     def wrap_family(self, family: ModelFamily, cfg: Config) -> ModelFamily:
         return GRPOFamily(family, cfg)  # type: ignore[return-value]  # the family contract

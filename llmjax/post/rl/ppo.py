@@ -3,7 +3,7 @@
 The model is the causal-LM family's decoder plus a value head `score` [D, 1] on the final-norm hidden
 states (`ValueDecoder`: the reward model's `ScoredDecoder` with the head starting at zero, so the first
 values are 0), one set of parameters trained jointly by one optimizer (with LoRA the head is trained in
-full alongside the adapters: `trained_in_full`). The value of position t is read where the policy
+whole alongside the adapters, as every head with the `score` axis: `llmjax.post.lora.WHOLE_AXES`). The value of position t is read where the policy
 predicts target t, so values line up with the log-probabilities.
 
 One train step is one rollout batch: the prompts of step k are sampled, scored and packed exactly as
@@ -120,7 +120,6 @@ class PPOFamily:
     family's."""
 
     batch_type = PPOBatch
-    trained_in_full = (HEAD,)  # with LoRA the value head is trained alongside the adapters
 
     def __init__(self, family: ModelFamily, cfg: Config):
         self.family, self.rl = family, cfg.rl
@@ -274,9 +273,10 @@ class ProximalPolicy:
     language_modelling = False
 
     def check(self, cfg: Config) -> None:
-        if cfg.eval.every_steps > 0:
-            raise ConfigError("eval.every_steps: train.objective=ppo has no validation batches (its held-out reward "
-                              "is measured with rollouts: experiments/scripts/rl_heldout.py); set eval.every_steps=0")
+        if cfg.eval.every_steps > 0 and cfg.data.validation_fraction <= 0:  # as GRPO's (`PromptData.evaluate`)
+            raise ConfigError("eval.every_steps: train.objective=ppo evaluates on held-out prompts "
+                              "(data.validation_fraction of rl.prompts), and data.validation_fraction=0 holds none "
+                              "out; raise it or set eval.every_steps=0")
 
     def wrap_family(self, family: ModelFamily, cfg: Config) -> ModelFamily:
         return PPOFamily(family, cfg)  # type: ignore[return-value]  # the family contract

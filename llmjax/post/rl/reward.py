@@ -26,9 +26,9 @@ from llmjax.config import Config, ConfigError
 from llmjax.data.post.jsonl import where
 from llmjax.data.post.preference_data import SIDES, PreferenceData
 from llmjax.models.families.base import LMBatch, ModelFamily, Sums, forward
-from llmjax.models.feedforward import aux_loss_terms, aux_metrics
+from llmjax.models.feedforward import aux_metrics
 from llmjax.models.layers import logical_init
-from llmjax.post.dpo import PreferenceBatch
+from llmjax.post.dpo import PairObjective, PreferenceBatch
 from llmjax.post.rl.losses import bradley_terry_loss
 from llmjax.train.objectives import host_batches
 
@@ -76,27 +76,17 @@ def sequence_rewards(model: nn.Module, params: Any, inputs_BL: jax.Array, segmen
     return jnp.take_along_axis(scores_BL, idx[:, None], axis=1)[:, 0], aux
 
 
-class RewardFamily:
-    """The family contract for a reward model over `family` (a causal LM); unknown attributes are the family's."""
-
-    batch_type = PreferenceBatch
+class RewardFamily(PairObjective):
+    """The family contract for a reward model over `family` (a causal LM): `PairObjective` with the Bradley-Terry
+    loss of the head's rewards."""
 
     def __init__(self, family: ModelFamily, margin: float):
-        self.family, self.margin = family, margin
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.family, name)
+        super().__init__(family)
+        self.margin = margin
 
     def module(self, pipeline: Any = None) -> nn.Module:
         return ScoredDecoder(self.family.module(pipeline), self.family.cfg.d_model,
                              jnp.dtype(self.family.cfg.param_dtype))
-
-    def example_shapes(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-        return {k: ((1,) if k in ("weights", "ref_chosen", "ref_rejected") else (seq_len,), dt)
-                for k, dt in PreferenceBatch.FIELDS.items()}
-
-    def tokens_per_example(self, seq_len: int) -> int:
-        return 2 * seq_len  # a chosen and a rejected sequence
 
     def rewards(self, model: nn.Module, params: Any, seqs: LMBatch, rng: jax.Array | None = None
                 ) -> tuple[jax.Array, dict]:
@@ -114,15 +104,6 @@ class RewardFamily:
                 "rejected_sum": jnp.sum(w * rr), "rejected_sq_sum": jnp.sum(w * rr * rr)}
         return total, sums, aux, w
 
-    def loss(self, model: Any, params: Any, batch: PreferenceBatch, z_loss: float, rng: jax.Array | None = None
-             ) -> tuple[jax.Array, Sums]:
-        """-> (sum over pairs of the Bradley-Terry loss + the feed-forward kinds' aux losses, metric sums)."""
-        total, sums, aux, w = self._sums(model, params, batch, rng)
-        if aux:
-            extra, aux_sums = aux_loss_terms(self.cfg, aux, jnp.sum(w))
-            total, sums = total + extra, {**sums, **aux_sums}
-        return total, sums
-
     @staticmethod
     def _moments(sums: Any, n: Any, prefix: str) -> dict[str, Any]:
         mean = sums[f"{prefix}_sum"] / n
@@ -135,10 +116,6 @@ class RewardFamily:
         return {"loss": sums["reward_loss_sum"] / n, "accuracy": sums["accuracy_sum"] / n,
                 **self._moments(sums, n, "chosen"), **self._moments(sums, n, "rejected"),
                 **aux_metrics(self.cfg, sums, n)}
-
-    def eval_sums(self, model: Any, params: Any, batch: PreferenceBatch) -> Sums:
-        _, sums, _, w = self._sums(model, params, batch, None)
-        return {**sums, "weight_sum": jnp.sum(w)}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """eval_loss, eval_accuracy, eval_reward_chosen/_rejected (means) and their _std."""

@@ -33,6 +33,7 @@ from llmjax.infer.sampling import sample
 from llmjax.post.rl.losses import entropy_from_logits, group_advantages
 
 STATE_FORMAT = "rl-1"
+EVAL_SHOWN = 3  # held-out responses logged per evaluation
 
 
 def load_reward_fn(spec: str) -> Callable[[str, str, dict], float]:
@@ -119,6 +120,7 @@ class PromptData:
                                   f"{cfg.model.vocab_size}, tokenizer {self.tokenizer.path})")
             self.reward_model = rm
         self.sources, self.name, self.local_shares = [self], "rl", None
+        self._engine: Any = None  # the evaluation's decode engine (built at the first evaluation)
         h = hashlib.sha256(json.dumps([STATE_FORMAT, cfg.seed, self.group, cfg.data.validation_fraction]).encode())
         for ids in self.prompt_ids:
             h.update(ids.tobytes())
@@ -167,7 +169,34 @@ class PromptData:
         return it, None
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(())  # held-out rewards are measured with rollouts (experiments/scripts/rl_heldout.py)
+        return iter(())  # held-out rewards are measured with rollouts (`evaluate`)
+
+    def evaluate(self, setup: Any, params: Any, log: Callable[[str], None]) -> dict[str, float]:
+        """The trainer's evaluation (eval.every_steps): greedy responses of `params` to the held-out prompts (all, or
+        the first eval.batches x the prompts of a step), in chunks of train.batch_size rows, scored by the run's
+        reward -> eval_reward (mean; experiments/scripts/rl_heldout.py's number), eval_loss (minus it: lower is
+        better, as for every objective) and eval_response_length (tokens, stop included); logs the first
+        `EVAL_SHOWN` (prompt, response, reward)."""
+        cfg, rl = self.cfg, self.cfg.rl
+        if self._engine is None:
+            from llmjax.infer.engine import Engine
+
+            self._engine = Engine(cfg.model, None, setup.mesh, setup.rules, family=setup.model_family)
+        held = self.validation[:cfg.eval.batches * self.global_batch] if cfg.eval.batches > 0 else self.validation
+        rows, stops = cfg.train.batch_size, stop_ids(cfg, self.tokenizer)
+        responses: list[tuple[np.ndarray, bool]] = []
+        for i in range(0, len(held), rows):
+            chunk = held[i:i + rows]
+            padded = chunk + [chunk[0]] * (rows - len(chunk))  # one shape: one compilation
+            tokens = sample_responses(self._engine, params, [self.prompt_ids[p] for p in padded], rl.max_new_tokens,
+                                      jax.random.PRNGKey(0), 0.0, 1.0, stops)
+            responses += [cut(row, stops) for row in tokens[:len(chunk)]]
+        texts = [self.tokenizer.decode([int(t) for t in (r[:-1] if stopped else r)]) for r, stopped in responses]
+        rewards = self.rewards(held, texts, [r for r, _ in responses])
+        for p, text, r in list(zip(held, texts, rewards, strict=True))[:EVAL_SHOWN]:
+            log(f"eval: {self.prompt_text[p]!r} -> {text!r} (reward {r:g})")
+        return {"eval_loss": -float(rewards.mean()), "eval_reward": float(rewards.mean()),
+                "eval_response_length": float(np.mean([len(r) for r, _ in responses]))}
 
 
 def stop_ids(cfg: Config, tokenizer: Any) -> tuple[int, ...]:

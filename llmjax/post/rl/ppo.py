@@ -2,9 +2,10 @@
 
 The model is the causal-LM family's decoder plus a value head `score` [D, 1] on the final-norm hidden
 states (`ValueDecoder`: the reward model's `ScoredDecoder` with the head starting at zero, so the first
-values are 0), one set of parameters trained jointly by one optimizer (with LoRA the head is trained in
-whole alongside the adapters, as every head with the `score` axis: `llmjax.post.lora.WHOLE_AXES`). The value of position t is read where the policy
-predicts target t, so values line up with the log-probabilities.
+values are 0), one set of parameters trained jointly by one optimizer (with LoRA the head is trained
+whole alongside the adapters, as every head with the `score` axis: `llmjax.post.lora.WHOLE_AXES`).
+The value of position t is read where the policy predicts target t, so values line up with the
+log-probabilities.
 
 One train step is one rollout batch: the prompts of step k are sampled, scored and packed exactly as
 GRPO's (`llmjax.post.rl.rollout.Rollouts.rollouts`: same keys per (seed, step, row), same reward

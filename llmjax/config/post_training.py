@@ -54,9 +54,10 @@ class RewardConfig:
 
 @dataclasses.dataclass
 class RLConfig:
-    """Policy optimisation with rollouts (`train.objective=grpo`, `llmjax.post.rl.grpo`): each step samples
-    `train.batch_size` responses (`samples_per_prompt` per prompt) with the on-device decoder, scores them and
-    takes one clipped-surrogate step."""
+    """Policy optimisation with rollouts (`train.objective=grpo` / `ppo`, `llmjax.post.rl`): each step samples
+    `train.batch_size` responses (`samples_per_prompt` per prompt) with the on-device decoder and scores them;
+    GRPO takes one clipped-surrogate step on them, PPO `ppo_epochs` x `minibatches` updates of the policy and its
+    value head."""
 
     prompts: str | None = option(None, 'JSON-lines prompt set: records with a "prompt" string or "messages", plus '
                                        "any fields the reward function reads")
@@ -70,8 +71,20 @@ class RLConfig:
                                          "(e.g. llmjax.post.rl.rewards:exact_answer)")
     reward_model: str | None = option(None, "a reward-model workdir (train.objective=reward) that scores the "
                                             "responses")
-    kl_coef: float = option(0.04, "weight of the k3 KL to the reference (the starting model) in the loss", ge=0)
+    kl_coef: float = option(0.04, "grpo: weight of the k3 KL to the reference (the starting model) in the loss; "
+                                  "ppo: the (initial) coefficient of the k1 KL penalty in the per-token reward", ge=0)
     clip_eps: float = option(0.2, "PPO clipping of the probability ratio: [1 - eps, 1 + eps]", gt=0, lt=1)
     normalise: Literal["token", "sequence"] = option(
         "token", "token: the loss is the mean over every response token of the batch (no length bias); sequence: "
                  "the mean of each response's mean (the original GRPO)")
+    # PPO (train.objective=ppo, llmjax.post.rl.ppo)
+    kl_target: float | None = option(None, "ppo: adapt the KL coefficient towards this KL per token (Ziegler et al. "
+                                           "2019; null: kl_coef fixed)", gt=0)
+    kl_horizon: int = option(10000, "ppo: horizon (in rollouts) of the adaptive KL controller", ge=1)
+    gamma: float = option(1.0, "ppo: discount of the per-token rewards in GAE", ge=0, le=1)
+    lam: float = option(0.95, "ppo: GAE lambda", ge=0, le=1)
+    ppo_epochs: int = option(2, "ppo: passes over each rollout batch (each step)", ge=1)
+    minibatches: int = option(2, "ppo: optimizer updates per pass (must divide train.batch_size)", ge=1)
+    value_coef: float = option(0.1, "ppo: weight of the value loss", ge=0)
+    value_clip: float = option(0.2, "ppo: clipping of the value head's change from its rollout value", gt=0)
+    whiten: bool = option(True, "ppo: whiten the advantages over each rollout batch (mean 0, std 1)")

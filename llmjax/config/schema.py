@@ -284,11 +284,11 @@ class TrainConfig:
                                 "follows train.steps; 0: run to train.steps", ge=0)
     profile_steps: list[int] = option(factory=list, doc="[start, stop): a jax.profiler trace of steps start .. "
                                       "stop-1 in WORKDIR/profile; []: off")
-    objective: Literal["lm", "sft", "dpo", "reward", "grpo"] = option(
+    objective: Literal["lm", "sft", "dpo", "reward", "grpo", "ppo"] = option(
         "lm", "lm: the family's pre-training objective on text; sft: chat/prompt-completion JSONL through the "
         "chat template, loss on assistant tokens; dpo: preference pairs (dpo.*); reward: a reward model on "
         "preference pairs (reward.*); grpo: policy optimisation with sampled rollouts and group-normalised "
-        "advantages (rl.*)")
+        "advantages (rl.*); ppo: the same rollouts with a value head, GAE and epochs of minibatches (rl.*)")
     init_from: str | None = option(None, "start from the newest checkpoint's parameters of this workdir (a run or "
                                          "`convert from-hf`); with lora.rank > 0 it is the frozen base")
 
@@ -376,7 +376,7 @@ class Config:
     dpo: DPOConfig = section(DPOConfig, "direct preference optimisation (train.objective=dpo)")
     curate: CurateConfig = section(CurateConfig, "corpus curation in `llmjax data prepare` (dedup, quality, PII)")
     reward: RewardConfig = section(RewardConfig, "reward models (train.objective=reward)")
-    rl: RLConfig = section(RLConfig, "rollouts, rewards and the policy loss (train.objective=grpo)")
+    rl: RLConfig = section(RLConfig, "rollouts, rewards and the policy loss (train.objective=grpo, ppo)")
 
 
 def choices(cls: type, name: str) -> tuple[Any, ...]:

@@ -27,6 +27,7 @@ OBJECTIVES: dict[str, str] = {
     "dpo": "llmjax.post.dpo:DirectPreference",
     "reward": "llmjax.post.rl.reward:RewardModelling",
     "grpo": "llmjax.post.rl.grpo:GroupRelative",
+    "ppo": "llmjax.post.rl.ppo:ProximalPolicy",
 }
 
 

@@ -185,8 +185,9 @@ class Setup:
         """Jitted train step (state, batch) -> (state, metrics): state donated, batch sharded over (data, fsdp),
         metrics replicated."""
         o = self.cfg.optim
-        step = make_train_step(self.family, self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps,
-                               self.merge_fn())
+        # an objective whose step is more than one update (PPO: epochs of minibatches) brings its own
+        make = getattr(self.family, "make_train_step", functools.partial(make_train_step, self.family))
+        step = make(self.model, self.tx, self.cfg.train.z_loss, o.grad_accum_steps, self.merge_fn())
         return jax.jit(
             self._in_mesh_context(step),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -286,7 +287,8 @@ def build_setup(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Set
     if cfg.lora.rank > 0:
         lora = LoraPlan(cfg.lora, params.shapes, params.logical, params.roles)
         trained = AbstractParams(lora.abstract(np.dtype(cfg.model.param_dtype)), lora.logical(), lora.roles())
-    tx = make_optimizer(cfg.optim, cfg.train.steps, trained.roles, mup.lr_multipliers(cfg.model, trained.roles))
+    updates = cfg.train.steps * getattr(family, "updates_per_step", 1)  # PPO: epochs x minibatches per step
+    tx = make_optimizer(cfg.optim, updates, trained.roles, mup.lr_multipliers(cfg.model, trained.roles))
     repl = replicated(mesh)
     param_shardings = trained.shardings(mesh, rules)
     state_shape = jax.eval_shape(lambda r: _fresh_state(cfg, family, model, tx, r, lora), jax.random.PRNGKey(0))

@@ -1,7 +1,8 @@
 """GRPO (`train.objective=grpo`): the loss the train step differentiates equals a hand computation on fixed
 log-probabilities and advantages (per token and per sequence); through the command line a run from an SFT model
 samples, scores and steps, evaluates on held-out prompts (logging responses), resumes after kill -9 with the
-same rollouts and losses bit for bit, LoRA trains only adapters, and bad input (no prompts, a group of 1, a
+same rollouts and losses bit for bit (also PPO, whose adaptive KL coefficient must come back from the
+checkpoint), LoRA trains only adapters (PPO: and the value head), and bad input (no prompts, a group of 1, a
 reward function that cannot be imported or that raises) exits 2 naming the key before anything is written."""
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ GRPO = ["train.objective=grpo", f"rl.prompts={DATA / 'rl_tasks.jsonl'}",
         "eval.every_steps=0", "checkpoint.every_steps=1", "optim.lr=1e-3", "data.validation_fraction=0.2"]
 
 
+PPO = ["train.objective=ppo", "rl.minibatches=2", "rl.ppo_epochs=2", "rl.kl_target=0.05", "rl.kl_horizon=16"]
+OBJECTIVE = {"grpo": [], "ppo": PPO}
+
+
 def grpo(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmjax.cli", "train", "--workdir", str(workdir), *TINY, *GRPO,
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -104,9 +109,10 @@ def sft_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_grpo_runs_and_resumes_bitwise_after_kill9(sft_run, tmp_path):
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_rl_runs_and_resumes_bitwise_after_kill9(objective, sft_run, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    steps = ("train.steps=8", "checkpoint.every_steps=2")
+    steps = ("train.steps=8", "checkpoint.every_steps=2", *OBJECTIVE[objective])
     # the uninterrupted run also evaluates on the held-out prompts (greedy rollouts, a few shown), which must
     # leave its training bit for bit as the resumed run's without evaluation
     out = grpo(full, f"train.init_from={sft_run}", *steps, "eval.every_steps=4")
@@ -131,21 +137,32 @@ def test_grpo_runs_and_resumes_bitwise_after_kill9(sft_run, tmp_path):
     assert "resumed from" in out.stderr, out.stderr
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     keys = ("loss", "reward", "kl", "entropy", "response_length", "grad_norm")
+    keys += ("kl_coef", "value_loss", "explained_variance") if objective == "ppo" else ()
     assert sorted(b) == list(range(8))
     assert [[a[k][x] for x in keys] for k in range(8)] == [[b[k][x] for x in keys] for k in range(8)]
     assert {"reward", "reward_std", "kl", "entropy", "clip_fraction", "approx_kl", "response_length"} <= set(a[0])
+    if objective == "ppo":  # the coefficient adapted from step to step, and came back from the checkpoint
+        assert len({a[k]["kl_coef"] for k in range(8)}) == 8, [a[k]["kl_coef"] for k in range(8)]
     assert a[0]["kl"] == 0.0 and a[7]["kl"] > 0.0  # the policy starts as the reference, then moves
 
 
 @pytest.mark.slow
-def test_grpo_with_lora_trains_only_adapters(sft_run, tmp_path):
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_rl_with_lora_trains_only_adapters(objective, sft_run, tmp_path):
     wd = tmp_path / "lora"
-    out = grpo(wd, f"train.init_from={sft_run}", "lora.rank=4", "lora.targets=[q,v]", "train.steps=2")
+    (tmp_path / "len_reward.py").write_text("def length(prompt, response, record):\n"
+                                            "    return float(len(response) % 5)\n")  # varies: the head learns
+    out = grpo(wd, f"train.init_from={sft_run}", "lora.rank=4", "lora.targets=[q,v]", "train.steps=2",
+               *OBJECTIVE[objective], "rl.reward_fn=len_reward:length", env={"PYTHONPATH": f"{tmp_path}:{ROOT}"})
     assert out.returncode == 0, out.stderr
     from llmjax.train.checkpoint.compat import saved_param_shapes
 
     names = set(saved_param_shapes(wd / "checkpoints" / "2") or {})
-    assert names and all(n.endswith(("/a", "/b")) for n in names), names  # adapters only: A and B
+    adapters = {n for n in names if n.endswith(("/a", "/b"))}  # adapters only: A and B (PPO: + the value head)
+    assert adapters and names - adapters == ({"score"} if objective == "ppo" else set()), names
+    if objective == "ppo":  # the head starts at 0 (values 0: explained variance exactly 0), then it is trained
+        m = read_metrics(wd / "metrics.jsonl")
+        assert m[0]["explained_variance"] == 0.0 and m[1]["explained_variance"] != 0.0, m
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""A GRPO step under {data=2, fsdp=2, tensor=2} and {fsdp=4} equals one device: the same rollouts from the same
-seed (sampled on the decode engine under each mesh), the same rewards and log-probabilities, the same loss
-and gradients (rtol 1e-5)."""
+"""A GRPO step and a PPO step under {data=2, fsdp=2, tensor=2} and {fsdp=4} equal one device: the same rollouts
+from the same seed (sampled on the decode engine under each mesh), the same rewards and log-probabilities (and
+PPO's values, advantages and returns), the same loss and gradients (rtol 1e-5); for PPO also the parameters after
+the step's epochs x minibatches of updates (the minibatches gathered from the sharded batch)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import assert_trees_close, tiny_config
 
+from llmjax.post.rl.ppo import PPORollouts
 from llmjax.post.rl.rollout import PromptData, Rollouts
 from llmjax.train.setup import build_setup
 
@@ -21,6 +23,9 @@ GRPO = ["model.vocab_size=512", "model.max_seq_len=64", f"data.tokenizer={DATA /
         "train.objective=grpo", f"rl.prompts={DATA / 'rl_tasks.jsonl'}", "rl.reward_fn=grpo_test_rewards:length",
         "rl.samples_per_prompt=4", "rl.max_new_tokens=6", "data.seq_len=48", "train.batch_size=8",
         "eval.every_steps=0", "data.validation_fraction=0.2"]
+PPO = [*GRPO, "train.objective=ppo", "rl.samples_per_prompt=2", "rl.minibatches=2", "rl.ppo_epochs=2",
+       "rl.kl_target=0.05", "optim.lr=1e-3"]
+SOURCES = {"grpo": (GRPO, Rollouts), "ppo": (PPO, PPORollouts)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,32 +39,48 @@ def reward_module(tmp_path_factory):
     sys.path.remove(str(d))
 
 
-def step(layout: tuple[str, ...], devices):
-    cfg = tiny_config(*GRPO, *layout)
+def step(objective: str, layout: tuple[str, ...], devices):
+    args, source = SOURCES[objective]
+    cfg = tiny_config(*args, *layout)
     setup = build_setup(cfg, devices)
     data = PromptData(cfg)
     run = SimpleNamespace(state=setup.init_state())
-    batch = Rollouts(setup, data, data.train_iterator(), run, lambda m: None).next_batch()
+    batch = source(setup, data, data.train_iterator(), run, lambda m: None).next_batch()
     grads, metrics = setup.jit_gradients()(run.state.params, batch)
-    return jax.device_get(batch), jax.device_get(grads), {k: float(v) for k, v in metrics.items()}
+    out = {k: float(v) for k, v in metrics.items()}
+    params = None
+    if objective == "ppo":  # the whole step: epochs x minibatches of updates
+        state, step_metrics = setup.jit_train_step()(run.state, batch)
+        params = jax.device_get(state.params)
+        out.update({f"step_{k}": float(v) for k, v in step_metrics.items()})
+    return jax.device_get(batch), jax.device_get(grads), out, params
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return step(("mesh.data=1",), jax.devices()[:1])
+    return {}  # one device, computed once per objective
 
 
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
 @pytest.mark.parametrize("layout,n", [
     pytest.param(("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), 8, marks=pytest.mark.slow),
     pytest.param(("mesh.data=1", "mesh.fsdp=4"), 4, marks=pytest.mark.slow)])
-def test_grpo_step_matches_single_device(layout, n, reference):
-    batch, grads, metrics = step(layout, jax.devices()[:n])
-    ref_batch, ref_grads, ref_metrics = reference
-    for k in ("inputs", "targets", "weights", "rewards", "advantages"):
+def test_rl_step_matches_single_device(objective, layout, n, reference):
+    if objective not in reference:
+        reference[objective] = step(objective, ("mesh.data=1",), jax.devices()[:1])
+    batch, grads, metrics, params = step(objective, layout, jax.devices()[:n])
+    ref_batch, ref_grads, ref_metrics, ref_params = reference[objective]
+    for k in ("inputs", "targets", "weights", "rewards"):
         np.testing.assert_array_equal(getattr(batch, k), getattr(ref_batch, k), err_msg=k)  # same rollouts
     assert np.std(ref_batch.rewards) > 0  # the advantages are not all zero
-    for k in ("old_logp", "ref_logp", "entropy"):
+    floats = ("old_logp", "ref_logp", "entropy", "advantages")
+    for k in floats + (("old_values", "returns") if objective == "ppo" else ()):
         np.testing.assert_allclose(getattr(batch, k), getattr(ref_batch, k), rtol=1e-5, atol=1e-5, err_msg=k)
-    for k in ("loss", "reward", "kl", "clip_fraction"):
+    keys = ["loss", "clip_fraction"] + (["reward", "kl"] if objective == "grpo" else [
+        "value_loss", "step_loss", "step_reward", "step_kl", "step_approx_kl", "step_explained_variance"])
+    for k in keys:
         assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-6), k
     assert_trees_close(grads, ref_grads)
+    if objective == "ppo":
+        assert ref_metrics["step_approx_kl"] > 0  # the later updates saw a moved policy
+        assert_trees_close(params, ref_params)

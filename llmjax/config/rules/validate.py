@@ -313,10 +313,22 @@ def _validate_tasks_and_tracking(cfg: Config) -> None:
         raise ConfigError("log.wandb.tags: tags must not be empty")
 
 
-def _validate_rl(cfg: Config) -> None:
-    """`rl.*` of a policy-optimisation run (train.objective=grpo)."""
+def _validate_ppo(cfg: Config) -> None:
+    """PPO's epochs of minibatches: each minibatch whole rows, split evenly into optim.grad_accum_steps."""
     t, rl = cfg.train, cfg.rl
-    if t.objective != "grpo":
+    if t.batch_size % rl.minibatches:
+        raise ConfigError(f"rl.minibatches={rl.minibatches} does not divide train.batch_size={t.batch_size} (the "
+                          "rollouts of a step are split into that many minibatches)")
+    per = t.batch_size // rl.minibatches
+    if per % cfg.optim.grad_accum_steps:
+        raise ConfigError(f"optim.grad_accum_steps={cfg.optim.grad_accum_steps} does not divide a PPO minibatch of "
+                          f"{per} rollouts (train.batch_size / rl.minibatches)")
+
+
+def _validate_rl(cfg: Config) -> None:
+    """`rl.*` of a policy-optimisation run (train.objective=grpo or ppo)."""
+    t, rl = cfg.train, cfg.rl
+    if t.objective not in ("grpo", "ppo"):
         return
     if not cfg.model.causal_lm:
         raise ConfigError(f"train.objective={t.objective} needs a causal language model; model.family="
@@ -329,7 +341,9 @@ def _validate_rl(cfg: Config) -> None:
                           "workdir)")
     if rl.reward_fn is not None and rl.reward_fn.count(":") != 1:
         raise ConfigError(f"rl.reward_fn={rl.reward_fn!r}: expected module:function")
-    if rl.samples_per_prompt < 2:
+    if t.objective == "ppo":
+        _validate_ppo(cfg)
+    elif rl.samples_per_prompt < 2:
         raise ConfigError(f"rl.samples_per_prompt={rl.samples_per_prompt}: GRPO normalises each prompt's rewards "
                           "over its group of samples, which needs at least 2")
     if t.batch_size % rl.samples_per_prompt:

@@ -52,6 +52,11 @@ class PromptIterator(StepIterator):
     """The prompt indices of steps step, step+1, ... ({"prompt": [P]}); the state is the step."""
 
     NAME, STATE_FORMAT = "rl", STATE_FORMAT
+    kl_coef: float | None = None  # PPO's adaptive KL coefficient for the next rollout (checkpointed with the step)
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        return state if self.kl_coef is None else {**state, "kl_coef": self.kl_coef}
 
     def rows(self, first: int) -> dict[str, np.ndarray]:
         d = self.data
@@ -156,9 +161,12 @@ class PromptData:
         return PromptIterator(self, int(state["step"]) if state else 0)
 
     def restore_iterator(self, state: dict[str, Any] | None, step: int) -> tuple[PromptIterator, str | None]:
+        it = self.train_iterator({"step": step})
+        if state is not None and state.get("kl_coef") is not None:
+            it.kl_coef = float(state["kl_coef"])
         if state is not None and state.get("fingerprint") not in (None, self.fingerprint):
-            return self.train_iterator({"step": step}), "the prompt set changed since the checkpoint was written"
-        return self.train_iterator({"step": step}), None
+            return it, "the prompt set changed since the checkpoint was written"
+        return it, None
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         return iter(())  # held-out rewards are measured with rollouts (`evaluate`)
@@ -252,7 +260,13 @@ class Rollouts:
         self.cfg, self.stops = cfg, stop_ids(cfg, data.tokenizer)
         self.engine = Engine(cfg.model, None, setup.mesh, setup.rules, family=setup.model_family)
         self._reference: Any = None
-        family, model = setup.model_family, self.engine.model
+        self._score = jax.jit(setup._in_mesh_context(self.score_fn()))
+        self.timing: dict[str, float] = {"rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0.0}
+
+    def score_fn(self) -> Callable[..., tuple[jax.Array, ...]]:
+        """(params, reference params, batch) -> [B, L] each: the log-probabilities of the targets under the policy
+        and the reference, the policy's entropy (an objective adds what else it needs, e.g. PPO's values)."""
+        family, model = self.setup.model_family, self.engine.model
 
         def score(params: Any, ref: Any, batch: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
             out = []
@@ -262,8 +276,7 @@ class Rollouts:
                 out.append((jnp.take_along_axis(logp_all, batch.targets[..., None], axis=-1)[..., 0], logits))
             return out[0][0], out[1][0], entropy_from_logits(out[0][1])
 
-        self._score = jax.jit(setup._in_mesh_context(score))
-        self.timing: dict[str, float] = {"rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0.0}
+        return score
 
     def reference(self) -> Any:
         """The reference model's parameters: LoRA's frozen base, else the starting model (train.init_from's, or the
@@ -287,7 +300,10 @@ class Rollouts:
                     jax.random.PRNGKey(cfg.seed))
         return self._reference
 
-    def next_batch(self) -> Any:
+    def rollouts(self) -> dict[str, Any]:
+        """Step k's rollouts under the current policy: "prompts" (index per row), "rows" (`pack`), "rewards" [N],
+        and [N, L] per token "old_logp", "ref_logp" (0 off the response), "entropy" and what else `score_fn`
+        returns ("scores": that tuple, on the host)."""
         cfg, rl, d = self.cfg, self.cfg.rl, self.data
         step = self.iterator.step
         prompts = [int(p) for p in next(self.iterator)["prompt"] for _ in range(d.group)]
@@ -301,26 +317,33 @@ class Rollouts:
         texts = [d.tokenizer.decode([int(t) for t in (r[:-1] if stopped else r)]) for r, stopped in responses]
         rewards = d.rewards(prompts, texts, [r for r, _ in responses])
         rows = self.pack(prompts, [r for r, _ in responses])
-        seqs = self.setup.put_batch({k: rows[k] for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
-                                    | {k: np.zeros_like(rows["weights"]) for k in ("old_logp", "ref_logp", "entropy")}
-                                    | {k: np.zeros((len(prompts), 1), np.float32) for k in ("advantages", "rewards")})
-        old, ref, ent = (np.asarray(jax.device_get(x)) for x in self._score(params, self.reference(), seqs))
+        shapes = self.setup.family.example_shapes(cfg.data.seq_len)
+        seqs = self.setup.put_batch({k: rows[k] if k in rows else np.zeros((len(prompts), *s), dt)
+                                     for k, (s, dt) in shapes.items()})
+        scores = tuple(np.asarray(jax.device_get(x)) for x in self._score(params, self.reference(), seqs))
         t2 = time.perf_counter()
-        mask = rows["weights"]
-        if rl.normalise == "sequence":
-            mask = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
-        adv = np.asarray(group_advantages(jnp.asarray(rewards), d.group))
+        on = rows["weights"] > 0
         n_new = int(sum(len(r) for r, _ in responses))
         self.timing = {"rollout_s": t1 - t0, "scoring_s": t2 - t1, "rollout_tokens": float(n_new)}
         if step % cfg.train.log_every == 0:
             self.log(f"rl step {step}: {len(prompts)} rollouts, {n_new} new tokens in {t1 - t0:.2f}s "
                      f"({n_new / max(t1 - t0, 1e-9):,.0f} tokens/s), rewards + log-probabilities {t2 - t1:.2f}s; "
                      f"reward {rewards.mean():.3f}; e.g. {texts[0]!r}")
+        return {"step": step, "prompts": prompts, "rows": rows, "rewards": rewards, "old_logp": scores[0] * on,
+                "ref_logp": scores[1] * on, "entropy": scores[2].astype(np.float32), "scores": scores}
+
+    def next_batch(self) -> Any:
+        """GRPO's batch: the rollouts with group-normalised advantages, weighted per token or per sequence."""
+        r = self.rollouts()
+        rows, mask = r["rows"], r["rows"]["weights"]
+        if self.cfg.rl.normalise == "sequence":
+            mask = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
+        adv = np.asarray(group_advantages(jnp.asarray(r["rewards"]), self.data.group))
         return self.setup.put_batch({**{k: rows[k] for k in ("inputs", "targets", "segment_ids", "positions")},
-                                     "weights": mask.astype(np.float32), "old_logp": old * (rows["weights"] > 0),
-                                     "ref_logp": ref * (rows["weights"] > 0), "entropy": ent.astype(np.float32),
+                                     "weights": mask.astype(np.float32), "old_logp": r["old_logp"],
+                                     "ref_logp": r["ref_logp"], "entropy": r["entropy"],
                                      "advantages": adv[:, None].astype(np.float32),
-                                     "rewards": rewards[:, None].astype(np.float32)})
+                                     "rewards": r["rewards"][:, None].astype(np.float32)})
 
     def pack(self, prompts: list[int], responses: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Prompt + response rows of data.seq_len (`LMBatch` fields; weights 1 on the response's targets)."""

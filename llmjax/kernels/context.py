@@ -8,7 +8,8 @@ repeated to one per query head first).
 
 - `all_gather`: keys, values and their segment ids are gathered along the context axes and put back
   in natural order; each of the device's two query chunks is contiguous, so it is one call of the
-  configured implementation (`model.attention`: xla, chunked, splash, cudnn) with the chunk's start
+  configured implementation (`model.attention`: xla, chunked, cudnn; not splash, whose static mask cannot
+  take a per-device offset) with the chunk's start
   as the mask's query offset (`MaskSpec.q_offset`), which every implementation honours. Memory: the
   whole sequence's keys and values per device (small with few KV heads).
 - `ring`: each device keeps its queries; the key/value blocks (with their segment ids) go around
@@ -30,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llmjax.models.attention import NEG_INF, AttentionImpl, Blocks, MaskSpec
+from llmjax.models.attention import NEG_INF, AttentionImpl, Blocks, MaskSpec, compiling_for, target_platform
 from llmjax.parallel.context import ContextPlan, local_slots, natural_order
 from llmjax.parallel.rules import unsharded
 
@@ -49,9 +50,10 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
     heads = plan.spec(("act_batch", "act_length", "act_heads", None))
     segs = plan.spec(("act_batch", "act_length"))
     static = (mask.causal, mask.window)
+    platform = target_platform()  # the kernels inside see no mesh, but must still compile for its devices
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
-        with unsharded():
+        with unsharded(), compiling_for(platform):
             if mode == "ring":
                 return _ring(plan, q, k, v, q_seg, kv_seg, scale, static)
             return _gathered(plan, q, k, v, q_seg, kv_seg, impl, scale, blocks, static)

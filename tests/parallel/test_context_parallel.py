@@ -39,6 +39,7 @@ def test_context_parallel_train_steps_match_one_device(layout, reference):
     (("mesh.context=2", "mesh.pipeline=2", "mesh.data=2"), "mesh.pipeline=2"),
     (("mesh.context=8", "model.context_parallel=ring", "model.attention=splash"), "model.attention=splash"),
     (("mesh.context=8", "mesh.rules={act_length: null}"), "mesh.rules.act_length"),
+    (("mesh.context=8", "model.attention=splash"), "model.attention=splash cannot take"),
 ])
 def test_context_parallel_refused_before_compile(overrides, key):
     with pytest.raises(ConfigError, match=key.replace("{", r"\{").replace(".", r"\.")):

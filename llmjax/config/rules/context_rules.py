@@ -4,7 +4,8 @@ The sequence of every row is cut into 2 x context chunks (causal load balancing:
 and 2C-1-i), so `data.seq_len` must divide into them; the family must be able to split its sequence
 (`FamilySpec.context_parallel`); the pipeline schedule and expert parallelism, which run their own
 `shard_map`s over the whole mesh, are not combined with it; the ring computes its blocks itself, so it
-takes the blockwise implementations that have no fused-kernel mask (`xla`, `chunked`). Jax-free.
+takes the implementations without a fused kernel (`xla`, `chunked`); splash's static mask cannot take a
+query chunk whose offset is only known per device. Jax-free.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def check_context(cfg: Config, shape: dict[str, int]) -> None:
     if m.attn_softcap > 0:
         raise ConfigError(f"{what}: model.attn_softcap={m.attn_softcap} with context parallelism is not supported")
     impl = canonical_attention(m.attention)
+    if impl == "splash":
+        raise ConfigError(f"{what}: model.attention=splash cannot take a device's query chunk (its mask is static, "
+                          "the chunk's offset in the sequence is not known until the device is): use "
+                          "model.attention=chunked (or cudnn on GPUs)")
     if m.context_parallel == "ring" and impl not in RING_IMPLS:
         raise ConfigError(f"model.context_parallel=ring computes each key/value block with its own online softmax "
                           f"and cannot use model.attention={m.attention} (use all_gather, or attention "

@@ -59,8 +59,10 @@ def reference():
 
 
 # `chunked` is called exactly as `xla` is (per local query chunk, with its offset): one layout checks it.
-CASES = [(layout, s) for layout in LAYOUTS for s in STRATEGIES if s != "all_gather-chunked"] + [
-    ("context2_tensor2_fsdp2", "all_gather-chunked")]
+# The three-axis layout's cases are `slow` (20-35 s each at load 20 on 2 cores, 4 masks x forward and backward).
+CASES = [pytest.param(layout, s, marks=[pytest.mark.slow] if "tensor" in layout else [])
+         for layout in LAYOUTS for s in STRATEGIES if s != "all_gather-chunked"] + [
+    pytest.param("context2_tensor2_fsdp2", "all_gather-chunked", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize(("layout", "strategy"), CASES)

@@ -1,7 +1,7 @@
 """Context parallelism on this machine's CPU: XLA's per-device memory of the train step and tokens/s at
 long sequences, with the sequence split over context = 1, 2, 4, 8 virtual devices.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python3 benchmarks/context_memory.py \
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 python3 benchmarks/context_memory.py \
         [--lengths 8192,32768,65536] [--contexts 1,2,4,8] [--steps 2] [section.key=value ...]
 
 One row of `seq` tokens per step on `context` devices (mesh.data=1, mesh.context=C); a small model

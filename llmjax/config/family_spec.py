@@ -112,6 +112,7 @@ class FamilySpec:
     pipeline: bool  # its stack splits into pipeline stages (mesh.pipeline > 1)
     decoding: bool  # a KV cache and incremental decoding (`llmjax generate`, end-of-run samples)
     hf_export: bool  # `llmjax convert to-hf` writes it as a Hugging Face model
+    context_parallel: bool = True  # its sequence splits over the `context` mesh axis (mesh.context > 1)
 
 
 FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (
@@ -123,7 +124,8 @@ FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (
     # span corruption reads a row as one sequence (best-fit padding would be corrupted); it scores continuations
     # given an encoded input, not a text's likelihood; two stacks are not split into pipeline stages
     FamilySpec("encoder_decoder", EncoderDecoderConfig, "llmjax.models.families.encoder_decoder:EncoderDecoderFamily",
-               packings=("concat",), causal_lm=False, pipeline=False, decoding=True, hf_export=False),
+               packings=("concat",), causal_lm=False, pipeline=False, decoding=True, hf_export=False,
+               context_parallel=False),
 )}
 # name -> "module:class" of the family implementation (`FamilySpec.implementation`)
 FAMILY_CLASSES: dict[str, str] = {name: s.implementation for name, s in FAMILIES.items()}

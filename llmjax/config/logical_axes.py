@@ -31,7 +31,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "score": (),  # the output of a scalar head (a reward model's, `llmjax.post.rl`)
     # activations
     "act_batch": ("data", "fsdp", "expert"),  # outside MoE layers the expert axis splits the batch
-    "act_length": (),
+    "act_length": ("context",),  # the sequence dimension: context parallelism (`llmjax.parallel.context`)
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_kv_heads": ("tensor",),

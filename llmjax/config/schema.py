@@ -118,6 +118,10 @@ class ModelConfig:
                                    "alias einsum) | chunked | splash (TPU) | cudnn (GPU) | dot_product_attention")
     attention_block_q: int = option(512, "queries per tile of the blockwise kernels (chunked, splash)", gt=0)
     attention_block_kv: int = option(512, "keys per tile (splash: a multiple of 128)", gt=0)
+    context_parallel: Literal["all_gather", "ring"] = option(
+        "all_gather", "attention with mesh.context > 1 (the sequence split over devices, load-balanced for causal "
+        "masks): all_gather (each device's queries against all gathered keys/values, by model.attention) | ring "
+        "(key/value blocks passed around the context axis, online softmax)")
     loss_chunk: int = option(0, "> 0: cross-entropy over chunks of this many positions, no full [B, L, V] logits; "
                                 "0: off", ge=0)
     moe: MoEConfig = section(MoEConfig, "Mixture-of-Experts layers (num_experts > 0)")
@@ -220,7 +224,8 @@ class MeshConfig:
 
     Axes, outermost first: `pipeline` (layer-stack stages, see `PipelineConfig`), `data`,
     `fsdp`, `expert` (MoE experts split over it; outside MoE layers it splits the batch like
-    `data`) and `tensor`. These are the sizes within one slice (ICI). The `dcn_*` sizes split
+    `data`), `context` (the sequence split, `ModelConfig.context_parallel`) and `tensor`. These are
+    the sizes within one slice (ICI). The `dcn_*` sizes split
     the same axes across slices (multi-slice TPU, over the data-centre network): the axis
     `data` then has `dcn_data * data` devices. They are not mesh axes of their own.
     """
@@ -229,11 +234,14 @@ class MeshConfig:
     data: int = option(-1, "data-parallel replicas (-1: the remaining devices)", ge=-1)
     fsdp: int = option(1, "fully-sharded data parallelism: parameters split, batch split", ge=-1)
     expert: int = option(1, "expert parallelism (MoE experts split over it)", ge=-1)
+    context: int = option(1, "context parallelism: the sequence split (activations and attention, "
+                             "model.context_parallel)", ge=-1)
     tensor: int = option(1, "tensor parallelism: heads, MLP width and vocabulary split", ge=-1)
     dcn_pipeline: int = option(1, "slices the pipeline axis spans (multi-slice)", ge=1)
     dcn_data: int = option(1, "slices the data axis spans (multi-slice)", ge=1)
     dcn_fsdp: int = option(1, "slices the fsdp axis spans (multi-slice)", ge=1)
     dcn_expert: int = option(1, "slices the expert axis spans (multi-slice)", ge=1)
+    dcn_context: int = option(1, "slices the context axis spans (multi-slice)", ge=1)
     dcn_tensor: int = option(1, "slices the tensor axis spans (multi-slice)", ge=1)
     rules: dict[str, Any] = option(factory=dict, doc="logical->mesh rule overrides, e.g. {embed: null, vocab: "
                                                      "[tensor]}")

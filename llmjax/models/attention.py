@@ -53,6 +53,8 @@ class MaskSpec:
       and, if `window` > 0, i + q_offset - j < window             (local attention: the last `window` keys)
     Packed documents give each token its document's segment id, so attention never crosses a
     document; a KV cache passes its slots' segment ids (0 for empty slots) and its fill level.
+    `balanced`: the tokens are in context parallelism's balanced order (`llmjax.parallel.context`), so
+    a token's slot is not its index; self-attention then runs through `llmjax.kernels.context`.
     """
 
     q_segment_ids: jax.Array  # [B, L] int32
@@ -60,6 +62,7 @@ class MaskSpec:
     q_offset: jax.Array | int = 0  # [] int32: slot of query 0 among the keys (a KV cache's fill level)
     causal: bool = struct.field(pytree_node=False, default=True)
     window: int = struct.field(pytree_node=False, default=0)  # 0: no window
+    balanced: bool = struct.field(pytree_node=False, default=False)  # context parallelism's order
 
     @classmethod
     def self_attention(cls, segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> MaskSpec:
@@ -67,7 +70,8 @@ class MaskSpec:
         return cls(segment_ids_BL, segment_ids_BL, 0, causal, window)
 
     def dense(self) -> jax.Array:
-        """The rule as a boolean mask [B, 1, L, S] (True: attend)."""
+        """The rule as a boolean mask [B, 1, L, S] (True: attend); natural order only."""
+        assert not self.balanced, "a balanced-order mask is evaluated by llmjax.kernels.context"
         L, S = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
         allowed = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
         q_slot = jnp.arange(L) + self.q_offset
@@ -202,6 +206,20 @@ register("xla", xla_attention)
 register("dot_product_attention", jax_nn_attention)
 
 
+def split_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, cfg: ModelConfig,
+                    scale: float | None, blocks: Blocks) -> jax.Array:
+    """Self-attention of a sequence split over the context axes in balanced order (`mask.balanced`) by
+    `model.context_parallel` (`llmjax.kernels.context`) -> [B, L, H, E]; sharding as `attend`'s."""
+    from llmjax.kernels.context import context_attention  # it imports this module
+    from llmjax.parallel.context import plan
+
+    layout = plan(q_BLHE.shape[1])
+    assert layout is not None, "a balanced mask needs the context layout it was made under"
+    scale = q_BLHE.shape[-1] ** -0.5 if scale is None else scale
+    return context_attention(layout, cfg.context_parallel, q_BLHE, k_BSKE, v_BSKE, mask, get(cfg.attention), scale,
+                             blocks)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads, optional RoPE, optional KV cache.
 
@@ -258,8 +276,11 @@ class Attention(nn.Module):
         scale = mup.attention_scale(cfg)
         if scale is None and cfg.attention_scale_dim > 0:
             scale = cfg.attention_scale_dim ** -0.5
-        out = attend(q, k, v, mask, cfg.attention, scale, Blocks(cfg.attention_block_q, cfg.attention_block_kv),
-                     cfg.attn_softcap)
+        blocks = Blocks(cfg.attention_block_q, cfg.attention_block_kv)
+        if mask.balanced and cache is None and not self.cross:
+            out = split_attention(q, k, v, mask, cfg, scale, blocks)
+        else:
+            out = attend(q, k, v, mask, cfg.attention, scale, blocks, cfg.attn_softcap)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         out = Linear((cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, init_std=out_std, name="o", **common)(out)

@@ -37,6 +37,7 @@ from llmjax.config import ModelConfig
 from llmjax.models.attention import MaskSpec
 from llmjax.models.blocks import StackInputs, layer_stack, stack_unit
 from llmjax.models.layers import Embed, Linear, dtype, make_norm
+from llmjax.parallel import context
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import constrain
 
@@ -166,11 +167,16 @@ class Transformer(nn.Module):
             segment_ids_BL = jnp.ones((B, L), jnp.int32)
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        split = context.plan(L) if cache is None and self.pipeline is None else None
+        if split is not None:  # context parallelism: the stack runs in balanced order (true positions moved along)
+            tokens_BL, segment_ids_BL, positions_BL = (split.balance(a) for a in
+                                                       (tokens_BL, segment_ids_BL, positions_BL))
         embed, pos_embed = make_embeddings(cfg)
         x = embed_tokens(embed, pos_embed, tokens_BL, positions_BL, cfg.scale_embeddings)
         unit, n_units = stack_unit(cfg)
         if cache is None:
-            mask, layer_cache = MaskSpec.self_attention(segment_ids_BL, self.causal), None
+            mask = MaskSpec(segment_ids_BL, segment_ids_BL, 0, self.causal, 0, balanced=split is not None)
+            layer_cache = None
         else:
             mask, kv_seg = cached_mask(cache, segment_ids_BL, self.causal)
             layer_cache = units_view(jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache["layers"]), n_units)
@@ -184,6 +190,8 @@ class Transformer(nn.Module):
                                          make_inputs=make_inputs)
         if cache is None and aux:
             self.sow("intermediates", "ffn_aux", aux)
+        if split is not None:
+            x = constrain(split.unbalance(x), ("act_batch", "act_length", "act_embed"))
         x = make_norm(cfg, "final_norm")(x)
         if return_hidden and cache is None and not self.is_initializing():
             return constrain(x, ("act_batch", "act_length", "act_embed"))

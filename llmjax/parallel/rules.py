@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llmjax.config.logical_axes import DEFAULT_RULES, LOGICAL_AXES, Rules, merge_rules
 
 __all__ = ["DEFAULT_RULES", "LOGICAL_AXES", "Rules", "constrain", "constrain_leading", "current_sharding",
-           "logical_to_spec", "make_rules", "stage_mesh_axes", "tree_shardings", "use_sharding"]
+           "logical_to_spec", "make_rules", "stage_mesh_axes", "tree_shardings", "unsharded", "use_sharding"]
 
 
 def make_rules(overrides: dict[str, Any] | None = None, mesh_shape: dict[str, int] | None = None,
@@ -85,6 +85,17 @@ _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Contex
 def use_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Install `mesh` and `rules` for `constrain` while tracing a model under jit."""
     token = _CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+@contextlib.contextmanager
+def unsharded() -> Iterator[None]:
+    """No installed layout while tracing code that runs per device (inside a `shard_map` body): `constrain`
+    is then the identity and kernels do not open shard_maps of their own."""
+    token = _CONTEXT.set(None)
     try:
         yield
     finally:

@@ -124,6 +124,7 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
         f"{m.compute_dtype} compute{', fp8 matmuls' if m.matmul_dtype == 'fp8' else ''}, remat {m.remat}, "
         f"attention {m.attention}, loss_chunk {m.loss_chunk}; "
         f"batch {B} x {L} = {tokens:,} tokens/step")
+    say(sequence_split(cfg, shape))
     t0 = time.perf_counter()
     try:
         compiled = _compile(setup)
@@ -158,6 +159,20 @@ def compile_and_report(cfg: Config, target: Target, shape: dict[str, int], out: 
             f"{r.step_s * 1e3:.1f} ms/step, <= {tokens / r.step_s:,.0f} tokens/s, MFU <= "
             f"{100 * r.compute_s / r.step_s:.0f}% (an upper bound: no communication, no remat recompute)")
     return EXIT_FITS if fits else EXIT_DOES_NOT_FIT
+
+
+def sequence_split(cfg: Config, shape: dict[str, int]) -> str:
+    """One line: the tokens each device holds, and how the sequence is split over the context axis."""
+    from llmjax.config.rules.context_rules import context_size
+
+    B, L = cfg.train.batch_size // cfg.optim.grad_accum_steps, cfg.data.seq_len
+    rows = shape["data"] * shape["fsdp"] * shape["expert"]
+    C = context_size(cfg, shape)
+    per_device = B * L // (rows * C)
+    how = (f"the sequence split over context={C} ({L // C:,} tokens of a row per device, load-balanced chunks of "
+           f"{L // (2 * C):,}; attention {cfg.model.context_parallel})" if C > 1 else
+           "each row whole on a device (no context axis)")
+    return f"activations: {per_device:,} tokens per device and micro-step, {how}"
 
 
 def _report_contributors(cfg: Config, setup: Any, shape: dict[str, int], say: Any) -> None:

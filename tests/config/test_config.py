@@ -63,11 +63,11 @@ def test_defaults_come_from_default_yaml():
     # keys the file leaves out keep the dataclass defaults
     assert cfg.model.head_dim == 0 and cfg.model.norm_eps == 1e-5 and cfg.optim.grad_accum_steps == 1
     assert load_config(DEFAULT_CONFIG) == cfg
-    assert validate(cfg, N_DEVICES) == {"pipeline": 1, "data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert validate(cfg, N_DEVICES) == {"pipeline": 1, "data": 8, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
 
 
 def test_mesh_axis_names():
-    assert mesh_axis_names() == ("pipeline", "data", "fsdp", "expert", "tensor")
+    assert mesh_axis_names() == ("pipeline", "data", "fsdp", "expert", "context", "tensor")
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def multi(corpus, tmp_path_factory):
 def test_two_processes_match_one_process(single, multi):
     workdir, r = multi
     assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
-    assert "mesh pipeline=1 x data=2 x fsdp=2 x expert=1 x tensor=2 over 8 cpu devices" in r.stderr
+    assert "mesh pipeline=1 x data=2 x fsdp=2 x expert=1 x context=1 x tensor=2 over 8 cpu devices" in r.stderr
     assert r.stderr.count("data: mixing: ") == 1  # logged once, by process 0, after the first batch
     ref, got = losses(single), losses(workdir)
     assert sorted(ref) == sorted(got) == list(range(10))

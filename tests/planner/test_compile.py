@@ -77,6 +77,7 @@ def test_memory_moves_the_expected_way():
 PRESETS_CI = {
     "dense_1b_v5p64.yaml": ("mesh.fsdp=2", "mesh.tensor=2"),
     "moe_1b_v5p64.yaml": ("mesh.fsdp=2", "mesh.expert=2", "model.moe.num_experts=4"),
+    "llama_1b_128k_v5p64.yaml": ("mesh.fsdp=1", "mesh.context=4"),
 }
 
 
@@ -91,7 +92,9 @@ def test_presets_compile_in_ci_size(preset, capsys):
                  *PRESETS_CI[preset]])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "attention splash" in out and "fits" in out
+    assert ("attention chunked" if "128k" in preset else "attention splash") in out and "fits" in out
+    if "mesh.context=4" in PRESETS_CI[preset]:
+        assert "the sequence split over context=4 (64 tokens of a row per device" in out
 
 
 @pytest.mark.parametrize("name,message", [

@@ -173,3 +173,29 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     kept = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
     assert kept and max(kept) <= bad_step  # nothing saved from after the bad step
     assert os.path.exists(tmp_path / "metrics.jsonl")
+
+
+CONTEXT = ("mesh.data=2", "mesh.context=4", "model.context_parallel=ring", "train.steps=12",
+           "checkpoint.every_steps=4", "eval.every_steps=0", "sample.max_new_tokens=0")
+
+
+def test_kill9_then_resume_with_a_context_axis(corpus, tmp_path):
+    """Context parallelism (the sequence split over 4 devices, ring attention): kill -9 and resume gives the
+    uninterrupted run's losses bitwise."""
+    ref_dir = tmp_path / "uninterrupted"
+    r = run(train_cmd(ref_dir, corpus, *CONTEXT))
+    assert r.returncode == 0, r.stderr
+    reference = losses(ref_dir)
+    assert sorted(reference) == list(range(12))
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(workdir, corpus, *CONTEXT), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    reached = wait_for_step(proc, workdir, 9)  # after the step-4 checkpoint is surely written
+    proc.kill()
+    proc.wait()
+    assert reached and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert max(losses(workdir)) < 11
+    r = run(train_cmd(workdir, corpus, *CONTEXT))
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    assert losses(workdir) == reference

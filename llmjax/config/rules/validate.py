@@ -32,6 +32,7 @@ from llmjax.config.fields import allows_empty, check_range, range_of
 from llmjax.config.logical_axes import LOGICAL_AXES, merge_rules
 from llmjax.config.mesh_shape import mesh_shape
 from llmjax.config.rules import mup_rules
+from llmjax.config.rules.context_rules import check_context
 from llmjax.config.rules.data_rules import validate_data
 from llmjax.config.schema import Config, ModelConfig, mesh_axis_names
 from llmjax.errors import ConfigError
@@ -177,6 +178,7 @@ def validate_mesh(cfg: Config, n_devices: int) -> dict[str, int]:
             f"{batch_shards}"
         )
     _validate_pipeline(cfg, shape, micro)
+    check_context(cfg, shape)
     if shape["expert"] > 1:
         _check_expert_rules(cfg.mesh.rules)
     return shape

@@ -1,0 +1,108 @@
+"""Context parallelism's attention equals one device's: `all_gather` (with each local implementation) and
+`ring`, forward and gradients, float32, over {context=8}, {data=2, context=4}, {context=2, tensor=2,
+fsdp=2}, for causal, bidirectional, packed-document and windowed masks. One compiled function per
+(layout, strategy) checks all four masks."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import RTOL, assert_trees_close
+
+from llmjax.config.schema import MeshConfig
+from llmjax.kernels.context import context_attention
+from llmjax.models.attention import Blocks, MaskSpec, get, xla_attention
+from llmjax.parallel import context
+from llmjax.parallel.mesh import build_mesh
+from llmjax.parallel.rules import make_rules, use_sharding
+
+B, L, H, K, E = 2, 32, 4, 2, 8
+LAYOUTS = {"context8": dict(data=1, context=8), "data2_context4": dict(data=2, context=4),
+           "context2_tensor2_fsdp2": dict(data=1, context=2, tensor=2, fsdp=2)}
+STRATEGIES = {"all_gather-xla": ("all_gather", "xla"), "all_gather-chunked": ("all_gather", "chunked"),
+              "ring": ("ring", "xla")}
+# name -> (causal, window, packed documents)
+MASKS = {"causal": (True, 0, False), "bidirectional": (False, 0, True), "packed": (True, 0, True),
+         "window": (True, 5, True)}
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    q, k, v, ct = (rng.standard_normal(s).astype(np.float32) for s in
+                   ((B, L, H, E), (B, L, K, E), (B, L, K, E), (B, L, H, E)))
+    packed = np.stack([np.repeat([1, 2, 3], [7, 15, 10]), np.repeat([1, 2, 0], [20, 9, 3])]).astype(np.int32)
+    return q, k, v, ct, packed
+
+
+def _all_masks(attn, q, k, v, ct, packed):
+    """{mask: (out, (dq, dk, dv))} for every mask of MASKS."""
+    out = {}
+    for name, (causal, window, docs) in MASKS.items():
+        seg = packed if docs else jnp.ones((B, L), jnp.int32)
+        o, pullback = jax.vjp(functools.partial(attn, seg=seg, causal=causal, window=window), q, k, v)
+        out[name] = (o, pullback(ct))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    q, k, v, ct, packed = _inputs()
+
+    def attn(q, k, v, seg, causal, window):
+        return xla_attention(q, k, v, MaskSpec.self_attention(seg, causal, window), E ** -0.5)
+
+    return jax.device_get(jax.jit(lambda *a: _all_masks(attn, *a))(q, k, v, ct, packed))
+
+
+# `chunked` is called exactly as `xla` is (per local query chunk, with its offset): one layout checks it.
+# The three-axis layout's cases are `slow` (20-35 s each at load 20 on 2 cores, 4 masks x forward and backward).
+CASES = [pytest.param(layout, s, marks=[pytest.mark.slow] if "tensor" in layout else [])
+         for layout in LAYOUTS for s in STRATEGIES if s != "all_gather-chunked"] + [
+    pytest.param("context2_tensor2_fsdp2", "all_gather-chunked", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize(("layout", "strategy"), CASES)
+def test_context_attention_matches_one_device(layout, strategy, reference):
+    mode, impl = STRATEGIES[strategy]
+    mesh = build_mesh(MeshConfig(**LAYOUTS[layout]), jax.devices())
+    rules = make_rules(None, dict(mesh.shape), K)
+    q, k, v, ct, packed = _inputs()
+
+    def attn(q, k, v, seg, causal, window):
+        split = context.plan(L)
+        assert split is not None and split.size == LAYOUTS[layout]["context"]
+        q, k, v, seg = (split.balance(x) for x in (q, k, v, seg))
+        mask = MaskSpec(seg, seg, 0, causal, window, balanced=True)
+        out = context_attention(split, mode, q, k, v, mask, get(impl), E ** -0.5, Blocks(8, 8))
+        return split.unbalance(out)
+
+    def run(*args):
+        with use_sharding(mesh, rules):
+            return _all_masks(attn, *args)
+
+    got = jax.device_get(jax.jit(run)(q, k, v, ct, packed))
+    for name in MASKS:
+        assert_trees_close(got[name], reference[name], rtol=RTOL)
+
+
+def test_balance_is_the_load_balanced_order_and_its_inverse():
+    mesh = build_mesh(MeshConfig(data=1, context=4), jax.devices()[:4])
+    rules = make_rules(None, dict(mesh.shape))
+    x = np.arange(2 * 16, dtype=np.int32).reshape(2, 16)
+
+    def both(x):
+        with use_sharding(mesh, rules):
+            split = context.plan(16)
+            assert split is not None and split.chunk == 2
+            y = split.balance(x)
+            return y, split.unbalance(y)
+
+    balanced, back = jax.device_get(jax.jit(both)(x))
+    # device i holds chunks i and 2C-1-i: chunks (0, 7), (1, 6), (2, 5), (3, 4) of two tokens each
+    order = np.concatenate([np.arange(2 * c, 2 * c + 2) for c in (0, 7, 1, 6, 2, 5, 3, 4)])
+    np.testing.assert_array_equal(balanced, x[:, order])
+    np.testing.assert_array_equal(back, x)

@@ -528,6 +528,9 @@ def test_slurm_submit_runs_a_two_task_gloo_job_and_requeues_it(tmp_path, slurm_c
     # Slurm holds a requeued job for two minutes before it may start again: once it waits, start it now.
     _wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], env=env, capture_output=True,
                                      text=True).stdout.strip() == "BeginTime", timeout=120)
+    # slurmd revokes the first run's credential at the requeue, to the second: a run started within that same
+    # second is killed at once ("Job credential revoked"), so start it in a later second.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     _wait_for(lambda: out.read_text().count("restart 1: process") == 2, timeout=300)
     _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,

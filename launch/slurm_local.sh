@@ -4,13 +4,14 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: launch/slurm_local.sh up DIR     start munged (if none runs), slurmctld and slurmd; print the environment
+Usage: launch/slurm_local.sh up DIR     start munged, slurmctld and slurmd for a cluster under DIR; print its environment
        launch/slurm_local.sh down DIR   stop the daemons this script started (by their PIDs under DIR)
        launch/slurm_local.sh env DIR    print the environment of a cluster that is up
 
 Starts a one-node Slurm cluster (partition `debug`, this host) from Debian's packages
 (`apt-get install slurm-wlm`, which brings munge) for trying a submission locally and for the
-tests: configuration, state, spool, logs and PID files under DIR. Run as root (slurmd manages the
+tests: configuration, state, spool, logs, PID files and its own munge daemon (key, socket) under DIR,
+so that clusters under different DIRs run side by side. Run as root (slurmd manages the
 jobs' processes). Use it with the printed environment:
 
   eval "$(launch/slurm_local.sh up /tmp/slurm)"
@@ -18,7 +19,8 @@ jobs' processes). Use it with the printed environment:
   launch/slurm_local.sh down /tmp/slurm
 
 Environment: SLURM_LOCAL_CPUS  CPUs the node offers [8, more than the machine has: jobs share the cores]
-             SLURM_LOCAL_PORT  slurmctld's port [6817 + a hash of DIR; slurmd's is the next one]
+             SLURM_LOCAL_PORT  slurmctld's port [6817 + a hash of DIR, or the next pair of free ports;
+                               slurmd's is the next one]
 USAGE
 }
 
@@ -69,7 +71,7 @@ case "$verb" in
     fi
     stop_pid_file "$dir/slurmd.pid"
     stop_pid_file "$dir/slurmctld.pid"
-    stop_pid_file "$dir/munged.pid.ours"
+    stop_pid_file "$dir/munge/munged.pid"
     exit 0
     ;;
   up) ;;
@@ -85,21 +87,39 @@ export PATH="$PATH:/usr/sbin"
 host="$(hostname -s)"
 cpus="${SLURM_LOCAL_CPUS:-8}"
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "SLURM_LOCAL_CPUS must be a positive integer, got '$cpus'"
-port="${SLURM_LOCAL_PORT:-$((6817 + $(printf '%s' "$dir" | cksum | cut -d' ' -f1) % 500 * 2))}"
+socket="$dir/munge/munge.socket"
+
+# Whether anything listens on 127.0.0.1:$1 (bash's /dev/tcp: no extra tools).
+listening() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+if [[ -n "${SLURM_LOCAL_PORT:-}" ]]; then
+  port="$SLURM_LOCAL_PORT"
+  [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "SLURM_LOCAL_PORT must be a port number, got '$port'"
+else
+  # 6817 + a hash of DIR, then the next free pair: two clusters never take the same ports.
+  port=$((6817 + $(printf '%s' "$dir" | cksum | cut -d' ' -f1) % 500 * 2))
+  for _ in $(seq 500); do
+    if ! listening "$port" && ! listening "$((port + 1))"; then break; fi
+    port=$((port + 2 > 7816 ? 6817 : port + 2))
+  done
+fi
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 
-# munge: the authentication daemon, shared by every cluster on the machine (one socket).
-if ! munge -n </dev/null >/dev/null 2>&1; then
-  [[ -f /etc/munge/munge.key ]] || mungekey -c
-  mkdir -p /run/munge
-  chown munge:munge /run/munge /etc/munge/munge.key 2>/dev/null || true
-  munged --force --pid-file="$dir/munged.pid.ours"  # the daemon's own PID (not its exiting parent's)
-  for _ in $(seq 50); do
-    munge -n </dev/null >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  munge -n </dev/null >/dev/null 2>&1 || die "munged did not start"
-fi
+# munge: a private daemon for this cluster (its own key, socket and PID file under DIR), so that clusters
+# under different DIRs (parallel test sessions, pytest-xdist workers) never share or stop each other's.
+mkdir -p "$dir/munge"
+chmod 700 "$dir/munge"
+[[ -f "$dir/munge/munge.key" ]] || mungekey -c -k "$dir/munge/munge.key"
+stop_pid_file "$dir/munge/munged.pid"
+munged --force --socket="$socket" --key-file="$dir/munge/munge.key" --pid-file="$dir/munge/munged.pid" \
+  --seed-file="$dir/munge/munged.seed" --log-file="$dir/log/munged.log"
+for _ in $(seq 50); do
+  munge -S "$socket" -n </dev/null >/dev/null 2>&1 && break
+  sleep 0.1
+done
+munge -S "$socket" -n </dev/null >/dev/null 2>&1 || die "munged did not start; log: $dir/log/munged.log"
 
 cat >"$conf" <<CONF
 # Written by launch/slurm_local.sh: a one-node cluster with its state under $dir
@@ -108,6 +128,7 @@ SlurmctldHost=$host
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
 AuthType=auth/munge
+AuthInfo=socket=$socket
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill

@@ -30,6 +30,7 @@ Options:
   --container-image I  run the tasks in this container image (pyxis: srun --container-image)
   --container-mounts M container mounts, e.g. /shared:/shared
   --srun-arg ARG       extra srun argument (repeatable)
+  --port PORT          the jax.distributed coordinator's port [12000 + job id % 20000]
   --xla-flags FLAGS    XLA flags instead of the recommended GPU flags ('' for none)
   --dry-run            print the sbatch command and the srun line the job would run; submit nothing
   -h, --help           show this help
@@ -85,7 +86,7 @@ while [[ $# -gt 0 ]]; do
     --output) [[ $# -ge 2 ]] || die "--output needs a value"; output="$2"; shift 2 ;;
     --grace) [[ $# -ge 2 ]] || die "--grace needs a value"; grace="$2"; shift 2 ;;
     --no-requeue) requeue=0; job_args+=(--no-requeue); shift ;;
-    --max-restarts | --env-setup | --venv | --container-image | --container-mounts | --srun-arg | --xla-flags)
+    --max-restarts | --env-setup | --venv | --container-image | --container-mounts | --srun-arg | --xla-flags | --port)
       [[ $# -ge 2 ]] || die "$1 needs a value"; job_args+=("$1" "$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; break ;;

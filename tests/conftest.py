@@ -65,12 +65,36 @@ def eval_run(tmp_path_factory, corpus):
     return run(tmp_path_factory.mktemp("eval_run"), corpus)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection
+# Session fixtures whose users run on one pytest-xdist worker, so that the session builds them once.
+SHARED_SESSION_FIXTURES = ("slurm_cluster", "eval_run")
+
+
+def xdist_group(item) -> str | None:
+    """The pytest-xdist group of a test (run with `--dist loadgroup`, pyproject's addopts): every user of the
+    local Slurm cluster on one worker (one cluster per session, not one per worker), the users of `eval_run`
+    on one worker (one training run), and the tests of a module that share a module-scoped fixture (a trained
+    model, compiled setups, a Hugging Face reference) on one worker, which builds it once; None (any worker)
+    for the rest."""
+    names = getattr(item, "fixturenames", ())
+    for name in SHARED_SESSION_FIXTURES:
+        if name in names:
+            return name
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    if any(d.scope == "module" for name in names for d in defs.get(name, ())):
+        return item.nodeid.split("::")[0]  # the test file
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection, and before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """hf and multiprocess tests are slow too (pyproject's markers), so `-m "not slow"` leaves them out."""
+    """hf and multiprocess tests are slow too (pyproject's markers), so `-m "not slow"` leaves them out; every
+    test gets its xdist group (`xdist_group` above)."""
     for item in items:
         if item.get_closest_marker("hf") or item.get_closest_marker("multiprocess"):
             item.add_marker(pytest.mark.slow)
+        group = xdist_group(item)
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

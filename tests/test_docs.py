@@ -135,7 +135,7 @@ def test_readme_is_short_and_links_the_map_and_the_step():
     assert n <= README_MAX_LINES, f"README.md has {n} lines; keep it at most {README_MAX_LINES} (details go to docs/)"
     assert "(docs/layout.md)" in text
     assert "(docs/how-a-step-flows.md)" in text
-    for cmd in ('pip install -e . && llmjax train', 'python3 -m pip install -e ".[test]" && python3 -m pytest -q',
+    for cmd in ('pip install -e . && llmjax train', 'python3 -m pip install -e ".[test]" && python3 -m pytest -n 2 -q',
                 'python3 -m pytest -m "not slow" -n 2 -q'):
         assert cmd in text, cmd
 

@@ -106,6 +106,8 @@ def _add_cluster_verbs(ssub: argparse._SubParsersAction) -> None:
                                                         "only when all are done")
     st.add_argument("--json", action="store_true", help="print JSON instead of the table")
     st.add_argument("--every", type=float, default=5.0, help="--wait: seconds between looks [5]")
+    st.add_argument("--grace", type=float, help="--wait: give up (exit status 4) when points are left and no worker "
+                                                "has been alive this many seconds [the sweep's --lease-seconds]")
 
 
 def _add_run_options(f: argparse.ArgumentParser) -> None:
@@ -188,4 +190,4 @@ def _cluster(args: argparse.Namespace) -> int:
         return work(args.dir, args.worker, args.resources)
     from llmjax.scaling.cluster.status import status_main
 
-    return status_main(args.dir, wait=args.wait, as_json=args.json, every=args.every)
+    return status_main(args.dir, wait=args.wait, as_json=args.json, every=args.every, grace=args.grace)

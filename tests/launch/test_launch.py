@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -507,8 +508,12 @@ def test_slurm_submit_runs_a_two_task_gloo_job_and_requeues_it(tmp_path, slurm_c
     env = {**os.environ, **slurm_cluster, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     (tmp_path / "prog.py").write_text(GLOO_PROGRAM)
     out = tmp_path / "job.out"
+    with socket.socket() as s:  # a free coordinator port (the default one, from the job id, may be taken here)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     r = subprocess.run([SUBMIT, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
-                        "--output", str(out), "--", sys.executable, str(tmp_path / "prog.py"), str(tmp_path)],
+                        "--port", str(port), "--output", str(out), "--", sys.executable, str(tmp_path / "prog.py"),
+                        str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[-1]  # "Submitted batch job N"
@@ -516,12 +521,16 @@ def test_slurm_submit_runs_a_two_task_gloo_job_and_requeues_it(tmp_path, slurm_c
     _wait_for(lambda: out.read_text().count("restart 0: process") == 2, timeout=60)  # srun forwards the output
     text = out.read_text()
     assert "restart 0: process 0 of 2 (explicit) gathered [0, 1]" in text, text
+    assert f":{port}" in text  # the coordinator on the port given to slurm_submit.sh
     assert "restart 0: process 1 of 2 (explicit) gathered [0, 1]" in text
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     _wait_for(lambda: "requeueing job" in out.read_text(), timeout=120)
     # Slurm holds a requeued job for two minutes before it may start again: once it waits, start it now.
     _wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], env=env, capture_output=True,
                                      text=True).stdout.strip() == "BeginTime", timeout=120)
+    # slurmd revokes the first run's credential at the requeue, to the second: a run started within that same
+    # second is killed at once ("Job credential revoked"), so start it in a later second.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     _wait_for(lambda: out.read_text().count("restart 1: process") == 2, timeout=300)
     _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,

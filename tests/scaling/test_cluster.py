@@ -185,6 +185,56 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def _status_wait(capsys, directory: Path, *extra) -> tuple[int, str, float]:
+    """`sweep status DIR --wait --every 0.1 EXTRA` in this process -> (status, its last stderr line, seconds)."""
+    t = time.time()
+    rc, _, err = _cli(capsys, "sweep", "status", directory, "--wait", "--every", "0.1", *extra)
+    return rc, err.strip().splitlines()[-1], time.time() - t
+
+
+def test_status_wait_gives_up_with_exit_4_when_no_worker_is_left(tmp_path, corpus, capsys, monkeypatch):
+    """`status --wait` with a point pending: no lease, no journal entry, no queued job -> exit 4 after --grace
+    (default: the lease time) with one line saying why; a submitted Slurm job still in squeue (DIR/jobs.json)
+    keeps it waiting, as does a live lease until its point is done (then 0)."""
+    import threading
+
+    sweep = load_sweep(_spec(tmp_path, corpus, tokens=(3,)))
+    first, second = sweep.points
+    d = tmp_path / "w"
+    write_queue(sweep, d, {"lease_seconds": 0.3, "retries": 0, "pack": 1})
+    (d / first.name).mkdir()
+    (d / first.name / "DONE").write_text("{}")
+    rc, line, _ = _status_wait(capsys, d)
+    assert rc == 4 and "1 point(s) left and no worker alive" in line and "--grace 0.3" in line, line
+    rc, line, seconds = _status_wait(capsys, d, "--grace", "0.8")
+    assert rc == 4 and "--grace 0.8" in line and seconds >= 0.8
+    # A job of this sweep in Slurm's queue (a stand-in squeue lists it while `queued` exists): alive.
+    (tmp_path / "bin").mkdir()
+    queued = tmp_path / "queued"
+    (tmp_path / "bin" / "squeue").write_text(f"#!/bin/sh\n[ -f {queued} ] && echo 7\nexit 0\n")
+    (tmp_path / "bin" / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    (d / "jobs.json").write_text('["7"]')
+    queued.touch()
+    threading.Timer(1.0, queued.unlink).start()
+    rc, line, seconds = _status_wait(capsys, d)
+    assert rc == 4 and seconds >= 1.0, (seconds, line)  # not while the job was queued
+    # A live lease (a worker training the point) until the point is done: exit 0, however long it takes.
+    leases = LocalLeases(d)
+    lease = Lease(second.name, "w1")
+    assert leases.claim(lease)
+
+    def finish():
+        (d / second.name).mkdir()
+        (d / second.name / "DONE").write_text("{}")
+        leases.release(lease)
+
+    threading.Timer(1.0, finish).start()
+    write_queue(sweep, d, {"lease_seconds": 60, "retries": 0, "pack": 1})  # the lease stays fresh
+    rc, _, seconds = _status_wait(capsys, d, "--grace", "0.3")
+    assert rc == 0 and seconds >= 1.0
+
+
 def test_submit_bad_input_one_line_exit_2_nothing_submitted(tmp_path, corpus, capsys, monkeypatch):
     spec = _spec(tmp_path, corpus)
     (tmp_path / "bin").mkdir()
@@ -268,6 +318,7 @@ def test_a_sweep_on_slurm_survives_scancel_and_kill_9_and_equals_a_local_run(tmp
     r = run_llmjax("sweep", "submit", spec, "--executor", "slurm", "--workers", "3", "--gpus-per-worker", "0",
                    "--workdir", directory, "--lease-seconds", "6", "--retries", "1", env=slurm_cluster)
     assert r.returncode == 0, r.stderr
+    assert len(json.loads((directory / "jobs.json").read_text())) == 1  # the array's job, for `status --wait`
     leases = LocalLeases(directory)
     long_small, long_big = (p for p in sweep.points if p.steps == 120)
     env = {**os.environ, **slurm_cluster}

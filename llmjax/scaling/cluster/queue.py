@@ -21,6 +21,7 @@ from llmjax.scaling.sweep.collect import DONE, FAILED, is_finished, marker
 from llmjax.scaling.sweep.spec import Point, Sweep
 
 QUEUE = "queue.json"
+JOBS = "jobs.json"  # the Slurm job ids `sweep submit` submitted (a list, appended to on resubmission)
 SETTINGS = {"lease_seconds": 600.0, "retries": 2, "pack": 1, "accelerators_per_worker": 1}
 
 
@@ -144,4 +145,4 @@ def point_state(directory: Path, p: Point, leases: LocalLeases, settings: dict[s
     return info
 
 
-__all__ = ["QUEUE", "SETTINGS", "check_directory", "fingerprint", "point_state", "read_queue", "write_queue"]
+__all__ = ["JOBS", "QUEUE", "SETTINGS", "check_directory", "fingerprint", "point_state", "read_queue", "write_queue"]

@@ -8,21 +8,27 @@ the time since the claim of each running point, times the accelerators per worke
 of the hours to finish (the remaining points' FLOPs at the hours per FLOP of the finished points).
 
 `--wait` re-reads every few seconds until every point is done or failed; the exit status is 0 only
-when all are done (1 when any failed).
+when all are done (1 when any failed). It gives up with exit status 4 (NO_WORKER) and one line saying
+so when points are still pending (or held by stale leases) and no sign of a live worker has been seen
+for `--grace` seconds (default: the sweep's lease time): no live lease, no new journal entry, and no
+job that `sweep submit` submitted still in Slurm's queue (squeue; DIR/jobs.json).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from llmjax.scaling.cluster.lease import LocalLeases
-from llmjax.scaling.cluster.queue import point_state, read_queue
+from llmjax.scaling.cluster.lease import LEASES, LocalLeases
+from llmjax.scaling.cluster.queue import JOBS, point_state, read_queue
 
 STATES = ("pending", "running", "stale", "done", "failed")
+NO_WORKER = 4  # `--wait`'s exit status when points are left and no worker has been alive for the grace time
 
 
 def sweep_status(directory: str | Path) -> dict[str, Any]:
@@ -84,18 +90,62 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def status_main(directory: str | Path, wait: bool = False, as_json: bool = False, every: float = 5.0) -> int:
-    """Print the status (once, or until every point is done or failed); 0 when all done."""
+def slurm_jobs_queued(directory: str | Path) -> bool:
+    """Whether a Slurm job recorded in DIR/jobs.json is still in the queue (pending or running); False
+    without the file, without squeue, or when squeue fails (the jobs are long gone, or no controller)."""
+    try:
+        jobs = [str(int(j)) for j in json.loads((Path(directory) / JOBS).read_text())]
+    except (OSError, ValueError, TypeError):
+        return False
+    squeue = shutil.which("squeue")
+    if not jobs or squeue is None:
+        return False
+    try:
+        r = subprocess.run([squeue, "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and bool(r.stdout.strip())
+
+
+def _signs_of_life(directory: str | Path, st: dict[str, Any]) -> float:
+    """The newest time a worker showed it is alive: now when a point is running (a fresh lease) or a
+    submitted Slurm job is queued, else the journal's last write (claims, retries, DONE), else 0."""
+    if st["totals"]["running"] or slurm_jobs_queued(directory):
+        return time.time()
+    try:
+        return (Path(directory) / LEASES / "journal.jsonl").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def status_main(directory: str | Path, wait: bool = False, as_json: bool = False, every: float = 5.0,
+                grace: float | None = None) -> int:
+    """Print the status (once, or until every point is done or failed); 0 when all done, 1 when some
+    failed, NO_WORKER when waiting and no worker has been alive for `grace` seconds (default: the
+    sweep's lease time) while points are left."""
+    alive = time.time()  # the last sign of a live worker (waiting starts with the benefit of the doubt)
     while True:
         st = sweep_status(directory)
         t = st["totals"]
-        finished = t["pending"] + t["running"] + t["stale"] == 0
+        left = t["pending"] + t["stale"]
+        finished = left + t["running"] == 0
         if not wait or finished:
             print(json.dumps(st, indent=1) if as_json else format_status(st), flush=True)
             return 0 if t["done"] == len(st["points"]) else 1
+        limit = float(read_queue(directory)[1]["lease_seconds"]) if grace is None else grace
+        alive = max(alive, _signs_of_life(directory, st))
+        quiet = time.time() - alive
+        if quiet > limit:
+            print(json.dumps(st, indent=1) if as_json else format_status(st), flush=True)
+            print(f"llmjax sweep status: {left} point(s) left and no worker alive for {quiet:.0f} s (--grace "
+                  f"{limit:g}: no live lease, no journal entry, no submitted Slurm job queued); exit status "
+                  f"{NO_WORKER}. Start workers again: llmjax sweep submit with the same --workdir, or llmjax sweep "
+                  f"work {directory}", file=sys.stderr, flush=True)
+            return NO_WORKER
         print(f"{time.strftime('%H:%M:%S')} {st['name']}: " + ", ".join(f"{t[s]} {s}" for s in STATES if t[s]),
               file=sys.stderr, flush=True)
         time.sleep(every)
 
 
-__all__ = ["format_status", "status_main", "sweep_status"]
+__all__ = ["NO_WORKER", "format_status", "slurm_jobs_queued", "status_main", "sweep_status"]

@@ -24,7 +24,10 @@ be on a file system every slice mounts (e.g. Filestore via tpu_pod.sh --setup).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from llmjax.scaling import ScalingError
-from llmjax.scaling.cluster.queue import check_directory, write_queue
+from llmjax.scaling.cluster.queue import JOBS, check_directory, write_queue
 from llmjax.scaling.sweep.spec import Point, Sweep, point_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -109,6 +112,21 @@ def tpu_command(args: Any, directory: Path) -> list[str]:
     return [*cmd, "run", "--", "llmjax", "sweep", "work", str(directory)]
 
 
+def _record_jobs(directory: Path, jobs: list[str]) -> None:
+    """Append the submitted Slurm job ids to DIR/jobs.json, for `sweep status --wait` to ask squeue whether
+    a worker is still queued or running."""
+    if not jobs:
+        return
+    path = directory / JOBS
+    try:
+        before = [str(j) for j in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        before = []
+    tmp = directory / f".{JOBS}.{os.getpid()}"
+    tmp.write_text(json.dumps(before + jobs))
+    os.replace(tmp, path)
+
+
 def submit(args: Any, sweep: Sweep) -> int:
     """Check everything, write DIR/queue.json, submit (or print, --dry-run); 0."""
     if args.workers < 1:
@@ -148,6 +166,7 @@ def submit(args: Any, sweep: Sweep) -> int:
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             raise ScalingError(f"sweep submit: {Path(cmd[0]).name} failed (exit status {r.returncode}): {last}")
+        _record_jobs(directory, re.findall(r"Submitted batch job (\d+)", r.stdout))
     print(f"sweep {sweep.name}: {len(sweep.points)} points queued in {directory} for {args.workers} workers; "
           f"watch with: llmjax sweep status {directory}")
     return 0

@@ -2,7 +2,7 @@
 
   llmjax train [--config FILE] [--workdir DIR|gs://BUCKET/DIR] [--check] [section.key=value ...]
   llmjax config show [--config FILE] [section.key=value ...]
-  llmjax bench [--config FILE] [--steps N] [section.key=value ...]
+  llmjax bench [--config FILE] [--steps N] [--rounds R] [--json] [--profile] [section.key=value ...]
   llmjax mup-check [--config FILE] [--widths 64,128,...] [--steps N] [--out DIR] [section.key=value ...]
   llmjax compile --topology v5p-64 [--slices N] [--config FILE] [section.key=value ...]
   llmjax generate --workdir DIR --prompt TEXT [--temperature T --top-k K --top-p P --beams B ...]
@@ -98,7 +98,12 @@ def _add_config(sub: Any) -> None:
 def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="print tokens/s, step time, MFU, compile time and memory for a config")
     _add_config_args(b)
-    b.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    b.add_argument("--rounds", type=int, default=5, help="timed rounds (median and range over them)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps before the first round")
+    b.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    b.add_argument("--profile", action="store_true", help="add where the step's time goes (XLA's per-op times "
+                                                          "from a jax.profiler trace) and the host's work")
 
 
 def _add_mup_check(sub: Any) -> None:
@@ -156,11 +161,15 @@ def _run_config(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 def _run_bench(args: argparse.Namespace, beam_args: list[str]) -> int:
     _check_steps(args)
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     cfg = _load(args)
     _start(cfg, args)
     from llmjax.bench import bench
 
-    return bench(cfg, args.steps)
+    return bench(cfg, args.steps, args.rounds, args.warmup, args.json, args.profile)
 
 
 def _run_mup_check(args: argparse.Namespace, beam_args: list[str]) -> int:

@@ -298,6 +298,8 @@ def _config_verbs(root: Path) -> list[Case]:
         case(["train", "--nope"], USAGE), case(["train", "--check", "--config"], USAGE),
         case(["bench", "--steps", "0", *TINY], USAGE, "--steps"), case(["bench", "--steps", "x"], USAGE),
         case(["bench", "--steps", "-3", *TINY], USAGE, "--steps"),
+        case(["bench", "--rounds", "0", *TINY], USAGE, "--rounds"), case(["bench", "--warmup", "-1", *TINY], USAGE,
+                                                                         "--warmup"),
         case(["bench-data", "--batches", "x"], USAGE), case(["bench-data", "--batches", "0", *TINY], USAGE),
         case(["bench-data", *TINY, f"data.path={root}/nothere"], USAGE, "data.path"),
         case(["mup-check", "--widths", "a,b", *TINY], USAGE, "--widths"),

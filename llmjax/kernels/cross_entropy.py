@@ -29,6 +29,7 @@ from llmjax.parallel.rules import constrain
 Static = tuple[int, str]  # (vocab axis of the head matrix: 0 for [V, D], 1 for [D, V]; compute dtype name)
 
 
+@jax.named_scope("loss")  # the name profiles attribute these ops by
 def token_losses(x_BLD: jax.Array, head: jax.Array, targets_BL: jax.Array, chunk: int, vocab_axis: int = 1,
                  compute_dtype: str = "float32") -> tuple[jax.Array, jax.Array]:
     """(NLL [B, L], logZ [B, L]) float32 of the logits x W, computed `chunk` positions at a time.

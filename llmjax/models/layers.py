@@ -187,6 +187,7 @@ class Embed(nn.Module):
         )
 
 
+@jax.named_scope("rope")  # the name profiles attribute these ops by (no effect on the computation)
 def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding, rotate-half convention (as in HF LLaMA), computed in float32.
 

@@ -13,7 +13,12 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[jax.Arr
     """-> (negative log-likelihood of `targets` [B, L], log-partition logZ [B, L]), float32.
 
     The target logit is taken by a one-hot contraction, which keeps the vocabulary dimension sharded
-    (no gather across devices)."""
+    (no gather across devices). Its ops carry the name scope "loss" (profiles attribute them by it)."""
+    with jax.named_scope("loss"):
+        return _cross_entropy(logits_BLV, targets_BL)
+
+
+def _cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     onehot_BLV = jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=logits_BLV.dtype)
     onehot_BLV = constrain(onehot_BLV, ("act_batch", "act_length", "act_vocab"))
@@ -32,6 +37,7 @@ def weighted_nll(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.A
 def weighted_sums(nll_BL: jax.Array, logz_BL: jax.Array, weights_BL: jax.Array, z_loss: float
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`weighted_nll` from per-token NLL and logZ [B, L] (e.g. a chunked cross-entropy's)."""
-    nll_sum = jnp.sum(nll_BL * weights_BL)
-    z_sum = z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL)
-    return nll_sum + z_sum, {"nll_sum": nll_sum, "z_sum": z_sum}
+    with jax.named_scope("loss"):
+        nll_sum = jnp.sum(nll_BL * weights_BL)
+        z_sum = z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL)
+        return nll_sum + z_sum, {"nll_sum": nll_sum, "z_sum": z_sum}

@@ -78,6 +78,7 @@ def dynamic_inverse_frequencies(theta: float, dim: int, factor: float, original:
     return 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
 
 
+@jax.named_scope("rope")
 def rotate(x_BLHE: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array, multiplier: float = 1.0) -> jax.Array:
     """Rotate-half RoPE with the given inverse frequencies [E / 2] (float32), cos/sin x `multiplier`."""
     half = x_BLHE.shape[-1] // 2

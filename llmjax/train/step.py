@@ -135,10 +135,12 @@ def make_train_step(family: TrainObjective[BatchT], model: nn.Module, tx: optax.
             params_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), PARAMS_KEY)
         grads, metrics = batch_gradients(family, model, state.params, batch, z_loss, accum_steps, rng,
                                          state.frozen, model_params, params_rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["param_norm"] = optax.tree.norm(params)
+        with jax.named_scope("optimizer"):  # the names profiles attribute ops by (`llmjax bench --profile`)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("metrics"):
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["param_norm"] = optax.tree.norm(params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

@@ -386,7 +386,8 @@ def test_build_mesh_uses_create_hybrid_device_mesh(monkeypatch):
     monkeypatch.setattr(mesh_utils, "create_hybrid_device_mesh", fake)
     cfg = load_config(None, ["mesh.dcn_data=2", "mesh.data=-1", "mesh.fsdp=2"])
     mesh = build_mesh(cfg.mesh)
-    assert calls == [([1, 2, 2, 1, 1, 1], [1, 2, 1, 1, 1, 1], {"process_is_granule": True})]  # CPU devices: no slice_index
+    # CPU devices: no slice_index
+    assert calls == [([1, 2, 2, 1, 1, 1], [1, 2, 1, 1, 1, 1], {"process_is_granule": True})]
     assert dict(mesh.shape) == full_mesh_shape(data=4, fsdp=2)
     assert mesh.devices.size == jax.device_count()
     calls.clear()

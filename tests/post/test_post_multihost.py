@@ -93,3 +93,33 @@ def test_dpo_in_two_processes_matches_one(base, tmp_path):
     run(command(two, *DPO, f"train.init_from={base}"), 2)
     assert (two / "dpo_reference.npz").is_file()
     _same_runs(one, two, ("loss", "reward_accuracy", "reward_margin"))
+
+
+RL_REWARD = "def length(prompt, response, record):\n    return float(len(response) % 5)\n"
+GRPO = [f"rl.prompts={DATA / 'rl_tasks.jsonl'}", "rl.reward_fn=mp_rl_rewards:length", "rl.samples_per_prompt=4",
+        "rl.max_new_tokens=6", "data.seq_len=48", "train.objective=grpo", "eval.every_steps=0",
+        "checkpoint.every_steps=4", "optim.lr=1e-3"]
+PPO = ["train.objective=ppo", "rl.samples_per_prompt=2", "rl.minibatches=2", "rl.ppo_epochs=2",
+       "rl.kl_target=0.05", "rl.kl_horizon=16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_rl_in_two_processes_matches_one(objective, tmp_path, monkeypatch):
+    """GRPO and PPO from a random policy: the same rollouts (rewards, response lengths), losses and PPO's adaptive
+    KL coefficient per step in 2 processes as in 1 (every process decodes on the global arrays and scores every
+    row, so host-side statistics are the whole batch's)."""
+    (tmp_path / "mp_rl_rewards.py").write_text(RL_REWARD)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    args = [*GRPO, *(PPO if objective == "ppo" else [])]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(command(one, *args), 1)
+    r = run(command(two, *args), 2)
+    assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
+    keys = ["loss", "reward", "reward_std", "kl", "response_length", "clip_fraction"]
+    for key in keys:
+        a, b = _records(one, "train", key), _records(two, "train", key)
+        assert sorted(a) == sorted(b) == [0, 1, 2, 3], key
+        np.testing.assert_allclose([b[s] for s in range(4)], [a[s] for s in range(4)], rtol=1e-6, atol=1e-7,
+                                   err_msg=key)
+    assert len({_records(one, "train", "reward")[s] for s in range(4)}) > 1  # the rollouts vary step to step

@@ -134,8 +134,6 @@ class GroupRelative:
                   tokenizer: Tokenizer | None = None, shares: int | None = None) -> RunData:
         from llmjax.post.rl.rollout import PromptData
 
-        if process_count > 1:
-            raise ConfigError("train.objective=grpo runs in one process (its rollouts are gathered on the host)")
         return PromptData(cfg, tokenizer)
 
     def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,

@@ -260,7 +260,8 @@ class Rollouts:
         self.cfg, self.stops = cfg, stop_ids(cfg, data.tokenizer)
         self.engine = Engine(cfg.model, None, setup.mesh, setup.rules, family=setup.model_family)
         self._reference: Any = None
-        self._score = jax.jit(setup._in_mesh_context(self.score_fn()))
+        # replicated outputs: every process reads the whole batch's scores back (2 processes equal 1)
+        self._score = jax.jit(setup._in_mesh_context(self.score_fn()), out_shardings=self.engine.replicated())
         self.timing: dict[str, float] = {"rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0.0}
 
     def score_fn(self) -> Callable[..., tuple[jax.Array, ...]]:
@@ -318,9 +319,9 @@ class Rollouts:
         rewards = d.rewards(prompts, texts, [r for r, _ in responses])
         rows = self.pack(prompts, [r for r, _ in responses])
         shapes = self.setup.family.example_shapes(cfg.data.seq_len)
-        seqs = self.setup.put_batch({k: rows[k] if k in rows else np.zeros((len(prompts), *s), dt)
-                                     for k, (s, dt) in shapes.items()})
-        scores = tuple(np.asarray(jax.device_get(x)) for x in self._score(params, self.reference(), seqs))
+        seqs = self.put_global({k: rows[k] if k in rows else np.zeros((len(prompts), *s), dt)
+                                for k, (s, dt) in shapes.items()})
+        scores = tuple(self.engine.to_host(x) for x in self._score(params, self.reference(), seqs))
         t2 = time.perf_counter()
         on = rows["weights"] > 0
         n_new = int(sum(len(r) for r, _ in responses))
@@ -339,11 +340,22 @@ class Rollouts:
         if self.cfg.rl.normalise == "sequence":
             mask = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
         adv = np.asarray(group_advantages(jnp.asarray(r["rewards"]), self.data.group))
-        return self.setup.put_batch({**{k: rows[k] for k in ("inputs", "targets", "segment_ids", "positions")},
-                                     "weights": mask.astype(np.float32), "old_logp": r["old_logp"],
-                                     "ref_logp": r["ref_logp"], "entropy": r["entropy"],
-                                     "advantages": adv[:, None].astype(np.float32),
-                                     "rewards": r["rewards"][:, None].astype(np.float32)})
+        return self.put_global({**{k: rows[k] for k in ("inputs", "targets", "segment_ids", "positions")},
+                                "weights": mask.astype(np.float32), "old_logp": r["old_logp"],
+                                "ref_logp": r["ref_logp"], "entropy": r["entropy"],
+                                "advantages": adv[:, None].astype(np.float32),
+                                "rewards": r["rewards"][:, None].astype(np.float32)})
+
+    def put_global(self, rows: dict[str, np.ndarray]) -> Any:
+        """The whole step's rows [B, ...] (the same in every process: the rollouts are decoded on global arrays and
+        read back replicated, so each process scores every row) -> the family's typed batch of global arrays
+        sharded like `setup.put_batch`'s; each process places the rows its devices hold."""
+        from llmjax.models.families import batch_from_dict
+
+        sharding = self.setup.batch_sharding
+        return batch_from_dict(self.setup.family.batch_type, {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in ((k, np.asarray(v)) for k, v in rows.items())})
 
     def pack(self, prompts: list[int], responses: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Prompt + response rows of data.seq_len (`LMBatch` fields; weights 1 on the response's targets)."""

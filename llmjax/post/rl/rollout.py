@@ -48,6 +48,13 @@ def load_reward_fn(spec: str) -> Callable[[str, str, dict], float]:
     return fn
 
 
+def check_processes(cfg: Config, process_count: int) -> None:
+    """Several processes score with rl.reward_fn only (a reward model's scoring across processes is untested)."""
+    if process_count > 1 and cfg.rl.reward_model:
+        raise ConfigError(f"rl.reward_model: train.objective={cfg.train.objective} with a reward model runs in one "
+                          f"process ({process_count} here); several processes take rl.reward_fn")
+
+
 class PromptIterator(StepIterator):
     """The prompt indices of steps step, step+1, ... ({"prompt": [P]}); the state is the step."""
 
@@ -353,9 +360,11 @@ class Rollouts:
         from llmjax.models.families import batch_from_dict
 
         sharding = self.setup.batch_sharding
-        return batch_from_dict(self.setup.family.batch_type, {
-            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-            for k, v in ((k, np.asarray(v)) for k, v in rows.items())})
+
+        def place(v: np.ndarray) -> jax.Array:
+            return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+
+        return batch_from_dict(self.setup.family.batch_type, {k: place(np.asarray(v)) for k, v in rows.items()})
 
     def pack(self, prompts: list[int], responses: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Prompt + response rows of data.seq_len (`LMBatch` fields; weights 1 on the response's targets)."""

@@ -267,8 +267,9 @@ class Rollouts:
         self.cfg, self.stops = cfg, stop_ids(cfg, data.tokenizer)
         self.engine = Engine(cfg.model, None, setup.mesh, setup.rules, family=setup.model_family)
         self._reference: Any = None
-        # replicated outputs: every process reads the whole batch's scores back (2 processes equal 1)
-        self._score = jax.jit(setup._in_mesh_context(self.score_fn()), out_shardings=self.engine.replicated())
+        self._score = jax.jit(setup._in_mesh_context(self.score_fn()))
+        # the scores gathered whole onto every device (an exact copy), so each process reads the whole batch back
+        self._gather = jax.jit(lambda xs: xs, out_shardings=self.engine.replicated())
         self.timing: dict[str, float] = {"rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0.0}
 
     def score_fn(self) -> Callable[..., tuple[jax.Array, ...]]:
@@ -328,7 +329,7 @@ class Rollouts:
         shapes = self.setup.family.example_shapes(cfg.data.seq_len)
         seqs = self.put_global({k: rows[k] if k in rows else np.zeros((len(prompts), *s), dt)
                                 for k, (s, dt) in shapes.items()})
-        scores = tuple(self.engine.to_host(x) for x in self._score(params, self.reference(), seqs))
+        scores = self.host(self._score(params, self.reference(), seqs))
         t2 = time.perf_counter()
         on = rows["weights"] > 0
         n_new = int(sum(len(r) for r, _ in responses))
@@ -353,12 +354,21 @@ class Rollouts:
                                 "advantages": adv[:, None].astype(np.float32),
                                 "rewards": r["rewards"][:, None].astype(np.float32)})
 
+    def host(self, xs: tuple[jax.Array, ...]) -> tuple[np.ndarray, ...]:
+        """Global arrays -> numpy, whole in every process (gathered onto every device, an exact copy, when another
+        process holds some rows)."""
+        if jax.process_count() > 1:
+            return tuple(self.engine.to_host(x) for x in self._gather(xs))
+        return tuple(np.asarray(jax.device_get(x)) for x in xs)
+
     def put_global(self, rows: dict[str, np.ndarray]) -> Any:
         """The whole step's rows [B, ...] (the same in every process: the rollouts are decoded on global arrays and
         read back replicated, so each process scores every row) -> the family's typed batch of global arrays
         sharded like `setup.put_batch`'s; each process places the rows its devices hold."""
         from llmjax.models.families import batch_from_dict
 
+        if jax.process_count() == 1:
+            return self.setup.put_batch(rows)
         sharding = self.setup.batch_sharding
 
         def place(v: np.ndarray) -> jax.Array:

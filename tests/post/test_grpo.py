@@ -185,3 +185,15 @@ def test_grpo_bad_input_exits_2(sft_run, tmp_path):
     assert_usage_error(grpo(wd, "rl.reward_fn=null", f"rl.reward_model={other}"), "rl.reward_model",
                        "another vocabulary", "256")
     assert not (wd / "checkpoints").exists() or not any((wd / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_reward_model_in_several_processes_is_refused(objective):
+    """Several processes score with rl.reward_fn; a reward model is refused naming the key, before reading data."""
+    from llmjax.config import ConfigError
+    from llmjax.train.objectives import objective_for
+
+    cfg = tiny_config(f"train.objective={objective}", "rl.prompts=x.jsonl", "rl.reward_fn=null",
+                      "rl.reward_model=rm", "eval.every_steps=0")
+    with pytest.raises(ConfigError, match="rl.reward_model: .* runs in one process"):
+        objective_for(cfg).open_data(cfg, build_family(cfg.model), process_count=2)

@@ -132,10 +132,9 @@ class GroupRelative:
 
     def open_data(self, cfg: Config, family: ModelFamily, block: int = 0, process_count: int = 1,
                   tokenizer: Tokenizer | None = None, shares: int | None = None) -> RunData:
-        from llmjax.post.rl.rollout import PromptData
+        from llmjax.post.rl.rollout import PromptData, check_processes
 
-        if process_count > 1:
-            raise ConfigError("train.objective=grpo runs in one process (its rollouts are gathered on the host)")
+        check_processes(cfg, process_count)
         return PromptData(cfg, tokenizer)
 
     def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,

@@ -259,12 +259,12 @@ class PPORollouts(Rollouts):
             kl = float((kl_k1(r["old_logp"], r["ref_logp"]) * mask).sum() / max(mask.sum(), 1.0))
             self.iterator.kl_coef = adaptive_kl_coef(coef, kl, rl.kl_target, len(mask), rl.kl_horizon)
         B = len(mask)
-        return self.setup.put_batch({**{k: rows[k] for k in SEQ}, "weights": mask.astype(np.float32),
-                                     "old_logp": r["old_logp"], "ref_logp": r["ref_logp"], "entropy": r["entropy"],
-                                     "old_values": (r["scores"][3] * mask).astype(np.float32),
-                                     "advantages": t["advantages"], "returns": t["returns"],
-                                     "rewards": r["rewards"][:, None].astype(np.float32),
-                                     "kl_coef": np.full((B, 1), coef, np.float32)})
+        return self.put_global({**{k: rows[k] for k in SEQ}, "weights": mask.astype(np.float32),
+                                "old_logp": r["old_logp"], "ref_logp": r["ref_logp"], "entropy": r["entropy"],
+                                "old_values": (r["scores"][3] * mask).astype(np.float32),
+                                "advantages": t["advantages"], "returns": t["returns"],
+                                "rewards": r["rewards"][:, None].astype(np.float32),
+                                "kl_coef": np.full((B, 1), coef, np.float32)})
 
 
 class ProximalPolicy:
@@ -284,10 +284,9 @@ class ProximalPolicy:
 
     def open_data(self, cfg: Config, family: ModelFamily, block: int = 0, process_count: int = 1,
                   tokenizer: Tokenizer | None = None, shares: int | None = None) -> RunData:
-        from llmjax.post.rl.rollout import PromptData
+        from llmjax.post.rl.rollout import PromptData, check_processes
 
-        if process_count > 1:
-            raise ConfigError("train.objective=ppo runs in one process (its rollouts are gathered on the host)")
+        check_processes(cfg, process_count)
         return PromptData(cfg, tokenizer)
 
     def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,

@@ -48,6 +48,13 @@ def load_reward_fn(spec: str) -> Callable[[str, str, dict], float]:
     return fn
 
 
+def check_processes(cfg: Config, process_count: int) -> None:
+    """Several processes score with rl.reward_fn only (a reward model's scoring across processes is untested)."""
+    if process_count > 1 and cfg.rl.reward_model:
+        raise ConfigError(f"rl.reward_model: train.objective={cfg.train.objective} with a reward model runs in one "
+                          f"process ({process_count} here); several processes take rl.reward_fn")
+
+
 class PromptIterator(StepIterator):
     """The prompt indices of steps step, step+1, ... ({"prompt": [P]}); the state is the step."""
 
@@ -261,6 +268,8 @@ class Rollouts:
         self.engine = Engine(cfg.model, None, setup.mesh, setup.rules, family=setup.model_family)
         self._reference: Any = None
         self._score = jax.jit(setup._in_mesh_context(self.score_fn()))
+        # the scores gathered whole onto every device (an exact copy), so each process reads the whole batch back
+        self._gather = jax.jit(lambda xs: xs, out_shardings=self.engine.replicated())
         self.timing: dict[str, float] = {"rollout_s": 0.0, "scoring_s": 0.0, "rollout_tokens": 0.0}
 
     def score_fn(self) -> Callable[..., tuple[jax.Array, ...]]:
@@ -318,9 +327,9 @@ class Rollouts:
         rewards = d.rewards(prompts, texts, [r for r, _ in responses])
         rows = self.pack(prompts, [r for r, _ in responses])
         shapes = self.setup.family.example_shapes(cfg.data.seq_len)
-        seqs = self.setup.put_batch({k: rows[k] if k in rows else np.zeros((len(prompts), *s), dt)
-                                     for k, (s, dt) in shapes.items()})
-        scores = tuple(np.asarray(jax.device_get(x)) for x in self._score(params, self.reference(), seqs))
+        seqs = self.put_global({k: rows[k] if k in rows else np.zeros((len(prompts), *s), dt)
+                                for k, (s, dt) in shapes.items()})
+        scores = self.host(self._score(params, self.reference(), seqs))
         t2 = time.perf_counter()
         on = rows["weights"] > 0
         n_new = int(sum(len(r) for r, _ in responses))
@@ -339,11 +348,33 @@ class Rollouts:
         if self.cfg.rl.normalise == "sequence":
             mask = mask / np.maximum(mask.sum(1, keepdims=True), 1.0)
         adv = np.asarray(group_advantages(jnp.asarray(r["rewards"]), self.data.group))
-        return self.setup.put_batch({**{k: rows[k] for k in ("inputs", "targets", "segment_ids", "positions")},
-                                     "weights": mask.astype(np.float32), "old_logp": r["old_logp"],
-                                     "ref_logp": r["ref_logp"], "entropy": r["entropy"],
-                                     "advantages": adv[:, None].astype(np.float32),
-                                     "rewards": r["rewards"][:, None].astype(np.float32)})
+        return self.put_global({**{k: rows[k] for k in ("inputs", "targets", "segment_ids", "positions")},
+                                "weights": mask.astype(np.float32), "old_logp": r["old_logp"],
+                                "ref_logp": r["ref_logp"], "entropy": r["entropy"],
+                                "advantages": adv[:, None].astype(np.float32),
+                                "rewards": r["rewards"][:, None].astype(np.float32)})
+
+    def host(self, xs: tuple[jax.Array, ...]) -> tuple[np.ndarray, ...]:
+        """Global arrays -> numpy, whole in every process (gathered onto every device, an exact copy, when another
+        process holds some rows)."""
+        if jax.process_count() > 1:
+            return tuple(self.engine.to_host(x) for x in self._gather(xs))
+        return tuple(np.asarray(jax.device_get(x)) for x in xs)
+
+    def put_global(self, rows: dict[str, np.ndarray]) -> Any:
+        """The whole step's rows [B, ...] (the same in every process: the rollouts are decoded on global arrays and
+        read back replicated, so each process scores every row) -> the family's typed batch of global arrays
+        sharded like `setup.put_batch`'s; each process places the rows its devices hold."""
+        from llmjax.models.families import batch_from_dict
+
+        if jax.process_count() == 1:
+            return self.setup.put_batch(rows)
+        sharding = self.setup.batch_sharding
+
+        def place(v: np.ndarray) -> jax.Array:
+            return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+
+        return batch_from_dict(self.setup.family.batch_type, {k: place(np.asarray(v)) for k, v in rows.items()})
 
     def pack(self, prompts: list[int], responses: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Prompt + response rows of data.seq_len (`LMBatch` fields; weights 1 on the response's targets)."""

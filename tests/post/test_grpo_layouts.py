@@ -1,7 +1,8 @@
 """A GRPO step and a PPO step under {data=2, fsdp=2, tensor=2} and {fsdp=4} equal one device: the same rollouts
 from the same seed (sampled on the decode engine under each mesh), the same rewards and log-probabilities (and
-PPO's values, advantages and returns), the same loss and gradients (rtol 1e-5); for PPO also the parameters after
-the step's epochs x minibatches of updates (the minibatches gathered from the sharded batch)."""
+PPO's values, advantages and returns), the same loss and gradients (rtol 1e-5); for PPO also the parameters' movement
+over the step's epochs x minibatches of updates, the minibatches gathered from the sharded batch (to 1e-3 of the
+largest possible movement)."""
 
 from __future__ import annotations
 
@@ -48,12 +49,13 @@ def step(objective: str, layout: tuple[str, ...], devices):
     batch = source(setup, data, data.train_iterator(), run, lambda m: None).next_batch()
     grads, metrics = setup.jit_gradients()(run.state.params, batch)
     out = {k: float(v) for k, v in metrics.items()}
-    params = None
+    params = init = None
     if objective == "ppo":  # the whole step: epochs x minibatches of updates
+        init = jax.device_get(run.state.params)
         state, step_metrics = setup.jit_train_step()(run.state, batch)
         params = jax.device_get(state.params)
         out.update({f"step_{k}": float(v) for k, v in step_metrics.items()})
-    return jax.device_get(batch), jax.device_get(grads), out, params
+    return jax.device_get(batch), jax.device_get(grads), out, (params, init)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def reference():
 def test_rl_step_matches_single_device(objective, layout, n, reference):
     if objective not in reference:
         reference[objective] = step(objective, ("mesh.data=1",), jax.devices()[:1])
-    batch, grads, metrics, params = step(objective, layout, jax.devices()[:n])
-    ref_batch, ref_grads, ref_metrics, ref_params = reference[objective]
+    batch, grads, metrics, (params, init_params) = step(objective, layout, jax.devices()[:n])
+    ref_batch, ref_grads, ref_metrics, (ref_params, ref_init) = reference[objective]
     for k in ("inputs", "targets", "weights", "rewards"):
         np.testing.assert_array_equal(getattr(batch, k), getattr(ref_batch, k), err_msg=k)  # same rollouts
     assert np.std(ref_batch.rewards) > 0  # the advantages are not all zero
@@ -83,4 +85,9 @@ def test_rl_step_matches_single_device(objective, layout, n, reference):
     assert_trees_close(grads, ref_grads)
     if objective == "ppo":
         assert ref_metrics["step_approx_kl"] > 0  # the later updates saw a moved policy
-        assert_trees_close(params, ref_params)
+        # After 4 Adam updates an element whose gradient is ~0 moves by up to lr x sign(noise): compare the
+        # parameters' movement from the start, to 1e-3 of the 4 updates' largest step (4 x lr = 4e-3).
+        deltas = jax.tree.map(np.subtract, params, init_params)
+        ref_deltas = jax.tree.map(np.subtract, ref_params, ref_init)
+        for x, y in zip(jax.tree.leaves(deltas), jax.tree.leaves(ref_deltas), strict=True):
+            np.testing.assert_allclose(x, y, rtol=0, atol=4e-6)

@@ -31,8 +31,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llmjax.models.attention import NEG_INF, AttentionImpl, Blocks, MaskSpec, compiling_for, target_platform
-from llmjax.parallel.context import ContextPlan, local_slots, natural_order
+from llmjax.models.attention import (NEG_INF, AttentionImpl, BlockImpl, Blocks, MaskSpec, block_form, compiling_for,
+                                    merge_blocks, target_platform)
+from llmjax.parallel.context import ContextPlan, natural_order
 from llmjax.parallel.rules import unsharded
 
 
@@ -50,12 +51,13 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
     heads = plan.spec(("act_batch", "act_length", "act_heads", None))
     segs = plan.spec(("act_batch", "act_length"))
     static = (mask.causal, mask.window)
+    block = block_form(impl) if mode == "ring" else None  # ConfigError before tracing where there is none
     platform = target_platform()  # the kernels inside see no mesh, but must still compile for its devices
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
         with unsharded(), compiling_for(platform):
-            if mode == "ring":
-                return _ring(plan, q, k, v, q_seg, kv_seg, scale, static)
+            if block is not None:
+                return _ring(plan, q, k, v, q_seg, kv_seg, block, scale, blocks, static)
             return _gathered(plan, q, k, v, q_seg, kv_seg, impl, scale, blocks, static)
 
     fn = jax.shard_map(local, mesh=plan.mesh, in_specs=(heads, heads, heads, segs, segs), out_specs=heads,
@@ -83,52 +85,50 @@ def _gathered(plan: ContextPlan, q: jax.Array, k: jax.Array, v: jax.Array, q_seg
 
 
 def _ring(plan: ContextPlan, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array,
-          scale: float, static: tuple[bool, int]) -> jax.Array:
-    """Per device: local queries [b, 2c, h, E]; the key/value block [b, 2c, k, E] visits every device."""
+          block: BlockImpl, scale: float, blocks: Blocks, static: tuple[bool, int]) -> jax.Array:
+    """Per device: local queries [b, 2c, h, E]; the key/value block [b, 2c, k, E] visits every device.
+
+    Each visit is 2 x 2 calls of `block` (the configured implementation's `BlockImpl`): a query chunk
+    (slots q0..q0+c) against a key chunk (slots k0..k0+c) is a plain contiguous attention whose mask's query
+    offset is q0 - k0 (causal and window depend only on the slots' difference). Their (out, lse) are merged
+    by `merge_blocks`."""
     C, c = plan.size, plan.chunk
-    b, Lq, H, E = q.shape
-    K = k.shape[2]
-    G = H // K
     i = jax.lax.axis_index(plan.axes)
-    q_pos = local_slots(i, C, c)
-    q_BKGLE = q.reshape(b, Lq, K, G, E).transpose(0, 2, 3, 1, 4)
-    step = jax.checkpoint(_block_step, static_argnums=(8, 9))
-    m = jnp.full((b, K, G, Lq), NEG_INF, jnp.float32)
+    causal, window = static
+    step = jax.checkpoint(_block_step, static_argnums=(6, 7, 8, 9, 10))
+    b, Lq, H, E = q.shape
     shift = [(j, (j + 1) % C) for j in range(C)]
 
     def ring_step(carry: Any, s: jax.Array) -> tuple[Any, None]:
         state, (k, v, kv_seg) = carry
         src = (i - s) % C  # the device this key/value block started on
-        state = step(state, q_BKGLE, k, v, q_seg, kv_seg, q_pos, local_slots(src, C, c), scale, static)
+        state = step(state, q, k, v, q_seg, kv_seg, i, src, (C, c), block, (scale, blocks, causal, window))
         return (state, tuple(jax.lax.ppermute(x, plan.axes, shift) for x in (k, v, kv_seg))), None
 
     # C - 1 steps that pass the block on, then the last block without a send
-    init = ((m, jnp.zeros_like(m), jnp.zeros((b, K, G, Lq, E), jnp.float32)), (k, v, kv_seg))
+    init = ((jnp.zeros((b, Lq, H, E), jnp.float32), jnp.full((b, Lq, H), NEG_INF, jnp.float32)), (k, v, kv_seg))
     (state, (k, v, kv_seg)), _ = jax.lax.scan(ring_step, init, jnp.arange(C - 1))
-    state = step(state, q_BKGLE, k, v, q_seg, kv_seg, q_pos, local_slots((i + 1) % C, C, c), scale, static)
-    _, l_sum, acc = state
-    out: jax.Array = acc / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, Lq, H, E)
+    state = step(state, q, k, v, q_seg, kv_seg, i, (i + 1) % C, (C, c), block, (scale, blocks, causal, window))
+    return state[0]
 
 
-def _block_step(state: tuple[jax.Array, jax.Array, jax.Array], q_BKGLE: jax.Array, k: jax.Array, v: jax.Array,
-                q_seg: jax.Array, kv_seg: jax.Array, q_pos: jax.Array, kv_pos: jax.Array, scale: float,
-                static: tuple[bool, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One online-softmax update of the local queries with one key/value block [b, S, K, E]."""
-    causal, window = static
-    m, l_sum, acc = state
-    k_BKSE, v_BKSE = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkgle,bkse->bkgls", q_BKGLE, k_BKSE, preferred_element_type=jnp.float32) * scale
-    allowed = q_seg[:, :, None] == kv_seg[:, None, :]  # [b, Lq, S]
-    if causal:
-        allowed &= (q_pos[:, None] >= kv_pos[None, :])[None]
-    if window > 0:
-        allowed &= (q_pos[:, None] - kv_pos[None, :] < window)[None]
-    allowed = allowed[:, None, None]  # broadcast over K, G
-    s = jnp.where(allowed, s, NEG_INF)
-    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))  # the result does not depend on it
-    p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
-    correction = jnp.exp(m - m_new)
-    l_sum = l_sum * correction + p.sum(axis=-1)
-    pv = jnp.einsum("bkgls,bkse->bkgle", p.astype(v.dtype), v_BKSE, preferred_element_type=jnp.float32)
-    return m_new, l_sum, acc * correction[..., None] + pv
+def _block_step(state: tuple[jax.Array, jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array,
+                kv_seg: jax.Array, dev: jax.Array, src: jax.Array, sizes: tuple[int, int], block: BlockImpl,
+                static: tuple[float, Blocks, bool, int]) -> tuple[jax.Array, jax.Array]:
+    """The local queries' (out [b, 2c, h, E] float32, lse [b, 2c, h]) merged with one key/value block's."""
+    C, c = sizes
+    scale, blocks, causal, window = static
+    halves = []
+    for qh, q_chunk in ((0, dev), (1, 2 * C - 1 - dev)):
+        qs = slice(qh * c, (qh + 1) * c)
+        part = None
+        for kh, k_chunk in ((0, src), (1, 2 * C - 1 - src)):
+            ks = slice(kh * c, (kh + 1) * c)
+            mask = MaskSpec(q_seg[:, qs], kv_seg[:, ks], ((q_chunk - k_chunk) * c).astype(jnp.int32), causal, window)
+            o, lse = block(q[:, qs], k[:, ks], v[:, ks], mask, scale, blocks)
+            new = (o.astype(jnp.float32), lse)
+            part = new if part is None else merge_blocks(part, new)
+        assert part is not None
+        halves.append(part)
+    block_out = (jnp.concatenate([h[0] for h in halves], axis=1), jnp.concatenate([h[1] for h in halves], axis=1))
+    return merge_blocks(state, block_out)

@@ -24,7 +24,7 @@ B, L, H, K, E = 2, 32, 4, 2, 8
 LAYOUTS = {"context8": dict(data=1, context=8), "data2_context4": dict(data=2, context=4),
            "context2_tensor2_fsdp2": dict(data=1, context=2, tensor=2, fsdp=2)}
 STRATEGIES = {"all_gather-xla": ("all_gather", "xla"), "all_gather-chunked": ("all_gather", "chunked"),
-              "ring": ("ring", "xla")}
+              "ring-xla": ("ring", "xla"), "ring-chunked": ("ring", "chunked")}
 # name -> (causal, window, packed documents)
 MASKS = {"causal": (True, 0, False), "bidirectional": (False, 0, True), "packed": (True, 0, True),
          "window": (True, 5, True)}
@@ -58,11 +58,11 @@ def reference():
     return jax.device_get(jax.jit(lambda *a: _all_masks(attn, *a))(q, k, v, ct, packed))
 
 
-# `chunked` is called exactly as `xla` is (per local query chunk, with its offset): one layout checks it.
-# The three-axis layout's cases are `slow` (20-35 s each at load 20 on 2 cores, 4 masks x forward and backward).
+# Every strategy over every layout; the three-axis layout's cases are `slow` (20-35 s each at load 20 on 2 cores,
+# 4 masks x forward and backward). Blocks(8, 8) give `chunked` 1 to 4 tiles per call (L / 2C = 2 to 8 tokens
+# per chunk), so its tile skipping and its lse over several tiles are exercised.
 CASES = [pytest.param(layout, s, marks=[pytest.mark.slow] if "tensor" in layout else [])
-         for layout in LAYOUTS for s in STRATEGIES if s != "all_gather-chunked"] + [
-    pytest.param("context2_tensor2_fsdp2", "all_gather-chunked", marks=pytest.mark.slow)]
+         for layout in LAYOUTS for s in STRATEGIES]
 
 
 @pytest.mark.parametrize(("layout", "strategy"), CASES)

@@ -13,12 +13,14 @@ repeated to one per query head first).
   as the mask's query offset (`MaskSpec.q_offset`), which every implementation honours. Memory: the
   whole sequence's keys and values per device (small with few KV heads).
 - `ring`: each device keeps its queries; the key/value blocks (with their segment ids) go around
-  the ring with `ppermute`, C steps, and an online softmax (running max and sum, float32) combines
-  the blocks. Each block's mask is built from the true slots of its tokens (`local_slots`). Every
-  block step is rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks'
-  inputs; its gradients are JAX's transpose of the ring (the reverse ring of ppermutes). Memory:
-  one key/value block in flight. The blocks are computed here (einsum, float32 scores), not by
-  `model.attention` (whose kernels do not return the log-sum-exp a ring must combine).
+  the ring with `ppermute`, C steps. At each step the device's two query chunks meet the block's two
+  key chunks: 2 x 2 contiguous attentions, each one call of the configured implementation's log-sum-exp
+  form (`BlockImpl`, registered with it: `xla`, `chunked`) with the chunks' slot difference as the
+  mask's query offset, merged by their log-sum-exp (`merge_blocks`, float32). Every block step is
+  rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks' inputs; its gradients
+  are JAX's transpose of the ring (the reverse ring of ppermutes) through the implementation's own
+  backward (chunked's takes the log-sum-exp's cotangent too). Memory: one key/value block in flight.
+  cudnn and splash return no log-sum-exp, so the config rules refuse them with the ring.
 
 Both are equal to one device's attention for causal, bidirectional, packed-document (segment ids)
 and sliding-window masks (tests/kernels/test_context.py).
@@ -42,8 +44,8 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
     """Self-attention of a balanced-order sequence split over `plan`'s axes -> [B, L, H, E] in q's dtype.
 
     q [B, L, H, E], k/v [B, L, K, E], `mask` a self-attention mask (its segment ids [B, L] in the same
-    balanced order; causal, window). `mode` "all_gather" calls `impl` per local query chunk; "ring" computes
-    its blocks itself. Sharding: ("act_batch", "act_length", "act_heads", None) in and out."""
+    balanced order; causal, window). `mode` "all_gather" calls `impl` per local query chunk; "ring" calls
+    `impl`'s `BlockImpl` per (query chunk, key chunk) pair (ConfigError where it has none). Sharding: ("act_batch", "act_length", "act_heads", None) in and out."""
     H, K = q_BLHE.shape[2], k_BSKE.shape[2]
     rules = plan.rules
     if K != H and tuple(rules.get("act_kv_heads", ())) != tuple(rules.get("act_heads", ())):
@@ -115,20 +117,26 @@ def _ring(plan: ContextPlan, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: ja
 def _block_step(state: tuple[jax.Array, jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array,
                 kv_seg: jax.Array, dev: jax.Array, src: jax.Array, sizes: tuple[int, int], block: BlockImpl,
                 static: tuple[float, Blocks, bool, int]) -> tuple[jax.Array, jax.Array]:
-    """The local queries' (out [b, 2c, h, E] float32, lse [b, 2c, h]) merged with one key/value block's."""
+    """The local queries' (out [b, 2c, h, E] float32, lse [b, 2c, h]) merged with one key/value block's.
+
+    The 2 x 2 (query chunk, key chunk) pairs are one `lax.map` over `block` (traced and compiled once; a
+    `vmap` would turn a blockwise kernel's tile skipping into selects)."""
     C, c = sizes
     scale, blocks, causal, window = static
-    halves = []
-    for qh, q_chunk in ((0, dev), (1, 2 * C - 1 - dev)):
-        qs = slice(qh * c, (qh + 1) * c)
-        part = None
-        for kh, k_chunk in ((0, src), (1, 2 * C - 1 - src)):
-            ks = slice(kh * c, (kh + 1) * c)
-            mask = MaskSpec(q_seg[:, qs], kv_seg[:, ks], ((q_chunk - k_chunk) * c).astype(jnp.int32), causal, window)
-            o, lse = block(q[:, qs], k[:, ks], v[:, ks], mask, scale, blocks)
-            new = (o.astype(jnp.float32), lse)
-            part = new if part is None else merge_blocks(part, new)
-        assert part is not None
-        halves.append(part)
-    block_out = (jnp.concatenate([h[0] for h in halves], axis=1), jnp.concatenate([h[1] for h in halves], axis=1))
+    b, _, H, E = q.shape
+    halves = lambda x: x.reshape(x.shape[0], 2, c, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731  [2, b, c, ...]
+    qh, q_segh, kh, vh, kv_segh = (halves(x) for x in (q, q_seg, k, v, kv_seg))
+    qi, ki = jnp.array([0, 0, 1, 1]), jnp.array([0, 1, 0, 1])
+    q_chunk = jnp.stack([dev, 2 * C - 1 - dev])[qi]
+    k_chunk = jnp.stack([src, 2 * C - 1 - src])[ki]
+
+    def pair(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        q_, q_seg_, k_, v_, kv_seg_, offset = xs
+        o, lse = block(q_, k_, v_, MaskSpec(q_seg_, kv_seg_, offset, causal, window), scale, blocks)
+        return o.astype(jnp.float32), lse
+
+    o, lse = jax.lax.map(pair, (qh[qi], q_segh[qi], kh[ki], vh[ki], kv_segh[ki],
+                                ((q_chunk - k_chunk) * c).astype(jnp.int32)))  # [4, b, c, ...]
+    o, lse = merge_blocks((o[0::2], lse[0::2]), (o[1::2], lse[1::2]))  # over the key chunks: [2(q), b, c, ...]
+    block_out = (o.swapaxes(0, 1).reshape(b, 2 * c, H, E), lse.swapaxes(0, 1).reshape(b, 2 * c, H))
     return merge_blocks(state, block_out)

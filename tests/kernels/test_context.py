@@ -58,10 +58,13 @@ def reference():
     return jax.device_get(jax.jit(lambda *a: _all_masks(attn, *a))(q, k, v, ct, packed))
 
 
-# Every strategy over every layout; the three-axis layout's cases are `slow` (20-35 s each at load 20 on 2 cores,
-# 4 masks x forward and backward). Blocks(8, 8) give `chunked` 1 to 4 tiles per call (L / 2C = 2 to 8 tokens
-# per chunk), so its tile skipping and its lse over several tiles are exercised.
-CASES = [pytest.param(layout, s, marks=[pytest.mark.slow] if "tensor" in layout else [])
+# Every strategy over every layout. Not `slow` (CPU compile time is what they cost): `xla` both ways over the two
+# 2-axis layouts, and the ring calling `chunked` over {data=2, context=4} (12-18 s each at load 8 on 2 cores);
+# the rest is `slow`. Blocks(8, 8) give `chunked` 1 to 4 tiles per call (2 to 8 tokens per chunk of L / 2C),
+# so its tile skipping and its log-sum-exp over several tiles are exercised.
+FAST = {("context8", "all_gather-xla"), ("context8", "ring-xla"), ("data2_context4", "all_gather-xla"),
+        ("data2_context4", "ring-xla"), ("data2_context4", "ring-chunked")}
+CASES = [pytest.param(layout, s, marks=[] if (layout, s) in FAST else [pytest.mark.slow])
          for layout in LAYOUTS for s in STRATEGIES]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +40,14 @@ def chunked_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
 
     q [B, L, H, E], k/v [B, S, K, E] with H = K G. `blocks` sets the tile (default `Blocks()`;
     a block longer than its sequence is shortened to it)."""
-    out: jax.Array = _tiled(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks, with_lse=False)
-    return out
+    return cast(jax.Array, _tiled(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks, with_lse=False))
 
 
 def chunked_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
                           blocks: Blocks | None = None) -> tuple[jax.Array, jax.Array]:
     """`chunked_attention`'s `BlockImpl` (context parallelism's ring): (out [B, L, H, E] in q's dtype, its
     log-sum-exp [B, L, H] float32, NEG_INF for a query that sees no key); the backward takes both cotangents."""
-    out_lse: tuple[jax.Array, jax.Array] = _tiled(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks, with_lse=True)
-    return out_lse
+    return cast(tuple[jax.Array, jax.Array], _tiled(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks, with_lse=True))
 
 
 def _tiled(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,

@@ -33,8 +33,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llmjax.models.attention import (NEG_INF, AttentionImpl, BlockImpl, Blocks, MaskSpec, block_form, compiling_for,
-                                    merge_blocks, target_platform)
+from llmjax.models.attention import (
+    NEG_INF,
+    AttentionImpl,
+    BlockImpl,
+    Blocks,
+    MaskSpec,
+    block_form,
+    compiling_for,
+    merge_blocks,
+    target_platform,
+)
 from llmjax.parallel.context import ContextPlan, natural_order
 from llmjax.parallel.rules import unsharded
 
@@ -45,7 +54,8 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
 
     q [B, L, H, E], k/v [B, L, K, E], `mask` a self-attention mask (its segment ids [B, L] in the same
     balanced order; causal, window). `mode` "all_gather" calls `impl` per local query chunk; "ring" calls
-    `impl`'s `BlockImpl` per (query chunk, key chunk) pair (ConfigError where it has none). Sharding: ("act_batch", "act_length", "act_heads", None) in and out."""
+    `impl`'s `BlockImpl` per (query chunk, key chunk) pair (ConfigError where it has none).
+    Sharding: ("act_batch", "act_length", "act_heads", None) in and out."""
     H, K = q_BLHE.shape[2], k_BSKE.shape[2]
     rules = plan.rules
     if K != H and tuple(rules.get("act_kv_heads", ())) != tuple(rules.get("act_heads", ())):
@@ -111,7 +121,8 @@ def _ring(plan: ContextPlan, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: ja
     init = ((jnp.zeros((b, Lq, H, E), jnp.float32), jnp.full((b, Lq, H), NEG_INF, jnp.float32)), (k, v, kv_seg))
     (state, (k, v, kv_seg)), _ = jax.lax.scan(ring_step, init, jnp.arange(C - 1))
     state = step(state, q, k, v, q_seg, kv_seg, i, (i + 1) % C, (C, c), block, (scale, blocks, causal, window))
-    return state[0]
+    out: jax.Array = state[0]
+    return out
 
 
 def _block_step(state: tuple[jax.Array, jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array,

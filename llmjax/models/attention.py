@@ -230,7 +230,7 @@ def xla_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
     """`xla_attention`'s `BlockImpl`: (out [B, L, H, E] float32, lse [B, L, H] float32); a query that may see no
     key gets out 0 and lse NEG_INF (so that `merge_blocks` gives it no weight)."""
     B, L, H, E = q_BLHE.shape
-    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    K = k_BSKE.shape[2]
     G = H // K
     q_BKGLE = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
     s = jnp.einsum("bkgle,bske->bkgls", q_BKGLE, k_BSKE, preferred_element_type=jnp.float32) * scale

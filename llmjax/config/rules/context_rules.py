@@ -17,7 +17,7 @@ from llmjax.config.logical_axes import merge_rules
 from llmjax.config.schema import Config
 from llmjax.errors import ConfigError
 
-RING_IMPLS = ("xla", "chunked", "dot_product_attention")  # those registered with a BlockImpl (log-sum-exp form)
+RING_IMPLS = ("xla", "chunked", "dot_product_attention")  # registered with a BlockImpl (block=)
 
 
 def context_size(cfg: Config, shape: dict[str, int]) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,19 @@ def chunked_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
 
     q [B, L, H, E], k/v [B, S, K, E] with H = K G. `blocks` sets the tile (default `Blocks()`;
     a block longer than its sequence is shortened to it)."""
+    return cast(jax.Array, _tiled(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks, with_lse=False))
+
+
+def chunked_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+                          blocks: Blocks | None = None) -> tuple[jax.Array, jax.Array]:
+    """`chunked_attention`'s `BlockImpl` (context parallelism's ring): (out [B, L, H, E] in q's dtype, its
+    log-sum-exp [B, L, H] float32, NEG_INF for a query that sees no key); the backward takes both cotangents."""
+    return cast(tuple[jax.Array, jax.Array], _tiled(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks, with_lse=True))
+
+
+def _tiled(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+           blocks: Blocks | None, with_lse: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Tiles the inputs, runs `_blockwise` (or `_blockwise_lse`) and untiles: out [B, L, H, E] (and lse [B, L, H])."""
     blocks = blocks or Blocks()
     B, L, H, E = q_BLHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
@@ -55,9 +69,16 @@ def chunked_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
     kv_seg = kv_seg.swapaxes(0, 1)
     offset = jnp.asarray(mask.q_offset, jnp.int32)
 
-    out = _blockwise(q, k, v, q_seg, kv_seg, offset, (scale, mask.causal, mask.window))  # [nq, B, K, G, bq, E]
+    static = (scale, mask.causal, mask.window)
+    if with_lse:
+        out, lse = _blockwise_lse(q, k, v, q_seg, kv_seg, offset, static)  # lse [nq, B, K, G, bq]
+    else:
+        out = _blockwise(q, k, v, q_seg, kv_seg, offset, static)  # [nq, B, K, G, bq, E]
     out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, nq * bq, E)[:, :, :, :L]
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
+    if not with_lse:
+        return out
+    return out, lse.transpose(1, 0, 4, 2, 3).reshape(B, nq * bq, H)[:, :L]
 
 
 def pad_axis(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.Array:
@@ -163,7 +184,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg:
         seen = denom > 0
         denom = jnp.where(seen, denom, 1.0)
         out = acc / denom[..., None]
-        lse = jnp.where(seen, m + jnp.log(denom), 0.0)
+        lse = jnp.where(seen, m + jnp.log(denom), NEG_INF)
         return out.astype(q.dtype), lse
 
     out_lse: tuple[jax.Array, jax.Array] = jax.lax.map(query_block, (jnp.arange(nq), q, q_seg))
@@ -178,13 +199,39 @@ def _blockwise_fwd(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, k
 
 def _blockwise_bwd(static: Static, residuals: tuple[jax.Array, ...], d_out: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array, None, None, None]:
+    return _backward(static, residuals, d_out, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _blockwise_lse(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, offset: jax.Array,
+                   static: Static) -> tuple[jax.Array, jax.Array]:
+    """`_blockwise` that also returns the log-sum-exp (NEG_INF where a query saw no key)."""
+    return _forward(q, k, v, q_seg, kv_seg, offset, static)
+
+
+def _blockwise_lse_fwd(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array,
+                       offset: jax.Array, static: Static) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, static)
+    return (out, lse), (q, k, v, q_seg, kv_seg, offset, out, lse)
+
+
+def _blockwise_lse_bwd(static: Static, residuals: tuple[jax.Array, ...], cts: tuple[jax.Array, jax.Array]
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, None, None, None]:
+    return _backward(static, residuals, cts[0], cts[1])
+
+
+def _backward(static: Static, residuals: tuple[jax.Array, ...], d_out: jax.Array, d_lse: jax.Array | None
+              ) -> tuple[jax.Array, jax.Array, jax.Array, None, None, None]:
     """FlashAttention-2 backward: per key block, a scan over the query blocks accumulates dk, dv;
-    dq is accumulated over the key blocks. ds = p (dp - rowsum(d_out * out))."""
+    dq is accumulated over the key blocks. ds = p (dp - rowsum(d_out * out) + d_lse) (d lse / d s = p)."""
     q, k, v, q_seg, kv_seg, offset, out, lse = residuals
     scale = static[0]
     nq, B, K, G, bq, E = q.shape
     nk, bkv = k.shape[0], k.shape[3]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, B, K, G, bq]
+    if d_lse is not None:
+        delta = delta - d_lse.astype(jnp.float32)
+    lse = jnp.where(lse == NEG_INF, 0.0, lse)  # no key seen: every p is masked to 0 anyway
 
     def key_block(dq_acc: jax.Array, xs: Arrays4) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kj, k_blk, v_blk, kv_seg_blk = xs
@@ -228,5 +275,6 @@ def _blockwise_bwd(static: Static, residuals: tuple[jax.Array, ...], d_out: jax.
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise_lse.defvjp(_blockwise_lse_fwd, _blockwise_lse_bwd)
 
-register("chunked", chunked_attention)
+register("chunked", chunked_attention, block=chunked_attention_lse)

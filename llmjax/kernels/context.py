@@ -13,12 +13,14 @@ repeated to one per query head first).
   as the mask's query offset (`MaskSpec.q_offset`), which every implementation honours. Memory: the
   whole sequence's keys and values per device (small with few KV heads).
 - `ring`: each device keeps its queries; the key/value blocks (with their segment ids) go around
-  the ring with `ppermute`, C steps, and an online softmax (running max and sum, float32) combines
-  the blocks. Each block's mask is built from the true slots of its tokens (`local_slots`). Every
-  block step is rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks'
-  inputs; its gradients are JAX's transpose of the ring (the reverse ring of ppermutes). Memory:
-  one key/value block in flight. The blocks are computed here (einsum, float32 scores), not by
-  `model.attention` (whose kernels do not return the log-sum-exp a ring must combine).
+  the ring with `ppermute`, C steps. At each step the device's two query chunks meet the block's two
+  key chunks: 2 x 2 contiguous attentions, each one call of the configured implementation's log-sum-exp
+  form (`BlockImpl`, registered with it: `xla`, `chunked`) with the chunks' slot difference as the
+  mask's query offset, merged by their log-sum-exp (`merge_blocks`, float32). Every block step is
+  rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks' inputs; its gradients
+  are JAX's transpose of the ring (the reverse ring of ppermutes) through the implementation's own
+  backward (chunked's takes the log-sum-exp's cotangent too). Memory: one key/value block in flight.
+  cudnn and splash return no log-sum-exp, so the config rules refuse them with the ring.
 
 Both are equal to one device's attention for causal, bidirectional, packed-document (segment ids)
 and sliding-window masks (tests/kernels/test_context.py).
@@ -31,8 +33,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llmjax.models.attention import NEG_INF, AttentionImpl, Blocks, MaskSpec, compiling_for, target_platform
-from llmjax.parallel.context import ContextPlan, local_slots, natural_order
+from llmjax.models.attention import (
+    NEG_INF,
+    AttentionImpl,
+    BlockImpl,
+    Blocks,
+    MaskSpec,
+    block_form,
+    compiling_for,
+    merge_blocks,
+    target_platform,
+)
+from llmjax.parallel.context import ContextPlan, natural_order
 from llmjax.parallel.rules import unsharded
 
 
@@ -41,8 +53,9 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
     """Self-attention of a balanced-order sequence split over `plan`'s axes -> [B, L, H, E] in q's dtype.
 
     q [B, L, H, E], k/v [B, L, K, E], `mask` a self-attention mask (its segment ids [B, L] in the same
-    balanced order; causal, window). `mode` "all_gather" calls `impl` per local query chunk; "ring" computes
-    its blocks itself. Sharding: ("act_batch", "act_length", "act_heads", None) in and out."""
+    balanced order; causal, window). `mode` "all_gather" calls `impl` per local query chunk; "ring" calls
+    `impl`'s `BlockImpl` per (query chunk, key chunk) pair (ConfigError where it has none).
+    Sharding: ("act_batch", "act_length", "act_heads", None) in and out."""
     H, K = q_BLHE.shape[2], k_BSKE.shape[2]
     rules = plan.rules
     if K != H and tuple(rules.get("act_kv_heads", ())) != tuple(rules.get("act_heads", ())):
@@ -50,12 +63,13 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
     heads = plan.spec(("act_batch", "act_length", "act_heads", None))
     segs = plan.spec(("act_batch", "act_length"))
     static = (mask.causal, mask.window)
+    block = block_form(impl) if mode == "ring" else None  # ConfigError before tracing where there is none
     platform = target_platform()  # the kernels inside see no mesh, but must still compile for its devices
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
         with unsharded(), compiling_for(platform):
-            if mode == "ring":
-                return _ring(plan, q, k, v, q_seg, kv_seg, scale, static)
+            if block is not None:
+                return _ring(plan, q, k, v, q_seg, kv_seg, block, scale, blocks, static)
             return _gathered(plan, q, k, v, q_seg, kv_seg, impl, scale, blocks, static)
 
     fn = jax.shard_map(local, mesh=plan.mesh, in_specs=(heads, heads, heads, segs, segs), out_specs=heads,
@@ -83,52 +97,57 @@ def _gathered(plan: ContextPlan, q: jax.Array, k: jax.Array, v: jax.Array, q_seg
 
 
 def _ring(plan: ContextPlan, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array,
-          scale: float, static: tuple[bool, int]) -> jax.Array:
-    """Per device: local queries [b, 2c, h, E]; the key/value block [b, 2c, k, E] visits every device."""
+          block: BlockImpl, scale: float, blocks: Blocks, static: tuple[bool, int]) -> jax.Array:
+    """Per device: local queries [b, 2c, h, E]; the key/value block [b, 2c, k, E] visits every device.
+
+    Each visit is 2 x 2 calls of `block` (the configured implementation's `BlockImpl`): a query chunk
+    (slots q0..q0+c) against a key chunk (slots k0..k0+c) is a plain contiguous attention whose mask's query
+    offset is q0 - k0 (causal and window depend only on the slots' difference). Their (out, lse) are merged
+    by `merge_blocks`."""
     C, c = plan.size, plan.chunk
-    b, Lq, H, E = q.shape
-    K = k.shape[2]
-    G = H // K
     i = jax.lax.axis_index(plan.axes)
-    q_pos = local_slots(i, C, c)
-    q_BKGLE = q.reshape(b, Lq, K, G, E).transpose(0, 2, 3, 1, 4)
-    step = jax.checkpoint(_block_step, static_argnums=(8, 9))
-    m = jnp.full((b, K, G, Lq), NEG_INF, jnp.float32)
+    causal, window = static
+    step = jax.checkpoint(_block_step, static_argnums=(6, 7, 8, 9, 10))
+    b, Lq, H, E = q.shape
     shift = [(j, (j + 1) % C) for j in range(C)]
 
     def ring_step(carry: Any, s: jax.Array) -> tuple[Any, None]:
         state, (k, v, kv_seg) = carry
         src = (i - s) % C  # the device this key/value block started on
-        state = step(state, q_BKGLE, k, v, q_seg, kv_seg, q_pos, local_slots(src, C, c), scale, static)
+        state = step(state, q, k, v, q_seg, kv_seg, i, src, (C, c), block, (scale, blocks, causal, window))
         return (state, tuple(jax.lax.ppermute(x, plan.axes, shift) for x in (k, v, kv_seg))), None
 
     # C - 1 steps that pass the block on, then the last block without a send
-    init = ((m, jnp.zeros_like(m), jnp.zeros((b, K, G, Lq, E), jnp.float32)), (k, v, kv_seg))
+    init = ((jnp.zeros((b, Lq, H, E), jnp.float32), jnp.full((b, Lq, H), NEG_INF, jnp.float32)), (k, v, kv_seg))
     (state, (k, v, kv_seg)), _ = jax.lax.scan(ring_step, init, jnp.arange(C - 1))
-    state = step(state, q_BKGLE, k, v, q_seg, kv_seg, q_pos, local_slots((i + 1) % C, C, c), scale, static)
-    _, l_sum, acc = state
-    out: jax.Array = acc / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, Lq, H, E)
+    state = step(state, q, k, v, q_seg, kv_seg, i, (i + 1) % C, (C, c), block, (scale, blocks, causal, window))
+    out: jax.Array = state[0]
+    return out
 
 
-def _block_step(state: tuple[jax.Array, jax.Array, jax.Array], q_BKGLE: jax.Array, k: jax.Array, v: jax.Array,
-                q_seg: jax.Array, kv_seg: jax.Array, q_pos: jax.Array, kv_pos: jax.Array, scale: float,
-                static: tuple[bool, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One online-softmax update of the local queries with one key/value block [b, S, K, E]."""
-    causal, window = static
-    m, l_sum, acc = state
-    k_BKSE, v_BKSE = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkgle,bkse->bkgls", q_BKGLE, k_BKSE, preferred_element_type=jnp.float32) * scale
-    allowed = q_seg[:, :, None] == kv_seg[:, None, :]  # [b, Lq, S]
-    if causal:
-        allowed &= (q_pos[:, None] >= kv_pos[None, :])[None]
-    if window > 0:
-        allowed &= (q_pos[:, None] - kv_pos[None, :] < window)[None]
-    allowed = allowed[:, None, None]  # broadcast over K, G
-    s = jnp.where(allowed, s, NEG_INF)
-    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))  # the result does not depend on it
-    p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
-    correction = jnp.exp(m - m_new)
-    l_sum = l_sum * correction + p.sum(axis=-1)
-    pv = jnp.einsum("bkgls,bkse->bkgle", p.astype(v.dtype), v_BKSE, preferred_element_type=jnp.float32)
-    return m_new, l_sum, acc * correction[..., None] + pv
+def _block_step(state: tuple[jax.Array, jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array,
+                kv_seg: jax.Array, dev: jax.Array, src: jax.Array, sizes: tuple[int, int], block: BlockImpl,
+                static: tuple[float, Blocks, bool, int]) -> tuple[jax.Array, jax.Array]:
+    """The local queries' (out [b, 2c, h, E] float32, lse [b, 2c, h]) merged with one key/value block's.
+
+    The 2 x 2 (query chunk, key chunk) pairs are one `lax.map` over `block` (traced and compiled once; a
+    `vmap` would turn a blockwise kernel's tile skipping into selects)."""
+    C, c = sizes
+    scale, blocks, causal, window = static
+    b, _, H, E = q.shape
+    halves = lambda x: x.reshape(x.shape[0], 2, c, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731  [2, b, c, ...]
+    qh, q_segh, kh, vh, kv_segh = (halves(x) for x in (q, q_seg, k, v, kv_seg))
+    qi, ki = jnp.array([0, 0, 1, 1]), jnp.array([0, 1, 0, 1])
+    q_chunk = jnp.stack([dev, 2 * C - 1 - dev])[qi]
+    k_chunk = jnp.stack([src, 2 * C - 1 - src])[ki]
+
+    def pair(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        q_, q_seg_, k_, v_, kv_seg_, offset = xs
+        o, lse = block(q_, k_, v_, MaskSpec(q_seg_, kv_seg_, offset, causal, window), scale, blocks)
+        return o.astype(jnp.float32), lse
+
+    o, lse = jax.lax.map(pair, (qh[qi], q_segh[qi], kh[ki], vh[ki], kv_segh[ki],
+                                ((q_chunk - k_chunk) * c).astype(jnp.int32)))  # [4, b, c, ...]
+    o, lse = merge_blocks((o[0::2], lse[0::2]), (o[1::2], lse[1::2]))  # over the key chunks: [2(q), b, c, ...]
+    block_out = (o.swapaxes(0, 1).reshape(b, 2 * c, H, E), lse.swapaxes(0, 1).reshape(b, 2 * c, H))
+    return merge_blocks(state, block_out)

@@ -99,17 +99,46 @@ class AttentionImpl(Protocol):
                  blocks: Blocks, /) -> jax.Array: ...
 
 
+class BlockImpl(Protocol):
+    """An implementation's block form for context parallelism's ring: the same arguments as `AttentionImpl`
+    -> (out [B, L, H, E] float32, log-sum-exp [B, L, H] float32; NEG_INF where a query sees no key), so that
+    blocks of keys can be merged (`merge_blocks`). Differentiable in both outputs."""
+
+    def __call__(self, q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+                 blocks: Blocks, /) -> tuple[jax.Array, jax.Array]: ...
+
+
 AttentionFn = AttentionImpl  # the name this registry had before the Protocol
 # check(platform) raises ConfigError where an implementation cannot run ("cpu", "tpu", "gpu").
 PlatformCheck = Callable[[str], None]
 _IMPLS: dict[str, tuple[AttentionImpl, PlatformCheck | None]] = {}
+_BLOCK_IMPLS: dict[AttentionImpl, BlockImpl] = {}
 _COMPILING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmjax_target_platform", default=None)
 
 
-def register(name: str, fn: AttentionImpl, check: PlatformCheck | None = None) -> None:
+def register(name: str, fn: AttentionImpl, check: PlatformCheck | None = None,
+             block: BlockImpl | None = None) -> None:
     """Make `fn` the implementation `model.attention=name`; `check(platform)` raises ConfigError where
-    it cannot run ("cpu", "tpu", "gpu")."""
+    it cannot run ("cpu", "tpu", "gpu"); `block` is its form that also returns the log-sum-exp (`BlockImpl`)."""
     _IMPLS[name] = (fn, check)
+    if block is not None:
+        _BLOCK_IMPLS[fn] = block
+
+
+def block_form(fn: AttentionImpl) -> BlockImpl:
+    """`fn`'s registered `BlockImpl` (ConfigError naming model.attention where it has none)."""
+    if fn not in _BLOCK_IMPLS:
+        raise ConfigError(f"model.attention: {getattr(fn, '__name__', fn)} does not return the log-sum-exp that "
+                          "model.context_parallel=ring merges blocks by (use xla or chunked, or all_gather)")
+    return _BLOCK_IMPLS[fn]
+
+
+def merge_blocks(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Two (out [B, L, H, E], lse [B, L, H]) of the same queries over disjoint keys -> theirs over both keys."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = jnp.logaddexp(lse_a, lse_b)
+    out = out_a * jnp.exp(lse_a - lse)[..., None] + out_b * jnp.exp(lse_b - lse)[..., None]
+    return out, lse
 
 
 @contextlib.contextmanager
@@ -196,14 +225,37 @@ def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask:
     return out_BLKGE.reshape(B, L, H, E).astype(q_BLHE.dtype)
 
 
+def xla_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+                      blocks: Blocks | None = None) -> tuple[jax.Array, jax.Array]:
+    """`xla_attention`'s `BlockImpl`: (out [B, L, H, E] float32, lse [B, L, H] float32); a query that may see no
+    key gets out 0 and lse NEG_INF (so that `merge_blocks` gives it no weight)."""
+    B, L, H, E = q_BLHE.shape
+    K = k_BSKE.shape[2]
+    G = H // K
+    q_BKGLE = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
+    s = jnp.einsum("bkgle,bske->bkgls", q_BKGLE, k_BSKE, preferred_element_type=jnp.float32) * scale
+    allowed = mask.dense()[:, :, None]  # [B, 1, 1, L, S]
+    s = jnp.where(allowed, s, NEG_INF)
+    m = jax.lax.stop_gradient(s.max(axis=-1))  # the result does not depend on it
+    p = jnp.where(allowed, jnp.exp(s - m[..., None]), 0.0)
+    total = p.sum(axis=-1)
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    out = jnp.einsum("bkgls,bske->bkgle", (p / total[..., None]).astype(v_BSKE.dtype), v_BSKE,
+                     preferred_element_type=jnp.float32)
+    lse = jnp.where(seen, m + jnp.log(total), NEG_INF)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E), lse.transpose(0, 3, 1, 2).reshape(B, L, H)
+
+
 def jax_nn_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec,
                      scale: float, blocks: Blocks | None = None) -> jax.Array:
     """`jax.nn.dot_product_attention` with its default backend choice (XLA; for cuDNN use `cudnn`)."""
     return jax.nn.dot_product_attention(q_BLHE, k_BSKE, v_BSKE, mask=mask.dense(), scale=scale).astype(q_BLHE.dtype)
 
 
-register("xla", xla_attention)
-register("dot_product_attention", jax_nn_attention)
+register("xla", xla_attention, block=xla_attention_lse)
+# jax.nn's default backend is XLA's: under the ring its blocks are xla's (it returns no log-sum-exp)
+register("dot_product_attention", jax_nn_attention, block=xla_attention_lse)
 
 
 def split_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, cfg: ModelConfig,

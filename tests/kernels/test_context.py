@@ -24,7 +24,7 @@ B, L, H, K, E = 2, 32, 4, 2, 8
 LAYOUTS = {"context8": dict(data=1, context=8), "data2_context4": dict(data=2, context=4),
            "context2_tensor2_fsdp2": dict(data=1, context=2, tensor=2, fsdp=2)}
 STRATEGIES = {"all_gather-xla": ("all_gather", "xla"), "all_gather-chunked": ("all_gather", "chunked"),
-              "ring": ("ring", "xla")}
+              "ring-xla": ("ring", "xla"), "ring-chunked": ("ring", "chunked")}
 # name -> (causal, window, packed documents)
 MASKS = {"causal": (True, 0, False), "bidirectional": (False, 0, True), "packed": (True, 0, True),
          "window": (True, 5, True)}
@@ -58,11 +58,14 @@ def reference():
     return jax.device_get(jax.jit(lambda *a: _all_masks(attn, *a))(q, k, v, ct, packed))
 
 
-# `chunked` is called exactly as `xla` is (per local query chunk, with its offset): one layout checks it.
-# The three-axis layout's cases are `slow` (20-35 s each at load 20 on 2 cores, 4 masks x forward and backward).
-CASES = [pytest.param(layout, s, marks=[pytest.mark.slow] if "tensor" in layout else [])
-         for layout in LAYOUTS for s in STRATEGIES if s != "all_gather-chunked"] + [
-    pytest.param("context2_tensor2_fsdp2", "all_gather-chunked", marks=pytest.mark.slow)]
+# Every strategy over every layout. Not `slow` (CPU compile time is what they cost): `xla` both ways over the two
+# 2-axis layouts, and the ring calling `chunked` over {data=2, context=4} (12-18 s each at load 8 on 2 cores);
+# the rest is `slow`. Blocks(8, 8) give `chunked` 1 to 4 tiles per call (2 to 8 tokens per chunk of L / 2C),
+# so its tile skipping and its log-sum-exp over several tiles are exercised.
+FAST = {("context8", "all_gather-xla"), ("context8", "ring-xla"), ("data2_context4", "all_gather-xla"),
+        ("data2_context4", "ring-xla"), ("data2_context4", "ring-chunked")}
+CASES = [pytest.param(layout, s, marks=[] if (layout, s) in FAST else [pytest.mark.slow])
+         for layout in LAYOUTS for s in STRATEGIES]
 
 
 @pytest.mark.parametrize(("layout", "strategy"), CASES)

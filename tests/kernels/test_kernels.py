@@ -5,6 +5,7 @@ the whole model against one device; cached decoding against the full forward."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,11 @@ from helpers import packed_batch, tiny_config
 from llmjax.config import ConfigError, validate
 from llmjax.infer.engine import Engine
 from llmjax.infer.sampling import SamplingParams
-from llmjax.kernels.chunked import chunked_attention
+from llmjax.kernels.chunked import chunked_attention, chunked_attention_lse
 from llmjax.kernels.cudnn import cudnn_arguments, cudnn_attention
 from llmjax.kernels.splash import splash_attention
 from llmjax.models import attention
-from llmjax.models.attention import Blocks, MaskSpec, xla_attention
+from llmjax.models.attention import NEG_INF, Blocks, MaskSpec, xla_attention, xla_attention_lse
 from llmjax.models.transformer import Transformer
 from llmjax.parallel.mesh import build_mesh
 from llmjax.parallel.rules import make_rules, use_sharding
@@ -103,6 +104,41 @@ def test_traced_query_offset(impl, offset, window):
     run = jax.jit(lambda q, k, v, o: fn(q, k, v, cache_mask(L, S, offset, window).replace(q_offset=o), SCALE,
                                         Blocks(128, 128)))
     assert_close(run(q, k, v, jnp.int32(offset)), expected)
+
+
+@pytest.mark.parametrize("offset,causal,window", [(-6, True, 0), (9, True, 4), (-3, False, 0)])
+def test_block_forms_return_the_log_sum_exp(offset, causal, window):
+    """The ring's per-block interface: (out, lse) with a traced query offset (negative: the first queries see
+    no key, out 0 and lse NEG_INF), equal to the dense definition; chunked's custom backward (with the lse's
+    cotangent) equals autodiff through xla's."""
+    L, S = 13, 11
+    q, k, v = qkv(L, S, 2, seed=abs(offset))
+    seg = packed_segments(16)
+    spec = MaskSpec(seg[:, :L], seg[:, :S], offset, causal, window)
+    allowed = np.asarray(spec.dense())[:, 0]  # [B, L, S]
+    scores = np.einsum("blkge,bske->blkgs", np.asarray(q).reshape(2, L, 2, 2, 8), np.asarray(k)) * SCALE
+    scores = np.where(allowed[:, :, None, None], scores, -np.inf).reshape(2, L, 4, S)
+    lse_ref = np.asarray(jax.nn.logsumexp(scores, axis=-1))
+    seen = np.isfinite(lse_ref)
+    assert not seen.all() if causal and offset < 0 else seen.any()
+    probs = np.where(seen[..., None], np.exp(scores - np.where(seen, lse_ref, 0)[..., None]), 0.0)
+    out_ref = np.einsum("blhs,bshe->blhe", probs, np.repeat(np.asarray(v), 2, axis=2))
+    fns = {"xla": lambda q, k, v, o: xla_attention_lse(q, k, v, spec.replace(q_offset=o), SCALE),
+           "chunked": lambda q, k, v, o: chunked_attention_lse(q, k, v, spec.replace(q_offset=o), SCALE, Blocks(4, 3))}
+
+    def loss(fn, q, k, v):
+        out, lse = fn(q, k, v, jnp.int32(offset))
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(lse > NEG_INF / 2, jnp.cos(lse), 0.0))
+
+    grads = {}
+    for name, fn in fns.items():
+        out, lse = jax.jit(fn)(q, k, v, jnp.int32(offset))
+        assert_close(out, out_ref)
+        assert_close(np.where(seen, lse, 0.0), np.where(seen, lse_ref, 0.0))
+        assert np.all(np.asarray(lse)[~seen] == NEG_INF)
+        grads[name] = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(grads["chunked"], grads["xla"], strict=True):
+        assert_close(a, b)
 
 
 # ----------------------------------------------------------------------------- splash (interpret mode)

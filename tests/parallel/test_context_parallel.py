@@ -40,6 +40,8 @@ def test_context_parallel_train_steps_match_one_device(layout, reference):
     (("mesh.context=8", "model.context_parallel=ring", "model.attention=splash"), "model.attention=splash"),
     (("mesh.context=8", "mesh.rules={act_length: null}"), "mesh.rules.act_length"),
     (("mesh.context=8", "model.attention=splash"), "model.attention=splash cannot take"),
+    (("mesh.context=8", "model.context_parallel=ring", "model.attention=cudnn", "model.compute_dtype=bfloat16"),
+     "model.attention=cudnn does not return"),
 ])
 def test_context_parallel_refused_before_compile(overrides, key):
     with pytest.raises(ConfigError, match=key.replace("{", r"\{").replace(".", r"\.")):

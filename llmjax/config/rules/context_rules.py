@@ -3,9 +3,10 @@
 The sequence of every row is cut into 2 x context chunks (causal load balancing: device i holds chunks i
 and 2C-1-i), so `data.seq_len` must divide into them; the family must be able to split its sequence
 (`FamilySpec.context_parallel`); the pipeline schedule and expert parallelism, which run their own
-`shard_map`s over the whole mesh, are not combined with it; the ring computes its blocks itself, so it
-takes the implementations without a fused kernel (`xla`, `chunked`); splash's static mask cannot take a
-query chunk whose offset is only known per device. Jax-free.
+`shard_map`s over the whole mesh, are not combined with it; the ring merges its key/value blocks by their
+log-sum-exp, so it takes the implementations that return one (`xla`, `chunked`; `dot_product_attention` runs as
+`xla` there), not the fused cudnn kernel (jax.nn.dot_product_attention returns no log-sum-exp); splash's static
+mask cannot take a query chunk whose offset is only known per device. Jax-free.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from llmjax.config.logical_axes import merge_rules
 from llmjax.config.schema import Config
 from llmjax.errors import ConfigError
 
-RING_IMPLS = ("xla", "chunked", "dot_product_attention")
+RING_IMPLS = ("xla", "chunked", "dot_product_attention")  # registered with a BlockImpl (block=)
 
 
 def context_size(cfg: Config, shape: dict[str, int]) -> int:
@@ -56,6 +57,6 @@ def check_context(cfg: Config, shape: dict[str, int]) -> None:
                           "the chunk's offset in the sequence is not known until the device is): use "
                           "model.attention=chunked (or cudnn on GPUs)")
     if m.context_parallel == "ring" and impl not in RING_IMPLS:
-        raise ConfigError(f"model.context_parallel=ring computes each key/value block with its own online softmax "
-                          f"and cannot use model.attention={m.attention} (use all_gather, or attention "
+        raise ConfigError(f"model.context_parallel=ring merges key/value blocks by their log-sum-exp, which "
+                          f"model.attention={m.attention} does not return (use all_gather, or attention "
                           f"{' | '.join(RING_IMPLS)})")

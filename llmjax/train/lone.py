@@ -20,10 +20,10 @@ from llmjax.train.evaluation import show_samples, validation_metrics
 from llmjax.train.hooks import Checkpoint, Closing, Evaluate, Hook, Profile, Record, Run, Samples, Stop
 from llmjax.train.objectives import RunData
 from llmjax.train.optim import current_lr
-from llmjax.train.profiling import StepProfiler
 from llmjax.train.setup import Setup
 from llmjax.train.signals import StopSignals, agree_on_signal
 from llmjax.train.telemetry.metrics import MetricsWriter, ProgressBar, mfu
+from llmjax.train.telemetry.profiling import StepProfiler
 
 
 class NonFiniteLoss(RuntimeError):

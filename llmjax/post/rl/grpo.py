@@ -116,14 +116,14 @@ class GRPOFamily:
 
 
 class GroupRelative:
-    """`grpo` in `llmjax.train.objectives.OBJECTIVES` (module docstring)."""
+    """`grpo` in `llmjax.train.objectives.OBJECTIVES` (module docstring); `ppo`'s objective extends it."""
 
     name = "grpo"
     language_modelling = False
 
     def check(self, cfg: Config) -> None:
         if cfg.eval.every_steps > 0 and cfg.data.validation_fraction <= 0:
-            raise ConfigError("eval.every_steps: train.objective=grpo evaluates on held-out prompts "
+            raise ConfigError(f"eval.every_steps: train.objective={self.name} evaluates on held-out prompts "
                               "(data.validation_fraction of rl.prompts), and data.validation_fraction=0 holds none "
                               "out; raise it or set eval.every_steps=0")
 
@@ -144,6 +144,10 @@ class GroupRelative:
     def batches(self, setup: Any, data: RunData, iterator: Any, run: Any, log: Callable[[str], None]
                 ) -> Callable[[], Any]:
         """The next step's batch: rollouts of the current policy (`run.state`), scored (module docstring)."""
+        return self.rollouts()(setup, data, iterator, run, log).next_batch
+
+    def rollouts(self) -> type:
+        """The rollout source of this objective (PPO's adds values and its targets)."""
         from llmjax.post.rl.rollout import Rollouts
 
-        return Rollouts(setup, data, iterator, run, log).next_batch  # type: ignore[arg-type]
+        return Rollouts

@@ -39,18 +39,18 @@ import numpy as np
 import optax
 from flax import struct
 
-from llmjax.config import Config, ConfigError
+from llmjax.config import Config
 from llmjax.models.families.base import LMBatch, ModelFamily, Sums, forward
 from llmjax.models.layers import logical_init
 from llmjax.parallel.rules import constrain
+from llmjax.post.rl.grpo import GroupRelative
 from llmjax.post.rl.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_k1, kl_k3, ppo_surrogate
 from llmjax.post.rl.reward import HEAD, ScoredDecoder
 from llmjax.post.rl.rollout import Rollouts
 from llmjax.train.step import PARAMS_KEY, TrainState, batch_gradients
 
 if TYPE_CHECKING:
-    from llmjax.data.tokenizers.tokenizer import Tokenizer
-    from llmjax.train.objectives import RunData
+    pass
 
 SEQ = ("inputs", "targets", "segment_ids", "positions")
 PPO_KEY = 0x50_50  # folded into the step's key for the minibatch permutations
@@ -267,33 +267,14 @@ class PPORollouts(Rollouts):
                                 "kl_coef": np.full((B, 1), coef, np.float32)})
 
 
-class ProximalPolicy:
-    """`ppo` in `llmjax.train.objectives.OBJECTIVES` (module docstring)."""
+class ProximalPolicy(GroupRelative):
+    """`ppo` in `llmjax.train.objectives.OBJECTIVES` (module docstring): GRPO's prompts, checks and rollouts,
+    with PPO's family (value head, its own step) and PPO's targets."""
 
     name = "ppo"
-    language_modelling = False
-
-    def check(self, cfg: Config) -> None:
-        if cfg.eval.every_steps > 0 and cfg.data.validation_fraction <= 0:  # as GRPO's (`PromptData.evaluate`)
-            raise ConfigError("eval.every_steps: train.objective=ppo evaluates on held-out prompts "
-                              "(data.validation_fraction of rl.prompts), and data.validation_fraction=0 holds none "
-                              "out; raise it or set eval.every_steps=0")
 
     def wrap_family(self, family: ModelFamily, cfg: Config) -> ModelFamily:
         return PPOFamily(family, cfg)  # type: ignore[return-value]  # the family contract
 
-    def open_data(self, cfg: Config, family: ModelFamily, block: int = 0, process_count: int = 1,
-                  tokenizer: Tokenizer | None = None, shares: int | None = None) -> RunData:
-        from llmjax.post.rl.rollout import PromptData, check_processes
-
-        check_processes(cfg, process_count)
-        return PromptData(cfg, tokenizer)
-
-    def prepare(self, data: RunData, workdir: Any, reference: Callable[[], Any] | None,
-                log: Callable[[str], None]) -> None:
-        return None
-
-    def batches(self, setup: Any, data: RunData, iterator: Any, run: Any, log: Callable[[str], None]
-                ) -> Callable[[], Any]:
-        """The next step's batch: rollouts of the current policy (`run.state`), scored, with PPO's targets."""
-        return PPORollouts(setup, data, iterator, run, log).next_batch  # type: ignore[arg-type]
+    def rollouts(self) -> type:
+        return PPORollouts

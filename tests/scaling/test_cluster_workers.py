@@ -1,6 +1,6 @@
 """Sweep workers beyond one process per point: a worker of 2 processes (launch/local.sh, jax.distributed
 over gloo) whose process 0 claims and broadcasts, against a local `sweep run`; and a worker training packs
-(`--pack 2`) against `sweep run --pack 2` and lone runs."""
+(`--pack 2`) against `sweep run --pack 2`."""
 
 from __future__ import annotations
 
@@ -75,3 +75,78 @@ def test_a_two_process_worker_claims_on_process_0_and_equals_a_local_run(tmp_pat
         np.testing.assert_allclose([train[s] for s in ref_train], list(ref_train.values()), rtol=1e-6)
         np.testing.assert_allclose([evals[s] for s in ref_eval], list(ref_eval.values()), rtol=1e-6)
         print(p.name, "bit for bit" if (train, evals) == (ref_train, ref_eval) else "within rtol 1e-6")
+
+
+@pytest.mark.slow
+def test_a_worker_with_pack_2_trains_a_pack_equal_to_sweep_run_pack(tmp_path, corpus):
+    """Two points of one shape (different learning rates) in a queue with pack 2: one worker claims
+    both, trains them in one program, marks each DONE, and every curve equals `sweep run --pack 2` bit for bit
+    (the same packed program; test_pack.py compares packs with lone runs)."""
+    spec = _spec(tmp_path, corpus, "packed", tokens=(4,), hyper={"optim.lr": [3e-3, 1e-2]})
+    sweep = load_sweep(spec)
+    directory = tmp_path / "w"
+    write_queue(sweep, directory, {"lease_seconds": 30, "retries": 0, "pack": 2})
+    r = run_llmjax("sweep", "work", directory, "--worker", "packer", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("pack of 2: ") == 1 and "done after training 2 points" in r.stdout, r.stdout[-2000:]
+    events = _journal(directory)
+    assert [e["event"] for e in events] == ["claim", "claim", "done", "done"]
+    assert {e["worker"] for e in events} == {"packer"}
+    packed = run_llmjax("sweep", "run", spec, "--workdir", tmp_path / "packed", "--pack", "2", timeout=600)
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    for p in sweep.points:
+        assert (directory / p.name / "DONE").is_file()
+        train, evals = _curves(directory / p.name)
+        assert sorted(train) == list(range(p.steps)) and (train, evals) == _curves(tmp_path / "packed" / p.name)
+
+
+FOLLOWER = """
+import sys
+from pathlib import Path
+from llmjax.scaling.cluster.broadcast import follow
+sys.exit(follow(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_broadcast_followers_run_each_command_once_in_order_and_stop_at_the_end(tmp_path, monkeypatch):
+    """Process 0's side (Broadcast) against 2 real follower processes: each runs every announced command once,
+    in order, acknowledges it, and exits 0 at the end; process 0 waits for both acknowledgements. The channel
+    of a requeued Slurm worker differs from its previous run's; --pack > 1 with several processes is refused."""
+    import os
+    import time
+
+    from llmjax.scaling import ScalingError
+    from llmjax.scaling.cluster.broadcast import Broadcast, channel, process_index
+    from llmjax.scaling.cluster.worker import work
+
+    d = tmp_path / "leases"
+    d.mkdir()
+    stale = Broadcast(d, "old-run", 3)  # another run's end under another channel: never read
+    stale.announce(None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    followers = [subprocess.Popen([sys.executable, "-c", FOLLOWER, str(d), "w1", str(i)], env=env, text=True,
+                                  stdout=subprocess.PIPE) for i in (1, 2)]
+    b = Broadcast(d, "w1", 3)
+    out = tmp_path / "out"
+    for k in range(3):
+        seq = b.announce([sys.executable, "-c", f"import os; open({str(out)!r} + str(os.getppid()), 'a').write('{k}')"])
+        deadline = time.time() + 60
+        while not b.acked(seq):
+            assert time.time() < deadline
+            time.sleep(0.05)
+    b.announce(None)
+    assert [f.wait(timeout=60) for f in followers] == [0, 0]
+    # one file per follower (the commands' parent), each command once and in order
+    assert sorted(p.read_text() for p in tmp_path.glob("out*")) == ["012", "012"]
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    first = channel("slurm-7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert channel("slurm-7") != first
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert process_index() == (1, 2)
+    sweep_dir = tmp_path / "sweep"
+    write_queue(load_sweep(_spec(tmp_path, str(tmp_path), "p", tokens=(3,))), sweep_dir, {"pack": 2})
+    with pytest.raises(ScalingError, match="--pack 2 needs a worker of one process"):
+        work(sweep_dir)

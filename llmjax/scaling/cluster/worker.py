@@ -114,8 +114,9 @@ class Trainer:
         deadline = time.time() + ACK_SECONDS
         while self.broadcast is not None and not self.broadcast.acked(seq):  # the other processes' command
             if time.time() > deadline:
-                print(f"llmjax sweep work: the other processes of this worker did not finish `{' '.join(cmd[2:])[:200]}` within "
-                      f"{ACK_SECONDS:.0f} s of process 0; stopping", file=sys.stderr, flush=True)
+                print(f"llmjax sweep work: the other processes of this worker did not finish "
+                      f"`{' '.join(cmd[2:])[:200]}` within {ACK_SECONDS:.0f} s of process 0; stopping",
+                      file=sys.stderr, flush=True)
                 self.stopping = True
                 return rc or 1
             time.sleep(0.05)

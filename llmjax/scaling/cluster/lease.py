@@ -141,7 +141,9 @@ class GCSLeases:
     a lease is the time since its object was last written (`updated`, the store's clock). Tested
     against fake-gcs-server (tests/scaling/test_cluster_gcs.py), which honours the precondition on
     uploads but not on deletes: `release` therefore re-reads the lease and deletes it only when it
-    still holds the worker's token (and, on GCS, only at the generation read)."""
+    still holds the worker's token (and, on GCS, only at the generation read). `client`: a
+    google.cloud.storage Client (default: one from the environment's credentials; the client honours
+    STORAGE_EMULATOR_HOST)."""
 
     def __init__(self, sweep_dir: str, client: Any = None):
         from google.cloud import storage  # type: ignore[attr-defined,import-untyped,unused-ignore]  # the gcs extra (gcsfs needs it)

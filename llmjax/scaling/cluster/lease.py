@@ -13,8 +13,8 @@ storage it runs on, so that two workers never hold one point):
 - `take_over`: a lease whose heartbeat is older than the lease time is stale (its worker was
   killed, its node lost): exactly one claimer wins it. Locally the winner is the one that
   creates `<point>.takeover.<token of the stale lease>` exclusively; it then re-reads the lease
-  (still the stale token?) and replaces it atomically (`rename`). On gs:// a write conditional
-  on the stale lease's generation.
+  (still the stale token?) and replaces it atomically (`rename`). On gs:// it re-reads the lease
+  (still the stale token, still stale?) and writes its own conditional on the generation read.
 - `release`: delete the lease (after the DONE or FAILED marker is written, or when a worker is
   stopped and leaves the point to the next claimer).
 
@@ -133,34 +133,47 @@ class LocalLeases:
         os.replace(self._tmp(json.dumps({"failures": n, "error": error}).encode()), self.dir / f"{point}.failures")
 
 
-class GCSLeases:  # pragma: no cover - needs a bucket; the same operations as LocalLeases
-    """Leases on gs:// through google-cloud-storage's generation preconditions (module docstring)."""
+class GCSLeases:
+    """Leases on gs:// through google-cloud-storage's generation preconditions (module docstring).
 
-    def __init__(self, sweep_dir: str):
-        from google.cloud import storage  # type: ignore[import-untyped]  # via the gcs extra (gcsfs)
+    Every change of a lease is an upload conditional on the generation read (`ifGenerationMatch`; 0:
+    create only), so of two workers that read the same generation at most one write lands. The age of
+    a lease is the time since its object was last written (`updated`, the store's clock). Tested
+    against fake-gcs-server (tests/scaling/test_cluster_gcs.py), which honours the precondition on
+    uploads but not on deletes: `release` therefore re-reads the lease and deletes it only when it
+    still holds the worker's token (and, on GCS, only at the generation read). `client`: a
+    google.cloud.storage Client (default: one from the environment's credentials; the client honours
+    STORAGE_EMULATOR_HOST)."""
+
+    def __init__(self, sweep_dir: str, client: Any = None):
+        from google.cloud import storage  # type: ignore[attr-defined,import-untyped,unused-ignore]  # the gcs extra (gcsfs needs it)
 
         bucket, _, prefix = sweep_dir.removeprefix("gs://").partition("/")
-        self.bucket = storage.Client().bucket(bucket)
-        self.prefix = f"{prefix.rstrip('/')}/{LEASES}/"
+        self.bucket = (client or storage.Client()).bucket(bucket)
+        self.prefix = f"{prefix.strip('/')}/{LEASES}/" if prefix.strip("/") else f"{LEASES}/"
         self._generation: dict[str, int] = {}
 
     def _blob(self, name: str) -> Any:
         return self.bucket.blob(self.prefix + name)
 
     def read(self, point: str) -> tuple[Lease, float] | None:
+        """(the lease, seconds since it was last written), or None; remembers the generation read. One
+        metadata request: the lease rides in the object's custom metadata too, so its token, generation
+        and time are one snapshot (no window between reading the metadata and the bytes)."""
         blob = self.bucket.get_blob(self.prefix + f"{point}.lease")
         if blob is None:
             return None
-        lease = Lease.loads(point, blob.download_as_bytes(if_generation_match=blob.generation))
+        lease = Lease.loads(point, str((blob.metadata or {}).get("lease", "")).encode())
         self._generation[lease.token] = blob.generation
         return lease, max(0.0, time.time() - blob.updated.timestamp())
 
     def _write(self, lease: Lease, generation: int) -> bool:
-        from google.api_core.exceptions import PreconditionFailed  # type: ignore[import-untyped]
+        from google.api_core.exceptions import PreconditionFailed
 
         blob = self._blob(f"{lease.point}.lease")
+        blob.metadata = {"lease": lease.dumps().decode()}
         try:
-            blob.upload_from_string(lease.dumps(), if_generation_match=generation)
+            blob.upload_from_string(lease.dumps(), content_type="application/json", if_generation_match=generation)
         except PreconditionFailed:
             return False
         self._generation[lease.token] = blob.generation
@@ -170,7 +183,10 @@ class GCSLeases:  # pragma: no cover - needs a bucket; the same operations as Lo
         return self._write(lease, 0)
 
     def take_over(self, stale: Lease, lease: Lease, lease_seconds: float) -> bool:
-        return stale.token in self._generation and self._write(lease, self._generation[stale.token])
+        now = self.read(stale.point)
+        if now is None or now[0].token != stale.token or now[1] <= lease_seconds:
+            return False  # released, or its worker came back: not stale after all
+        return self._write(lease, self._generation[stale.token])
 
     def heartbeat(self, lease: Lease) -> bool:
         return lease.token in self._generation and self._write(lease, self._generation[lease.token])
@@ -178,15 +194,21 @@ class GCSLeases:  # pragma: no cover - needs a bucket; the same operations as Lo
     def release(self, lease: Lease) -> None:
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
+        now = self.read(lease.point)
+        if now is None or now[0].token != lease.token:
+            return  # not ours any more
         try:
-            self._blob(f"{lease.point}.lease").delete(if_generation_match=self._generation.get(lease.token))
+            self._blob(f"{lease.point}.lease").delete(if_generation_match=self._generation[lease.token])
         except (NotFound, PreconditionFailed):
             pass
 
     def failures(self, point: str) -> tuple[int, str]:
         blob = self.bucket.get_blob(self.prefix + f"{point}.failures")
-        d = json.loads(blob.download_as_bytes()) if blob is not None else {"failures": 0}
-        return int(d["failures"]), str(d.get("error", ""))
+        try:
+            d = json.loads(blob.download_as_bytes()) if blob is not None else {"failures": 0}
+            return int(d["failures"]), str(d.get("error", ""))
+        except (ValueError, KeyError, TypeError):
+            return 0, ""
 
     def set_failures(self, point: str, n: int, error: str) -> None:
         self._blob(f"{point}.failures").upload_from_string(json.dumps({"failures": n, "error": error}))

@@ -10,10 +10,9 @@ waits (their leases may go stale); it exits 0 when every point is done or failed
 
 With `pack` K > 1 it claims up to K unfinished points that `sweep run --pack` would pack with the
 first one and trains them in one program (`scaling/sweep/pack.py`), in a subprocess like a lone
-point. A worker of several processes (a multi-node Slurm job step, a multi-host TPU slice): process
-0 claims and announces the points in DIR/.leases/<worker>.announce (the shared file system is the
-broadcast), every process runs the same `llmjax train` (which joins them with jax.distributed);
-only process 0 heartbeats and writes markers.
+point. A worker of several processes (a multi-node Slurm job step, `launch/local.sh N`, a multi-host
+TPU slice): process 0 claims, heartbeats and writes the markers, and broadcasts each trainer
+command, which every other process runs too (`broadcast.py`): they join one jax.distributed run.
 
 SIGTERM (scancel, preemption, the sbatch script before the time limit) is passed to the trainer,
 which saves a checkpoint and exits; the worker then releases its lease so that the next worker
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -35,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmjax.scaling import ScalingError
+from llmjax.scaling.cluster.broadcast import Broadcast, channel, follow, process_index
 from llmjax.scaling.cluster.lease import Lease, LocalLeases
 from llmjax.scaling.cluster.queue import point_state, read_queue
 from llmjax.scaling.sweep.collect import FAILED
@@ -42,10 +42,12 @@ from llmjax.scaling.sweep.runner import _add_wall_time, _run_point, write_done
 from llmjax.scaling.sweep.spec import Point, Sweep
 
 WAIT = "wait"
+ACK_SECONDS = 600.0  # how long process 0 waits for the others to finish a command it finished
 
 
 def worker_id() -> str:
-    """This worker's name: the Slurm array task, the TPU slice (LLMJAX_WORKER), else host:pid."""
+    """This worker's name: the Slurm array task, the TPU slice (LLMJAX_WORKER), launch/local.sh's
+    coordinator port, else host-pid; the same in every process of a worker."""
     env = os.environ
     if env.get("LLMJAX_WORKER"):
         return env["LLMJAX_WORKER"]
@@ -53,22 +55,9 @@ def worker_id() -> str:
         return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
     if env.get("SLURM_JOB_ID"):
         return f"slurm-{env['SLURM_JOB_ID']}"
+    if int(env.get("LLMJAX_NUM_PROCESSES") or 1) > 1:  # launch/local.sh: one name for all its processes
+        return f"{socket.gethostname()}-{env.get('LLMJAX_COORDINATOR', '').rpartition(':')[2]}"
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def process_index() -> tuple[int, bool]:
-    """(this process's index within its worker, whether the worker has several processes): a Slurm job
-    step's task (SLURM_PROCID), launch/local.sh's LLMJAX_PROCESS_ID, a TPU slice's host (its hostname
-    ends in -w-<index>; a slice worker always announces, its host count is not in the environment)."""
-    env = os.environ
-    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID"):
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1) > 1
-    if env.get("LLMJAX_NUM_PROCESSES"):
-        return int(env.get("LLMJAX_PROCESS_ID", "0")), int(env["LLMJAX_NUM_PROCESSES"]) > 1
-    if env.get("LLMJAX_WORKER"):  # launch/tpu_pod.sh --workers
-        m = re.search(r"-w-(\d+)$", socket.gethostname())
-        return (int(m.group(1)) if m else 0), True
-    return 0, False
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -85,8 +74,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Trainer:
     """Runs trainer commands for the leased points, heartbeating the leases while each runs."""
 
-    def __init__(self, leases: LocalLeases, lease_seconds: float):
+    def __init__(self, leases: LocalLeases, lease_seconds: float, broadcast: Broadcast | None = None):
         self.leases = leases
+        self.broadcast = broadcast  # a worker of several processes: each command goes to all of them
         self.beat = max(0.2, min(30.0, lease_seconds / 4))
         self.held: list[Lease] = []
         self.child: subprocess.Popen[str] | None = None
@@ -103,6 +93,7 @@ class Trainer:
         """Run `cmd` (output passed through), heartbeating; its exit status. Remembers its error line."""
         if self.stopping or self.lost:
             return 143
+        seq = self.broadcast.announce(cmd) if self.broadcast is not None else 0
         self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                       preexec_fn=_die_with_parent)
         import threading
@@ -117,14 +108,30 @@ class Trainer:
                 break
             except subprocess.TimeoutExpired:
                 next_beat = time.time() + self.beat
-                if not all(self.leases.heartbeat(lease) for lease in self.held) and not self.lost:
-                    self.lost = True  # taken over (our heartbeat was late): stop, the new holder trains it
-                    print(f"llmjax sweep work: lost the lease of {[x.point for x in self.held]}; stopping it",
-                          file=sys.stderr, flush=True)
-                    self.child.send_signal(signal.SIGTERM)
+                self._heartbeat()
         t.join(timeout=10)
         self.error = _error_line(lines)
+        deadline = time.time() + ACK_SECONDS
+        while self.broadcast is not None and not self.broadcast.acked(seq):  # the other processes' command
+            if time.time() > deadline:
+                print(f"llmjax sweep work: the other processes of this worker did not finish "
+                      f"`{' '.join(cmd[2:])[:200]}` within {ACK_SECONDS:.0f} s of process 0; stopping",
+                      file=sys.stderr, flush=True)
+                self.stopping = True
+                return rc or 1
+            time.sleep(0.05)
+            if time.time() > next_beat:
+                next_beat = time.time() + self.beat
+                self._heartbeat()
         return rc
+
+    def _heartbeat(self) -> None:
+        if not all(self.leases.heartbeat(lease) for lease in self.held) and not self.lost:
+            self.lost = True  # taken over (our heartbeat was late): stop, the new holder trains it
+            print(f"llmjax sweep work: lost the lease of {[x.point for x in self.held]}; stopping it",
+                  file=sys.stderr, flush=True)
+            if self.child is not None and self.child.poll() is None:
+                self.child.send_signal(signal.SIGTERM)
 
 
 def _forward(child: subprocess.Popen[str], lines: list[str]) -> None:
@@ -228,16 +235,35 @@ def work(directory: str | Path, worker: str | None = None, resources: str | None
         sweep.points = [p for p in sweep.points if shapes.get(p.name, resources) == resources]
     leases = LocalLeases(directory)
     worker = worker or worker_id()
-    rank, several = process_index()
+    rank, count = process_index()
+    if count != 1 and int(settings["pack"]) > 1:
+        raise ScalingError(f"sweep work: --pack {settings['pack']} needs a worker of one process (a pack trains on "
+                           f"one process's devices); this worker has {count or 'several'}: submit with --pack 1")
     if rank > 0:
-        return _follow(directory, sweep, leases, worker)
-    trainer = Trainer(leases, float(settings["lease_seconds"]))
+        return follow(leases.dir, channel(worker), rank, _die_with_parent)
+    broadcast = Broadcast(leases.dir, channel(worker), count) if count != 1 else None
+    trainer = Trainer(leases, float(settings["lease_seconds"]), broadcast)
     signal.signal(signal.SIGTERM, trainer.on_signal)
     signal.signal(signal.SIGINT, trainer.on_signal)
+    trained = 0
+    print(f"llmjax sweep work: worker {worker} on {directory} ({len(sweep.points)} points"
+          f"{f', {count} processes' if broadcast else ''})", flush=True)
+    try:
+        trained = _work(directory, sweep, leases, settings, worker, trainer)
+    finally:
+        if broadcast is not None:
+            broadcast.announce(None)  # the end, also when process 0 fails: the others must not wait forever
+    print(f"llmjax sweep work: worker {worker} {'stopped' if trainer.stopping else 'done'} after training "
+          f"{trained} points", flush=True)
+    return 143 if trainer.stopping else 0
+
+
+def _work(directory: Path, sweep: Sweep, leases: LocalLeases, settings: dict[str, Any], worker: str,
+          trainer: Trainer) -> int:
+    """The claim-train-mark loop of `work`; the number of points trained."""
     by_name = {p.name: p for p in sweep.points}
     poll = max(0.2, min(5.0, float(settings["lease_seconds"]) / 4))
-    seq, trained = 0, 0
-    print(f"llmjax sweep work: worker {worker} on {directory} ({len(sweep.points)} points)", flush=True)
+    trained = 0
     while not trainer.stopping:
         got = claim(directory, sweep, leases, settings, worker, int(settings["pack"]))
         if got is None:
@@ -248,18 +274,11 @@ def work(directory: str | Path, worker: str | None = None, resources: str | None
         assert isinstance(got, list)
         points = [p for p, _ in got]
         trainer.held, trainer.lost = [lease for _, lease in got], False
-        if several:
-            seq += 1
-            _announce(leases, worker, seq, [p.name for p in points])
         statuses = _train_points(directory, sweep, points, by_name, trainer)
         for p, lease in got:
             _finish(directory, p, lease, statuses[p.name], trainer, leases, settings, worker)
         trained += len(points)
-    if several:
-        _announce(leases, worker, seq + 1, [], end=True)
-    print(f"llmjax sweep work: worker {worker} {'stopped' if trainer.stopping else 'done'} after training "
-          f"{trained} points", flush=True)
-    return 143 if trainer.stopping else 0
+    return trained
 
 
 def _train_points(directory: Path, sweep: Sweep, points: list[Point], by_name: dict[str, Point],
@@ -304,34 +323,6 @@ def _finish(directory: Path, p: Point, lease: Lease, rc: int, trainer: Trainer, 
         print(f"llmjax sweep work: {p.name} exited with status {rc} (failure {n} of at most "
               f"{settings['retries'] + 1}): {trainer.error}", file=sys.stderr, flush=True)
     leases.release(lease)
-
-
-def _announce(leases: LocalLeases, worker: str, seq: int, names: list[str], end: bool = False) -> None:
-    path = leases.dir / f"{worker}.announce"
-    tmp = leases.dir / f".{worker}.announce.tmp"
-    tmp.write_text(json.dumps({"seq": seq, "points": names, "end": end}))
-    os.replace(tmp, path)
-
-
-def _follow(directory: Path, sweep: Sweep, leases: LocalLeases, worker: str) -> int:
-    """Process > 0 of a worker: train what process 0 announces, until it announces the end."""
-    by_name = {p.name: p for p in sweep.points}
-    seen = 0
-    while True:
-        try:
-            msg = json.loads((leases.dir / f"{worker}.announce").read_text())
-        except (OSError, ValueError):
-            msg = {"seq": 0}
-        if msg.get("seq", 0) > seen:
-            seen = msg["seq"]
-            if msg.get("end"):
-                return 0
-            for name in msg["points"]:  # a pack's points train one by one here: packs are for one process
-                p = by_name[name]
-                cmd = [sys.executable, "-m", "llmjax.cli", "train", *(["--config", sweep.base] if sweep.base else []),
-                       "--workdir", str(directory / p.name), *p.overrides]
-                subprocess.call(cmd, preexec_fn=_die_with_parent)
-        time.sleep(0.5)
 
 
 def _pack_main(argv: list[str]) -> int:

@@ -6,7 +6,10 @@ config overrides; every round times each variant once, in turn, so load changes 
         --variant "full loss=" --variant "chunk 64=model.loss_chunk=64"
 
 Prints per variant the median and range (min-max) of the step time over rounds, its ratio to the first
-variant's median, and the load average before/after. A variant spec is "NAME=override override ...".
+variant's median, and the load average before/after; and the same for the process's CPU time per step
+(user + system over all threads), which a loaded machine disturbs far less than the wall time (issue 27:
+at load 14-22 the wall time of one program varied 3x between rounds, its CPU time ~10 %).
+A variant spec is "NAME=override override ...".
 """
 
 from __future__ import annotations
@@ -45,17 +48,19 @@ def main() -> None:
         for _ in range(args.warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-        variants.append({"name": name, "step": step, "state": state, "batch": batch, "times": []})
+        variants.append({"name": name, "step": step, "state": state, "batch": batch, "times": [], "cpu": []})
     load_before = os.getloadavg()
     for _ in range(args.rounds):
         for v in variants:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 v["state"], metrics = v["step"](v["state"], v["batch"])
             jax.block_until_ready((v["state"], metrics))
             v["times"].append((time.perf_counter() - t0) / args.steps)
+            v["cpu"].append((time.process_time() - c0) / args.steps)
     load_after = os.getloadavg()
     base = statistics.median(variants[0]["times"])
+    base_cpu = statistics.median(variants[0]["cpu"])
     print(f"load average before {load_before[0]:.1f}/{load_before[1]:.1f}, after {load_after[0]:.1f}/"
           f"{load_after[1]:.1f}; {args.rounds} alternating rounds of {args.steps} steps; {' '.join(args.base)}")
     for v in variants:
@@ -63,6 +68,10 @@ def main() -> None:
         med = statistics.median(t)
         print(f"{v['name']:28s} {med * 1e3:8.1f} ms median ({min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})  "
               f"{med / base:5.2f}x of {variants[0]['name']}")
+        c = v["cpu"]
+        cmed = statistics.median(c)
+        print(f"{'  CPU time':28s} {cmed * 1e3:8.1f} ms median ({min(c) * 1e3:.1f}-{max(c) * 1e3:.1f})  "
+              f"{cmed / base_cpu:5.2f}x")
 
 
 if __name__ == "__main__":

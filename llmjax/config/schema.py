@@ -290,6 +290,10 @@ class TrainConfig:
     stop_on_nonfinite: bool = option(True, "stop the run on a non-finite loss")
     stop_after: int = option(0, "stop with a checkpoint (exit 0) after this many steps while the schedule "
                                 "follows train.steps; 0: run to train.steps", ge=0)
+    cpu_xla_flags: bool = option(False, "opt-in XLA:CPU flags (oneDNN matmul calls, no YNN fusions; "
+                                        "llmjax.runtime.CPU_XLA_FLAGS): a few % shorter CPU steps, but other matmul "
+                                        "rounding (losses drift ~5e-4 relative over 100 steps); added to XLA_FLAGS "
+                                        "only for a jaxlib known to accept them, before the first device use")
     profile_steps: list[int] = option(factory=list, doc="[start, stop): a jax.profiler trace of steps start .. "
                                       "stop-1 in WORKDIR/profile; []: off")
     objective: Literal["lm", "sft", "dpo", "reward", "grpo", "ppo"] = option(

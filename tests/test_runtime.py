@@ -1,0 +1,43 @@
+"""llmjax.runtime: the opt-in XLA:CPU flags (`train.cpu_xla_flags`, issue 27)."""
+
+import os
+import subprocess
+import sys
+
+import jaxlib
+import pytest
+
+from llmjax.runtime import CPU_XLA_FLAGS, CPU_XLA_FLAGS_JAXLIB, with_cpu_xla_flags
+from tests.helpers import ROOT
+
+
+def test_flags_are_appended_for_a_checked_jaxlib_and_user_flags_kept() -> None:
+    for version in ("0.10.2", "0.12.1", "0.11.0.dev20261201"):
+        assert with_cpu_xla_flags("", version) == " ".join(CPU_XLA_FLAGS)
+        got = with_cpu_xla_flags("--xla_force_host_platform_device_count=8", version)
+        assert got == " ".join(["--xla_force_host_platform_device_count=8", *CPU_XLA_FLAGS])
+    # a flag the user set keeps the user's value; only the missing one is added
+    user = "--xla_cpu_experimental_onednn_custom_call=false"
+    assert with_cpu_xla_flags(user, "0.10.2") == f"{user} {CPU_XLA_FLAGS[1]}"
+    assert with_cpu_xla_flags(" ".join(CPU_XLA_FLAGS), "0.10.2") is None
+
+
+def test_no_flags_outside_the_checked_jaxlib_range() -> None:
+    for version in ("0.10.1", "0.9.0", "0.12.2", "0.13.0", "1.0.0"):
+        assert with_cpu_xla_flags("", version) is None, version
+
+
+@pytest.mark.slow  # a subprocess starting jax: ~3-7 s
+def test_setup_jax_sets_them_and_this_jaxlib_accepts_them() -> None:
+    """The config key reaches XLA_FLAGS and XLA starts with them (an unknown flag would abort the process)."""
+    code = ("import os, jax, jax.numpy as jnp; from llmjax.config import load_config; from llmjax.runtime import "
+            "setup_jax; setup_jax(load_config(None, ['train.cpu_xla_flags=true'])); "
+            "print(os.environ.get('XLA_FLAGS', '')); print(float((jnp.ones((4, 4)) @ jnp.ones((4, 4))).sum()))")
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    flags, total = out.stdout.splitlines()[-2:]
+    low, high = CPU_XLA_FLAGS_JAXLIB
+    in_range = low <= tuple(int(n) for n in jaxlib.__version__.split(".")[:3]) <= high
+    assert (flags == " ".join(CPU_XLA_FLAGS)) == in_range, (flags, jaxlib.__version__)
+    assert float(total) == 64.0

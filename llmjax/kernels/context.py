@@ -8,9 +8,12 @@ repeated to one per query head first).
 
 - `all_gather`: keys, values and their segment ids are gathered along the context axes and put back
   in natural order; each of the device's two query chunks is contiguous, so it is one call of the
-  configured implementation (`model.attention`: xla, chunked, cudnn; not splash, whose static mask cannot
-  take a per-device offset) with the chunk's start
-  as the mask's query offset (`MaskSpec.q_offset`), which every implementation honours. Memory: the
+  configured implementation (`model.attention`: xla, chunked, cudnn) with the chunk's start
+  as the mask's query offset (`MaskSpec.q_offset`), which every implementation honours. An implementation
+  whose mask must be known before the `shard_map` (splash: a static kernel mask) registers a
+  `GatheredForm` instead (`register_gathered`): it builds one kernel for the whole balanced-order
+  sequence, its mask over every device's query slots, sharded over the context axes and passed into
+  the `shard_map`, and each device runs its slice. Memory: the
   whole sequence's keys and values per device (small with few KV heads).
 - `ring`: each device keeps its queries; the key/value blocks (with their segment ids) go around
   the ring with `ppermute`, C steps. At each step the device's two query chunks meet the block's two
@@ -20,7 +23,8 @@ repeated to one per query head first).
   rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks' inputs; its gradients
   are JAX's transpose of the ring (the reverse ring of ppermutes) through the implementation's own
   backward (chunked's takes the log-sum-exp's cotangent too). Memory: one key/value block in flight.
-  cudnn and splash return no log-sum-exp, so the config rules refuse them with the ring.
+  cudnn returns no log-sum-exp, and splash's (`save_residuals=True`) cannot be differentiated by jax, so the
+  config rules refuse both with the ring.
 
 Both are equal to one device's attention for causal, bidirectional, packed-document (segment ids)
 and sliding-window masks (tests/kernels/test_context.py).
@@ -28,10 +32,13 @@ and sliding-window masks (tests/kernels/test_context.py).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from llmjax.models.attention import (
     NEG_INF,
@@ -46,6 +53,27 @@ from llmjax.models.attention import (
 )
 from llmjax.parallel.context import ContextPlan, natural_order
 from llmjax.parallel.rules import unsharded
+
+# Inside the shard_map: (operand, q [b, 2c, h, E], k, v [b, L, k, E] natural order, q segment ids [b, 2c],
+# kv segment ids [b, L], scale) -> [b, 2c, h, E]
+GatheredLocal = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
+
+
+class GatheredForm(Protocol):
+    """An implementation's form for `all_gather` with a causal or windowed mask, prepared outside the shard_map:
+    (plan, query heads per device, causal, window, blocks) -> (operand: a pytree of arrays, its shard_map
+    in_spec (a prefix tree), the per-device function that takes the operand's slice)."""
+
+    def __call__(self, plan: ContextPlan, heads: int, causal: bool, window: int, blocks: Blocks, /
+                 ) -> tuple[Any, Any, GatheredLocal]: ...
+
+
+_GATHERED: dict[AttentionImpl, GatheredForm] = {}
+
+
+def register_gathered(fn: AttentionImpl, form: GatheredForm) -> None:
+    """Let `all_gather` run implementation `fn` through `form` (its mask built for the whole sequence)."""
+    _GATHERED[fn] = form
 
 
 def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array,
@@ -65,16 +93,27 @@ def context_attention(plan: ContextPlan, mode: str, q_BLHE: jax.Array, k_BSKE: j
     static = (mask.causal, mask.window)
     block = block_form(impl) if mode == "ring" else None  # ConfigError before tracing where there is none
     platform = target_platform()  # the kernels inside see no mesh, but must still compile for its devices
+    form = _GATHERED.get(impl) if mode == "all_gather" and (mask.causal or mask.window > 0) else None
+    operand, operand_spec, gathered = None, PartitionSpec(), None
+    if form is not None:
+        head_axes = heads[2] if heads[2] is None or isinstance(heads[2], tuple) else (heads[2],)
+        with compiling_for(platform):
+            operand, operand_spec, gathered = form(plan, H // math.prod(plan.mesh.shape[a] for a in head_axes or ()),
+                                                   mask.causal, mask.window, blocks)
 
-    def local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array) -> jax.Array:
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array, op: Any) -> jax.Array:
         with unsharded(), compiling_for(platform):
             if block is not None:
                 return _ring(plan, q, k, v, q_seg, kv_seg, block, scale, blocks, static)
+            if gathered is not None:
+                k_all, v_all, seg_all = (natural_order(jax.lax.all_gather(x, plan.axes, axis=1, tiled=True), plan.size)
+                                         for x in (k, v, kv_seg))
+                return gathered(op, q, k_all, v_all, q_seg, seg_all, scale)
             return _gathered(plan, q, k, v, q_seg, kv_seg, impl, scale, blocks, static)
 
-    fn = jax.shard_map(local, mesh=plan.mesh, in_specs=(heads, heads, heads, segs, segs), out_specs=heads,
-                       check_vma=False)
-    out: jax.Array = fn(q_BLHE, k_BSKE, v_BSKE, mask.q_segment_ids, mask.kv_segment_ids)
+    fn = jax.shard_map(local, mesh=plan.mesh, in_specs=(heads, heads, heads, segs, segs, operand_spec),
+                       out_specs=heads, check_vma=False)
+    out: jax.Array = fn(q_BLHE, k_BSKE, v_BSKE, mask.q_segment_ids, mask.kv_segment_ids, operand)
     return out.astype(q_BLHE.dtype)
 
 

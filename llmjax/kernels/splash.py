@@ -24,6 +24,11 @@ over the batch axes ("act_batch") and the head axes ("act_heads"): each device r
 and heads; when key/value heads are not split like the query heads (MQA with tensor > 1) each
 device picks the key/value heads its query heads read. On CPU (tests) the kernel runs in
 Pallas interpret mode: exact, but slow; on GPU it is refused (use `cudnn` or `chunked`).
+
+Under context parallelism's `all_gather` (`llmjax.kernels.context`) a causal or windowed mask is one
+kernel for the whole balanced-order sequence (`_context_form`): its rows are every device's query
+slots, the kernel computes the mask from each row's slot, and the mask info is split over the
+context axes, so each device runs its own rows. The ring is refused (no differentiable log-sum-exp).
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llmjax.config import ConfigError
 from llmjax.kernels.chunked import pad_axis
+from llmjax.kernels.context import GatheredLocal, register_gathered
 from llmjax.models.attention import Blocks, MaskSpec, register, target_platform
+from llmjax.parallel.context import ContextPlan
 from llmjax.parallel.rules import current_sharding, logical_to_spec
 
 _IMPORT_ERROR: ImportError | None
@@ -210,4 +218,50 @@ def _static_mask(H: int, L: int, S: int, causal: bool, window: int, offset: int)
     return splash.MultiHeadMask([base] * H)
 
 
+def _context_form(plan: ContextPlan, heads: int, causal: bool, window: int, blocks: Blocks
+                  ) -> tuple[Any, Any, GatheredLocal]:
+    """`all_gather` with a causal or windowed mask (`llmjax.kernels.context.GatheredForm`): one kernel for the
+    whole sequence, whose queries are every device's balanced-order slots (device d: chunks d and 2C-1-d,
+    padded to the query tile) against all keys in natural order; the kernel computes its mask from each
+    row's slot (`q_sequence`), and its mask info is split over the context axes (`q_seq_shards`, the
+    kernel's `manual_sharding_spec`), so each device runs its own rows' slice of one static mask."""
+    C, c, L = plan.size, plan.chunk, plan.length
+    bq = min(_round_up(blocks.q, LANES), _round_up(2 * c, LANES))
+    Lq = _round_up(2 * c, bq)  # query rows per device
+    bkv = min(_round_up(blocks.kv, LANES), _round_up(L, LANES))
+    Sp = _round_up(L, bkv)
+    kernel = _context_kernel(heads, C, c, Lq, Sp, causal, window, bq, bkv, target_platform() == "cpu")
+    spec = kernel.manual_sharding_spec(NamedSharding(plan.mesh, PartitionSpec(None, plan.axes)))
+
+    def local(kernel: Any, q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, q_seg: jax.Array,
+              kv_seg: jax.Array, scale: float) -> jax.Array:
+        q = (q_BLHE.astype(jnp.float32) * scale).astype(q_BLHE.dtype).transpose(0, 2, 1, 3)
+        q = pad_axis(q, 2, Lq)
+        k, v = (pad_axis(x.transpose(0, 2, 1, 3), 2, Sp) for x in (k_BSKE, v_BSKE))
+        segments = splash.SegmentIds(q=pad_axis(q_seg.astype(jnp.int32), 1, Lq, PAD_Q_SEGMENT),
+                                     kv=pad_axis(kv_seg.astype(jnp.int32), 1, Sp, PAD_KV_SEGMENT))
+        in_axes = (0, 0, 0, splash.SegmentIds(0, 0))  # type: ignore[arg-type]
+        out: jax.Array = jax.vmap(kernel, in_axes=in_axes)(q, k, v, segments)
+        return out[:, :, :2 * c].transpose(0, 2, 1, 3)
+
+    return kernel, spec, local
+
+
+@functools.lru_cache(maxsize=16)
+def _context_kernel(heads: int, C: int, c: int, Lq: int, Sp: int, causal: bool, window: int, bq: int, bkv: int,
+                    interpret: bool) -> Any:
+    """The splash kernel of `_context_form` (cached: building its mask info walks every tile in numpy)."""
+    slots = np.full((C, Lq), C * 2 * c - 1, np.int32)  # padded rows: the last slot (they see keys; no segment)
+    ar = np.arange(c, dtype=np.int32)
+    for d in range(C):
+        slots[d, :2 * c] = np.concatenate([ar + d * c, ar + (2 * C - 1 - d) * c])
+    base = _static_mask(1, C * Lq, Sp, causal, window, 0).masks[0]
+    base.q_sequence = slots.reshape(-1)  # the row's slot, from which the kernel computes its mask
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(splash.MultiHeadMask([base] * heads),
+                                      block_sizes=_block_sizes(bq, bkv, backward=True),
+                                      head_shards=1, q_seq_shards=C, interpret=interpret)
+
+
 register("splash", splash_attention, check)
+register_gathered(splash_attention, _context_form)

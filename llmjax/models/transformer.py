@@ -154,13 +154,15 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
                  positions_BL: jax.Array | None = None, cache: dict[str, Any] | None = None,
-                 return_hidden: bool = False) -> Any:
+                 return_hidden: bool = False, balanced_inputs: bool = False) -> Any:
         """-> logits; with `cache` (see `init_cache`) -> (logits, new cache), the chunk written at cache["index"].
 
         With a cache, `positions_BL` should be given (each sequence's own positions, from 0), and
         `segment_ids_BL` 0 for padding tokens (they are then never attended). `return_hidden=True` (no
         cache): the final-norm hidden states [B, L, D] instead of the logits, for a chunked loss
-        (`output_matrix` gives the projection's weights)."""
+        (`output_matrix` gives the projection's weights). `balanced_inputs=True`: the rows are already in context
+        parallelism's balanced order (`llmjax.parallel.context.balance_rows`, done by the host), and the outputs
+        stay in it."""
         cfg = self.cfg
         B, L = tokens_BL.shape
         if segment_ids_BL is None:
@@ -168,7 +170,7 @@ class Transformer(nn.Module):
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         split = context.plan(L) if cache is None and self.pipeline is None else None
-        if split is not None:  # context parallelism: the stack runs in balanced order (true positions moved along)
+        if split is not None and not balanced_inputs:  # the stack runs in balanced order (true positions moved along)
             tokens_BL, segment_ids_BL, positions_BL = (split.balance(a) for a in
                                                        (tokens_BL, segment_ids_BL, positions_BL))
         embed, pos_embed = make_embeddings(cfg)
@@ -190,7 +192,7 @@ class Transformer(nn.Module):
                                          make_inputs=make_inputs)
         if cache is None and aux:
             self.sow("intermediates", "ffn_aux", aux)
-        if split is not None:
+        if split is not None and not balanced_inputs:
             x = constrain(split.unbalance(x), ("act_batch", "act_length", "act_embed"))
         x = make_norm(cfg, "final_norm")(x)
         if return_hidden and cache is None and not self.is_initializing():

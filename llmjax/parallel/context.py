@@ -4,11 +4,14 @@ The logical axis `act_length` maps to the context axes (`mesh.context`, default 
 every [B, L, ...] activation is split along L. Causal attention does uneven work along L (the last
 tokens see every key), so the sequence is not split into C contiguous pieces but into 2C chunks of
 c = L / (2C) tokens, and device i holds chunks i and 2C-1-i (a front and a back chunk: each device
-has the same causal work). `Transformer` moves its inputs into this *balanced* order on entry
-(`ContextPlan.balance`: two `ppermute`s, no gather) and back before the output head (`unbalance`), so
-everything outside the layer stack (the loss, its normalisation, the chunked cross-entropy, the
-data loader's rows) sees rows in their natural order; RoPE reads the true positions, which are
-moved with the tokens; attention (`llmjax.kernels.context`) knows each token's slot from `slots`.
+has the same causal work). Training and evaluation batches arrive in this *balanced* order: the host
+permutes every row's fields (`balance_rows`, a numpy gather of the sequence axis) before they go on the
+devices (`Setup.put_batch`), so the model moves nothing, and the loss (a sum over tokens whose targets
+and weights travel with the inputs) needs no inverse. A caller that hands `Transformer` natural-order
+rows (the preference and RL objectives, which build their `LMBatch` on device) gets them moved on entry
+(`ContextPlan.balance`: two `ppermute`s, no gather) and the hidden states moved back before the output
+head (`unbalance`). RoPE reads the true positions, which travel with the tokens; attention
+(`llmjax.kernels.context`) knows each token's slot from `local_slots`.
 
 `plan(L)` is None (no context parallelism) outside `use_sharding`, with a context axis of size 1,
 or when L does not divide into 2C chunks (e.g. an evaluation prompt of another length: it then
@@ -23,6 +26,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from llmjax.parallel.rules import Rules, current_sharding, logical_to_spec
@@ -72,10 +76,33 @@ def plan(length: int) -> ContextPlan | None:
         return None
     mesh, rules = ctx
     axes = tuple(a for a in rules.get("act_length", ()) if mesh.shape.get(a, 1) > 1)
-    size = math.prod(mesh.shape[a] for a in axes)
+    size = context_size(mesh, rules)
     if size == 1 or length % (2 * size):
         return None
     return ContextPlan(mesh, rules, axes, size, length)
+
+
+def context_size(mesh: Mesh, rules: Rules) -> int:
+    """Devices a sequence splits over under `mesh` and `rules`: the product of the `act_length` axes."""
+    return math.prod(mesh.shape.get(a, 1) for a in rules.get("act_length", ()))
+
+
+def balanced_order(length: int, size: int) -> np.ndarray:
+    """[L] int: the natural slot at each index of a balanced row (device d's 2c indices: chunks d, 2C-1-d)."""
+    c = length // (2 * size)
+    chunks = [k for d in range(size) for k in (d, 2 * size - 1 - d)]
+    return np.concatenate([np.arange(k * c, (k + 1) * c) for k in chunks])
+
+
+def balance_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    """Host side: rows [B, L, ...] in natural order -> balanced order over `size` devices (what `balance` does on
+    device, as a numpy gather of the sequence axis; `data.seq_len` divisible by 2 x size)."""
+    return rows[:, balanced_order(rows.shape[1], size)]
+
+
+def unbalance_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    """The inverse of `balance_rows`."""
+    return rows[:, np.argsort(balanced_order(rows.shape[1], size))]
 
 
 def local_slots(index: jax.Array, size: int, chunk: int) -> jax.Array:

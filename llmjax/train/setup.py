@@ -23,6 +23,7 @@ from llmjax.config import Config, ModelConfig
 from llmjax.models import mup
 from llmjax.models.families import ModelFamily, batch_from_dict, build_family
 from llmjax.models.roles import boxed_roles, param_roles
+from llmjax.parallel import context
 from llmjax.parallel.mesh import build_mesh, replicated
 from llmjax.parallel.pipeline import Schedule
 from llmjax.parallel.rules import Rules, logical_to_spec, make_rules, tree_shardings, use_sharding
@@ -221,18 +222,33 @@ class Setup:
             out_shardings=replicated(self.mesh),
         )
 
+    @functools.cached_property
+    def batch_layout(self) -> tuple[type, int]:
+        """(the batch type the step takes, C): C > 1 where `put_batch` puts every row in context parallelism's
+        balanced order over C devices (`llmjax.parallel.context.balance_rows`): the family's batch type has a
+        balanced form (`BALANCED`, e.g. `LMBatch`), the sequence splits over C > 1 devices and data.seq_len into
+        2C chunks. Otherwise (C = 1) rows stay in natural order (the model balances them on device if needed)."""
+        batch_type = self.family.batch_type
+        balanced = getattr(batch_type, "BALANCED", None)
+        size = context.context_size(self.mesh, self.rules)
+        if balanced is None or not issubclass(balanced, batch_type) or size == 1 or self.cfg.data.seq_len % (2 * size):
+            return batch_type, 1
+        return balanced, size
+
     def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
-        """This process's rows of the global batch (numpy, the family's field names) -> the family's typed
-        batch of global arrays sharded over the batch axes."""
-        arrays = {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                  for k, v in local.items()}
-        return batch_from_dict(self.family.batch_type, arrays)
+        """This process's rows of the global batch (numpy, the family's field names, natural order) -> the
+        step's typed batch of global arrays sharded over the batch axes (rows balanced: `batch_layout`)."""
+        batch_type, size = self.batch_layout
+        arrays = {k: jax.make_array_from_process_local_data(
+            self.batch_sharding, context.balance_rows(np.asarray(v), size) if size > 1 else np.asarray(v))
+            for k, v in local.items()}
+        return batch_from_dict(batch_type, arrays)
 
     def abstract_batch(self) -> Batch:
         """ShapeDtypeStructs of one global batch (for lowering without data)."""
         B = self.cfg.train.batch_size
         shapes = self.family.example_shapes(self.cfg.data.seq_len)
-        return batch_from_dict(self.family.batch_type, {
+        return batch_from_dict(self.batch_layout[0], {
             k: jax.ShapeDtypeStruct((B, *s), np.dtype(d), sharding=self.batch_sharding)
             for k, (s, d) in shapes.items()})
 

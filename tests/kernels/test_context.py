@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import RTOL, assert_trees_close
 
+import llmjax.kernels.splash  # noqa: F401  registers `splash`
 from llmjax.config.schema import MeshConfig
 from llmjax.kernels.context import context_attention
 from llmjax.models.attention import Blocks, MaskSpec, get, xla_attention
@@ -24,7 +25,8 @@ B, L, H, K, E = 2, 32, 4, 2, 8
 LAYOUTS = {"context8": dict(data=1, context=8), "data2_context4": dict(data=2, context=4),
            "context2_tensor2_fsdp2": dict(data=1, context=2, tensor=2, fsdp=2)}
 STRATEGIES = {"all_gather-xla": ("all_gather", "xla"), "all_gather-chunked": ("all_gather", "chunked"),
-              "ring-xla": ("ring", "xla"), "ring-chunked": ("ring", "chunked")}
+              "ring-xla": ("ring", "xla"), "ring-chunked": ("ring", "chunked"),
+              "all_gather-splash": ("all_gather", "splash")}
 # name -> (causal, window, packed documents)
 MASKS = {"causal": (True, 0, False), "bidirectional": (False, 0, True), "packed": (True, 0, True),
          "window": (True, 5, True)}
@@ -63,7 +65,8 @@ def reference():
 # the rest is `slow`. Blocks(8, 8) give `chunked` 1 to 4 tiles per call (2 to 8 tokens per chunk of L / 2C),
 # so its tile skipping and its log-sum-exp over several tiles are exercised.
 FAST = {("context8", "all_gather-xla"), ("context8", "ring-xla"), ("data2_context4", "all_gather-xla"),
-        ("data2_context4", "ring-xla"), ("data2_context4", "ring-chunked")}
+        ("data2_context4", "ring-xla"), ("data2_context4", "ring-chunked"),
+        ("data2_context4", "all_gather-splash")}  # splash: Pallas interpret mode, 13-16 s per layout
 CASES = [pytest.param(layout, s, marks=[] if (layout, s) in FAST else [pytest.mark.slow])
          for layout in LAYOUTS for s in STRATEGIES]
 
@@ -109,3 +112,47 @@ def test_balance_is_the_load_balanced_order_and_its_inverse():
     order = np.concatenate([np.arange(2 * c, 2 * c + 2) for c in (0, 7, 1, 6, 2, 5, 3, 4)])
     np.testing.assert_array_equal(balanced, x[:, order])
     np.testing.assert_array_equal(back, x)
+
+
+@pytest.mark.slow  # Pallas interpret mode over 2 x 8 tiles per device and head: ~25 s
+def test_all_gather_splash_with_several_tiles_per_device():
+    """`all_gather` with splash where each device's two chunks are whole query tiles of 128 (L = 1024 over
+    context=4): the sharded mask info's tile lists (forward, dq and dkv), not only padding, carry the
+    balanced order. Causal, packed-document and windowed masks (a window that crosses tiles)."""
+    Lb, Hb, Kb = 1024, 2, 1
+    rng = np.random.default_rng(1)
+    q, ct = (rng.standard_normal((2, Lb, Hb, E)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, Lb, Kb, E)).astype(np.float32) for _ in range(2))
+    packed = np.stack([np.repeat([1, 2, 3], [300, 500, 224]), np.repeat([1, 2, 0], [700, 300, 24])]).astype(np.int32)
+    masks = {"causal": (True, 0, False), "packed": (True, 0, True), "window": (True, 200, True)}
+
+    def grads(attn, q, k, v, ct):
+        out = {}
+        for name, (causal, window, docs) in masks.items():
+            seg = packed if docs else jnp.ones((2, Lb), jnp.int32)
+            o, pullback = jax.vjp(functools.partial(attn, seg=seg, causal=causal, window=window), q, k, v)
+            out[name] = (o, pullback(ct))
+        return out
+
+    def one_device(q, k, v, seg, causal, window):
+        return xla_attention(q, k, v, MaskSpec.self_attention(seg, causal, window), E ** -0.5)
+
+    mesh = build_mesh(MeshConfig(data=2, context=4), jax.devices())
+    rules = make_rules(None, dict(mesh.shape), Kb)
+
+    def split(q, k, v, seg, causal, window):
+        plan = context.plan(Lb)
+        assert plan is not None and plan.chunk == 128
+        q, k, v, seg = (plan.balance(x) for x in (q, k, v, seg))
+        out = context_attention(plan, "all_gather", q, k, v, MaskSpec(seg, seg, 0, causal, window, balanced=True),
+                                get("splash"), E ** -0.5, Blocks(128, 256))
+        return plan.unbalance(out)
+
+    def run(*args):
+        with use_sharding(mesh, rules):
+            return grads(split, *args)
+
+    want = jax.device_get(jax.jit(lambda *a: grads(one_device, *a))(q, k, v, ct))
+    got = jax.device_get(jax.jit(run)(q, k, v, ct))
+    for name in masks:
+        assert_trees_close(got[name], want[name], rtol=RTOL)

@@ -5,8 +5,9 @@ and 2C-1-i), so `data.seq_len` must divide into them; the family must be able to
 (`FamilySpec.context_parallel`); the pipeline schedule and expert parallelism, which run their own
 `shard_map`s over the whole mesh, are not combined with it; the ring merges its key/value blocks by their
 log-sum-exp, so it takes the implementations that return one (`xla`, `chunked`; `dot_product_attention` runs as
-`xla` there), not the fused cudnn kernel (jax.nn.dot_product_attention returns no log-sum-exp); splash's static
-mask cannot take a query chunk whose offset is only known per device. Jax-free.
+`xla` there), not the fused cudnn kernel (jax.nn.dot_product_attention returns no log-sum-exp) nor splash (its
+kernel returns one only with `save_residuals=True`, whose forward jax refuses to differentiate); splash runs under
+`all_gather`. Jax-free.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def check_context(cfg: Config, shape: dict[str, int]) -> None:
     if m.attn_softcap > 0:
         raise ConfigError(f"{what}: model.attn_softcap={m.attn_softcap} with context parallelism is not supported")
     impl = canonical_attention(m.attention)
-    if impl == "splash":
-        raise ConfigError(f"{what}: model.attention=splash cannot take a device's query chunk (its mask is static, "
-                          "the chunk's offset in the sequence is not known until the device is): use "
-                          "model.attention=chunked (or cudnn on GPUs)")
+    if m.context_parallel == "ring" and impl == "splash":
+        raise ConfigError("model.context_parallel=ring with model.attention=splash: the ring merges key/value blocks "
+                          "by their log-sum-exp, which the splash kernel returns only in a form jax cannot "
+                          "differentiate (save_residuals=True); use model.context_parallel=all_gather, or "
+                          f"model.attention {' | '.join(RING_IMPLS)} with the ring")
     if m.context_parallel == "ring" and impl not in RING_IMPLS:
         raise ConfigError(f"model.context_parallel=ring merges key/value blocks by their log-sum-exp, which "
                           f"model.attention={m.attention} does not return (use all_gather, or attention "

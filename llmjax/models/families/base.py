@@ -91,6 +91,18 @@ class LMBatch:
 
     FIELDS: ClassVar[FieldTypes] = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
                                         "positions": np.int32, "weights": np.float32}
+    # The same fields with every row in context parallelism's balanced order (`Setup.put_batch`): set below.
+    BALANCED: ClassVar[type[Batch] | None] = None
+
+
+@struct.dataclass
+class BalancedLMBatch(LMBatch):
+    """An `LMBatch` whose rows the host put in context parallelism's balanced order (`Setup.put_batch`, with
+    `mesh.context` > 1): every field permuted alike along L (`llmjax.parallel.context.balance_rows`), positions
+    the tokens' true ones. The model runs it without moving tokens; the loss, a sum over tokens, is unchanged."""
+
+
+LMBatch.BALANCED = BalancedLMBatch
 
 
 def batch_from_dict(batch_type: type[BatchT], arrays: Mapping[str, Any]) -> BatchT:
@@ -262,11 +274,18 @@ class LMFamily(ModelFamily[CfgT, LMBatch]):
 
     def logits(self, model: nn.Module, params: Params, batch: LMBatch, rng: jax.Array | None = None
                ) -> tuple[jax.Array, FFNAux]:
-        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng)
+        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng,
+                       **_order(batch))
 
     def hidden_states(self, model: nn.Module, params: Params, batch: LMBatch, rng: jax.Array | None = None
                       ) -> tuple[jax.Array, FFNAux]:
-        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng, return_hidden=True)
+        return forward(model, params, batch.inputs, batch.segment_ids, batch.positions, rng=rng, return_hidden=True,
+                       **_order(batch))
+
+
+def _order(batch: LMBatch) -> dict[str, bool]:
+    """The module's keyword for a batch whose rows the host already balanced (none for natural order)."""
+    return {"balanced_inputs": True} if isinstance(batch, BalancedLMBatch) else {}
 
 
 # A KV cache: nested dicts of arrays (`llmjax.models.transformer.init_cache`) plus the family's entries.

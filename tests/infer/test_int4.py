@@ -150,7 +150,7 @@ def test_int4_and_int8_under_a_tensor_sharded_inference_mesh(eval_run, tmp_path)
     """Inference shards a run's parameters over its `mesh.tensor` (`llmjax.infer.workdir_model.inference_mesh`:
     rows over `data`, heads over `tensor`; fsdp is not used at inference). With tensor=2 on the 8 devices
     (data=4), quantizing the sharded parameters (what `--quant int8|int4` runs) gives bitwise the codes and scales
-    of quantizing them on one device, and the quantized model's validation sums under the mesh equal one
+    of quantizing them on one device, and the quantized model's evaluation sums on a batch under the mesh equal one
     device's (rtol 1e-5)."""
     import re
     import shutil

@@ -150,7 +150,7 @@ def test_int4_and_int8_under_a_tensor_sharded_inference_mesh(eval_run, tmp_path)
     """Inference shards a run's parameters over its `mesh.tensor` (`llmjax.infer.workdir_model.inference_mesh`:
     rows over `data`, heads over `tensor`; fsdp is not used at inference). With tensor=2 on the 8 devices
     (data=4), quantizing the sharded parameters (what `--quant int8|int4` runs) gives bitwise the codes and scales
-    of quantizing them on one device, and the quantized model's evaluation sums on a batch under the mesh equal one
+    of quantizing them on one device, and the int4 model's evaluation sums on a batch under the mesh equal one
     device's (rtol 1e-5)."""
     import re
     import shutil
@@ -189,6 +189,8 @@ def test_int4_and_int8_under_a_tensor_sharded_inference_mesh(eval_run, tmp_path)
         assert len(got_leaves) == len(want_leaves) and jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(got_leaves, want_leaves, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
+        if method == "int8":  # int8's sharded evaluation is the same step as int4's (dequantize, then the model)
+            continue
         sums = loaded.eval_step(got, lambda p: dequantize(p))(arrays)
         ref = ref_eval(want, batch_from_dict(family.batch_type, {k: jax.device_put(v, one) for k, v in arrays.items()}))
         assert float(sums["weight_sum"]) == float(ref["weight_sum"]) == 8 * loaded.cfg.data.seq_len

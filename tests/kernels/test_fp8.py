@@ -237,7 +237,11 @@ def fp8_reference():
     return fp8_gradients(tiny_config("model.matmul_dtype=fp8"), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("layout", list(FP8_LAYOUTS))
+# the quick run (-m "not slow") keeps the three-axis layout; fsdp alone is in the slow set
+FP8_CASES = [pytest.param(k, marks=pytest.mark.slow) if k == "fsdp4" else k for k in FP8_LAYOUTS]
+
+
+@pytest.mark.parametrize("layout", FP8_CASES)
 def test_fp8_step_under_mesh_layouts_equals_one_device(layout, fp8_reference):
     overrides, n = FP8_LAYOUTS[layout]
     loss, grads = fp8_gradients(tiny_config("model.matmul_dtype=fp8", *overrides), jax.devices()[:n])

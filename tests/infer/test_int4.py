@@ -144,3 +144,54 @@ def test_bad_group_sizes_exit_2_before_compiling(eval_run, capsys):
     for argv, needle in cases:
         code, _, err = _llmjax(capsys, *argv)
         assert code == 2 and needle in err and "Traceback" not in err, (argv, err)
+
+
+def test_int4_and_int8_under_a_tensor_sharded_inference_mesh(eval_run, tmp_path):
+    """Inference shards a run's parameters over its `mesh.tensor` (`llmjax.infer.workdir_model.inference_mesh`:
+    rows over `data`, heads over `tensor`; fsdp is not used at inference). With tensor=2 on the 8 devices
+    (data=4), quantizing the sharded parameters (what `--quant int8|int4` runs) gives bitwise the codes and scales
+    of quantizing them on one device, and the int4 model's evaluation sums on a batch under the mesh equal one
+    device's (rtol 1e-5)."""
+    import re
+    import shutil
+
+    from helpers import packed_batch
+
+    from llmjax.infer.workdir_model import Loaded
+    from llmjax.models.families import batch_from_dict
+    from llmjax.train.step import make_eval_step
+
+    workdir, _, _ = eval_run
+    sharded = tmp_path / "run"
+    shutil.copytree(workdir, sharded)
+    text = (sharded / "config.yaml").read_text()
+    mesh_block = re.search(r"^mesh:\n(?:  .*\n)+", text, re.M)
+    assert mesh_block and "  tensor: 1\n" in mesh_block.group(0)
+    text = text.replace(mesh_block.group(0), mesh_block.group(0).replace("  tensor: 1\n", "  tensor: 2\n"))
+    (sharded / "config.yaml").write_text(text)
+    loaded = Loaded(sharded)
+    assert dict(loaded.mesh.shape)["tensor"] == 2 and dict(loaded.mesh.shape)["data"] == 4
+    q_kernel = loaded.params["layers"]["attn"]["q"]["kernel"]  # [layers, embed, heads, head_dim]: heads split
+    assert "tensor" in jax.tree.leaves(tuple(q_kernel.sharding.spec)), q_kernel.sharding.spec
+    assert q_kernel.addressable_shards[0].data.shape[2] == q_kernel.shape[2] // 2
+
+    one = jax.devices()[0]
+    host = jax.device_put(jax.device_get(loaded.params), one)
+    logical, family = loaded.abstract.logical, loaded.family
+    arrays = packed_batch(loaded.cfg, seed=3, rows=8)
+    step = make_eval_step(family, family.module())
+    ref_eval = jax.jit(lambda p, b: step(dequantize(p), b))
+    for method, quant in (("int8", lambda p: quantize(p, logical)),
+                          ("int4", lambda p: quantize_int4(p, logical, 32))):
+        got = loaded.quantized(QuantOptions(method, 32))  # the sharded path of --quant
+        want = jax.jit(quant)(host)
+        got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+        assert len(got_leaves) == len(want_leaves) and jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(got_leaves, want_leaves, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
+        if method == "int8":  # int8's sharded evaluation is the same step as int4's (dequantize, then the model)
+            continue
+        sums = loaded.eval_step(got, lambda p: dequantize(p))(arrays)
+        ref = ref_eval(want, batch_from_dict(family.batch_type, {k: jax.device_put(v, one) for k, v in arrays.items()}))
+        assert float(sums["weight_sum"]) == float(ref["weight_sum"]) == 8 * loaded.cfg.data.seq_len
+        np.testing.assert_allclose(float(sums["nll_sum"]), float(ref["nll_sum"]), rtol=1e-5, err_msg=method)

@@ -40,8 +40,10 @@ import optax
 from flax import struct
 
 from llmjax.config import Config
+from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
 from llmjax.models.families.base import LMBatch, ModelFamily, Sums, forward
 from llmjax.models.layers import logical_init
+from llmjax.models.losses import cross_entropy
 from llmjax.parallel.rules import constrain
 from llmjax.post.rl.grpo import GroupRelative
 from llmjax.post.rl.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_k1, kl_k3, ppo_surrogate
@@ -140,13 +142,28 @@ class PPOFamily:
         """[B, L] float32 value head at every input position."""
         return forward(model, params, seqs.inputs, seqs.segment_ids, seqs.positions, rng=rng, return_score=True)[0]
 
+    def logp_and_values(self, model: nn.Module, params: Any, seqs: LMBatch, rng: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+        """-> (log-probabilities of `seqs.targets` [B, L], values [B, L]) float32, from one pass of the decoder: the
+        LM head and the value head both read its final-norm hidden states (the family's `token_losses`, chunked
+        with `model.loss_chunk` > 0, and `values`, each of which would run the decoder)."""
+        cfg = self.family.cfg
+        args = (seqs.inputs, seqs.segment_ids, seqs.positions)
+        if cfg.loss_chunk > 0:
+            (hidden_BLD, values_BL), _ = forward(model, params, *args, rng=rng, return_score=True, return_hidden=True)
+            head, vocab_axis = self.family.output_matrix(params)
+            nll_BL, _ = chunked_token_losses(hidden_BLD, head, seqs.targets, cfg.loss_chunk, vocab_axis,
+                                             cfg.compute_dtype)
+        else:
+            (logits_BLV, values_BL), _ = forward(model, params, *args, rng=rng, return_score=True, return_logits=True)
+            nll_BL, _ = cross_entropy(logits_BLV, seqs.targets)
+        return -nll_BL, values_BL
+
     def loss(self, model: Any, params: Any, batch: PPOBatch, z_loss: float, rng: jax.Array | None = None
              ) -> tuple[jax.Array, Sums]:
         """-> (sum over response tokens of weights x (clipped surrogate + value_coef x clipped value loss), metric
         sums)."""
-        seqs = batch.sequences()
-        nll, _, _ = self.family.token_losses(model, params, seqs, rng)
-        logp, values = -nll, self.values(model, params, seqs, rng)
+        logp, values = self.logp_and_values(model, params, batch.sequences(), rng)
         surrogate, clipped = ppo_surrogate(logp, batch.old_logp, batch.advantages, self.rl.clip_eps)
         vloss = clipped_value_loss(values, batch.old_values, batch.returns, self.rl.value_clip)
         w = batch.weights

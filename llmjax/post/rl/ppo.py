@@ -5,7 +5,7 @@ states (`ValueDecoder`: the reward model's `ScoredDecoder` with the head startin
 values are 0), one set of parameters trained jointly by one optimizer (with LoRA the head is trained
 whole alongside the adapters, as every head with the `score` axis: `llmjax.post.lora.WHOLE_AXES`).
 The value of position t is read where the policy predicts target t, so values line up with the
-log-probabilities.
+log-probabilities; both heads read one decoder pass (`PPOFamily.logp_and_values`).
 
 One train step is one rollout batch: the prompts of step k are sampled, scored and packed exactly as
 GRPO's (`llmjax.post.rl.rollout.Rollouts.rollouts`: same keys per (seed, step, row), same reward
@@ -30,7 +30,7 @@ explained_variance (of the returns by the rollout values), response_length.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -50,9 +50,6 @@ from llmjax.post.rl.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_
 from llmjax.post.rl.reward import HEAD, ScoredDecoder
 from llmjax.post.rl.rollout import Rollouts
 from llmjax.train.step import PARAMS_KEY, TrainState, batch_gradients
-
-if TYPE_CHECKING:
-    pass
 
 SEQ = ("inputs", "targets", "segment_ids", "positions")
 PPO_KEY = 0x50_50  # folded into the step's key for the minibatch permutations

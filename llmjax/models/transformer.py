@@ -154,14 +154,13 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
                  positions_BL: jax.Array | None = None, cache: dict[str, Any] | None = None,
-                 return_hidden: bool = False, with_hidden: bool = False) -> Any:
+                 return_hidden: bool = False) -> Any:
         """-> logits; with `cache` (see `init_cache`) -> (logits, new cache), the chunk written at cache["index"].
 
         With a cache, `positions_BL` should be given (each sequence's own positions, from 0), and
         `segment_ids_BL` 0 for padding tokens (they are then never attended). `return_hidden=True` (no
         cache): the final-norm hidden states [B, L, D] instead of the logits, for a chunked loss
-        (`output_matrix` gives the projection's weights). `with_hidden=True` (no cache): (logits, final-norm
-        hidden states) from the one pass, for a head beside the LM head (PPO's value head)."""
+        (`output_matrix` gives the projection's weights)."""
         cfg = self.cfg
         B, L = tokens_BL.shape
         if segment_ids_BL is None:
@@ -198,7 +197,7 @@ class Transformer(nn.Module):
             return constrain(x, ("act_batch", "act_length", "act_embed"))
         logits = project_to_vocab(cfg, x, embed)
         if cache is None:
-            return (logits, constrain(x, ("act_batch", "act_length", "act_embed"))) if with_hidden else logits
+            return logits
         assert new_layers is not None  # layer_stack returns the new cache when given one
         new_layers = jax.tree.map(lambda a: constrain(a, CACHE_AXES), layers_view(new_layers, cfg.n_layers))
         return logits, {"layers": new_layers, "segment_ids": kv_seg, "index": cache["index"] + L}

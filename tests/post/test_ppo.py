@@ -118,26 +118,3 @@ def test_bad_ppo_setting_exits_2_before_anything_runs(tmp_path):
                   "rl.reward_fn=a:b", "eval.every_steps=0", "train.batch_size=8", "rl.minibatches=3")
     assert_usage_error(out, "rl.minibatches=3")
     assert not (wd / "checkpoints").exists()
-
-
-@pytest.mark.parametrize("chunk", [0, 4])
-def test_one_pass_logp_and_values_equal_separate_passes(chunk):
-    """The loss's one decoder pass for both heads (`logp_and_values`) gives the log-probabilities of the family's
-    own `token_losses` (chunked with model.loss_chunk > 0) and the values of a pass of their own."""
-    from llmjax.models.families.base import LMBatch
-
-    cfg = tiny_config(*PPO, f"model.loss_chunk={chunk}")
-    fam = PPOFamily(build_family(cfg.model), cfg)
-    model = fam.module()
-    B, L = 2, 8
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, L), jnp.int32))["params"])
-    params["score"] = jax.random.normal(jax.random.PRNGKey(1), params["score"].shape)
-    tokens = jax.random.randint(jax.random.PRNGKey(2), (B, L + 1), 1, 128)
-    seqs = LMBatch(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=jnp.ones((B, L), jnp.int32),
-                   positions=jnp.broadcast_to(jnp.arange(L), (B, L)), weights=jnp.ones((B, L)))
-    logp, values = jax.jit(lambda p: fam.logp_and_values(model, p, seqs))(params)
-    nll, want_values = jax.jit(lambda p: (fam.family.token_losses(model, p, seqs)[0], fam.values(model, p, seqs)))(
-        params)
-    np.testing.assert_allclose(logp, -nll, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(values, want_values, rtol=1e-6, atol=1e-6)
-    assert float(jnp.std(values)) > 0.1  # a head that reads the hidden states, not zeros

@@ -5,7 +5,7 @@ states (`ValueDecoder`: the reward model's `ScoredDecoder` with the head startin
 values are 0), one set of parameters trained jointly by one optimizer (with LoRA the head is trained
 whole alongside the adapters, as every head with the `score` axis: `llmjax.post.lora.WHOLE_AXES`).
 The value of position t is read where the policy predicts target t, so values line up with the
-log-probabilities; both heads read one decoder pass (`PPOFamily.logp_and_values`).
+log-probabilities.
 
 One train step is one rollout batch: the prompts of step k are sampled, scored and packed exactly as
 GRPO's (`llmjax.post.rl.rollout.Rollouts.rollouts`: same keys per (seed, step, row), same reward
@@ -30,7 +30,7 @@ explained_variance (of the returns by the rollout values), response_length.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -40,16 +40,17 @@ import optax
 from flax import struct
 
 from llmjax.config import Config
-from llmjax.kernels.cross_entropy import token_losses as chunked_token_losses
 from llmjax.models.families.base import LMBatch, ModelFamily, Sums, forward
 from llmjax.models.layers import logical_init
-from llmjax.models.losses import cross_entropy
 from llmjax.parallel.rules import constrain
 from llmjax.post.rl.grpo import GroupRelative
 from llmjax.post.rl.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_k1, kl_k3, ppo_surrogate
 from llmjax.post.rl.reward import HEAD, ScoredDecoder
 from llmjax.post.rl.rollout import Rollouts
 from llmjax.train.step import PARAMS_KEY, TrainState, batch_gradients
+
+if TYPE_CHECKING:
+    pass
 
 SEQ = ("inputs", "targets", "segment_ids", "positions")
 PPO_KEY = 0x50_50  # folded into the step's key for the minibatch permutations
@@ -139,28 +140,13 @@ class PPOFamily:
         """[B, L] float32 value head at every input position."""
         return forward(model, params, seqs.inputs, seqs.segment_ids, seqs.positions, rng=rng, return_score=True)[0]
 
-    def logp_and_values(self, model: nn.Module, params: Any, seqs: LMBatch, rng: jax.Array | None = None
-                        ) -> tuple[jax.Array, jax.Array]:
-        """-> (log-probabilities of `seqs.targets` [B, L], values [B, L]) float32, from one pass of the decoder: the
-        LM head and the value head both read its final-norm hidden states (the family's `token_losses`, chunked
-        with `model.loss_chunk` > 0, and `values`, each of which would run the decoder)."""
-        cfg = self.family.cfg
-        args = (seqs.inputs, seqs.segment_ids, seqs.positions)
-        if cfg.loss_chunk > 0:
-            (hidden_BLD, values_BL), _ = forward(model, params, *args, rng=rng, return_score=True, return_hidden=True)
-            head, vocab_axis = self.family.output_matrix(params)
-            nll_BL, _ = chunked_token_losses(hidden_BLD, head, seqs.targets, cfg.loss_chunk, vocab_axis,
-                                             cfg.compute_dtype)
-        else:
-            (logits_BLV, values_BL), _ = forward(model, params, *args, rng=rng, return_score=True, return_logits=True)
-            nll_BL, _ = cross_entropy(logits_BLV, seqs.targets)
-        return -nll_BL, values_BL
-
     def loss(self, model: Any, params: Any, batch: PPOBatch, z_loss: float, rng: jax.Array | None = None
              ) -> tuple[jax.Array, Sums]:
         """-> (sum over response tokens of weights x (clipped surrogate + value_coef x clipped value loss), metric
         sums)."""
-        logp, values = self.logp_and_values(model, params, batch.sequences(), rng)
+        seqs = batch.sequences()
+        nll, _, _ = self.family.token_losses(model, params, seqs, rng)
+        logp, values = -nll, self.values(model, params, seqs, rng)
         surrogate, clipped = ppo_surrogate(logp, batch.old_logp, batch.advantages, self.rl.clip_eps)
         vloss = clipped_value_loss(values, batch.old_values, batch.returns, self.rl.value_clip)
         w = batch.weights

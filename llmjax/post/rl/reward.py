@@ -41,9 +41,7 @@ HEAD = "score"  # the head's parameter name at the top of the tree
 
 class ScoredDecoder(nn.Module):
     """A decoder with a scalar head: called as the decoder (logits, hidden states, decoding with a cache) or,
-    with `return_score=True`, -> the head on every position's final-norm hidden state [B, L] float32; with
-    `return_score` and `return_logits` (or `return_hidden`) -> (logits [B, L, V] float32 (or the final-norm hidden
-    states [B, L, D]), score [B, L]) from one pass of the decoder."""
+    with `return_score=True`, -> the head on every position's final-norm hidden state [B, L] float32."""
 
     decoder: nn.Module
     d_model: int
@@ -56,20 +54,13 @@ class ScoredDecoder(nn.Module):
 
     def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
                  positions_BL: jax.Array | None = None, cache: dict[str, Any] | None = None,
-                 return_hidden: bool = False, return_score: bool = False, return_logits: bool = False) -> Any:
-        if return_score and return_logits and not return_hidden:
-            logits_BLV, hidden_BLD = self.decoder(tokens_BL, segment_ids_BL, positions_BL, with_hidden=True)
-            return logits_BLV, self.head(hidden_BLD)
+                 return_hidden: bool = False, return_score: bool = False) -> Any:
         if return_score:
             hidden_BLD = self.decoder(tokens_BL, segment_ids_BL, positions_BL, return_hidden=True)
-            return (hidden_BLD, self.head(hidden_BLD)) if return_hidden else self.head(hidden_BLD)
+            return jnp.einsum("bld,do->blo", hidden_BLD.astype(jnp.float32), self.score.astype(jnp.float32))[..., 0]
         if self.is_initializing():
             _ = self.score
         return self.decoder(tokens_BL, segment_ids_BL, positions_BL, cache=cache, return_hidden=return_hidden)
-
-    def head(self, hidden_BLD: jax.Array) -> jax.Array:
-        """Final-norm hidden states [B, L, D] -> the scalar head [B, L], in float32."""
-        return jnp.einsum("bld,do->blo", hidden_BLD.astype(jnp.float32), self.score.astype(jnp.float32))[..., 0]
 
 
 def last_token_index(segment_ids_BL: jax.Array) -> jax.Array:

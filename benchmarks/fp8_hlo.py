@@ -7,8 +7,9 @@ Needs jax's CUDA plugin (`pip install 'llmjax[gpu-compile]'`, or `pip install --
 jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version>` and DIR on PYTHONPATH); no GPU,
 driver or CUDA libraries. The compiled HLO is searched for dots whose operands are f8e4m3fn / f8e5m2
 (cuBLASLt `__cublas$lt$matmul$f8` custom calls or Triton GEMM fusions, whichever XLA picks without
-autotuning) and for the dots left in bf16/f32 (attention scores, LM head, router). Exits 1 when the
-fp8 step has no float8 dot.
+autotuning) and for the dots left in bf16/f32 (attention scores, LM head, router), and every dot is
+summed by its operands' dtypes (with bf16 compute: the backward dots are bf16 x bf16, `llmjax.kernels.matmul`).
+Exits 1 when the fp8 step has no float8 dot (`--only compute`: the bf16 step alone).
 """
 
 from __future__ import annotations
@@ -48,18 +49,28 @@ def dots(hlo: str) -> collections.Counter[str]:
     return found
 
 
+def operand_types(found: collections.Counter[str]) -> collections.Counter[str]:
+    """`dots` summed by operand dtypes ('bf16 x bf16' -> count): a bfloat16 step's backward dots show here as
+    bf16 x bf16 (`llmjax.kernels.matmul`), not f32 x f32."""
+    out: collections.Counter[str] = collections.Counter()
+    for op, n in found.items():
+        out[op.split(" ->", 1)[0]] += n
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", default="h100-1")
     p.add_argument("--config", default=None)
     p.add_argument("--dump", default=None, help="write each compiled HLO to DUMP.<matmul_dtype>.txt")
+    p.add_argument("--only", choices=("compute", "fp8"), default=None, help="compile this matmul_dtype only")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     jax.config.update("jax_threefry_partitionable", True)
     target = load_target(args.topology)
     print(f"target: {target.describe()}; jax {jax.__version__}")
     fp8_dots = 0
-    for matmul in ("compute", "fp8"):
+    for matmul in (args.only,) if args.only else ("compute", "fp8"):
         cfg = load_config(args.config, [*args.overrides, "model.compute_dtype=bfloat16",
                                         f"model.matmul_dtype={matmul}"])
         validate(cfg, len(target.devices))
@@ -79,10 +90,11 @@ def main() -> int:
         print(f"cost analysis: {cost_text}")
         for op, n in sorted(dots(hlo).items()):
             print(f"  {n:4d} x {op}")
+        print("dots by operand dtypes: " + ", ".join(f"{k}: {n}" for k, n in sorted(operand_types(dots(hlo)).items())))
         if matmul == "fp8":
             fp8_dots = sum(n for op, n in dots(hlo).items() if "f8" in op.split("->")[0])
             print(f"float8 dots: {fp8_dots}")
-    return 0 if fp8_dots else 1
+    return 0 if fp8_dots or args.only == "compute" else 1
 
 
 if __name__ == "__main__":

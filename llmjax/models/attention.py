@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention
+from llmjax.kernels import ATTENTION_MODULES, attention_names, canonical_attention, matmul
 from llmjax.models import mup
 from llmjax.models.layers import Linear, dense_kwargs, make_norm
 from llmjax.models.rope import rotary
@@ -214,13 +214,13 @@ def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask:
     k_BKSE = k_BSKE.transpose(0, 2, 1, 3)
     v_BKSE = v_BSKE.transpose(0, 2, 1, 3)
     batch = ((0, 1), (0, 1))
-    scores_BKXS = jax.lax.dot_general(q_BKXE, k_BKSE, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
+    scores_BKXS = matmul.dot_general(q_BKXE, k_BKSE, (((3,), (3,)), batch))
     scores_BKGLS = scores_BKXS.reshape(B, K, G, L, S) * scale
     if softcap > 0:
         scores_BKGLS = softcap * jnp.tanh(scores_BKGLS / softcap)
     scores_BKGLS = jnp.where(mask.dense()[:, :, None], scores_BKGLS, NEG_INF)  # broadcast over K, G
     probs_BKXS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKE.dtype).reshape(B, K, G * L, S)
-    out_BKXE = jax.lax.dot_general(probs_BKXS, v_BKSE, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    out_BKXE = matmul.dot_general(probs_BKXS, v_BKSE, (((3,), (2,)), batch))
     out_BLKGE = out_BKXE.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4)
     return out_BLKGE.reshape(B, L, H, E).astype(q_BLHE.dtype)
 
@@ -233,7 +233,7 @@ def xla_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
     K = k_BSKE.shape[2]
     G = H // K
     q_BKGLE = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
-    s = jnp.einsum("bkgle,bske->bkgls", q_BKGLE, k_BSKE, preferred_element_type=jnp.float32) * scale
+    s = matmul.einsum("bkgle,bske->bkgls", q_BKGLE, k_BSKE) * scale
     allowed = mask.dense()[:, :, None]  # [B, 1, 1, L, S]
     s = jnp.where(allowed, s, NEG_INF)
     m = jax.lax.stop_gradient(s.max(axis=-1))  # the result does not depend on it
@@ -241,8 +241,7 @@ def xla_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, m
     total = p.sum(axis=-1)
     seen = total > 0
     total = jnp.where(seen, total, 1.0)
-    out = jnp.einsum("bkgls,bske->bkgle", (p / total[..., None]).astype(v_BSKE.dtype), v_BSKE,
-                     preferred_element_type=jnp.float32)
+    out = matmul.einsum("bkgls,bske->bkgle", (p / total[..., None]).astype(v_BSKE.dtype), v_BSKE)
     lse = jnp.where(seen, m + jnp.log(total), NEG_INF)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E), lse.transpose(0, 3, 1, 2).reshape(B, L, H)
 

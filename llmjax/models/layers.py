@@ -9,7 +9,8 @@ Conventions
   those names map to is decided by the rule table, never here.
 - Parameters live in `param_dtype`; matmuls take inputs in `compute_dtype` and always
   accumulate in float32 (`preferred_element_type`), which is both more accurate and, on
-  CPUs with AMX and on accelerators, the fast path for bfloat16.
+  CPUs with AMX and on accelerators, the fast path for bfloat16. Their backward matmuls stay in
+  the compute dtype too (`llmjax.kernels.matmul`: the float32 output gradient is cast down).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.kernels import matmul
 from llmjax.kernels.fp8 import fp8_matmul
 from llmjax.parallel.rules import constrain
 
@@ -77,7 +79,7 @@ class Linear(nn.Module):
         if self.fp8:
             y = fp8_matmul(x2, k2).reshape(*lead, *self.out_shape)
         else:
-            y = jnp.matmul(x2, k2, preferred_element_type=jnp.float32).reshape(*lead, *self.out_shape)
+            y = matmul.dot_general(x2, k2, (((1,), (0,)), ((), ()))).reshape(*lead, *self.out_shape)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -179,12 +181,7 @@ class Embed(nn.Module):
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """x [B, L, D] -> logits [B, L, V] in float32."""
-        return jnp.einsum(
-            "bld,vd->blv",
-            x_BLD.astype(self.compute_dtype),
-            self.embedding.astype(self.compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return matmul.einsum("bld,vd->blv", x_BLD.astype(self.compute_dtype), self.embedding.astype(self.compute_dtype))
 
 
 @jax.named_scope("rope")  # the name profiles attribute these ops by (no effect on the computation)

@@ -102,22 +102,33 @@ GRPO = [f"rl.prompts={DATA / 'rl_tasks.jsonl'}", "rl.reward_fn=mp_rl_rewards:len
         "checkpoint.every_steps=0", "optim.lr=1e-3"]
 
 
+# PPO: one epoch of 2 minibatches per rollout batch (the minibatch permutation and slices, across processes too)
+PPO = [a for a in GRPO if a != "train.objective=grpo"] + ["train.objective=ppo", "rl.ppo_epochs=1", "rl.minibatches=2"]
+RL_KEYS = {"grpo": ("reward", "reward_std", "response_length", "loss", "kl", "entropy", "grad_norm"),
+           "ppo": ("reward", "reward_std", "response_length", "loss", "policy_loss", "value_loss", "kl", "entropy",
+                   "grad_norm", "explained_variance")}
+
+
 @pytest.mark.slow
-def test_grpo_in_two_processes_matches_one(tmp_path, monkeypatch):
-    """GRPO from a random policy: the same rollouts (rewards, response lengths) and losses per step in 2 processes
-    as in 1 (every process decodes on the global arrays and scores every row, so the group advantages are the
-    whole batch's; PPO shares the path: `llmjax.post.rl.rollout.Rollouts`)."""
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_rl_in_two_processes_matches_one(objective, tmp_path, monkeypatch):
+    """GRPO and PPO from a random policy: the same rollouts (rewards, response lengths) and losses per step in 2
+    processes as in 1 (every process decodes on the global arrays and scores every row, so GRPO's group advantages
+    and PPO's values and whitened GAE advantages are the whole batch's: `llmjax.post.rl.rollout.Rollouts`)."""
     (tmp_path / "mp_rl_rewards.py").write_text(RL_REWARD)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
     one, two = tmp_path / "one", tmp_path / "two"
-    run(command(one, *GRPO), 1)
-    r = run(command(two, *GRPO), 2)
+    args = GRPO if objective == "grpo" else PPO
+    run(command(one, *args), 1)
+    r = run(command(two, *args), 2)
     assert "distributed: 2 processes, 8 devices (4 per process)" in r.stderr
-    for key in ("reward", "reward_std", "response_length", "loss", "kl", "entropy", "grad_norm"):
+    for key in RL_KEYS[objective]:
         a, b = _records(one, "train", key), _records(two, "train", key)
         assert sorted(a) == sorted(b) == [0, 1], key
         # the rollouts are identical; log-probabilities and losses differ by float32 rounding of the cross-process
         # reductions (loss: a sum of terms ~0.1 that can cancel to ~1e-5, so the bound is absolute as well)
+        # explained_variance = 1 - a ratio near 1: float32 rounding of the ratio (~1e-7) is absolute there
         exact = key in ("reward", "reward_std", "response_length")
+        atol = 0 if exact else 1e-6 if key == "explained_variance" else 1e-7
         np.testing.assert_allclose([b[s] for s in (0, 1)], [a[s] for s in (0, 1)], rtol=0 if exact else 1e-6,
-                                   atol=0 if exact else 1e-7, err_msg=key)
+                                   atol=atol, err_msg=key)

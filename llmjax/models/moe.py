@@ -56,7 +56,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
-from llmjax.kernels import matmul
 from llmjax.kernels.fp8 import fp8_matmul, fp8_ragged_dot
 from llmjax.models.feedforward import Aux
 from llmjax.models.layers import _ACTIVATIONS, MLP, Linear, dtype, logical_init
@@ -195,7 +194,8 @@ def _capacity_dispatch(cfg: ModelConfig, x_BLD: jax.Array, weights_BLK: jax.Arra
     mask_f = mask_BKLX.astype(jnp.float32)
     dispatch_BLXC = jnp.einsum("bklx,bklc->blxc", mask_f, slot_BKLC)
     combine_BLXC = jnp.einsum("bklx,bklc,blk->blxc", mask_f, slot_BKLC, weights_BLK)
-    x_XBCD = matmul.einsum("blxc,bld->xbcd", dispatch_BLXC.astype(compute), x_BLD.astype(compute)).astype(compute)
+    x_XBCD = jnp.einsum("blxc,bld->xbcd", dispatch_BLXC.astype(compute), x_BLD.astype(compute),
+                        preferred_element_type=jnp.float32).astype(compute)
     if comm.expert_axis is None:
         x_XBCD = constrain(x_XBCD, ("act_expert", "act_batch", None, "act_embed"))
     x_XNCD = comm.exchange(x_XBCD, 0, 1)  # [X / E, E * B, C, D]: this shard's experts, every shard's slots
@@ -204,7 +204,9 @@ def _capacity_dispatch(cfg: ModelConfig, x_BLD: jax.Array, weights_BLK: jax.Arra
         if cfg.matmul_dtype == "fp8":  # one batched [N*C, D] x [D, F] matmul per local expert
             Xl, N, Cs, _ = a.shape
             return fp8_matmul(a.reshape(Xl, N * Cs, -1), kernel).reshape(Xl, N, Cs, -1)
-        return matmul.einsum("xncd,xdf->xncf", a, kernel)
+        # plain einsum, not kernels.matmul: under shard_map (expert parallelism) the custom VJP's kernel gradient
+        # varies over more mesh axes than the kernel, which jax refuses ("manual axis types do not match")
+        return jnp.einsum("xncd,xdf->xncf", a, kernel, preferred_element_type=jnp.float32)
 
     y_XNCD = expert_mlp(cfg, w, x_XNCD, expert_matmul, lambda b: b[:, None, None, :], comm)
     y_XBCD = comm.exchange(y_XNCD, 1, 0)

@@ -178,3 +178,14 @@ def write_csv(path, header: list[str], rows: list[list]):
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def assert_each_point_won_once(wins: dict[int, list[str]], points: list[str], leases) -> None:
+    """Concurrent lease claimers (`wins`: claimer index -> the points it claimed) took every point exactly once, each
+    point's lease names its winner and is fresh, and the race had several winners (`leases`: a lease store)."""
+    won = [point for w in wins.values() for point in w]
+    assert sorted(won) == sorted(points), [p for p in set(won) if won.count(p) > 1]
+    for point in points:
+        lease, age = leases.read(point)
+        assert lease.worker != "gone" and age < 30 and point in wins[int(lease.worker.removeprefix("claimer"))]
+    assert sum(1 for w in wins.values() if w) > 1  # the race really had several winners

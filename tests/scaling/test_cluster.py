@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_llmjax, tiny_train_overrides
+from helpers import assert_each_point_won_once, run_llmjax, tiny_train_overrides
 
 from llmjax.scaling.cluster.lease import Lease, LocalLeases
 from llmjax.scaling.cluster.queue import write_queue
@@ -90,12 +90,7 @@ def test_a_hundred_concurrent_claimers_never_claim_a_point_twice(tmp_path):
     assert r.returncode == 0
     wins = {int(f.name): f.read_text().split() for f in out.iterdir()}
     assert len(wins) == 100
-    won = [point for w in wins.values() for point in w]
-    assert sorted(won) == sorted(free + stale), [p for p in set(won) if won.count(p) > 1]
-    for point in free + stale:
-        lease, age = leases.read(point)
-        assert lease.worker != "gone" and age < 30 and point in wins[int(lease.worker.removeprefix("claimer"))]
-    assert sum(1 for w in wins.values() if w) > 1  # the race really had several winners
+    assert_each_point_won_once(wins, free + stale, leases)
 
 
 def test_lease_heartbeat_takeover_and_release(tmp_path):

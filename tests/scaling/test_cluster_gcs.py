@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from helpers import assert_each_point_won_once
 
 from llmjax.scaling.cluster.lease import GCSLeases, Lease, LocalLeases
 
@@ -124,9 +125,4 @@ def test_twenty_concurrent_claimers_on_gcs_never_claim_a_point_twice(tmp_path, g
     for t in threads:
         t.join(timeout=120)
     assert len(wins) == 20
-    won = [point for w in wins.values() for point in w]
-    assert sorted(won) == sorted(free + stale), [p for p in set(won) if won.count(p) > 1]
-    for point in free + stale:
-        lease, age = setup.read(point)
-        assert lease.worker != "gone" and age < 30 and point in wins[int(lease.worker.removeprefix("claimer"))]
-    assert sum(1 for w in wins.values() if w) > 1  # the race really had several winners
+    assert_each_point_won_once(wins, free + stale, setup)

@@ -94,8 +94,8 @@ def read_text(path: Any) -> str | None:
 def relative(path: Any, start: Any) -> str:
     """`path` relative to the directory `start` where both are local; else `path` as it is (a URL)."""
     if is_url(path) or is_url(start):
-        return os.fspath(path)
-    return os.path.relpath(os.fspath(path), os.fspath(start))
+        return str(os.fspath(path))
+    return str(os.path.relpath(os.fspath(path), os.fspath(start)))
 
 
 def check_backend(path: Any) -> None:

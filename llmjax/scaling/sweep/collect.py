@@ -194,14 +194,14 @@ def listed_points(directory: Any) -> dict[str, dict[str, Any]]:
         raise ScalingError(f"sweep collect: cannot read {listing}: {e}") from None
 
 
-def collect(directory: str | Path, out: str | Path | None = None, export: str | Path | None = None) -> Path:
+def collect(dir_or_url: Any, out: Any = None, export: str | Path | None = None) -> Any:
     """Write `out` (default DIR/runs.csv) from the run directories under `directory`.
 
     With `export`, write EXPORT/runs.csv instead, and copy each run's config.yaml, run_info.json and a
     trimmed metrics.jsonl (evals, and train losses averaged over at most 250 bins of steps) to
     EXPORT/runs/<name>/, the CSV's `workdir` column pointing there: a small, self-contained copy of
-    the sweep's results (approach 1 included)."""
-    directory = any_path(directory)
+    the sweep's results (approach 1 included). DIR and `out` may be gs:// URLs (module docstring)."""
+    directory: Any = any_path(dir_or_url)  # a pathlib.Path, or an etils.epath.Path for gs://
     if not directory.is_dir():
         raise ScalingError(f"sweep collect: {directory} is not a directory")
     if export is not None:

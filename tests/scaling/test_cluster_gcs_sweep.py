@@ -120,8 +120,9 @@ def test_concurrent_failure_counts_on_gcs_lose_no_increment(tmp_path, emulated):
 
 def test_sweep_work_trains_a_point_on_gcs_equal_to_a_local_run(tmp_path, corpus, emulated):
     """`llmjax sweep work gs://...` trains the point (the trainer writing its run directory to the emulator) to
-    DONE; `sweep status` says done, `sweep collect gs://... --out CSV` writes the row, and the final loss equals
-    `llmjax sweep run` of the same spec on the local file system bit for bit."""
+    DONE; `sweep status` says done, `sweep collect gs://... --out CSV` writes the row, and the final loss (and
+    the training curve approach 1 reads through the row's workdir URL) equals `llmjax sweep run` of the same
+    spec on the local file system bit for bit."""
     spec = _spec(tmp_path, corpus)
     d = f"gs://sweeps/{uuid.uuid4().hex[:8]}/sweep"
     write_queue(load_sweep(spec), d, {"lease_seconds": 30.0, "retries": 0, "pack": 1})
@@ -141,3 +142,8 @@ def test_sweep_work_trains_a_point_on_gcs_equal_to_a_local_run(tmp_path, corpus,
     (ref,) = csv.DictReader((tmp_path / "local.csv").open())
     assert row["status"] == "done" and row["workdir"] == f"{d}/{point.name}"
     assert row["final_loss"] == ref["final_loss"] and row["tokens"] == ref["tokens"]
+    # `llmjax fit`'s approach 1 reads the training curves from the CSV's workdir column: a URL as it is
+    from llmjax.scaling.laws.envelope import _run_dir, _train_losses
+
+    curve = _train_losses(_run_dir(tmp_path, row["workdir"]))
+    assert curve and curve == _train_losses(_run_dir(tmp_path, ref["workdir"]))

@@ -147,3 +147,26 @@ def test_sweep_work_trains_a_point_on_gcs_equal_to_a_local_run(tmp_path, corpus,
 
     curve = _train_losses(_run_dir(tmp_path, row["workdir"]))
     assert curve and curve == _train_losses(_run_dir(tmp_path, ref["workdir"]))
+
+
+def test_submit_executor_tpu_with_a_gcs_workdir(tmp_path, corpus, emulated, capsys):
+    """`sweep submit --executor tpu --workdir gs://...`: the tpu_pod.sh command it would run (--dry-run) starts
+    `sweep work gs://...` on every host of each v5p-16 slice (2 hosts) with the host count exported."""
+    import shlex
+    import subprocess
+
+    from helpers import ROOT
+
+    from llmjax.cli import main
+
+    d = f"gs://sweeps/{uuid.uuid4().hex[:8]}/sweep"
+    capsys.readouterr()
+    assert main(["sweep", "submit", str(_spec(tmp_path, corpus)), "--executor", "tpu", "--workers", "2",
+                 "--tpu-type", "v5p-16", "--workdir", d, "--dry-run"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    cmd = shlex.split(line)
+    assert cmd[0] == str(ROOT / "launch" / "tpu_pod.sh") and cmd[-4:] == ["llmjax", "sweep", "work", d]
+    r = subprocess.run([cmd[0], "--dry-run", *cmd[1:]], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    starts = [x for x in r.stdout.splitlines() if " start " in x and "tpu-vm ssh" in x]
+    assert len(starts) == 2 and all("LLMJAX_WORKER_PROCESSES=2" in x and f"sweep work {d}" in x for x in starts)

@@ -298,7 +298,8 @@ def _train_points(directory: Any, sweep: Sweep, points: list[Point], by_name: di
                   trainer: Trainer) -> dict[str, int]:
     """Train one point (as `sweep run` does) or a pack of them (in a subprocess); {name: exit status}."""
     if len(points) == 1:
-        return {points[0].name: _run_point(sweep, points[0], by_name, directory, f"[{points[0].name}]", trainer.call)}
+        return {points[0].name: _run_point(sweep, points[0], by_name, directory, f"[{points[0].name}]", trainer.call,
+                                           mark=False)}  # DONE: written by _finish, under the lease
     out = directory / ".leases" / f"pack-{trainer.held[0].token}.json"
     cmd = [sys.executable, "-m", "llmjax.scaling.cluster.worker", "pack", str(directory), str(out),
            *(p.name for p in points)]

@@ -57,8 +57,23 @@ def as_path(path: Any) -> Any:
     from etils import epath
 
     if is_url(path):
+        _no_listing_cache()
         return epath.Path(os.fspath(path))
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def _no_listing_cache() -> None:
+    """gcsfs keeps every directory listing it made, without expiry by default, and answers later `exists`,
+    `is_file` and reads from it: a long-lived process (a sweep worker, `sweep status --wait`) would never
+    see a file another machine wrote since (a DONE marker, a lease's journal entry). Ask fsspec for no
+    listing cache (cache_timeout 0) for gs://, unless the user configured one (fsspec.config, or
+    FSSPEC_GCS_CACHE_TIMEOUT)."""
+    try:
+        from fsspec.config import conf
+    except ImportError:
+        return
+    for protocol in ("gs", "gcs"):
+        conf.setdefault(protocol, {}).setdefault("cache_timeout", 0)
 
 
 def any_path(path: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 import uuid
 
@@ -97,6 +98,21 @@ def test_queue_markers_attempts_and_status_round_trip_on_gcs(tmp_path, corpus, e
     assert claim(directory, sweep, leases, settings, "w4") is None  # nothing left
     journal = [json.loads(p.read_text())["event"] for p in sorted((directory / ".leases" / "journal").iterdir())]
     assert journal == ["claim", "claim", "retry", "claim", "failed", "done"]
+
+
+def test_a_long_lived_process_sees_markers_another_machine_wrote_since(emulated, gcs):  # noqa: F811
+    """gcsfs would answer from a directory listing it made earlier (no expiry by default): a worker or `sweep
+    status --wait` would never see a DONE written since by another worker. llmjax.storage turns that cache
+    off for gs://."""
+    from llmjax.storage import any_path, read_text
+
+    d = any_path(f"gs://sweeps/{uuid.uuid4().hex[:8]}/p")
+    (d / "metrics.jsonl").write_text("{}\n")
+    assert [p.name for p in d.iterdir()] == ["metrics.jsonl"] and not (d / "DONE").is_file()
+    other = gcs().bucket("sweeps").blob(f"{os.fspath(d).removeprefix('gs://sweeps/')}/DONE")
+    other.upload_from_string('{"point": "p"}')  # another machine, its own client
+    assert (d / "DONE").is_file() and json.loads(read_text(d / "DONE")) == {"point": "p"}
+    assert sorted(p.name for p in d.iterdir()) == ["DONE", "metrics.jsonl"]
 
 
 def test_concurrent_failure_counts_on_gcs_lose_no_increment(tmp_path, emulated):

@@ -137,8 +137,8 @@ def test_concurrent_failure_counts_on_gcs_lose_no_increment(tmp_path, emulated):
 def test_sweep_work_trains_a_point_on_gcs_equal_to_a_local_run(tmp_path, corpus, emulated):
     """`llmjax sweep work gs://...` trains the point (the trainer writing its run directory to the emulator) to
     DONE; `sweep status` says done, `sweep collect gs://... --out CSV` writes the row, and the final loss (and
-    the training curve approach 1 reads through the row's workdir URL) equals `llmjax sweep run` of the same
-    spec on the local file system bit for bit."""
+    the training curve approach 1 reads through the row's workdir URL) equals `llmjax sweep run`'s training of
+    the same point on the local file system bit for bit."""
     spec = _spec(tmp_path, corpus)
     d = f"gs://sweeps/{uuid.uuid4().hex[:8]}/sweep"
     write_queue(load_sweep(spec), d, {"lease_seconds": 30.0, "retries": 0, "pack": 1})
@@ -151,7 +151,9 @@ def test_sweep_work_trains_a_point_on_gcs_equal_to_a_local_run(tmp_path, corpus,
     out = tmp_path / "gcs.csv"
     collect(d, out)  # in this process (the emulator's environment is set): a subprocess less
     local = tmp_path / "local"
-    r = run_llmjax("sweep", "run", spec, "--workdir", local)
+    sweep = load_sweep(spec)  # the `llmjax train` command `sweep run` would run (one interpreter less)
+    r = run_llmjax("train", *(["--config", sweep.base] if sweep.base else []), "--workdir", local / point.name,
+                   *point.overrides)
     assert r.returncode == 0, r.stderr[-3000:]
     collect(local, tmp_path / "local.csv")
     (row,) = csv.DictReader(out.open())

@@ -69,7 +69,7 @@ def _no_listing_cache() -> None:
     listing cache (cache_timeout 0) for gs://, unless the user configured one (fsspec.config, or
     FSSPEC_GCS_CACHE_TIMEOUT)."""
     try:
-        from fsspec.config import conf
+        from fsspec.config import conf  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         return
     for protocol in ("gs", "gcs"):

@@ -35,8 +35,10 @@ Options (defaults in brackets; also from the environment variables named):
   --type TYPE            accelerator type per slice [$TPU_TYPE, or v5p-8], e.g. v5p-64, v5litepod-16
   --version VERSION      TPU software version [$TPU_VERSION, or v2-alpha-tpuv5]
   --workers N            N independent slices NAME-w0 ... (queued resources), each running COMMAND on
-                         its own with LLMJAX_WORKER=NAME-wI: the workers of `llmjax sweep submit
-                         --executor tpu` (run implies --detach; up/status/stop/delete act on all)
+                         its own with LLMJAX_WORKER=NAME-wI and LLMJAX_WORKER_PROCESSES=<hosts of
+                         one --type slice>: the workers of `llmjax sweep submit --executor tpu`, whose
+                         sweep directory is best a gs:// URL (run implies --detach; up/status/stop/
+                         delete act on all)
   --num-slices N         N slices of --type joined over the data-centre network (multi-slice; created
                          as one queued resource with nodes NAME-0 .. NAME-(N-1)) [1]
   --queued               create through a queued resource (waits for capacity; implied by --num-slices > 1)
@@ -176,6 +178,22 @@ if [[ $num_slices -gt 1 ]]; then
   queued=1  # multi-slice needs a queued resource
 fi
 [[ "$workers" =~ ^[0-9]+$ ]] || die "--workers must be a whole number, got '$workers'"
+
+# The hosts (TPU VMs) of one slice of --type: v2/v3/v4/v5p types count TensorCores (2 per chip), the
+# others chips (the units of llmjax/planner/topology.py TPU_GENERATIONS); 4 chips per host, except
+# that v5e/v6e slices of up to 8 chips are one host.
+slice_hosts() {
+  local gen="${1%-*}" n="${1##*-}" units=1 chips
+  [[ "$1" =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] || return 1
+  case "$gen" in
+    v2 | v3 | v4 | v5p) units=2 ;;
+    v5e | v5litepod | v6e) units=1 ;;
+    *) return 1 ;;
+  esac
+  chips=$((n / units))
+  if [[ $units -eq 1 && $chips -le 8 ]] || [[ $chips -le 4 ]]; then echo 1; else echo $(((chips + 3) / 4)); fi
+}
+
 if [[ $workers -gt 0 ]]; then
   # One queued-resource slice per worker: this script once per slice (in parallel unless --dry-run).
   [[ $num_slices -eq 1 ]] || die "--workers and --num-slices do not mix (each worker is one slice)"
@@ -190,7 +208,10 @@ if [[ $workers -gt 0 ]]; then
   for ((i = 0; i < workers; i++)); do
     one=("$0" --name "$name-w$i" --queued)
     if [[ "$action" == run ]]; then
-      one+=(--detach --env "LLMJAX_WORKER=$name-w$i")
+      # Every host of the slice runs the worker; process 0 (the host whose agent-worker-number is 0)
+      # claims and waits for the others' acknowledgements, so it must know how many there are.
+      hosts="$(slice_hosts "$accel_type")" || die "--workers: cannot tell the host count of --type '$accel_type' (known: v2, v3, v4, v5p, v5e/v5litepod, v6e types such as v5p-64)"
+      one+=(--detach --env "LLMJAX_WORKER=$name-w$i" --env "LLMJAX_WORKER_PROCESSES=$hosts")
     fi
     if [[ $dry_run -eq 1 ]]; then
       "${one[@]}" "${rest[@]}"

@@ -4,6 +4,9 @@ Workdirs, checkpoints and metrics go through `etils.epath` (`as_path`), which or
 too, so `--workdir gs://bucket/run` works wherever epath has a backend for the scheme
 (gcsfs or TensorFlow's gfile for gs://). Object stores cannot append to a file; writers
 that append (metrics.jsonl, TensorBoard events) stage locally and upload (`writers`).
+`write_atomic`/`read_text` are the whole-file writes and reads of small state files (a sweep's
+queue and markers) on either kind of path; gcsfs and google-cloud-storage both honour
+STORAGE_EMULATOR_HOST, so the same code runs against a GCS emulator in tests.
 
 Storage failures (a full disk, a quota, a read-only or forbidden path) become one
 `StorageError` that names the path and its free space, so the CLI can print one line and
@@ -20,8 +23,8 @@ from typing import Any
 
 from llmjax.errors import EXIT_STORAGE, ConfigError, StorageError, free_space
 
-__all__ = ["EXIT_STORAGE", "STORAGE_ERRNOS", "StorageError", "as_path", "check_backend", "free_space", "is_url",
-           "reraise_storage", "storage_problem", "writable_ancestor"]
+__all__ = ["EXIT_STORAGE", "STORAGE_ERRNOS", "StorageError", "any_path", "as_path", "check_backend", "free_space",
+           "is_url", "read_text", "relative", "reraise_storage", "storage_problem", "writable_ancestor", "write_atomic"]
 
 # errno values that are a property of the storage, not of llmjax or the config.
 STORAGE_ERRNOS = {
@@ -54,8 +57,60 @@ def as_path(path: Any) -> Any:
     from etils import epath
 
     if is_url(path):
+        _no_listing_cache()
         return epath.Path(os.fspath(path))
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def _no_listing_cache() -> None:
+    """gcsfs keeps every directory listing it made, without expiry by default, and answers later `exists`,
+    `is_file` and reads from it: a long-lived process (a sweep worker, `sweep status --wait`) would never
+    see a file another machine wrote since (a DONE marker, a lease's journal entry). Ask fsspec for no
+    listing cache (cache_timeout 0) for gs://, unless the user configured one (fsspec.config, or
+    FSSPEC_GCS_CACHE_TIMEOUT)."""
+    try:
+        from fsspec.config import conf  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return
+    for protocol in ("gs", "gcs"):
+        conf.setdefault(protocol, {}).setdefault("cache_timeout", 0)
+
+
+def any_path(path: Any) -> Any:
+    """A local path as a `pathlib.Path` (as given: relative stays relative), a URL as an `etils.epath.Path`:
+    for code that treats both alike with the methods they share (`/`, read_text, write_text, is_file,
+    is_dir, mkdir, unlink, iterdir, glob) and keeps the local file system's own semantics (rglob, stat)."""
+    from pathlib import Path
+
+    return as_path(path) if is_url(path) else Path(os.fspath(path))
+
+
+def write_atomic(path: Any, text: str) -> None:
+    """Replace the file `path` (local or URL) with `text` so that readers see the old or the new content,
+    never a part: locally a private temporary file renamed over it; on an object store one upload (an
+    object is replaced whole, and a reader gets either generation)."""
+    path = any_path(path)
+    if is_url(path):
+        path.write_text(text)
+        return
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{id(text):x}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_text(path: Any) -> str | None:
+    """The text of the file `path` (local or URL), or None when it does not exist."""
+    try:
+        return str(any_path(path).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def relative(path: Any, start: Any) -> str:
+    """`path` relative to the directory `start` where both are local; else `path` as it is (a URL)."""
+    if is_url(path) or is_url(start):
+        return str(os.fspath(path))
+    return str(os.path.relpath(os.fspath(path), os.fspath(start)))
 
 
 def check_backend(path: Any) -> None:

@@ -180,14 +180,29 @@ def test_tpu_pod_workers_one_queued_slice_each():
     assert [c[5] for c in starts] == ["sw-w0", "sw-w1"] and all("--worker=all" in c for c in starts)
     for i, c in enumerate(starts):
         args = _job_args(_remote(c))
-        assert args[:4] == ["start", "--env", f"LLMJAX_WORKER=sw-w{i}", "--"]
-        assert args[4:] == ["llmjax", "sweep", "work", "/mnt/fs/sweep"]
+        # the slice's host count (v5p-16: 8 chips, 2 hosts), for process 0 of the worker to wait for the other
+        assert args[:6] == ["start", "--env", f"LLMJAX_WORKER=sw-w{i}", "--env", "LLMJAX_WORKER_PROCESSES=2", "--"]
+        assert args[6:] == ["llmjax", "sweep", "work", "/mnt/fs/sweep"]
     assert not any(c[3:5] == ["tpu-vm", "ssh"] and "logs --follow" in _remote(c) for c in cmds)  # detached
     assert [c[5] for c in _gcloud(_dry([TPU, "--dry-run", "--name", "sw", "--workers", "2", "delete"]))] == \
         ["sw-w0", "sw-w1"]
     r = subprocess.run([TPU, "--dry-run", "--workers", "2", "--num-slices", "2", "run", "--", "llmjax"],
                        capture_output=True, text=True, env=_clean_env())
     assert r.returncode == 2 and "do not mix" in r.stderr
+
+
+@pytest.mark.parametrize("tpu_type,hosts", [("v5p-8", 1), ("v5p-64", 8), ("v4-32", 4), ("v5litepod-8", 1),
+                                            ("v5litepod-16", 4), ("v6e-256", 64), ("v6e-4", 1)])
+def test_tpu_pod_workers_export_the_hosts_of_one_slice(tpu_type, hosts):
+    """--workers: every host of a slice learns the slice's host count from --type (a TPU VM's environment does
+    not say it; the sweep worker's process 0 waits for that many acknowledgements); an unknown type is an error."""
+    cmds = _gcloud(_dry([TPU, "--dry-run", "--name", "sw", "--workers", "1", "--type", tpu_type, "run", "--",
+                         "llmjax", "sweep", "work", "gs://b/sweep"]))
+    (start,) = [c for c in cmds if " start " in _flags(c).get("command", "")]
+    assert f"LLMJAX_WORKER_PROCESSES={hosts}" in _job_args(_remote(start))
+    r = subprocess.run([TPU, "--dry-run", "--workers", "1", "--type", "v9z-8", "run", "--", "llmjax"],
+                       capture_output=True, text=True, env=_clean_env())
+    assert r.returncode == 2 and "cannot tell the host count of --type 'v9z-8'" in r.stderr, r.stderr
 
 
 def test_tpu_pod_usage_and_errors():

@@ -49,6 +49,7 @@ def gcs():
                                   client_options={"api_endpoint": server.url})
 
         client().create_bucket("sweeps")
+        client.url = server.url  # for the tests that reach it through STORAGE_EMULATOR_HOST (gs:// sweeps)
         yield client
     finally:
         server.stop()  # it pops STORAGE_EMULATOR_HOST again

@@ -150,3 +150,60 @@ def test_broadcast_followers_run_each_command_once_in_order_and_stop_at_the_end(
     write_queue(load_sweep(_spec(tmp_path, str(tmp_path), "p", tokens=(3,))), sweep_dir, {"pack": 2})
     with pytest.raises(ScalingError, match="--pack 2 needs a worker of one process"):
         work(sweep_dir)
+
+
+def test_a_tpu_slice_worker_takes_its_host_count_and_index_from_tpu_pod_sh(tmp_path, monkeypatch):
+    """On a TPU slice (launch/tpu_pod.sh --workers) the environment has no Slurm or launch/local.sh variables:
+    the worker's process count is LLMJAX_WORKER_PROCESSES (the script's, from --type) and its index
+    TPU_WORKER_ID, else the TPU VM metadata's agent-worker-number (a stand-in metadata server here), else the
+    hostname's -w-<i>; process 0's broadcast then waits for every other host, and `sweep work` sees them."""
+    import http.server
+    import socket
+    import threading
+
+    from llmjax.scaling import ScalingError
+    from llmjax.scaling.cluster.broadcast import Broadcast, process_index
+    from llmjax.scaling.cluster.worker import work
+
+    for name in ("SLURM_STEP_ID", "SLURM_PROCID", "LLMJAX_NUM_PROCESSES", "LLMJAX_PROCESS_ID", "TPU_WORKER_ID",
+                 "LLMJAX_WORKER_PROCESS_ID", "LLMJAX_WORKER_PROCESSES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LLMJAX_WORKER", "sw-w0")
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")  # no metadata server (discard port: refused)
+    monkeypatch.setattr(socket, "gethostname", lambda: "t1v-n-1234abcd-w-5")
+    assert process_index() == (5, 0)  # a slice started by hand: its size not known
+    monkeypatch.setenv("LLMJAX_WORKER_PROCESSES", "1")
+    assert process_index() == (0, 1)  # a one-host slice: no broadcast
+    monkeypatch.setenv("LLMJAX_WORKER_PROCESSES", "4")
+    assert process_index() == (5, 4)
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            ok = self.path.endswith("/attributes/agent-worker-number") and self.headers["Metadata-Flavor"] == "Google"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b"3" if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_address[1]}")
+        assert process_index() == (3, 4)
+        monkeypatch.setenv("TPU_WORKER_ID", "2")
+        assert process_index() == (2, 4)
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("TPU_WORKER_ID", "0")
+    assert process_index() == (0, 4)
+    b = Broadcast(tmp_path, "sw-w0", process_index()[1])
+    assert not b.acked(b.announce(["true"]))  # process 0 waits for hosts 1..3
+    for i in (1, 2, 3):
+        (tmp_path / f"sw-w0.ack.{i}").write_text(json.dumps({"seq": 1}))
+    assert b.acked(1)
+    sweep_dir = tmp_path / "sweep"
+    write_queue(load_sweep(_spec(tmp_path, str(tmp_path), "p", tokens=(3,))), sweep_dir, {"pack": 2})
+    with pytest.raises(ScalingError, match="this worker has 4"):
+        work(sweep_dir)

@@ -19,7 +19,11 @@ storage it runs on, so that two workers never hold one point):
   stopped and leaves the point to the next claimer).
 
 `failures` counts the failed tries of a point and keeps the last error line (written only by the
-lease holder).
+lease holder, after a heartbeat that proved the lease still its own). `add_failure` increments it:
+locally a rename under the lease (one holder at a time); on gs:// a compare-and-swap on the counter
+object's generation (`ifGenerationMatch`, retried on a conflict), so that even a holder whose lease
+was taken over between its last heartbeat and the write cannot overwrite another's increment: no
+failed try is lost and none counted twice.
 """
 
 from __future__ import annotations
@@ -132,6 +136,12 @@ class LocalLeases:
     def set_failures(self, point: str, n: int, error: str) -> None:
         os.replace(self._tmp(json.dumps({"failures": n, "error": error}).encode()), self.dir / f"{point}.failures")
 
+    def add_failure(self, point: str, error: str) -> int:
+        """Count one more failed try of `point` (its lease holder only); the new count."""
+        n = self.failures(point)[0] + 1
+        self.set_failures(point, n, error)
+        return n
+
 
 class GCSLeases:
     """Leases on gs:// through google-cloud-storage's generation preconditions (module docstring).
@@ -148,8 +158,11 @@ class GCSLeases:
     def __init__(self, sweep_dir: str, client: Any = None):
         from google.cloud import storage  # type: ignore[attr-defined,import-untyped,unused-ignore]  # the gcs extra (gcsfs needs it)
 
+        from llmjax.storage import any_path
+
         bucket, _, prefix = sweep_dir.removeprefix("gs://").partition("/")
         self.bucket = (client or storage.Client()).bucket(bucket)
+        self.dir = any_path(sweep_dir.rstrip("/")) / LEASES  # the journal and broadcast files (llmjax.storage)
         self.prefix = f"{prefix.strip('/')}/{LEASES}/" if prefix.strip("/") else f"{LEASES}/"
         self._generation: dict[str, int] = {}
 
@@ -213,12 +226,34 @@ class GCSLeases:
     def set_failures(self, point: str, n: int, error: str) -> None:
         self._blob(f"{point}.failures").upload_from_string(json.dumps({"failures": n, "error": error}))
 
+    def add_failure(self, point: str, error: str) -> int:
+        """Count one more failed try of `point`: read the counter and its generation, write n + 1 conditional
+        on that generation (0: create only), again on a conflict; the new count."""
+        from google.api_core.exceptions import PreconditionFailed
 
-def leases(sweep_dir: str | Path) -> LocalLeases | GCSLeases:
+        while True:
+            blob = self.bucket.get_blob(self.prefix + f"{point}.failures")
+            generation = 0 if blob is None else blob.generation
+            try:
+                n = int(json.loads(blob.download_as_bytes())["failures"]) if blob is not None else 0
+            except (ValueError, KeyError, TypeError):
+                n = 0
+            try:
+                self._blob(f"{point}.failures").upload_from_string(
+                    json.dumps({"failures": n + 1, "error": error}), if_generation_match=generation)
+                return n + 1
+            except PreconditionFailed:
+                continue  # another write landed between our read and our write: count on top of it
+
+
+Leases = LocalLeases | GCSLeases
+
+
+def leases(sweep_dir: Any) -> Leases:
     """The lease store of a sweep directory: gs://... -> GCSLeases, else LocalLeases."""
-    if str(sweep_dir).startswith("gs://"):
-        return GCSLeases(str(sweep_dir))
-    return LocalLeases(sweep_dir)
+    if os.fspath(sweep_dir).startswith("gs://"):
+        return GCSLeases(os.fspath(sweep_dir))
+    return LocalLeases(os.fspath(sweep_dir))
 
 
-__all__ = ["LEASES", "GCSLeases", "Lease", "LocalLeases", "leases"]
+__all__ = ["LEASES", "GCSLeases", "Lease", "Leases", "LocalLeases", "leases"]

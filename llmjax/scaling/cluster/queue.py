@@ -4,6 +4,10 @@
 workers need neither the spec file nor its base path to be where they were) and the settings the
 workers share (lease time, retries, pack size, accelerators per worker). `point_state` tells what a
 point is doing from the files alone (markers, lease, metrics), for the workers and `sweep status`.
+
+The directory is local (a shared file system) or a gs:// URL: every file here is read and written
+through `llmjax.storage` (etils.epath; queue.json replaced whole, `write_atomic`), and the points'
+run directories are DIR/<point> on the same storage, where the trainer writes them.
 """
 
 from __future__ import annotations
@@ -11,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from llmjax.scaling import ScalingError
-from llmjax.scaling.cluster.lease import LocalLeases
+from llmjax.scaling.cluster.lease import Leases
 from llmjax.scaling.sweep.collect import DONE, FAILED, is_finished, marker
 from llmjax.scaling.sweep.spec import Point, Sweep
+from llmjax.storage import any_path, read_text, write_atomic
 
 QUEUE = "queue.json"
 JOBS = "jobs.json"  # the Slurm job ids `sweep submit` submitted (a list, appended to on resubmission)
@@ -31,12 +35,15 @@ def fingerprint(sweep: Sweep) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_directory(sweep: Sweep, directory: Path) -> None:
-    """ScalingError unless `directory` is new, or already holds this very sweep (a resubmission)."""
+def check_directory(sweep: Sweep, directory: Any) -> None:
+    """ScalingError unless `directory` (local or gs://) is new, or already holds this very sweep (a
+    resubmission)."""
+    directory = any_path(directory)
     queue = directory / QUEUE
-    if queue.is_file():
+    text = read_text(queue)
+    if text is not None:
         try:
-            before = json.loads(queue.read_text())
+            before = json.loads(text)
         except ValueError as e:
             raise ScalingError(f"sweep submit: cannot read {queue}: {e}") from None
         if before.get("fingerprint") != fingerprint(sweep):
@@ -44,10 +51,10 @@ def check_directory(sweep: Sweep, directory: Path) -> None:
                                f"{before.get('fingerprint')}; this spec is {sweep.name!r}, {fingerprint(sweep)}): "
                                "choose another --workdir")
         return
-    listing = directory / "sweep.json"
-    if listing.is_file():
+    listing = read_text(directory / "sweep.json")
+    if listing is not None:
         try:
-            name = json.loads(listing.read_text()).get("name")
+            name = json.loads(listing).get("name")
         except (ValueError, AttributeError):
             name = None
         if name != sweep.name:
@@ -55,43 +62,46 @@ def check_directory(sweep: Sweep, directory: Path) -> None:
                                "another --workdir")
 
 
-def write_queue(sweep: Sweep, directory: Path, settings: dict[str, Any]) -> Path:
-    """Write DIR/queue.json (atomically) and DIR/sweep.json (for `sweep collect`)."""
+def write_queue(sweep: Sweep, directory: Any, settings: dict[str, Any]) -> Any:
+    """Write DIR/queue.json (atomically) and DIR/sweep.json (for `sweep collect`); local or gs://."""
     from llmjax.scaling.sweep.runner import write_listing
 
+    directory = any_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = {"name": sweep.name, "base": sweep.base, "spec": str(sweep.path), "fingerprint": fingerprint(sweep),
             "settings": {**SETTINGS, **settings}, "points": [dataclasses.asdict(p) for p in sweep.points]}
-    tmp = directory / f".{QUEUE}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, directory / QUEUE)
+    write_atomic(directory / QUEUE, json.dumps(data, indent=1))
     write_listing(directory, sweep)
     return directory / QUEUE
 
 
-def read_queue(directory: str | Path) -> tuple[Sweep, dict[str, Any]]:
-    """(the sweep, its settings) from DIR/queue.json; ScalingError when there is none."""
-    if str(directory).startswith("gs://"):
-        raise ScalingError(f"{directory}: sweep workers need a shared file system for the points' run directories "
-                           "(gs:// leases exist, scaling/cluster/lease.py GCSLeases; gs:// run markers do not yet)")
-    path = Path(directory) / QUEUE
+def read_queue(directory: Any) -> tuple[Sweep, dict[str, Any]]:
+    """(the sweep, its settings) from DIR/queue.json (local or gs://); ScalingError when there is none."""
+    from llmjax.storage import check_backend
+
     try:
-        data = json.loads(path.read_text())
+        check_backend(directory)
+    except Exception as e:  # ConfigError: gs:// without gcsfs
+        raise ScalingError(str(e)) from None
+    path = any_path(directory) / QUEUE
+    try:
+        text = read_text(path)
+        if text is None:
+            raise ScalingError(f"{path} not found: not a submitted sweep (llmjax sweep submit SPEC --workdir "
+                               f"{directory})")
+        data = json.loads(text)
         points = [Point(**p) for p in data["points"]]
-    except FileNotFoundError:
-        raise ScalingError(f"{path} not found: not a submitted sweep (llmjax sweep submit SPEC --workdir "
-                           f"{directory})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ScalingError(f"cannot read {path}: {e}") from None
-    sweep = Sweep(data["name"], data.get("base"), points, Path(data.get("spec") or path))
+    sweep = Sweep(data["name"], data.get("base"), points, Path(str(data.get("spec") or path)))
     return sweep, {**SETTINGS, **data.get("settings", {})}
 
 
-def metric_records(run_dir: Path) -> list[dict[str, Any]]:
+def metric_records(run_dir: Any) -> list[dict[str, Any]]:
     """The train and eval records of a point's metrics.jsonl, tolerant of a line being written."""
     out: list[dict[str, Any]] = []
     try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = (run_dir / "metrics.jsonl").read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return out
     for line in lines:
@@ -104,7 +114,7 @@ def metric_records(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def point_state(directory: Path, p: Point, leases: LocalLeases, settings: dict[str, Any]) -> dict[str, Any]:
+def point_state(directory: Any, p: Point, leases: Leases, settings: dict[str, Any]) -> dict[str, Any]:
     """{state: done|failed|running|stale|pending, ...}: what `sweep status` shows of point `p`.
 
     done: a DONE marker, or the last step and final eval recorded and no lease (`marked` False: a worker

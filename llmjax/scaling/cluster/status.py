@@ -12,6 +12,8 @@ when all are done (1 when any failed). It gives up with exit status 4 (NO_WORKER
 so when points are still pending (or held by stale leases) and no sign of a live worker has been seen
 for `--grace` seconds (default: the sweep's lease time): no live lease, no new journal entry, and no
 job that `sweep submit` submitted still in Slurm's queue (squeue; DIR/jobs.json).
+
+DIR may be a gs:// URL (queue.py): the same files, read through llmjax.storage.
 """
 
 from __future__ import annotations
@@ -21,28 +23,28 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from llmjax.scaling.cluster.lease import LEASES, LocalLeases
+from llmjax.scaling.cluster.lease import LEASES, leases
 from llmjax.scaling.cluster.queue import JOBS, point_state, read_queue
+from llmjax.storage import any_path, is_url, read_text
 
 STATES = ("pending", "running", "stale", "done", "failed")
 NO_WORKER = 4  # `--wait`'s exit status when points are left and no worker has been alive for the grace time
 
 
-def sweep_status(directory: str | Path) -> dict[str, Any]:
+def sweep_status(directory: Any) -> dict[str, Any]:
     """{name, points: [point_state...], totals: {state: n}, accelerator_hours, hours_to_finish}."""
-    directory = Path(directory)
+    directory = any_path(directory)
     sweep, settings = read_queue(directory)
-    leases = LocalLeases(directory)
-    points = [point_state(directory, p, leases, settings) for p in sweep.points]
+    store = leases(directory)
+    points = [point_state(directory, p, store, settings) for p in sweep.points]
     acc = float(settings["accelerators_per_worker"])
     now = time.time()
     spent, done_flops, done_seconds = 0.0, 0.0, 0.0
     for info in points:
         try:
-            wall = float((directory / info["name"] / "WALL_TIME").read_text())
+            wall = float(read_text(directory / info["name"] / "WALL_TIME") or 0.0)
         except (OSError, ValueError):
             wall = 0.0
         if info["state"] in ("running", "stale"):
@@ -90,11 +92,11 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def slurm_jobs_queued(directory: str | Path) -> bool:
+def slurm_jobs_queued(directory: Any) -> bool:
     """Whether a Slurm job recorded in DIR/jobs.json is still in the queue (pending or running); False
     without the file, without squeue, or when squeue fails (the jobs are long gone, or no controller)."""
     try:
-        jobs = [str(int(j)) for j in json.loads((Path(directory) / JOBS).read_text())]
+        jobs = [str(int(j)) for j in json.loads(read_text(any_path(directory) / JOBS) or "[]")]
     except (OSError, ValueError, TypeError):
         return False
     squeue = shutil.which("squeue")
@@ -108,18 +110,25 @@ def slurm_jobs_queued(directory: str | Path) -> bool:
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
-def _signs_of_life(directory: str | Path, st: dict[str, Any]) -> float:
+def _signs_of_life(directory: Any, st: dict[str, Any]) -> float:
     """The newest time a worker showed it is alive: now when a point is running (a fresh lease) or a
     submitted Slurm job is queued, else the journal's last write (claims, retries, DONE), else 0."""
     if st["totals"]["running"] or slurm_jobs_queued(directory):
         return time.time()
+    journal = any_path(directory) / LEASES
+    if is_url(journal):  # one object per event, named by its time (worker.py _journal)
+        try:
+            names = [p.name for p in (journal / "journal").iterdir()]
+            return max((float(n.split("-")[0]) for n in names), default=0.0)
+        except (OSError, ValueError):
+            return 0.0
     try:
-        return (Path(directory) / LEASES / "journal.jsonl").stat().st_mtime
+        return (journal / "journal.jsonl").stat().st_mtime
     except OSError:
         return 0.0
 
 
-def status_main(directory: str | Path, wait: bool = False, as_json: bool = False, every: float = 5.0,
+def status_main(directory: Any, wait: bool = False, as_json: bool = False, every: float = 5.0,
                 grace: float | None = None) -> int:
     """Print the status (once, or until every point is done or failed); 0 when all done, 1 when some
     failed, NO_WORKER when waiting and no worker has been alive for `grace` seconds (default: the

@@ -18,8 +18,12 @@ Slurm, an unknown partition and a sweep directory of another spec: one line, exi
 nothing submitted.
 
 TPU VMs: `--executor tpu` starts N workers through launch/tpu_pod.sh --workers N (one queued-resource
-slice each, every host of a slice running the worker; process 0 claims). The sweep directory must
-be on a file system every slice mounts (e.g. Filestore via tpu_pod.sh --setup).
+slice each, every host of a slice running the worker; process 0 claims, tpu_pod.sh tells each host
+the slice's host count). The sweep directory is a gs:// URL (`--workdir gs://bucket/sweep`: queue,
+leases, markers and the points' run directories all on GCS; TPU VMs share no file system) or a file
+system every slice mounts (e.g. Filestore via tpu_pod.sh --setup). Slurm workers take a gs:// sweep
+directory too; their logs then go to ./logs/sweep-<name>/ on the submitting machine's file system
+(Slurm writes them; it cannot write to gs://).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 from llmjax.scaling import ScalingError
 from llmjax.scaling.cluster.queue import JOBS, check_directory, write_queue
 from llmjax.scaling.sweep.spec import Point, Sweep, point_config
+from llmjax.storage import any_path, check_backend, is_url, read_text, write_atomic
 
 ROOT = Path(__file__).resolve().parents[3]
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
@@ -82,7 +87,12 @@ def _slurm_checks(partition: str | None) -> None:
                            f"{', '.join(sorted(partitions))})")
 
 
-def slurm_commands(args: Any, directory: Path, groups: dict[str, list[Point]]) -> list[list[str]]:
+def _logs(directory: Any, name: str) -> Path:
+    """Where the Slurm workers' logs go: DIR/logs, or ./logs/sweep-NAME for a gs:// DIR (module docstring)."""
+    return Path("logs").resolve() / f"sweep-{name}" if is_url(directory) else Path(os.fspath(directory)) / "logs"
+
+
+def slurm_commands(args: Any, directory: Any, groups: dict[str, list[Point]]) -> list[list[str]]:
     """One launch/slurm_submit.sh command per resource group."""
     cmds = []
     for key, points in groups.items():
@@ -91,7 +101,7 @@ def slurm_commands(args: Any, directory: Path, groups: dict[str, list[Point]]) -
         cmd = [str(ROOT / "launch" / "slurm_submit.sh"), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
                "--per-node" if gpus == 0 else "--per-gpu", "--array", f"0-{workers - 1}",
                "--job-name", f"sweep-{args.sweep_name}", "--time", args.time,
-               "--output", str(directory / "logs" / "worker-%A_%a.out")]
+               "--output", str(_logs(directory, args.sweep_name) / "worker-%A_%a.out")]
         for flag, value in (("--partition", args.partition), ("--account", args.account), ("--venv", args.venv),
                             ("--env-setup", args.env_setup), ("--container-image", args.container),
                             ("--container-mounts", args.container_mounts), ("--cpus-per-task", args.cpus_per_task)):
@@ -102,7 +112,7 @@ def slurm_commands(args: Any, directory: Path, groups: dict[str, list[Point]]) -
     return cmds
 
 
-def tpu_command(args: Any, directory: Path) -> list[str]:
+def tpu_command(args: Any, directory: Any) -> list[str]:
     """The launch/tpu_pod.sh command that starts `--workers` slices, one worker each."""
     cmd = [str(ROOT / "launch" / "tpu_pod.sh"), "--name", args.tpu_name or f"sweep-{args.sweep_name}".lower()
            .replace("_", "-"), "--workers", str(args.workers), "--type", args.tpu_type, "--detach"]
@@ -112,19 +122,17 @@ def tpu_command(args: Any, directory: Path) -> list[str]:
     return [*cmd, "run", "--", "llmjax", "sweep", "work", str(directory)]
 
 
-def _record_jobs(directory: Path, jobs: list[str]) -> None:
+def _record_jobs(directory: Any, jobs: list[str]) -> None:
     """Append the submitted Slurm job ids to DIR/jobs.json, for `sweep status --wait` to ask squeue whether
     a worker is still queued or running."""
     if not jobs:
         return
-    path = directory / JOBS
+    path = any_path(directory) / JOBS
     try:
-        before = [str(j) for j in json.loads(path.read_text())]
+        before = [str(j) for j in json.loads(read_text(path) or "[]")]
     except (OSError, ValueError, TypeError):
         before = []
-    tmp = directory / f".{JOBS}.{os.getpid()}"
-    tmp.write_text(json.dumps(before + jobs))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(before + jobs))
 
 
 def submit(args: Any, sweep: Sweep) -> int:
@@ -139,9 +147,11 @@ def submit(args: Any, sweep: Sweep) -> int:
     if branched:
         raise ScalingError(f"sweep submit: cooldown branches ({branched[0]}, ...) share their trunk's directory and "
                            "are not claimed by workers; train this spec with `llmjax sweep run`")
-    directory = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / sweep.name
-    directory = directory.resolve()
+    directory = any_path(args.workdir or Path("runs") / "sweeps" / sweep.name)
+    if not is_url(directory):
+        directory = directory.resolve()
     args.sweep_name = sweep.name
+    check_backend(directory)  # ConfigError (exit 2) for gs:// without gcsfs
     check_directory(sweep, directory)
     gpus = args.gpus_per_worker
     groups = resource_groups(sweep, args.nodes_per_worker, gpus)
@@ -159,7 +169,8 @@ def submit(args: Any, sweep: Sweep) -> int:
         print("\n".join(shlex.join(c) for c in cmds))
         return 0
     write_queue(sweep, directory, settings)
-    (directory / "logs").mkdir(exist_ok=True)
+    if args.executor == "slurm":
+        _logs(directory, sweep.name).mkdir(parents=True, exist_ok=True)
     for cmd in cmds:
         r = subprocess.run(cmd, text=True, capture_output=True)
         sys.stdout.write(r.stdout)

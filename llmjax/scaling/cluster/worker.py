@@ -18,7 +18,15 @@ SIGTERM (scancel, preemption, the sbatch script before the time limit) is passed
 which saves a checkpoint and exits; the worker then releases its lease so that the next worker
 (or this one, requeued) resumes the point at once. A worker killed outright (kill -9, a lost node)
 takes its trainer with it (PR_SET_PDEATHSIG) and its lease goes stale. Every claim, takeover and
-result is appended to DIR/.leases/journal.jsonl.
+result is appended to DIR/.leases/journal.jsonl (on gs://, which cannot append, one object per
+event in DIR/.leases/journal/, named by time).
+
+DIR is a shared file system or a gs:// URL (queue.py): on gs:// the leases are generation-conditional
+writes (lease.py GCSLeases), the markers and the points' run directories go through llmjax.storage,
+and the trainer writes DIR/<point> on gs:// itself. Before a worker writes a point's DONE or FAILED
+or counts a failed try it heartbeats the lease once more (a conditional write on gs://): a worker
+whose lease was taken over writes nothing, and the write lands well within the lease time of a
+heartbeat that proved the point still its own.
 """
 
 from __future__ import annotations
@@ -30,16 +38,17 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from llmjax.scaling import ScalingError
 from llmjax.scaling.cluster.broadcast import Broadcast, channel, follow, process_index
-from llmjax.scaling.cluster.lease import Lease, LocalLeases
+from llmjax.scaling.cluster.lease import Lease, Leases
+from llmjax.scaling.cluster.lease import leases as lease_store
 from llmjax.scaling.cluster.queue import point_state, read_queue
 from llmjax.scaling.sweep.collect import FAILED
 from llmjax.scaling.sweep.runner import _add_wall_time, _run_point, write_done
 from llmjax.scaling.sweep.spec import Point, Sweep
+from llmjax.storage import any_path, is_url
 
 WAIT = "wait"
 ACK_SECONDS = 600.0  # how long process 0 waits for the others to finish a command it finished
@@ -74,7 +83,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Trainer:
     """Runs trainer commands for the leased points, heartbeating the leases while each runs."""
 
-    def __init__(self, leases: LocalLeases, lease_seconds: float, broadcast: Broadcast | None = None):
+    def __init__(self, leases: Leases, lease_seconds: float, broadcast: Broadcast | None = None):
         self.leases = leases
         self.broadcast = broadcast  # a worker of several processes: each command goes to all of them
         self.beat = max(0.2, min(30.0, lease_seconds / 4))
@@ -119,7 +128,7 @@ class Trainer:
                       file=sys.stderr, flush=True)
                 self.stopping = True
                 return rc or 1
-            time.sleep(0.05)
+            time.sleep(0.5 if is_url(self.leases.dir) else 0.05)  # gs://: fewer reads
             if time.time() > next_beat:
                 next_beat = time.time() + self.beat
                 self._heartbeat()
@@ -152,8 +161,12 @@ def _error_line(lines: list[str]) -> str:
     return lines[-1][:500] if lines else ""
 
 
-def _journal(leases: LocalLeases, event: str, **info: Any) -> None:
-    line = json.dumps({"time": round(time.time(), 3), "event": event, **info}) + "\n"
+def _journal(leases: Leases, event: str, **info: Any) -> None:
+    now = time.time()
+    line = json.dumps({"time": round(now, 3), "event": event, **info}) + "\n"
+    if is_url(leases.dir):  # an object store cannot append: one object per event, names sorting by time
+        (leases.dir / "journal" / f"{now:017.6f}-{os.urandom(4).hex()}.json").write_text(line)
+        return
     fd = os.open(leases.dir / "journal.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())  # one write with O_APPEND: lines from several workers do not mix
@@ -161,7 +174,7 @@ def _journal(leases: LocalLeases, event: str, **info: Any) -> None:
         os.close(fd)
 
 
-def _claimable(directory: Path, p: Point, leases: LocalLeases, settings: dict[str, Any]) -> tuple[str, Any]:
+def _claimable(directory: Any, p: Point, leases: Leases, settings: dict[str, Any]) -> tuple[str, Any]:
     """('skip', None) | ('busy', None) | ('free', None) | ('stale', lease) | ('mark', None): finished, DONE
     marker missing."""
     info = point_state(directory, p, leases, settings)
@@ -178,7 +191,7 @@ def _claimable(directory: Path, p: Point, leases: LocalLeases, settings: dict[st
     return "busy", None
 
 
-def claim(directory: Path, sweep: Sweep, leases: LocalLeases, settings: dict[str, Any], worker: str,
+def claim(directory: Any, sweep: Sweep, leases: Leases, settings: dict[str, Any], worker: str,
           k: int = 1) -> list[tuple[Point, Lease]] | str | None:
     """Claim the first claimable point (and, with k > 1, up to k - 1 more that pack with it): the claimed
     [(point, lease)], WAIT when every unfinished point is held by a live worker, None when none is left."""
@@ -217,7 +230,7 @@ def claim(directory: Path, sweep: Sweep, leases: LocalLeases, settings: dict[str
     return got or (WAIT if busy else None)
 
 
-def _pack_key(sweep: Sweep, p: Point, directory: Path) -> Any:
+def _pack_key(sweep: Sweep, p: Point, directory: Any) -> Any:
     from llmjax.scaling.sweep.multipoint import pack_key
     from llmjax.scaling.sweep.pack import _resume_step
     from llmjax.scaling.sweep.spec import point_config
@@ -225,15 +238,15 @@ def _pack_key(sweep: Sweep, p: Point, directory: Path) -> Any:
     return pack_key(point_config(sweep, p)), _resume_step(directory / p.name)
 
 
-def work(directory: str | Path, worker: str | None = None, resources: str | None = None) -> int:
+def work(directory: Any, worker: str | None = None, resources: str | None = None) -> int:
     """Claim and train points until none is left (module docstring); 0, or 143 when stopped by a signal.
     `resources`: only the points of that resource shape (`sweep submit`'s arrays, e.g. '1x8')."""
-    directory = Path(directory)
+    directory = any_path(directory)
     sweep, settings = read_queue(directory)
     if resources:
         shapes = settings.get("resources") or {}
         sweep.points = [p for p in sweep.points if shapes.get(p.name, resources) == resources]
-    leases = LocalLeases(directory)
+    leases = lease_store(directory)
     worker = worker or worker_id()
     rank, count = process_index()
     if count != 1 and int(settings["pack"]) > 1:
@@ -258,7 +271,7 @@ def work(directory: str | Path, worker: str | None = None, resources: str | None
     return 143 if trainer.stopping else 0
 
 
-def _work(directory: Path, sweep: Sweep, leases: LocalLeases, settings: dict[str, Any], worker: str,
+def _work(directory: Any, sweep: Sweep, leases: Leases, settings: dict[str, Any], worker: str,
           trainer: Trainer) -> int:
     """The claim-train-mark loop of `work`; the number of points trained."""
     by_name = {p.name: p for p in sweep.points}
@@ -281,11 +294,12 @@ def _work(directory: Path, sweep: Sweep, leases: LocalLeases, settings: dict[str
     return trained
 
 
-def _train_points(directory: Path, sweep: Sweep, points: list[Point], by_name: dict[str, Point],
+def _train_points(directory: Any, sweep: Sweep, points: list[Point], by_name: dict[str, Point],
                   trainer: Trainer) -> dict[str, int]:
     """Train one point (as `sweep run` does) or a pack of them (in a subprocess); {name: exit status}."""
     if len(points) == 1:
-        return {points[0].name: _run_point(sweep, points[0], by_name, directory, f"[{points[0].name}]", trainer.call)}
+        return {points[0].name: _run_point(sweep, points[0], by_name, directory, f"[{points[0].name}]", trainer.call,
+                                           mark=False)}  # DONE: written by _finish, under the lease
     out = directory / ".leases" / f"pack-{trainer.held[0].token}.json"
     cmd = [sys.executable, "-m", "llmjax.scaling.cluster.worker", "pack", str(directory), str(out),
            *(p.name for p in points)]
@@ -298,11 +312,11 @@ def _train_points(directory: Path, sweep: Sweep, points: list[Point], by_name: d
     return {p.name: int(statuses.get(p.name, rc or 1)) for p in points}
 
 
-def _finish(directory: Path, p: Point, lease: Lease, rc: int, trainer: Trainer, leases: LocalLeases,
+def _finish(directory: Any, p: Point, lease: Lease, rc: int, trainer: Trainer, leases: Leases,
             settings: dict[str, Any], worker: str) -> None:
     """Mark the point (DONE, a failure, or nothing when stopped or taken over) and release its lease."""
     run_dir = directory / p.name
-    if trainer.lost:
+    if trainer.lost or not leases.heartbeat(lease):  # taken over: the new holder marks the point
         _journal(leases, "lost", point=p.name, worker=worker)
         return
     if rc == 0:
@@ -312,8 +326,7 @@ def _finish(directory: Path, p: Point, lease: Lease, rc: int, trainer: Trainer, 
     elif trainer.stopping:
         _journal(leases, "stopped", point=p.name, worker=worker, exit_status=rc)
     else:
-        n = leases.failures(p.name)[0] + 1
-        leases.set_failures(p.name, n, trainer.error)
+        n = leases.add_failure(p.name, trainer.error)
         final = n > settings["retries"]
         if final:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +342,7 @@ def _pack_main(argv: list[str]) -> int:
     """`python -m llmjax.scaling.cluster.worker pack DIR OUT NAME...`: train the named points as one pack."""
     from llmjax.scaling.sweep.pack import run_pack
 
-    directory, out, names = Path(argv[0]), Path(argv[1]), argv[2:]
+    directory, out, names = any_path(argv[0]), any_path(argv[1]), argv[2:]
     sweep, _ = read_queue(directory)
     by_name = {p.name: p for p in sweep.points}
     statuses = run_pack(sweep, [by_name[n] for n in names], directory, f"[pack {names[0]}]", _add_wall_time)

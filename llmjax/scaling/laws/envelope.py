@@ -45,9 +45,9 @@ def load_curves(runs: Runs) -> list[tuple[np.ndarray, np.ndarray]] | str:
 
     curves = []
     for i, wd in enumerate(runs.workdirs):
-        d = runs.base_dir / wd
+        d = _run_dir(runs.base_dir, wd)
         replicates = runs.replicate_workdirs[i] if runs.replicate_workdirs is not None else [wd]
-        read = [_train_losses(runs.base_dir / r) for r in replicates]
+        read = [_train_losses(_run_dir(runs.base_dir, r)) for r in replicates]
         notes = [r for r in read if isinstance(r, str)]
         if notes:
             return notes[0]
@@ -71,13 +71,20 @@ def load_curves(runs: Runs) -> list[tuple[np.ndarray, np.ndarray]] | str:
     return curves
 
 
-def _train_losses(d: Path) -> dict[int, float] | str:
+def _run_dir(base_dir: Path, workdir: str) -> Any:
+    """A CSV's `workdir`: relative to the CSV's directory, or a URL as it is (a sweep collected from gs://)."""
+    from llmjax.storage import any_path, is_url
+
+    return any_path(workdir) if is_url(workdir) else base_dir / workdir
+
+
+def _train_losses(d: Any) -> dict[int, float] | str:
     """step -> train loss of the run directory `d`'s metrics.jsonl, or a note saying why not."""
     path = d / "metrics.jsonl"
     if not path.is_file():
         return f"{path} not found"
     records = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:

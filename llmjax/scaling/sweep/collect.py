@@ -37,19 +37,23 @@ A partial sweep (some points of `sweep.json` not done: unfinished, failed or not
 collected all the same: the line `partial sweep: K of M points done; missing ...` names the others
 (`partial_line`), and `llmjax fit` / `llmjax plot` say the same from the CSV and the sweep.json
 beside it (`scaling/laws/runs.py`).
+
+DIR may be a gs:// URL (a sweep whose workers wrote there, `scaling/cluster`): the run directories are
+read through llmjax.storage (DIR/<point>/config.yaml: one level, as the workers write them; an object
+store has no cheap recursive listing), `workdir` is then the run's URL, and `--out` may be local.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from llmjax.scaling import ScalingError
+from llmjax.storage import any_path, is_url, read_text, relative
 
 CSV_COLUMNS = ("name", "params", "non_embedding_params", "active_params", "tokens", "flops", "flops_xla",
                "final_loss", "best_loss", "final_bpb", "best_bpb", "wall_time", "budget", "status", "d_model",
@@ -58,14 +62,14 @@ HPARAM_COLUMNS = ("optim.lr", "train.batch_size", "optim.warmup_steps", "optim.b
 DONE, FAILED = "DONE", "FAILED"
 
 
-def read_metrics(path: Path, kind: str) -> dict[int, dict[str, Any]]:
+def read_metrics(path: Any, kind: str) -> dict[int, dict[str, Any]]:
     """`kind` records of a metrics.jsonl by step ({} when the file is absent)."""
     from llmjax.train.telemetry.metrics import read_metrics as read
 
     return read(path, kind) if path.is_file() else {}
 
 
-def marker(run_dir: Path, name: str) -> dict[str, Any]:
+def marker(run_dir: Any, name: str) -> dict[str, Any]:
     """The JSON of a DONE or FAILED marker ({} when absent or unreadable)."""
     try:
         data = json.loads((run_dir / name).read_text())
@@ -74,7 +78,7 @@ def marker(run_dir: Path, name: str) -> dict[str, Any]:
         return {}
 
 
-def point_status(run_dir: Path, steps: int, train: dict[int, Any] | None = None,
+def point_status(run_dir: Any, steps: int, train: dict[int, Any] | None = None,
                  evals: dict[int, Any] | None = None) -> str:
     """A point's state from its run directory: `done` (a DONE marker, or the train record of the last
     step and the final eval record), `failed` (a FAILED marker), `unfinished` (a directory without
@@ -90,7 +94,7 @@ def point_status(run_dir: Path, steps: int, train: dict[int, Any] | None = None,
     return "unfinished" if run_dir.is_dir() else "pending"
 
 
-def is_finished(run_dir: Path, steps: int) -> bool:
+def is_finished(run_dir: Any, steps: int) -> bool:
     return point_status(run_dir, steps) == "done"
 
 
@@ -120,7 +124,7 @@ def config_value(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: Path) -> dict[str, Any] | None:
+def collect_row(run_dir: Any, points: dict[str, dict[str, Any]], relative_to: Any) -> dict[str, Any] | None:
     """The runs.csv row of one run directory, or None if it has no eval record yet."""
     from llmjax.config import load_config
     from llmjax.models.families import build_family
@@ -169,7 +173,7 @@ def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: P
         "replicate": int(point.get("replicate") or 0),
         "seed": cfg.seed,
         "point": point.get("point") or run_dir.name,
-        "workdir": os.path.relpath(run_dir, relative_to),
+        "workdir": relative(run_dir, relative_to),
     }
     for key in HPARAM_COLUMNS:
         row[key] = config_value(cfg, key)
@@ -178,33 +182,35 @@ def collect_row(run_dir: Path, points: dict[str, dict[str, Any]], relative_to: P
     return row
 
 
-def listed_points(directory: Path) -> dict[str, dict[str, Any]]:
+def listed_points(directory: Any) -> dict[str, dict[str, Any]]:
     """The points DIR/sweep.json lists, by name ({} without one)."""
-    listing = directory / "sweep.json"
-    if not listing.is_file():
+    listing = any_path(directory) / "sweep.json"
+    text = read_text(listing)
+    if text is None:
         return {}
     try:
-        return {p["name"]: p for p in json.loads(listing.read_text()).get("points", []) if "name" in p}
+        return {p["name"]: p for p in json.loads(text).get("points", []) if "name" in p}
     except (ValueError, TypeError, KeyError) as e:
         raise ScalingError(f"sweep collect: cannot read {listing}: {e}") from None
 
 
-def collect(directory: str | Path, out: str | Path | None = None, export: str | Path | None = None) -> Path:
+def collect(dir_or_url: Any, out: Any = None, export: str | Path | None = None) -> Any:
     """Write `out` (default DIR/runs.csv) from the run directories under `directory`.
 
     With `export`, write EXPORT/runs.csv instead, and copy each run's config.yaml, run_info.json and a
     trimmed metrics.jsonl (evals, and train losses averaged over at most 250 bins of steps) to
     EXPORT/runs/<name>/, the CSV's `workdir` column pointing there: a small, self-contained copy of
-    the sweep's results (approach 1 included)."""
-    directory = Path(directory)
+    the sweep's results (approach 1 included). DIR and `out` may be gs:// URLs (module docstring)."""
+    directory: Any = any_path(dir_or_url)  # a pathlib.Path, or an etils.epath.Path for gs://
     if not directory.is_dir():
         raise ScalingError(f"sweep collect: {directory} is not a directory")
     if export is not None:
         out = Path(export) / "runs.csv"
-    out = Path(out) if out else directory / "runs.csv"
+    out = any_path(out) if out else directory / "runs.csv"
     points = listed_points(directory)
-    run_dirs = sorted(d for d in directory.rglob("config.yaml") if (d.parent / "metrics.jsonl").is_file())
-    if export is not None:  # an earlier export inside the sweep directory is not a run
+    configs = directory.glob("*/config.yaml") if is_url(directory) else directory.rglob("config.yaml")
+    run_dirs = sorted(d for d in configs if (d.parent / "metrics.jsonl").is_file())
+    if export is not None and not is_url(directory):  # an earlier export inside the sweep directory is not a run
         run_dirs = [d for d in run_dirs if Path(export).resolve() not in d.resolve().parents]
     rows, skipped = [], []
     for cfg_path in run_dirs:
@@ -218,10 +224,11 @@ def collect(directory: str | Path, out: str | Path | None = None, export: str | 
     extra = [k for r in rows for k in r if k not in CSV_COLUMNS and k != "workdir"]
     columns = [*CSV_COLUMNS, *dict.fromkeys(extra), "workdir"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, restval="")
-        w.writeheader()
-        w.writerows(rows)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=columns, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    out.write_text(f.getvalue())
     note = f" (skipped, no eval record: {', '.join(skipped)})" if skipped else ""
     bad = [r["name"] for r in rows if r["status"] != "done"]
     if bad:
@@ -234,15 +241,14 @@ def collect(directory: str | Path, out: str | Path | None = None, export: str | 
     return out
 
 
-def _export_run(run_dir: Path, dest: Path, relative_to: Path, max_points: int = 250) -> str:
+def _export_run(run_dir: Any, dest: Path, relative_to: Any, max_points: int = 250) -> str:
     """Copy a run's config.yaml, run_info.json, its eval records and its train losses averaged over bins
     of consecutive steps (at most `max_points` bins, each recorded at its last step, so the curve keeps
     its averaging and its final step) to `dest`; -> dest relative to the CSV."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "config.yaml", dest / "config.yaml")
-    for name in ("run_info.json", DONE, FAILED):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, dest / name)
+    for name in ("config.yaml", "run_info.json", DONE, FAILED):
+        if name == "config.yaml" or (run_dir / name).is_file():
+            (dest / name).write_bytes((run_dir / name).read_bytes())
     train = read_metrics(run_dir / "metrics.jsonl", "train")
     evals = read_metrics(run_dir / "metrics.jsonl", "eval")
     losses = [(s, float(r["loss"])) for s, r in sorted(train.items()) if "loss" in r]
@@ -252,7 +258,7 @@ def _export_run(run_dir: Path, dest: Path, relative_to: Path, max_points: int = 
         chunk = losses[i:i + stride]
         records.append({"kind": "train", "step": chunk[-1][0], "loss": sum(v for _, v in chunk) / len(chunk)})
     (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return os.path.relpath(dest, relative_to)
+    return relative(dest, relative_to)
 
 
 __all__ = ["CSV_COLUMNS", "HPARAM_COLUMNS", "collect", "collect_row", "is_finished", "listed_points", "marker",

@@ -136,9 +136,10 @@ def _run_packed(sweep: Sweep, workdir: Path, k: int, keep_going: bool, by_name: 
 
 
 def _run_point(sweep: Sweep, p: Any, by_name: dict[str, Any], workdir: Path, counter: str,
-               call: Callable[[list[str]], int] = subprocess.call) -> int:
+               call: Callable[[list[str]], int] = subprocess.call, mark: bool = True) -> int:
     """Train (or resume, or branch and train) one point; its trainer's exit status. `call` runs a command
-    (the sweep workers' runs it with a heartbeat, scaling/cluster/worker.py)."""
+    (the sweep workers' runs it with a heartbeat, scaling/cluster/worker.py); `mark`: write DONE after a
+    successful run (the workers write it themselves, once they have checked that the lease is still theirs)."""
     run_dir = workdir / p.name
     if p.trunk and not (run_dir / "checkpoints").is_dir():
         print(f"{counter} {p.name}: branching from {p.trunk} at step {p.branch_at}", flush=True)
@@ -150,7 +151,7 @@ def _run_point(sweep: Sweep, p: Any, by_name: dict[str, Any], workdir: Path, cou
     print(f"{counter} {p.name}: {'resuming' if resume else 'training'} {p.steps} steps, "
           f"{p.tokens:,} tokens, {p.flops:.3g} FLOPs", flush=True)
     rc = _train(sweep, p.overrides, run_dir, call)
-    if rc == 0:
+    if rc == 0 and mark:
         write_done(run_dir, p, timed=True)
     return rc
 

@@ -180,9 +180,12 @@ def _block_step(state: tuple[jax.Array, jax.Array], q: jax.Array, k: jax.Array, 
     q_chunk = jnp.stack([dev, 2 * C - 1 - dev])[qi]
     k_chunk = jnp.stack([src, 2 * C - 1 - src])[ki]
 
+    offsets = tuple(d * c for d in range(1 - 2 * C, 2 * C))  # every (q_chunk - k_chunk) * c
+
     def pair(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
         q_, q_seg_, k_, v_, kv_seg_, offset = xs
-        o, lse = block(q_, k_, v_, MaskSpec(q_seg_, kv_seg_, offset, causal, window), scale, blocks)
+        m = MaskSpec(q_seg_, kv_seg_, offset, causal, window, offsets=offsets)
+        o, lse = block(q_, k_, v_, m, scale, blocks)
         return o.astype(jnp.float32), lse
 
     o, lse = jax.lax.map(pair, (qh[qi], q_segh[qi], kh[ki], vh[ki], kv_segh[ki],

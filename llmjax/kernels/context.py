@@ -18,13 +18,14 @@ repeated to one per query head first).
 - `ring`: each device keeps its queries; the key/value blocks (with their segment ids) go around
   the ring with `ppermute`, C steps. At each step the device's two query chunks meet the block's two
   key chunks: 2 x 2 contiguous attentions, each one call of the configured implementation's log-sum-exp
-  form (`BlockImpl`, registered with it: `xla`, `chunked`) with the chunks' slot difference as the
-  mask's query offset, merged by their log-sum-exp (`merge_blocks`, float32). Every block step is
-  rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks' inputs; its gradients
-  are JAX's transpose of the ring (the reverse ring of ppermutes) through the implementation's own
-  backward (chunked's takes the log-sum-exp's cotangent too). Memory: one key/value block in flight.
-  cudnn returns no log-sum-exp, and splash's (`save_residuals=True`) cannot be differentiated by jax, so the
-  config rules refuse both with the ring.
+  form (`BlockImpl`, registered with it: `xla`, `chunked`, `splash`) with the chunks' slot difference as the
+  mask's query offset (traced; its 4C-1 possible values in `MaskSpec.offsets`, from which splash builds
+  one static kernel per chunk-pair kind: `llmjax.kernels.splash_ring`), merged by their log-sum-exp
+  (`merge_blocks`, float32). Every block step is rematerialised (`jax.checkpoint`), so the backward pass
+  keeps only the blocks' inputs; its gradients are JAX's transpose of the ring (the reverse ring of
+  ppermutes) through the implementation's own backward (chunked's and splash's take the log-sum-exp's
+  cotangent too). Memory: one key/value block in flight. cudnn returns no log-sum-exp
+  (`jax.nn.dot_product_attention`), so the config rules refuse it with the ring.
 
 Both are equal to one device's attention for causal, bidirectional, packed-document (segment ids)
 and sliding-window masks (tests/kernels/test_context.py).

@@ -62,7 +62,15 @@ def _find_backward() -> tuple[ModuleType | None, str]:
             return None, f"the signature of {name} cannot be read"
         if missing:
             return None, f"its {name} takes no {', '.join(sorted(missing))}"
-    init = inspect.signature(kernel_module.SplashAttentionKernel.__init__).parameters
+    make = getattr(kernel_module, "_make_splash_attention", None)  # its arguments become the kernel's kwargs
+    try:
+        made = set(inspect.signature(make).parameters) if make is not None else set()
+    except (TypeError, ValueError):  # pragma: no cover
+        made = set()
+    if not {"block_sizes", "save_residuals", "mask_value", "attn_logits_soft_cap", "interpret"} <= made:
+        return None, "its make_splash_mha takes other arguments"
+    kernel_class = getattr(kernel_module, "SplashAttentionKernel", None)
+    init = inspect.signature(kernel_class.__init__).parameters if kernel_class is not None else {}
     if not {"fwd_mask_info", "dq_mask_info", "dkv_mask_info"} <= set(init):
         return None, "its SplashAttentionKernel keeps no dq/dkv mask info"
     return kernel_module, ""
@@ -198,14 +206,15 @@ def _grads(kernel: Any, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Arr
     common = dict(is_mqa=False, mask_value=kw["mask_value"], attn_logits_soft_cap=kw["attn_logits_soft_cap"],
                   q_layout=bs.q_layout, k_layout=bs.k_layout, v_layout=bs.v_layout,
                   mask_function=kw["mask_function"], interpret=kw["interpret"])
-    segments = sp.splash.SegmentIds(q=q_seg, kv=kv_seg)
+    # by keyword: the arguments `_find_backward` found by name
+    tensors = dict(q=q, k=k, v=v, segment_ids=sp.splash.SegmentIds(q=q_seg, kv=kv_seg), sinks=None, logsumexp=lse,
+                   do=do, di=di)
     dq, dk, dv = _KERNELS._splash_attention_bwd_dkv(
-        q, k, v, segments, None, lse, do, di, bq=bs.block_q_dkv, bkv=bs.block_kv_dkv,
-        bkv_compute=bs.block_kv_dkv_compute, mask_info=_collapsed(kernel.dkv_mask_info),
-        use_fused_bwd_kernel=bs.use_fused_bwd_kernel, **common)
+        **tensors, bq=bs.block_q_dkv, bkv=bs.block_kv_dkv, bkv_compute=bs.block_kv_dkv_compute,
+        mask_info=_collapsed(kernel.dkv_mask_info), use_fused_bwd_kernel=bs.use_fused_bwd_kernel, **common)
     if dq is None:
-        dq = _KERNELS._splash_attention_bwd_dq(q, k, v, segments, None, lse, do, di, bq=bs.block_q_dq,
-                                               bkv=bs.block_kv_dq, mask_info=_collapsed(kernel.dq_mask_info), **common)
+        dq = _KERNELS._splash_attention_bwd_dq(**tensors, bq=bs.block_q_dq, bkv=bs.block_kv_dq,
+                                               mask_info=_collapsed(kernel.dq_mask_info), **common)
     return dq, dk, dv
 
 

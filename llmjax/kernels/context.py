@@ -18,13 +18,14 @@ repeated to one per query head first).
 - `ring`: each device keeps its queries; the key/value blocks (with their segment ids) go around
   the ring with `ppermute`, C steps. At each step the device's two query chunks meet the block's two
   key chunks: 2 x 2 contiguous attentions, each one call of the configured implementation's log-sum-exp
-  form (`BlockImpl`, registered with it: `xla`, `chunked`) with the chunks' slot difference as the
-  mask's query offset, merged by their log-sum-exp (`merge_blocks`, float32). Every block step is
-  rematerialised (`jax.checkpoint`), so the backward pass keeps only the blocks' inputs; its gradients
-  are JAX's transpose of the ring (the reverse ring of ppermutes) through the implementation's own
-  backward (chunked's takes the log-sum-exp's cotangent too). Memory: one key/value block in flight.
-  cudnn returns no log-sum-exp, and splash's (`save_residuals=True`) cannot be differentiated by jax, so the
-  config rules refuse both with the ring.
+  form (`BlockImpl`, registered with it: `xla`, `chunked`, `splash`) with the chunks' slot difference as the
+  mask's query offset (traced; its 4C-1 possible values in `MaskSpec.offsets`, from which splash builds
+  one static kernel per chunk-pair kind: `llmjax.kernels.splash_ring`), merged by their log-sum-exp
+  (`merge_blocks`, float32). Every block step is rematerialised (`jax.checkpoint`), so the backward pass
+  keeps only the blocks' inputs; its gradients are JAX's transpose of the ring (the reverse ring of
+  ppermutes) through the implementation's own backward (chunked's and splash's take the log-sum-exp's
+  cotangent too). Memory: one key/value block in flight. cudnn returns no log-sum-exp
+  (`jax.nn.dot_product_attention`), so the config rules refuse it with the ring.
 
 Both are equal to one device's attention for causal, bidirectional, packed-document (segment ids)
 and sliding-window masks (tests/kernels/test_context.py).
@@ -180,9 +181,12 @@ def _block_step(state: tuple[jax.Array, jax.Array], q: jax.Array, k: jax.Array, 
     q_chunk = jnp.stack([dev, 2 * C - 1 - dev])[qi]
     k_chunk = jnp.stack([src, 2 * C - 1 - src])[ki]
 
+    offsets = tuple(d * c for d in range(1 - 2 * C, 2 * C))  # every (q_chunk - k_chunk) * c
+
     def pair(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
         q_, q_seg_, k_, v_, kv_seg_, offset = xs
-        o, lse = block(q_, k_, v_, MaskSpec(q_seg_, kv_seg_, offset, causal, window), scale, blocks)
+        m = MaskSpec(q_seg_, kv_seg_, offset, causal, window, offsets=offsets)
+        o, lse = block(q_, k_, v_, m, scale, blocks)
         return o.astype(jnp.float32), lse
 
     o, lse = jax.lax.map(pair, (qh[qi], q_segh[qi], kh[ki], vh[ki], kv_segh[ki],

@@ -28,7 +28,9 @@ Pallas interpret mode: exact, but slow; on GPU it is refused (use `cudnn` or `ch
 Under context parallelism's `all_gather` (`llmjax.kernels.context`) a causal or windowed mask is one
 kernel for the whole balanced-order sequence (`_context_form`): its rows are every device's query
 slots, the kernel computes the mask from each row's slot, and the mask info is split over the
-context axes, so each device runs its own rows. The ring is refused (no differentiable log-sum-exp).
+context axes, so each device runs its own rows. Under the ring each (query chunk, key chunk) pair is one
+call of `splash_attention_lse` (`llmjax.kernels.splash_ring`: a kernel per static mask the pair's offset can
+need, and a custom VJP around jax's splash forward with its log-sum-exp and its backward kernels).
 """
 
 from __future__ import annotations
@@ -263,5 +265,14 @@ def _context_kernel(heads: int, C: int, c: int, Lq: int, Sp: int, causal: bool, 
                                       head_shards=1, q_seq_shards=C, interpret=interpret)
 
 
-register("splash", splash_attention, check)
+def splash_attention_lse(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: MaskSpec, scale: float,
+                         blocks: Blocks | None = None) -> tuple[jax.Array, jax.Array]:
+    """Splash's `BlockImpl` for the ring: (out [B, L, H, E] float32, lse [B, L, H] float32), both differentiable
+    (`llmjax.kernels.splash_ring`, imported on first use: it builds on this module)."""
+    from llmjax.kernels.splash_ring import splash_block
+
+    return splash_block(q_BLHE, k_BSKE, v_BSKE, mask, scale, blocks)
+
+
+register("splash", splash_attention, check, block=splash_attention_lse)
 register_gathered(splash_attention, _context_form)

@@ -55,6 +55,8 @@ class MaskSpec:
     document; a KV cache passes its slots' segment ids (0 for empty slots) and its fill level.
     `balanced`: the tokens are in context parallelism's balanced order (`llmjax.parallel.context`), so
     a token's slot is not its index; self-attention then runs through `llmjax.kernels.context`.
+    `offsets`: where `q_offset` is traced, the values it can take, if known (context parallelism's ring:
+    the chunk-pair differences), so that a kernel with static masks (splash) can build one per value.
     """
 
     q_segment_ids: jax.Array  # [B, L] int32
@@ -63,6 +65,7 @@ class MaskSpec:
     causal: bool = struct.field(pytree_node=False, default=True)
     window: int = struct.field(pytree_node=False, default=0)  # 0: no window
     balanced: bool = struct.field(pytree_node=False, default=False)  # context parallelism's order
+    offsets: tuple[int, ...] = struct.field(pytree_node=False, default=())  # a traced q_offset's values
 
     @classmethod
     def self_attention(cls, segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> MaskSpec:
@@ -129,7 +132,7 @@ def block_form(fn: AttentionImpl) -> BlockImpl:
     """`fn`'s registered `BlockImpl` (ConfigError naming model.attention where it has none)."""
     if fn not in _BLOCK_IMPLS:
         raise ConfigError(f"model.attention: {getattr(fn, '__name__', fn)} does not return the log-sum-exp that "
-                          "model.context_parallel=ring merges blocks by (use xla or chunked, or all_gather)")
+                          "model.context_parallel=ring merges blocks by (use xla, chunked or splash, or all_gather)")
     return _BLOCK_IMPLS[fn]
 
 

@@ -1,7 +1,7 @@
-"""Context parallelism's attention equals one device's: `all_gather` (with each local implementation) and
-`ring`, forward and gradients, float32, over {context=8}, {data=2, context=4}, {context=2, tensor=2,
-fsdp=2}, for causal, bidirectional, packed-document and windowed masks. One compiled function per
-(layout, strategy) checks all four masks."""
+"""Context parallelism's attention equals one device's: `all_gather` and `ring`, each with xla, chunked and
+splash as the local implementation, forward and gradients, float32, over {context=8}, {data=2, context=4},
+{context=2, tensor=2, fsdp=2}, for causal, bidirectional, packed-document and windowed masks. One compiled
+function per (layout, strategy) checks all four masks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from helpers import RTOL, assert_trees_close
 
 import llmjax.kernels.splash  # noqa: F401  registers `splash`
+from llmjax.config import ConfigError
 from llmjax.config.schema import MeshConfig
 from llmjax.kernels.context import context_attention
 from llmjax.models.attention import Blocks, MaskSpec, get, xla_attention
@@ -26,7 +27,7 @@ LAYOUTS = {"context8": dict(data=1, context=8), "data2_context4": dict(data=2, c
            "context2_tensor2_fsdp2": dict(data=1, context=2, tensor=2, fsdp=2)}
 STRATEGIES = {"all_gather-xla": ("all_gather", "xla"), "all_gather-chunked": ("all_gather", "chunked"),
               "ring-xla": ("ring", "xla"), "ring-chunked": ("ring", "chunked"),
-              "all_gather-splash": ("all_gather", "splash")}
+              "all_gather-splash": ("all_gather", "splash"), "ring-splash": ("ring", "splash")}
 # name -> (causal, window, packed documents)
 MASKS = {"causal": (True, 0, False), "bidirectional": (False, 0, True), "packed": (True, 0, True),
          "window": (True, 5, True)}
@@ -67,6 +68,8 @@ def reference():
 FAST = {("context8", "all_gather-xla"), ("context8", "ring-xla"), ("data2_context4", "all_gather-xla"),
         ("data2_context4", "ring-xla"), ("data2_context4", "ring-chunked"),
         ("data2_context4", "all_gather-splash")}  # splash: Pallas interpret mode, 13-16 s per layout
+# ring-splash is `slow` everywhere: 31-53 s per layout at load 9, nearly all XLA compiling Pallas interpret-mode
+# kernels (per kind of chunk pair: the forward 4 times, dq and dkv twice: remat, and the ring's scan body and last step)
 CASES = [pytest.param(layout, s, marks=[] if (layout, s) in FAST else [pytest.mark.slow])
          for layout in LAYOUTS for s in STRATEGIES]
 
@@ -156,3 +159,26 @@ def test_all_gather_splash_with_several_tiles_per_device():
     got = jax.device_get(jax.jit(run)(q, k, v, ct))
     for name in masks:
         assert_trees_close(got[name], want[name], rtol=RTOL)
+
+
+def test_ring_with_splash_refused_where_jax_lacks_its_backward_kernels(monkeypatch):
+    """The splash blocks need private backward kernels of jax's splash module (found on this jax); where they are
+    missing the ring refuses with a ConfigError naming both keys, raised while tracing, before anything compiles."""
+    from llmjax.kernels import splash_ring
+
+    assert splash_ring._KERNELS is not None, splash_ring._WHY_NOT
+    monkeypatch.setattr(splash_ring, "_KERNELS", None)
+    monkeypatch.setattr(splash_ring, "_WHY_NOT", "its splash_attention_kernel has no _splash_attention_bwd_dq")
+    mesh = build_mesh(MeshConfig(data=1, context=8), jax.devices())
+    q, k, v, _, _ = _inputs()
+    seg = jnp.ones((B, L), jnp.int32)
+
+    def attn(q, k, v):
+        with use_sharding(mesh, make_rules(None, dict(mesh.shape), K)):
+            split = context.plan(L)
+            mask = MaskSpec(seg, seg, 0, True, 0, balanced=True)
+            return context_attention(split, "ring", q, k, v, mask, get("splash"), E ** -0.5, Blocks(8, 8))
+
+    with pytest.raises(ConfigError, match=r"model\.context_parallel=ring with model\.attention=splash: .*"
+                                          r"has no _splash_attention_bwd_dq.*model\.context_parallel=all_gather"):
+        jax.jit(attn).lower(q, k, v)

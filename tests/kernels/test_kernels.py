@@ -22,7 +22,7 @@ from llmjax.infer.engine import Engine
 from llmjax.infer.sampling import SamplingParams
 from llmjax.kernels.chunked import chunked_attention, chunked_attention_lse
 from llmjax.kernels.cudnn import cudnn_arguments, cudnn_attention
-from llmjax.kernels.splash import splash_attention
+from llmjax.kernels.splash import splash_attention, splash_attention_lse
 from llmjax.models import attention
 from llmjax.models.attention import NEG_INF, Blocks, MaskSpec, xla_attention, xla_attention_lse
 from llmjax.models.transformer import Transformer
@@ -106,11 +106,14 @@ def test_traced_query_offset(impl, offset, window):
     assert_close(run(q, k, v, jnp.int32(offset)), expected)
 
 
-@pytest.mark.parametrize("offset,causal,window", [(-6, True, 0), (9, True, 4), (-3, False, 0)])
-def test_block_forms_return_the_log_sum_exp(offset, causal, window):
+# splash (Pallas interpret mode, ~15 s of compiling) in the first case: rows that see no key, an empty, a partial and
+# a full pair among its kernels; the ring tests (tests/kernels/test_context.py) cover the other masks
+@pytest.mark.parametrize("offset,causal,window,with_splash", [(-6, True, 0, True), (9, True, 4, False),
+                                                              (-3, False, 0, False)])
+def test_block_forms_return_the_log_sum_exp(offset, causal, window, with_splash):
     """The ring's per-block interface: (out, lse) with a traced query offset (negative: the first queries see
     no key, out 0 and lse NEG_INF), equal to the dense definition; chunked's custom backward (with the lse's
-    cotangent) equals autodiff through xla's."""
+    cotangent) and splash's (jax's splash kernels, with the lse's cotangent) equal autodiff through xla's."""
     L, S = 13, 11
     q, k, v = qkv(L, S, 2, seed=abs(offset))
     seg = packed_segments(16)
@@ -123,8 +126,15 @@ def test_block_forms_return_the_log_sum_exp(offset, causal, window):
     assert not seen.all() if causal and offset < 0 else seen.any()
     probs = np.where(seen[..., None], np.exp(scores - np.where(seen, lse_ref, 0)[..., None]), 0.0)
     out_ref = np.einsum("blhs,bshe->blhe", probs, np.repeat(np.asarray(v), 2, axis=2))
+    # splash's block form picks a static kernel by the traced offset among the values it can take (empty, partial
+    # and full pairs here)
+    choices = (offset - 20, offset, offset + 20)
     fns = {"xla": lambda q, k, v, o: xla_attention_lse(q, k, v, spec.replace(q_offset=o), SCALE),
-           "chunked": lambda q, k, v, o: chunked_attention_lse(q, k, v, spec.replace(q_offset=o), SCALE, Blocks(4, 3))}
+           "chunked": lambda q, k, v, o: chunked_attention_lse(q, k, v, spec.replace(q_offset=o), SCALE, Blocks(4, 3)),
+           "splash": lambda q, k, v, o: splash_attention_lse(q, k, v, spec.replace(q_offset=o, offsets=choices), SCALE,
+                                                             Blocks(128, 128))}
+    if not with_splash:
+        del fns["splash"]
 
     def loss(fn, q, k, v):
         out, lse = fn(q, k, v, jnp.int32(offset))
@@ -137,8 +147,9 @@ def test_block_forms_return_the_log_sum_exp(offset, causal, window):
         assert_close(np.where(seen, lse, 0.0), np.where(seen, lse_ref, 0.0))
         assert np.all(np.asarray(lse)[~seen] == NEG_INF)
         grads[name] = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(q, k, v)
-    for a, b in zip(grads["chunked"], grads["xla"], strict=True):
-        assert_close(a, b)
+    for name in set(fns) - {"xla"}:
+        for a, b in zip(grads[name], grads["xla"], strict=True):
+            assert_close(a, b)
 
 
 # ----------------------------------------------------------------------------- splash (interpret mode)

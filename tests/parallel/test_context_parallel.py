@@ -45,8 +45,6 @@ def test_context_parallel_train_steps_match_one_device(layout, reference):
     (("mesh.context=4", "mesh.data=2", "model.family=encoder_decoder", "data.seq_len=64", "model.max_seq_len=64",
       "model.vocab_size=256"), "model.family=encoder_decoder"),
     (("mesh.context=2", "mesh.pipeline=2", "mesh.data=2"), "mesh.pipeline=2"),
-    (("mesh.context=8", "model.context_parallel=ring", "model.attention=splash"),
-     "model.context_parallel=ring with model.attention=splash"),
     (("mesh.context=8", "mesh.rules={act_length: null}"), "mesh.rules.act_length"),
     (("mesh.context=8", "model.context_parallel=ring", "model.attention=cudnn", "model.compute_dtype=bfloat16"),
      "model.attention=cudnn does not return"),
@@ -59,9 +57,11 @@ def test_context_parallel_refused_before_compile(overrides, key):
 def test_context_axis_accepted():
     assert validate(tiny_config("mesh.context=8"), 8)["context"] == 8
     assert validate(tiny_config("mesh.context=-1", "mesh.data=2"), 8)["context"] == 4
-    # splash runs under all_gather (its mask built for the whole balanced sequence: tests/kernels/test_context.py)
-    assert validate(tiny_config("mesh.context=8", "model.attention=splash", "model.context_parallel=all_gather"),
-                    8)["context"] == 8
+    # splash runs under both (all_gather: its mask built for the whole balanced sequence; ring: a kernel per kind of
+    # chunk pair; tests/kernels/test_context.py)
+    for mode in ("all_gather", "ring"):
+        assert validate(tiny_config("mesh.context=8", "model.attention=splash", f"model.context_parallel={mode}"),
+                        8)["context"] == 8
 
 
 def test_host_balanced_rows_round_trip_and_match_the_device_order():

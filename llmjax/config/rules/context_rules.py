@@ -4,10 +4,10 @@ The sequence of every row is cut into 2 x context chunks (causal load balancing:
 and 2C-1-i), so `data.seq_len` must divide into them; the family must be able to split its sequence
 (`FamilySpec.context_parallel`); the pipeline schedule and expert parallelism, which run their own
 `shard_map`s over the whole mesh, are not combined with it; the ring merges its key/value blocks by their
-log-sum-exp, so it takes the implementations that return one (`xla`, `chunked`; `dot_product_attention` runs as
-`xla` there), not the fused cudnn kernel (jax.nn.dot_product_attention returns no log-sum-exp) nor splash (its
-kernel returns one only with `save_residuals=True`, whose forward jax refuses to differentiate); splash runs under
-`all_gather`. Jax-free.
+log-sum-exp, so it takes the implementations that return one (`xla`, `chunked`, `splash`; `dot_product_attention`
+runs as `xla` there), not the fused cudnn kernel (jax.nn.dot_product_attention returns no log-sum-exp). Splash's
+block form needs private backward kernels of jax's splash module; on a jax without them it is refused where the
+ring is traced (`llmjax.kernels.splash_ring.check_ring`, the same ConfigError). Jax-free.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from llmjax.config.logical_axes import merge_rules
 from llmjax.config.schema import Config
 from llmjax.errors import ConfigError
 
-RING_IMPLS = ("xla", "chunked", "dot_product_attention")  # registered with a BlockImpl (block=)
+RING_IMPLS = ("xla", "chunked", "splash", "dot_product_attention")  # registered with a BlockImpl (block=)
 
 
 def context_size(cfg: Config, shape: dict[str, int]) -> int:
@@ -53,11 +53,6 @@ def check_context(cfg: Config, shape: dict[str, int]) -> None:
     if m.attn_softcap > 0:
         raise ConfigError(f"{what}: model.attn_softcap={m.attn_softcap} with context parallelism is not supported")
     impl = canonical_attention(m.attention)
-    if m.context_parallel == "ring" and impl == "splash":
-        raise ConfigError("model.context_parallel=ring with model.attention=splash: the ring merges key/value blocks "
-                          "by their log-sum-exp, which the splash kernel returns only in a form jax cannot "
-                          "differentiate (save_residuals=True); use model.context_parallel=all_gather, or "
-                          f"model.attention {' | '.join(RING_IMPLS)} with the ring")
     if m.context_parallel == "ring" and impl not in RING_IMPLS:
         raise ConfigError(f"model.context_parallel=ring merges key/value blocks by their log-sum-exp, which "
                           f"model.attention={m.attention} does not return (use all_gather, or attention "

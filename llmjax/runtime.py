@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from llmjax.config import Config
 
@@ -19,12 +20,21 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
 
 
+def outside_checked_jaxlib(jaxlib_version: str) -> str | None:
+    """The one-line reason `train.cpu_xla_flags=true` does nothing with this jaxlib, or None inside the range."""
+    low, high = CPU_XLA_FLAGS_JAXLIB
+    if low <= _version(jaxlib_version) <= high:
+        return None
+    checked = "-".join(".".join(map(str, v)) for v in CPU_XLA_FLAGS_JAXLIB)
+    return (f"train.cpu_xla_flags=true is ignored: jaxlib {jaxlib_version} is outside the versions checked to "
+            f"accept the flags ({checked}); running without them")
+
+
 def with_cpu_xla_flags(xla_flags: str, jaxlib_version: str) -> str | None:
     """`xla_flags` (the XLA_FLAGS value) with the `CPU_XLA_FLAGS` it does not name appended, or None where
     nothing is to change: a jaxlib outside the checked range, or every flag already named (the user's value
     of a flag is never replaced)."""
-    low, high = CPU_XLA_FLAGS_JAXLIB
-    if not low <= _version(jaxlib_version) <= high:
+    if outside_checked_jaxlib(jaxlib_version):
         return None
     missing = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in xla_flags]
     return " ".join([xla_flags.strip(), *missing]).strip() if missing else None
@@ -34,12 +44,16 @@ def setup_jax(cfg: Config) -> None:
     """Partitionable RNG (the same values under any sharding), the persistent compilation cache in
     `<cache dir>/xla` unless `JAX_COMPILATION_CACHE_DIR` is set (re-runs and resumes skip compilation),
     and with `train.cpu_xla_flags` the opt-in XLA:CPU flags (effective when called before the first
-    device use, as the CLI entry points do)."""
+    device use, as the CLI entry points do; with a jaxlib outside the checked range, one warning line on stderr
+    instead)."""
     import jax
 
     if cfg.train.cpu_xla_flags:
         import jaxlib
 
+        note = outside_checked_jaxlib(jaxlib.__version__)
+        if note:
+            print(f"llmjax: warning: {note}", file=sys.stderr, flush=True)
         flags = with_cpu_xla_flags(os.environ.get("XLA_FLAGS", ""), jaxlib.__version__)
         if flags is not None:
             os.environ["XLA_FLAGS"] = flags

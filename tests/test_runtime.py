@@ -7,7 +7,8 @@ import sys
 import jaxlib
 import pytest
 
-from llmjax.runtime import CPU_XLA_FLAGS, CPU_XLA_FLAGS_JAXLIB, with_cpu_xla_flags
+from llmjax.config import load_config
+from llmjax.runtime import CPU_XLA_FLAGS, CPU_XLA_FLAGS_JAXLIB, setup_jax, with_cpu_xla_flags
 from tests.helpers import ROOT
 
 
@@ -25,6 +26,28 @@ def test_flags_are_appended_for_a_checked_jaxlib_and_user_flags_kept() -> None:
 def test_no_flags_outside_the_checked_jaxlib_range() -> None:
     for version in ("0.10.1", "0.9.0", "0.12.2", "0.13.0", "1.0.0"):
         assert with_cpu_xla_flags("", version) is None, version
+
+
+def test_a_jaxlib_outside_the_range_is_named_in_one_warning_line(monkeypatch, capsys) -> None:
+    """The key asked for flags this jaxlib is not checked to accept: one stderr line naming the key and the
+    version, XLA_FLAGS left as it was; inside the range, no warning and the flags are set."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ.get("JAX_COMPILATION_CACHE_DIR", "unused"))  # kept
+    cfg = load_config(None, ["train.cpu_xla_flags=true"])
+    monkeypatch.setattr(jaxlib, "__version__", "0.13.0")
+    setup_jax(cfg)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["llmjax: warning: train.cpu_xla_flags=true is ignored: jaxlib 0.13.0 is outside the versions "
+                   "checked to accept the flags (0.10.2-0.12.1); running without them"]
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setattr(jaxlib, "__version__", "0.10.2")
+    setup_jax(cfg)
+    assert capsys.readouterr().err == ""
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *CPU_XLA_FLAGS]
+    setup_jax(load_config(None, []))  # the key off: nothing said whatever the version
+    monkeypatch.setattr(jaxlib, "__version__", "0.9.0")
+    setup_jax(load_config(None, []))
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow  # a subprocess starting jax: ~3-7 s

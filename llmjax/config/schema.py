@@ -293,7 +293,8 @@ class TrainConfig:
     cpu_xla_flags: bool = option(False, "opt-in XLA:CPU flags (oneDNN matmul calls, no YNN fusions; "
                                         "llmjax.runtime.CPU_XLA_FLAGS): a few % shorter CPU steps, but other matmul "
                                         "rounding (losses drift ~5e-4 relative over 100 steps); added to XLA_FLAGS "
-                                        "only for a jaxlib known to accept them, before the first device use")
+                                        "only for a jaxlib known to accept them (a warning line otherwise), before "
+                                        "the first device use")
     profile_steps: list[int] = option(factory=list, doc="[start, stop): a jax.profiler trace of steps start .. "
                                       "stop-1 in WORKDIR/profile; []: off")
     objective: Literal["lm", "sft", "dpo", "reward", "grpo", "ppo"] = option(

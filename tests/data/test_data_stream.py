@@ -126,9 +126,11 @@ def test_resume_mid_epoch_is_bitwise(corpus, packing):
 
 @pytest.mark.slow  # 8 s cold on 2 cores: grain worker processes
 def test_workers_give_the_same_batches_and_resume_bitwise(corpus):
+    """2 shares x 2 workers: 4 worker processes per iterator (each imports jax and grain), not the 8 of the
+    default 4 shares at batch 4."""
     tmp, root = corpus
-    ref, _ = _batches(DataModule(make_cfg(tmp, root)), 12)
-    dm = DataModule(make_cfg(tmp, root, workers=2))
+    ref, _ = _batches(DataModule(make_cfg(tmp, root, shares=2)), 12)
+    dm = DataModule(make_cfg(tmp, root, workers=2, shares=2))
     got, state = _batches(dm, 5)
     rest, _ = _batches(dm, 7, json.loads(json.dumps(state)))
     for a, b in zip(ref, got + rest, strict=True):

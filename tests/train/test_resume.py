@@ -47,7 +47,9 @@ def wait_for_step(proc, workdir, step, timeout=300):
     raise TimeoutError(f"no step {step} in {path} after {timeout}s")
 
 
-STEPS = ("train.steps=60", "checkpoint.every_steps=10", "eval.every_steps=20")
+# 2 data shares (the default is 8 at batch 8): data.workers=2 then starts 4 grain worker processes instead of 16
+# (each imports jax and grain), which took most of the workers=2 case's time on 2 cores.
+STEPS = ("train.steps=60", "checkpoint.every_steps=10", "eval.every_steps=20", "data.shares=2")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def _corrupt(checkpoint: Path) -> None:
 
 def test_unreadable_newest_checkpoint_falls_back(corpus, uninterrupted, tmp_path):
     _, reference = uninterrupted
-    short = ("train.steps=60", "checkpoint.every_steps=10", "eval.every_steps=0")
+    short = ("train.steps=60", "checkpoint.every_steps=10", "eval.every_steps=0", "data.shares=2")
     proc = subprocess.Popen(train_cmd(tmp_path, corpus, *short), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for_step(proc, tmp_path, 35)

@@ -135,7 +135,7 @@ def test_replicates_of_a_point_must_agree_in_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_single_seed_csvs_fit_exactly_as_before(tmp_path, sweep="cpu_isoflop_tuned"):
+def test_single_seed_csvs_fit_exactly_as_before(tmp_path, sweep="cpu_isoflop_rerun"):
     """The committed runs.csv (no replicate columns) and the same rows with `point` = name (what `sweep
     collect` now writes for one seed) give the same fit, bit for bit, with no replicate section."""
     committed = ROOT / "experiments" / "results" / sweep / "runs.csv"

@@ -314,10 +314,13 @@ for step in range(100000):
     again = subprocess.run([*job, "start", "--", "true"], capture_output=True, text=True, timeout=30)
     assert again.returncode == 3 and "already running" in again.stderr
     follower = subprocess.Popen([*job, "logs", "--follow", "--lines", "1"], stdout=subprocess.PIPE, text=True)
+    assert follower.stdout is not None
+    first = follower.stdout.readline()  # following now: started after the stop, it would begin at the exit line
 
     stop = subprocess.run([*job, "stop", "--grace", "30"], capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0 and "exit status 143" in stop.stdout, stop.stderr
     out, _ = follower.communicate(timeout=30)
+    out = first + out
     assert follower.returncode == 143 and "SIGTERM: checkpoint saved" in out
     assert (job_dir / "exit_status").read_text().strip() == "143"
     assert subprocess.run([*job, "wait"], timeout=30).returncode == 143

@@ -24,7 +24,8 @@ from typing import Any
 from llmjax.errors import EXIT_STORAGE, ConfigError, StorageError, free_space
 
 __all__ = ["EXIT_STORAGE", "STORAGE_ERRNOS", "StorageError", "any_path", "as_path", "check_backend", "free_space",
-           "is_url", "read_text", "relative", "reraise_storage", "storage_problem", "writable_ancestor", "write_atomic"]
+           "is_url", "read_text", "relative", "reraise_storage", "storage_problem", "writable_ancestor", "write_atomic",
+           "write_bytes_atomic"]
 
 # errno values that are a property of the storage, not of llmjax or the config.
 STORAGE_ERRNOS = {
@@ -93,9 +94,28 @@ def write_atomic(path: Any, text: str) -> None:
     if is_url(path):
         path.write_text(text)
         return
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{id(text):x}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Any, data: bytes) -> None:
+    """Write `data` to a private temporary file next to the local file `path`, fsync, then rename it over
+    `path` (its directory made if missing; the temporary file removed if anything fails)."""
+    import contextlib
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(os.fspath(path))}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def read_text(path: Any) -> str | None:

@@ -22,13 +22,13 @@ import hashlib
 import os
 import re
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from llmjax.config import Config, ConfigError
+from llmjax.storage import write_bytes_atomic
 
 _GLOB_CHARS = set("*?[")
 _SCAN = 1 << 16
@@ -63,18 +63,7 @@ def file_lock(target: Path) -> Iterator[None]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file next to `path`, fsync, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, data)
 
 
 # ----------------------------------------------------------------------------- listing

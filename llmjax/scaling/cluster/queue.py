@@ -77,11 +77,12 @@ def write_queue(sweep: Sweep, directory: Any, settings: dict[str, Any]) -> Any:
 
 def read_queue(directory: Any) -> tuple[Sweep, dict[str, Any]]:
     """(the sweep, its settings) from DIR/queue.json (local or gs://); ScalingError when there is none."""
+    from llmjax.errors import ConfigError
     from llmjax.storage import check_backend
 
     try:
         check_backend(directory)
-    except Exception as e:  # ConfigError: gs:// without gcsfs
+    except ConfigError as e:  # gs:// without gcsfs
         raise ScalingError(str(e)) from None
     path = any_path(directory) / QUEUE
     try:

@@ -77,6 +77,31 @@ def saved_steps(tmp_path_factory) -> Path:
     return directory
 
 
+def test_replicated_arrays_save_without_a_slice_per_device_on_cpu(tmp_path, caplog):
+    """orbax's replica-parallel save compiles a jit(slice) per device and shape (64 for the default model on 8
+    CPU devices, 4 s of a 4.4 s first save); on CPU each replicated array is written whole from one replica,
+    and it restores equal, under another layout too."""
+    devices = np.array(jax.devices())
+    assert len(devices) == 8
+    mesh = jax.sharding.Mesh(devices.reshape(8), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = jax.device_put(_state(7), replicated)
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
+    with caplog.at_level("WARNING"), jax.log_compiles(True):
+        ckpt.save(7, state, {"step": 7})
+        ckpt.wait()
+    compiled = [r.getMessage() for r in caplog.records if "Compiling jit(slice)" in r.getMessage()]
+    assert compiled == []
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else replicated),
+                          state)
+    restored = ckpt.restore_latest(target)
+    ckpt.close()
+    assert restored is not None and restored[0] == 7
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _files(step_dir: Path) -> list[Path]:
     return sorted(p for p in step_dir.rglob("*") if p.is_file())
 

@@ -62,6 +62,22 @@ def _gather_problems() -> Callable[[bytes], list[bytes]] | None:
     return gather
 
 
+def _no_replica_slices_on_cpu() -> None:
+    """On CPU, write each replicated array from one replica instead of orbax's default of a slice from each.
+
+    orbax's replica-parallel save splits a replicated array into one slice per device, each a separately
+    compiled `jit(slice)` per device and shape: with 8 CPU devices a first save compiled 64 of them (4.0 s
+    of a 4.4 s save of the default model; 0.6 s without). On CPU the devices share the host's memory, so
+    the slices save nothing; orbax itself turns replica-parallel off for GPUs. Process-wide (orbax's
+    handler registry is global); restoring is unaffected (the same files either way)."""
+    if jax.default_backend() != "cpu":
+        return
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(handler, "_use_replica_parallel", False):
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 def nonfinite_leaf(tree: Any) -> str | None:
     """The path of the first floating-point leaf of `tree` holding a NaN or an infinity, or None."""
     leaves = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -88,6 +104,7 @@ class Checkpointer:
         self._seal_error: BaseException | None = None
         self._seal_step = self._in_flight = -1
         self._check_step_entries()
+        _no_replica_slices_on_cpu()
         # Always an async manager (the checksum thread waits on it); async_save=False waits after each save.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         try:

@@ -1,4 +1,5 @@
-"""llmjax.runtime: the opt-in XLA:CPU flags (`train.cpu_xla_flags`, issue 27)."""
+"""llmjax.runtime: the opt-in XLA:CPU flags (`train.cpu_xla_flags`, issue 27) and the host memory that XLA:CPU's
+per-step buffers keep (`keep_host_memory`)."""
 
 import os
 import subprocess
@@ -64,3 +65,53 @@ def test_setup_jax_sets_them_and_this_jaxlib_accepts_them() -> None:
     in_range = low <= tuple(int(n) for n in jaxlib.__version__.split(".")[:3]) <= high
     assert (flags == " ".join(CPU_XLA_FLAGS)) == in_range, (flags, jaxlib.__version__)
     assert float(total) == 64.0
+
+
+# A jitted function whose 64 MiB dot output is a temporary of each call; prints (applied, page faults per call).
+_FAULT_PROBE = """
+import resource
+from llmjax.runtime import keep_host_memory
+applied = keep_host_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sort(x @ x.T, axis=0)[0].sum())
+x = jnp.ones((4096, 64), jnp.float32)
+for _ in range(2):
+    jax.block_until_ready(f(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    jax.block_until_ready(f(x))
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+def _faults_per_call(keep: bool) -> tuple[bool, int]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLMJAX_KEEP_HOST_MEMORY": "1" if keep else "0"}
+    r = subprocess.run([sys.executable, "-c", _FAULT_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    applied, faults = r.stdout.split()[-2:]
+    return applied == "True", int(faults)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
+def test_per_call_buffers_reuse_their_pages() -> None:
+    """Without keep_host_memory every call maps its 64 MiB temporary afresh and faults ~16 k pages in; with it
+    the freed block stays in the heap and the next call faults (almost) none."""
+    applied_off, faults_off = _faults_per_call(keep=False)
+    applied_on, faults_on = _faults_per_call(keep=True)
+    assert not applied_off and applied_on
+    if faults_off < 4000:  # e.g. transparent huge pages for every mapping: nothing to save here
+        pytest.skip(f"this kernel faults only {faults_off} pages per call without the settings")
+    assert faults_on * 20 < faults_off, (faults_on, faults_off)
+
+
+def test_the_command_line_applies_it_first(monkeypatch) -> None:
+    """`llmjax` calls keep_host_memory before parsing its arguments (before any thread allocates)."""
+    import llmjax.cli as cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "keep_host_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(cli, "_parser", lambda: calls.append("parse") or pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["--version"])
+    assert calls == ["keep", "parse"]

@@ -62,8 +62,9 @@ class AbstractParams:
 def abstract_params(family: ModelFamily, seq_len: int | None = None) -> AbstractParams:
     """Shapes, logical axes and roles of `family.module()`'s parameters, from `jax.eval_shape` (no values)."""
     model = family.module()
-    args = family.init_args(seq_len or family.cfg.max_seq_len)
-    boxed = jax.eval_shape(lambda r: model.init(r, *args)["params"], jax.random.PRNGKey(0))
+    length = seq_len or family.cfg.max_seq_len
+    # the key and the example inputs are made inside the trace: no jax backend is started (`sweep collect`)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *family.init_args(length))["params"])
     logical = nn.get_partition_spec(boxed)
     return AbstractParams(nn.meta.unbox(boxed), logical, param_roles(logical))
 

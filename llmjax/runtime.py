@@ -46,6 +46,8 @@ def with_cpu_xla_flags(xla_flags: str, jaxlib_version: str) -> str | None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _TRIM_THRESHOLD = 2**31 - 1  # the largest an int holds: 2 GiB of free memory at the heap's top stays mapped
 KEEP_HOST_MEMORY_ENV = "LLMJAX_KEEP_HOST_MEMORY"
+# The same settings for another program, set in its environment before it starts (benchmarks/vs_maxtext.py)
+GLIBC_TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={_TRIM_THRESHOLD}"
 
 
 def keep_host_memory() -> bool:

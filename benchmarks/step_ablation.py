@@ -14,15 +14,10 @@ A variant spec is "NAME=override override ...".
 
 from __future__ import annotations
 
-# ruff: noqa: E402 (keep_host_memory runs before jax is imported)
 import argparse
 import os
 import statistics
 import time
-
-from llmjax.runtime import keep_host_memory
-
-keep_host_memory()  # as `llmjax` does (LLMJAX_KEEP_HOST_MEMORY=0 to compare without)
 
 import jax
 

@@ -16,14 +16,9 @@ Exit status 1 when `--tolerance` (relative, default 1e-6) is exceeded.
 
 from __future__ import annotations
 
-# ruff: noqa: E402 (keep_host_memory runs before jax is imported)
 import argparse
 import json
 import sys
-
-from llmjax.runtime import keep_host_memory
-
-keep_host_memory()  # as `llmjax` does (LLMJAX_KEEP_HOST_MEMORY=0 to compare without)
 
 import jax
 import numpy as np

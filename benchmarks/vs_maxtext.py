@@ -5,9 +5,9 @@ trainer on synthetic data (`--steps` + `--warmup` steps; the round's figure is t
 steps' "seconds" after the warm-up), one process each, so both sides pay the same load. MaxText runs in
 its own Python 3.12 venv (`--maxtext-python`, with `pip install "maxtext[tpu]"`) with its fastest CPU
 settings found so far: unscanned layers, `minimal_with_context` remat, `dot_product` attention, float32.
-`llmjax` keeps freed host memory in the process (`llmjax.runtime.keep_host_memory`); with
-`--maxtext-keep-host-memory` each round also runs MaxText with the same malloc settings (`GLIBC_TUNABLES`),
-which MaxText does not set itself, as a third column.
+`llmjax bench` runs its steps with tcmalloc where the machine has it (`llmjax.runtime.exec_with_tcmalloc`);
+with `--maxtext-tcmalloc` each round also runs MaxText with the same preload, which MaxText does not set up
+itself, as a third column.
 
     PYTHONPATH=. python benchmarks/vs_maxtext.py --shape d256 --rounds 5
     PYTHONPATH=. python benchmarks/vs_maxtext.py --shape d512 --rounds 5
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmjax.runtime import GLIBC_TUNABLES
+from llmjax.runtime import find_tcmalloc, tcmalloc_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # name: (d_model, heads, d_ff, batch, seq_len); 4 layers, vocab 8192, heads of 64
@@ -51,7 +51,7 @@ def llmjax_round(shape: tuple[int, ...], steps: int, warmup: int) -> float:
     return float(json.loads(out[out.index("{"):])["tokens_per_s"]["median"])
 
 
-def maxtext_round(python: str, shape: tuple[int, ...], steps: int, warmup: int, tunables: str = "") -> float:
+def maxtext_round(python: str, shape: tuple[int, ...], steps: int, warmup: int, tcmalloc: bool = False) -> float:
     """Tokens/s of one MaxText run: the median step time of its steps after `warmup`."""
     d, h, ff, b, L = shape
     configs = subprocess.run([python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
@@ -68,8 +68,8 @@ def maxtext_round(python: str, shape: tuple[int, ...], steps: int, warmup: int, 
                "enable_goodput_recording=False", "monitor_goodput=False"]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         env.pop("PYTHONPATH", None)
-        if tunables:
-            env["GLIBC_TUNABLES"] = tunables
+        if tcmalloc:
+            env = tcmalloc_environment(env, find_tcmalloc()) or env
         log = subprocess.run(cmd, env=env, capture_output=True, text=True)
     text = log.stdout + log.stderr
     seconds = [float(s) for s in re.findall(r"completed step: \d+, seconds: ([0-9.]+)", text)]
@@ -90,8 +90,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--maxtext-python", default="/work/venv-maxtext/bin/python")
-    p.add_argument("--maxtext-keep-host-memory", action="store_true",
-                   help="also run MaxText with llmjax's malloc settings each round (a third column)")
+    p.add_argument("--maxtext-tcmalloc", action="store_true",
+                   help="also run MaxText with tcmalloc preloaded each round (a third column)")
     args = p.parse_args()
     shape = SHAPES[args.shape]
     ours: list[float] = []
@@ -102,9 +102,9 @@ def main() -> None:
         ours.append(llmjax_round(shape, args.steps, args.warmup))
         theirs.append(maxtext_round(args.maxtext_python, shape, args.steps, args.warmup))
         kept = ""
-        if args.maxtext_keep_host_memory:
-            theirs_kept.append(maxtext_round(args.maxtext_python, shape, args.steps, args.warmup, GLIBC_TUNABLES))
-            kept = f", MaxText with llmjax's malloc settings {theirs_kept[-1]:,.0f}"
+        if args.maxtext_tcmalloc:
+            theirs_kept.append(maxtext_round(args.maxtext_python, shape, args.steps, args.warmup, tcmalloc=True))
+            kept = f", MaxText with tcmalloc {theirs_kept[-1]:,.0f}"
         print(f"round {r + 1}: llmjax {ours[-1]:,.0f} tokens/s, MaxText {theirs[-1]:,.0f} tokens/s{kept}, load "
               f"{os.getloadavg()[0]:.1f}", flush=True)
     load_after = os.getloadavg()
@@ -118,7 +118,7 @@ def main() -> None:
     print(f"best vs best {max(ours) / max(theirs):.2f}x, median vs median "
           f"{statistics.median(ours) / statistics.median(theirs):.2f}x")
     if theirs_kept:
-        print(describe("MaxText*", theirs_kept) + "  (* with llmjax's malloc settings)")
+        print(describe("MaxText*", theirs_kept) + "  (* with tcmalloc)")
         print(f"against MaxText*: best vs best {max(ours) / max(theirs_kept):.2f}x, median vs median "
               f"{statistics.median(ours) / statistics.median(theirs_kept):.2f}x")
 

@@ -52,7 +52,7 @@ from llmjax.infer import infer_cli
 from llmjax.interop import convert_cli
 from llmjax.planner import compile_cli as planner_cli
 from llmjax.post.rl import reward_cli
-from llmjax.runtime import keep_host_memory
+from llmjax.runtime import exec_with_tcmalloc
 from llmjax.scaling import scaling_cli
 from llmjax.storage import free_space, storage_problem
 
@@ -308,7 +308,8 @@ def _file_error(e: BaseException) -> OSError | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_host_memory()  # before any other thread allocates (XLA:CPU's per-step buffers reuse their pages)
+    if argv is None:  # the process's own command line: steps run with tcmalloc where installed (re-executes once)
+        exec_with_tcmalloc(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if argv[:2] == ["data", "prepare"] and "--" in argv:  # the rest goes to Apache Beam

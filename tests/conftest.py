@@ -39,10 +39,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ["LLMJAX_CACHE"] = str(CACHE / "data")
 
-from llmjax.runtime import keep_host_memory  # noqa: E402
-
-keep_host_memory()  # as the command line does, before any thread allocates: XLA:CPU's buffers reuse their pages
-
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)

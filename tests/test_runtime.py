@@ -1,5 +1,5 @@
 """llmjax.runtime: the opt-in XLA:CPU flags (`train.cpu_xla_flags`, issue 27) and the host memory that XLA:CPU's
-per-step buffers keep (`keep_host_memory`)."""
+per-step buffers reused under tcmalloc (`exec_with_tcmalloc`)."""
 
 import os
 import subprocess
@@ -8,8 +8,18 @@ import sys
 import jaxlib
 import pytest
 
+from llmjax import runtime
 from llmjax.config import load_config
-from llmjax.runtime import CPU_XLA_FLAGS, CPU_XLA_FLAGS_JAXLIB, setup_jax, with_cpu_xla_flags
+from llmjax.runtime import (
+    CPU_XLA_FLAGS,
+    CPU_XLA_FLAGS_JAXLIB,
+    TCMALLOC_ENV,
+    exec_with_tcmalloc,
+    find_tcmalloc,
+    setup_jax,
+    tcmalloc_environment,
+    with_cpu_xla_flags,
+)
 from tests.helpers import ROOT
 
 
@@ -67,11 +77,12 @@ def test_setup_jax_sets_them_and_this_jaxlib_accepts_them() -> None:
     assert float(total) == 64.0
 
 
-# A jitted function whose 64 MiB dot output is a temporary of each call; prints (applied, page faults per call).
+# A jitted function whose 64 MiB dot output is a temporary of each call; prints LD_PRELOAD, the result and the page
+# faults per call. exec_with_tcmalloc re-executes this same command line (`python -c ...`) with tcmalloc preloaded.
 _FAULT_PROBE = """
-import resource
-from llmjax.runtime import keep_host_memory
-applied = keep_host_memory()
+import os, resource
+from llmjax.runtime import exec_with_tcmalloc
+exec_with_tcmalloc(["train"])
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sort(x @ x.T, axis=0)[0].sum())
 x = jnp.ones((4096, 64), jnp.float32)
@@ -79,39 +90,78 @@ for _ in range(2):
     jax.block_until_ready(f(x))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
-    jax.block_until_ready(f(x))
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+    out = float(f(x))
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4
+print(repr(os.environ.get("LD_PRELOAD", "")), out, faults)
 """
 
 
-def _faults_per_call(keep: bool) -> tuple[bool, int]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLMJAX_KEEP_HOST_MEMORY": "1" if keep else "0"}
+def _probe(tcmalloc: bool) -> tuple[str, str, int]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", TCMALLOC_ENV: "1" if tcmalloc else "0"}
+    env.pop("LD_PRELOAD", None)
     r = subprocess.run([sys.executable, "-c", _FAULT_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    applied, faults = r.stdout.split()[-2:]
-    return applied == "True", int(faults)
+    assert "tcmalloc: large alloc" not in r.stderr
+    preload, value, faults = r.stdout.split()[-3:]
+    return preload.strip("'"), value, int(faults)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
-def test_per_call_buffers_reuse_their_pages() -> None:
-    """Without keep_host_memory every call maps its 64 MiB temporary afresh and faults ~16 k pages in; with it
-    the freed block stays in the heap and the next call faults (almost) none."""
-    applied_off, faults_off = _faults_per_call(keep=False)
-    applied_on, faults_on = _faults_per_call(keep=True)
-    assert not applied_off and applied_on
-    if faults_off < 4000:  # e.g. transparent huge pages for every mapping: nothing to save here
-        pytest.skip(f"this kernel faults only {faults_off} pages per call without the settings")
-    assert faults_on * 20 < faults_off, (faults_on, faults_off)
+def test_tcmalloc_environment_only_where_it_can_act(tmp_path) -> None:
+    lib = str(tmp_path / "libtcmalloc_minimal.so.4")
+    env = tcmalloc_environment({"PATH": "/bin"}, lib)
+    assert env is not None and env["LD_PRELOAD"] == lib and env["PATH"] == "/bin"
+    assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2**40  # no stderr line per large block
+    # the user's preloads are kept; the re-executed process changes nothing
+    env = tcmalloc_environment({"LD_PRELOAD": "/opt/libfoo.so"}, lib)
+    assert env is not None and env["LD_PRELOAD"] == f"{lib} /opt/libfoo.so"
+    assert tcmalloc_environment(env, lib) is None
+    assert tcmalloc_environment({TCMALLOC_ENV: "0"}, lib) is None
+    assert tcmalloc_environment({}, None) is None
+    assert find_tcmalloc([str(tmp_path)]) is None
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert find_tcmalloc([str(tmp_path / "missing"), str(tmp_path)]) == lib
 
 
-def test_the_command_line_applies_it_first(monkeypatch) -> None:
-    """`llmjax` calls keep_host_memory before parsing its arguments (before any thread allocates)."""
+def test_only_the_verbs_that_run_steps_re_execute(monkeypatch) -> None:
+    execs: list[list[str]] = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: execs.append(args))
+    monkeypatch.setattr(runtime, "find_tcmalloc", lambda: "/usr/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(TCMALLOC_ENV, raising=False)
+    for argv in (["config", "show"], ["sweep", "collect", "d"], ["sweep", "status", "d"], ["--version"], [],
+                 ["fit", "x.csv"], ["generate", "--workdir", "w"]):
+        exec_with_tcmalloc(argv)
+    assert execs == []
+    for argv in (["train"], ["bench", "--steps", "2"], ["sweep", "run", "s.yaml"], ["sweep", "work", "d"],
+                 ["mup-check", "--config", "c.yaml"]):
+        exec_with_tcmalloc(argv)
+    assert len(execs) == 5 and all(args[0] == sys.executable for args in execs)
+
+
+@pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+def test_per_call_buffers_are_reused_under_tcmalloc() -> None:
+    """With the system's malloc every call faults its 64 MiB temporary in afresh (~16 k page faults); re-executed
+    with tcmalloc preloaded, the freed block serves the next call (almost no faults); the result is the same."""
+    preload_off, value_off, faults_off = _probe(tcmalloc=False)
+    preload_on, value_on, faults_on = _probe(tcmalloc=True)
+    assert preload_off == "" and "tcmalloc" in preload_on
+    assert value_on == value_off
+    assert faults_off > 10_000 and faults_on * 20 < faults_off, (faults_on, faults_off)
+
+
+def test_the_command_line_re_executes_before_parsing(monkeypatch) -> None:
+    """`llmjax` (its own command line, argv None) hands its arguments to exec_with_tcmalloc first."""
     import llmjax.cli as cli
 
-    calls: list[str] = []
-    monkeypatch.setattr(cli, "keep_host_memory", lambda: calls.append("keep") or True)
+    calls: list[object] = []
+    monkeypatch.setattr(cli, "exec_with_tcmalloc", lambda argv: calls.append(list(argv)))
     monkeypatch.setattr(cli, "_parser", lambda: calls.append("parse") or pytest.fail("stop here"))
+    monkeypatch.setattr(sys, "argv", ["llmjax", "train", "train.steps=3"])
     with pytest.raises(pytest.fail.Exception):
-        cli.main(["--version"])
-    assert calls == ["keep", "parse"]
+        cli.main()
+    assert calls == [["train", "train.steps=3"], "parse"]
+    calls.clear()
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["train"])  # called as a function (tests, other programs): no re-execution
+    assert calls == ["parse"]

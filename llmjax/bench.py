@@ -64,7 +64,12 @@ def machine() -> dict[str, object]:
     """What a timing depends on besides the code: CPU model and count, devices, jax version, the load now."""
     return {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "devices": f"{jax.device_count()} x "
             f"{jax.devices()[0].device_kind}", "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc": malloc_name()}
+
+
+def malloc_name() -> str:
+    """"tcmalloc" where this process runs with it preloaded (`llmjax.runtime.exec_with_tcmalloc`), else "system"."""
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
 
 
 def _host_work(setup: Setup, rows: dict[str, np.ndarray], metrics: dict[str, jax.Array], rounds: int
@@ -174,7 +179,8 @@ def report(cfg: Config, setup: Setup, r: dict[str, Any]) -> list[str]:
            + f", {m.moe.shared_experts} shared (FLOPs/MFU count active experts only)"] if m.moe.enabled else []),
         f"flops/token: {r['flops_per_token'] / 1e6:.2f} MFLOP ({setup.family.name}: 6N + attention, "
         "see ModelFamily.flops_per_token)",
-        f"machine: {mach['cpu']} ({mach['cpus']} CPUs), {mach['devices']}, jax {mach['jax']}; load average "
+        f"machine: {mach['cpu']} ({mach['cpus']} CPUs), {mach['devices']}, jax {mach['jax']}, malloc "
+        f"{mach['malloc']}; load average "
         f"(1/5/15 min) {'/'.join(map(str, r['load_before']))} before, {'/'.join(map(str, r['load_after']))} after",
         f"compile time: {r['compile_s']:.2f} s",
         f"step time: {_range(r['step_s'], '.1f', 1e3)} ms over {r['rounds']} rounds of {r['steps']} steps "

@@ -28,6 +28,7 @@ def test_bench_reports_rounds_load_and_profile():
     assert math.isclose(r["tokens_per_s"]["max"], tokens / step["min"], rel_tol=1e-9)
     assert len(r["load_before"]) == 3 and len(r["load_after"]) == 3
     assert r["machine"]["cpu"] and r["machine"]["jax"]
+    assert r["machine"]["malloc"] in ("system", "tcmalloc")
     assert math.isfinite(r["final_loss"])
     # the breakdown: shares add up to the whole, and the name scopes the step sets reach the compiled ops
     shares = {row["category"]: row["share"] for row in r["profile"]}

@@ -1,6 +1,7 @@
 """llmjax.runtime: the opt-in XLA:CPU flags (`train.cpu_xla_flags`, issue 27) and the host memory that XLA:CPU's
 per-step buffers reused under tcmalloc (`exec_with_tcmalloc`)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -165,3 +166,17 @@ def test_the_command_line_re_executes_before_parsing(monkeypatch) -> None:
     with pytest.raises(pytest.fail.Exception):
         cli.main(["train"])  # called as a function (tests, other programs): no re-execution
     assert calls == ["parse"]
+
+
+def test_llmjax_bench_runs_under_tcmalloc_where_installed() -> None:
+    """End to end: the `llmjax bench` command re-executes itself and says which malloc its steps ran with."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("LD_PRELOAD", None)
+    env.pop(TCMALLOC_ENV, None)
+    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=64",
+            "model.vocab_size=256", "data.seq_len=32", "train.batch_size=8", "mesh.data=-1"]
+    r = subprocess.run([sys.executable, "-m", "llmjax.cli", "bench", "--json", "--steps", "1", "--rounds", "1",
+                        "--warmup", "0", *tiny], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    machine = json.loads(r.stdout[r.stdout.index("{"):])["machine"]
+    assert machine["malloc"] == ("system" if find_tcmalloc() is None else "tcmalloc")

@@ -94,7 +94,10 @@ def exec_with_tcmalloc(argv: Sequence[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # no executable to re-execute (an embedded interpreter): go on with the system's malloc
+        return
 
 
 def setup_jax(cfg: Config) -> None:

@@ -1,4 +1,5 @@
-"""Process-wide JAX settings that every entry point (train, bench, eval, generate, convert) applies."""
+"""Process-wide settings that the entry points apply: JAX's (train, bench, eval, generate, convert) and, for the
+commands that run many steps, tcmalloc in place of the system's malloc."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def exec_with_tcmalloc(argv: Sequence[str]) -> None:
     faults per default step, 165 s of system time in the 8-minute quickstart). tcmalloc keeps a freed block for
     the next step: 20-30 % shorter CPU steps, the losses bit-identical, at the cost of about one step's
     temporaries of extra resident memory (they are no longer returned between steps). glibc's own settings do
-    not do it: one malloc arena without `mmap` keeps the pages but fragments (11.7 GiB resident at d_model 512
+    not do it: one malloc arena without `mmap` keeps the pages but fragments (11.5 GiB resident at d_model 512
     instead of 3.2), and huge pages still zero every step's block. Linux only; the library is a system package
     (`apt install libtcmalloc-minimal4`), preloaded at start-up, hence the re-execution."""
     verbs = [a for a in argv if not a.startswith("-")][:2]

@@ -63,11 +63,14 @@ def find_tcmalloc(dirs: Sequence[str] = TCMALLOC_DIRS) -> str | None:
 def tcmalloc_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
     """The environment to re-execute with so that `library` (tcmalloc) serves malloc, or None where nothing is
     to change: opted out (`LLMJAX_TCMALLOC=0`), no library, or tcmalloc already preloaded (the re-executed
-    process). tcmalloc's report of each allocation over 1 GiB on stderr is turned off."""
+    process). tcmalloc's report of each allocation over 1 GiB on stderr is turned off, and it keeps freed memory
+(`TCMALLOC_RELEASE_RATE=0` unless the environment sets a rate)."""
     preload = environ.get("LD_PRELOAD", "")
     if environ.get(TCMALLOC_ENV, "1") == "0" or library is None or "tcmalloc" in preload:
         return None
-    return {**environ, "LD_PRELOAD": " ".join(p for p in (library, preload) if p),
+    # TCMALLOC_RELEASE_RATE=0: free memory is never handed back to the OS, so a step's block is always there for
+    # the next (with the default rate, a busy machine's interleavings had tcmalloc return and re-fault some)
+    return {"TCMALLOC_RELEASE_RATE": "0", **environ, "LD_PRELOAD": " ".join(p for p in (library, preload) if p),
             "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**62)}
 
 

@@ -100,6 +100,7 @@ print(repr(os.environ.get("LD_PRELOAD", "")), out, faults)
 def _probe(tcmalloc: bool) -> tuple[str, str, int]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", TCMALLOC_ENV: "1" if tcmalloc else "0"}
     env.pop("LD_PRELOAD", None)
+    env.pop("TCMALLOC_RELEASE_RATE", None)
     r = subprocess.run([sys.executable, "-c", _FAULT_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -113,6 +114,9 @@ def test_tcmalloc_environment_only_where_it_can_act(tmp_path) -> None:
     env = tcmalloc_environment({"PATH": "/bin"}, lib)
     assert env is not None and env["LD_PRELOAD"] == lib and env["PATH"] == "/bin"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2**40  # no stderr line per large block
+    assert env["TCMALLOC_RELEASE_RATE"] == "0"  # freed blocks stay for the next step
+    user_rate = tcmalloc_environment({"TCMALLOC_RELEASE_RATE": "5"}, lib)
+    assert user_rate is not None and user_rate["TCMALLOC_RELEASE_RATE"] == "5"  # the user's rate is kept
     # the user's preloads are kept; the re-executed process changes nothing
     env = tcmalloc_environment({"LD_PRELOAD": "/opt/libfoo.so"}, lib)
     assert env is not None and env["LD_PRELOAD"] == f"{lib} /opt/libfoo.so"

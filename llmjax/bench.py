@@ -27,6 +27,7 @@ from llmjax.config import Config
 from llmjax.data.stream.row_objectives import number_documents
 from llmjax.models.families import build_family
 from llmjax.parallel.mesh import describe as describe_mesh
+from llmjax.runtime import tcmalloc_preloaded
 from llmjax.train.preflight import preflight
 from llmjax.train.setup import Setup, build_setup
 from llmjax.train.telemetry.metrics import cpu_model_name, memory_summary, mfu, param_counts, peak_flops
@@ -69,7 +70,7 @@ def machine() -> dict[str, object]:
 
 def malloc_name() -> str:
     """"tcmalloc" where this process runs with it preloaded (`llmjax.runtime.exec_with_tcmalloc`), else "system"."""
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    return "tcmalloc" if tcmalloc_preloaded() else "system"
 
 
 def _host_work(setup: Setup, rows: dict[str, np.ndarray], metrics: dict[str, jax.Array], rounds: int

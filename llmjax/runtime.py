@@ -60,13 +60,18 @@ def find_tcmalloc(dirs: Sequence[str] = TCMALLOC_DIRS) -> str | None:
     return None
 
 
+def tcmalloc_preloaded(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether `environ` (this process's by default) preloads tcmalloc."""
+    return "tcmalloc" in environ.get("LD_PRELOAD", "")
+
+
 def tcmalloc_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
     """The environment to re-execute with so that `library` (tcmalloc) serves malloc, or None where nothing is
     to change: opted out (`LLMJAX_TCMALLOC=0`), no library, or tcmalloc already preloaded (the re-executed
     process). tcmalloc's report of each allocation over 1 GiB on stderr is turned off, and it keeps freed memory
 (`TCMALLOC_RELEASE_RATE=0` unless the environment sets a rate)."""
     preload = environ.get("LD_PRELOAD", "")
-    if environ.get(TCMALLOC_ENV, "1") == "0" or library is None or "tcmalloc" in preload:
+    if environ.get(TCMALLOC_ENV, "1") == "0" or library is None or tcmalloc_preloaded(environ):
         return None
     # TCMALLOC_RELEASE_RATE=0: free memory is never handed back to the OS, so a step's block is always there for
     # the next (with the default rate, a busy machine's interleavings had tcmalloc return and re-fault some)

@@ -162,7 +162,9 @@ def test_rl_with_lora_trains_only_adapters(objective, sft_run, tmp_path):
     assert adapters and names - adapters == ({"score"} if objective == "ppo" else set()), names
     if objective == "ppo":  # the head starts at 0 (values 0: explained variance exactly 0), then it is trained
         m = read_metrics(wd / "metrics.jsonl")
-        assert m[0]["explained_variance"] == 0.0 and m[1]["explained_variance"] != 0.0, m
+        # 1 - var(returns - 0) / var(returns): zero up to the two reductions' rounding, whose order can follow the
+        # buffers' alignment (seen once under tcmalloc: -1.2e-7)
+        assert abs(m[0]["explained_variance"]) < 1e-6 and abs(m[1]["explained_variance"]) > 1e-6, m
 
 
 @pytest.mark.slow

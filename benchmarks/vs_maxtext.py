@@ -96,17 +96,17 @@ def main() -> None:
     shape = SHAPES[args.shape]
     ours: list[float] = []
     theirs: list[float] = []
-    theirs_kept: list[float] = []
+    theirs_tcmalloc: list[float] = []
     load_before = os.getloadavg()
     for r in range(args.rounds):
         ours.append(llmjax_round(shape, args.steps, args.warmup))
         theirs.append(maxtext_round(args.maxtext_python, shape, args.steps, args.warmup))
-        kept = ""
+        with_tcmalloc = ""
         if args.maxtext_tcmalloc:
-            theirs_kept.append(maxtext_round(args.maxtext_python, shape, args.steps, args.warmup, tcmalloc=True))
-            kept = f", MaxText with tcmalloc {theirs_kept[-1]:,.0f}"
-        print(f"round {r + 1}: llmjax {ours[-1]:,.0f} tokens/s, MaxText {theirs[-1]:,.0f} tokens/s{kept}, load "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
+            theirs_tcmalloc.append(maxtext_round(args.maxtext_python, shape, args.steps, args.warmup, tcmalloc=True))
+            with_tcmalloc = f", MaxText with tcmalloc {theirs_tcmalloc[-1]:,.0f}"
+        print(f"round {r + 1}: llmjax {ours[-1]:,.0f} tokens/s, MaxText {theirs[-1]:,.0f} tokens/s"
+              f"{with_tcmalloc}, load {os.getloadavg()[0]:.1f}", flush=True)
     load_after = os.getloadavg()
     d, h, ff, b, L = shape
     print(f"shape {args.shape}: {LAYERS} layers, d_model {d}, {h} heads of 64, MLP {ff}, vocab {VOCAB}, batch {b}x{L}, "
@@ -117,10 +117,10 @@ def main() -> None:
     print(describe("MaxText", theirs))
     print(f"best vs best {max(ours) / max(theirs):.2f}x, median vs median "
           f"{statistics.median(ours) / statistics.median(theirs):.2f}x")
-    if theirs_kept:
-        print(describe("MaxText*", theirs_kept) + "  (* with tcmalloc)")
-        print(f"against MaxText*: best vs best {max(ours) / max(theirs_kept):.2f}x, median vs median "
-              f"{statistics.median(ours) / statistics.median(theirs_kept):.2f}x")
+    if theirs_tcmalloc:
+        print(describe("MaxText*", theirs_tcmalloc) + "  (* with tcmalloc)")
+        print(f"against MaxText*: best vs best {max(ours) / max(theirs_tcmalloc):.2f}x, median vs median "
+              f"{statistics.median(ours) / statistics.median(theirs_tcmalloc):.2f}x")
 
 
 if __name__ == "__main__":

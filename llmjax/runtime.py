@@ -69,7 +69,7 @@ def tcmalloc_environment(environ: Mapping[str, str], library: str | None) -> dic
     """The environment to re-execute with so that `library` (tcmalloc) serves malloc, or None where nothing is
     to change: opted out (`LLMJAX_TCMALLOC=0`), no library, or tcmalloc already preloaded (the re-executed
     process). tcmalloc's report of each allocation over 1 GiB on stderr is turned off, and it keeps freed memory
-(`TCMALLOC_RELEASE_RATE=0` unless the environment sets a rate)."""
+    (`TCMALLOC_RELEASE_RATE=0` unless the environment sets a rate)."""
     preload = environ.get("LD_PRELOAD", "")
     if environ.get(TCMALLOC_ENV, "1") == "0" or library is None or tcmalloc_preloaded(environ):
         return None

@@ -5,10 +5,12 @@ triangle. Here the queries are cut in two halves: the first half is scored only 
 of the keys (the only keys it may see), the second half against all of them, so the forward's two
 matmuls, the softmax and the backward's dP and dQ matmuls touch 3/4 of the full matrix.
 
-Every value is the reference's bit for bit, not merely close: the default run's losses may not drift
-(issue 27's rule). XLA:CPU contracts a * b + c into one fused multiply-add where a fusion allows it and
-groups a row sum by the row's length, so the same formula in another program can round differently;
-what keeps the results equal, checked by `tests/kernels/test_causal_tiles.py` forward and backward:
+At the default model's shape (and d_model 512's) every value is the reference's bit for bit, not merely
+close: the default run's losses may not drift (issue 27's rule). At some other shapes a gradient can differ
+in its last bit (dQ, dK with 2 heads of 64 at batch 8 x 256), so the tests pin the shapes that matter.
+XLA:CPU contracts a * b + c into one fused multiply-add where a fusion allows it and groups a row sum by
+the row's length, so the same formula in another program can round differently; what keeps the results
+equal, checked by `tests/kernels/test_causal_tiles.py` forward and backward:
 - each half runs the reference's own code (scale, mask, `jax.nn.softmax`, the two products) on its rows,
   over key rows of L/2 or L (lengths whose sums XLA:CPU groups as the full row's first part: with
   quarters, a row of 3L/4 keys is not);
@@ -65,7 +67,8 @@ def causal_tiled(q_BKGLE: jax.Array, k_BKSE: jax.Array, v_BKSE: jax.Array, allow
     q [B, K, G, L, E] (query heads grouped under their key/value head), k/v [B, K, S, E] with S = L,
     `allowed_BLS` the boolean mask [B, L, S] (causal and whatever else: segments, window), `scale` the scores'
     factor, `fill` the masked scores' value, `tile` queries per row block (a divisor of L): any tile gives
-    the reference's values, L / 2 (`xla_attention`'s choice where `applies`) gives them bit for bit."""
+    the reference's values, L / 2 (`xla_attention`'s choice where `applies`) bit for bit at the shapes the
+    module docstring names."""
     return _forward(q_BKGLE, k_BKSE, v_BKSE, allowed_BLS, scale, fill, tile)[0]
 
 

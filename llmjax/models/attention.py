@@ -211,14 +211,14 @@ def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask:
     over (B, K) (on XLA:CPU ~2x faster than the equivalent 5-D einsum, forward and backward).
     `softcap` > 0: scores s -> softcap tanh(s / softcap) before the mask. Causal self-attention whose
     length is a multiple of 128 skips the quarter of the scores above the diagonal (`skips_upper_tiles`),
-    with the same result bit for bit."""
+    with the same result (bit for bit at the default model's shape; `llmjax.kernels.causal_tiles`)."""
     B, L, H, E = q_BLHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     G = H // K
     q_BKGLE = q_BLHE.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
     k_BKSE = k_BSKE.transpose(0, 2, 1, 3)
     v_BKSE = v_BSKE.transpose(0, 2, 1, 3)
-    if skips_upper_tiles(mask, L, S, softcap):  # the same values, bit for bit, without the masked tiles
+    if skips_upper_tiles(mask, L, S, softcap):  # the same values without the masked tile
         out_BKGLE = causal_tiles.causal_tiled(q_BKGLE, k_BKSE, v_BKSE, mask.dense()[:, 0], scale, NEG_INF, L // 2)
         return out_BKGLE.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E).astype(q_BLHE.dtype)
     q_BKXE = q_BKGLE.reshape(B, K, G * L, E)  # X = G*L

@@ -1,4 +1,5 @@
-"""The causal tiles (`llmjax.kernels.causal_tiles`): the reference's attention bit for bit, forward and gradients.
+"""The causal tiles (`llmjax.kernels.causal_tiles`): the reference's attention, forward and gradients, bit for
+bit at the default shapes and within float32 rounding elsewhere.
 
 The reference is `xla_attention` with the first query's slot given as a traced 0, which takes the full path."""
 
@@ -39,18 +40,30 @@ def _out_and_grads(q, k, v, seg, w, traced_offset: bool, window: int = 0):
     return jax.jit(run)(q, k, v, w)
 
 
+@pytest.mark.parametrize("B,L,H,K,E", [
+    (8, 256, 4, 4, 64),  # the default model's attention (d_model 256)
+    (2, 512, 8, 8, 64),  # d_model 512's (issue 27's second benchmark shape)
+])
+def test_bit_identical_to_the_full_scores_at_the_default_shapes(B, L, H, K, E):
+    """Bit for bit where the default run's losses must not move (measured on XLA:CPU, jax 0.10.2 and 0.12.1)."""
+    q, k, v, seg, w = _inputs(B, L, H, K, E, packed=True)
+    tiled = _out_and_grads(q, k, v, seg, w, traced_offset=False)
+    full = _out_and_grads(q, k, v, seg, w, traced_offset=True)
+    for a, b, name in zip(tiled, full, ("out", "dq", "dk", "dv"), strict=True):
+        assert jnp.array_equal(a, b), f"{name}: max difference {float(jnp.max(jnp.abs(a - b)))}"
+
+
 @pytest.mark.parametrize("B,L,H,K,E,packed,window", [
-    (8, 256, 4, 4, 64, True, 0),  # the default model's attention (d_model 256)
-    (2, 512, 8, 8, 64, True, 0),  # d_model 512's
+    (8, 256, 2, 2, 64, True, 0),  # a shape whose dQ, dK differ from the full path's in the last bit
     (2, 256, 4, 2, 32, False, 0),  # grouped queries
     (1, 256, 2, 1, 16, True, 100),  # multi-query, a local window
 ])
-def test_bit_identical_to_the_full_scores(B, L, H, K, E, packed, window):
+def test_matches_the_full_scores_elsewhere(B, L, H, K, E, packed, window):
     q, k, v, seg, w = _inputs(B, L, H, K, E, packed)
     tiled = _out_and_grads(q, k, v, seg, w, traced_offset=False, window=window)
     full = _out_and_grads(q, k, v, seg, w, traced_offset=True, window=window)
-    for a, b, name in zip(jax.tree.leaves(tiled), jax.tree.leaves(full), ("out", "dq", "dk", "dv"), strict=True):
-        assert jnp.array_equal(a, b), f"{name}: max difference {float(jnp.max(jnp.abs(a - b)))}"
+    for a, b, name in zip(tiled, full, ("out", "dq", "dk", "dv"), strict=True):
+        assert jnp.allclose(a, b, rtol=1e-6, atol=1e-6), f"{name}: max difference {float(jnp.max(jnp.abs(a - b)))}"
 
 
 def test_bfloat16_matches_the_full_scores_closely():

@@ -46,13 +46,18 @@ def applies(L: int, S: int) -> bool:
     return L == S and L % 128 == 0
 
 
-def _probs(scores_BKXe: jax.Array, allowed_BLe: jax.Array, scale: float, fill: float, G: int, dtype: Any) -> jax.Array:
-    """Raw scores of one row block [B, K, G t, e] -> its probabilities in `dtype`, as the reference computes
-    them (scale, mask with `fill`, softmax)."""
-    B, K, X, e = scores_BKXe.shape
-    s = scores_BKXe.reshape(B, K, G, X // G, e) * scale
-    s = jnp.where(allowed_BLe[:, None, None], s, fill)
-    return jax.nn.softmax(s, axis=-1).astype(dtype).reshape(B, K, X, e)
+def probabilities(scores_BKXS: jax.Array, allowed_BLS: jax.Array, scale: float, fill: float, G: int, dtype: Any,
+                  softcap: float = 0.0) -> jax.Array:
+    """Raw scores [B, K, G L, S] (rows: query heads grouped under their key/value head) -> probabilities in
+    `dtype`: scaled, soft-capped if `softcap` > 0 (s -> softcap tanh(s / softcap)), masked to `fill` where
+    `allowed_BLS` [B, L, S] is False, softmax over the keys. The reference's whole matrix and each of these
+    halves go through this one function, so that both compute the same operations."""
+    B, K, X, S = scores_BKXS.shape
+    s = scores_BKXS.reshape(B, K, G, X // G, S) * scale
+    if softcap > 0:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(allowed_BLS[:, None, None], s, fill)
+    return jax.nn.softmax(s, axis=-1).astype(dtype).reshape(B, K, X, S)
 
 
 def _pad_keys(a_BKXe: jax.Array, width: int) -> jax.Array:
@@ -80,7 +85,7 @@ def _forward(q_BKGLE: jax.Array, k_BKSE: jax.Array, v_BKSE: jax.Array, allowed_B
         end = start + tile  # this block's queries, and the keys [0, end) they may see
         q_BKXE = q_BKGLE[:, :, :, start:end].reshape(B, K, G * tile, E)
         scores = _scores(q_BKXE, k_BKSE[:, :, :end])
-        probs_fn = functools.partial(_probs, allowed_BLe=allowed_BLS[:, start:end, :end], scale=scale, fill=fill,
+        probs_fn = functools.partial(probabilities, allowed_BLS=allowed_BLS[:, start:end, :end], scale=scale, fill=fill,
                                      G=G, dtype=v_BKSE.dtype)
         probs, probs_vjp = jax.vjp(probs_fn, scores)
         outs.append(_values(probs, v_BKSE[:, :, :end]).reshape(B, K, G, tile, E))

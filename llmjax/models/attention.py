@@ -224,11 +224,7 @@ def xla_attention(q_BLHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask:
     q_BKXE = q_BKGLE.reshape(B, K, G * L, E)  # X = G*L
     batch = ((0, 1), (0, 1))
     scores_BKXS = matmul.dot_general(q_BKXE, k_BKSE, (((3,), (3,)), batch))
-    scores_BKGLS = scores_BKXS.reshape(B, K, G, L, S) * scale
-    if softcap > 0:
-        scores_BKGLS = softcap * jnp.tanh(scores_BKGLS / softcap)
-    scores_BKGLS = jnp.where(mask.dense()[:, :, None], scores_BKGLS, NEG_INF)  # broadcast over K, G
-    probs_BKXS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKE.dtype).reshape(B, K, G * L, S)
+    probs_BKXS = causal_tiles.probabilities(scores_BKXS, mask.dense()[:, 0], scale, NEG_INF, G, v_BSKE.dtype, softcap)
     out_BKXE = matmul.dot_general(probs_BKXS, v_BKSE, (((3,), (2,)), batch))
     out_BLKGE = out_BKXE.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4)
     return out_BLKGE.reshape(B, L, H, E).astype(q_BLHE.dtype)

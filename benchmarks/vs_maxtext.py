@@ -1,8 +1,11 @@
 """llmjax against MaxText on the same shape, in alternating rounds on this machine (issue 27).
 
-Each round runs `llmjax bench` (one timed round of `--steps` steps after its warm-up) and then MaxText's
-trainer on synthetic data (`--steps` + `--warmup` steps; the round's figure is the median of its timed
-steps' "seconds" after the warm-up), one process each, so both sides pay the same load. MaxText runs in
+Each round runs `llmjax bench` and then MaxText's trainer on synthetic data, one process each, so both
+sides pay the same load, and takes the same statistic of both: the median of `--steps` timed steps'
+times after `--warmup` untimed ones (`llmjax bench --rounds STEPS --steps 1`: each of its one-step rounds
+is one step's time; MaxText: its log's "seconds" per step). Until 2026-12-07 the llmjax figure was the
+mean of one round of `--steps` steps instead, which one slow step (seen: 7.5 s among steps of 3.1 s) moves
+where MaxText's median does not. MaxText runs in
 its own Python 3.12 venv (`--maxtext-python`, with `pip install "maxtext[tpu]"`) with its fastest CPU
 settings found so far: unscanned layers, `minimal_with_context` remat, `dot_product` attention, float32.
 `llmjax bench` runs its steps with tcmalloc where the machine has it (`llmjax.runtime.exec_with_tcmalloc`);
@@ -39,16 +42,17 @@ LAYERS, VOCAB = 4, 8192
 
 
 def llmjax_round(shape: tuple[int, ...], steps: int, warmup: int) -> float:
-    """Tokens/s of one `llmjax bench` round (its own process)."""
+    """Tokens/s of one `llmjax bench` process: its median step time over `steps` one-step rounds."""
     d, h, ff, b, L = shape
-    cmd = [sys.executable, "-m", "llmjax.cli", "bench", "--json", "--rounds", "1", "--steps", str(steps),
+    cmd = [sys.executable, "-m", "llmjax.cli", "bench", "--json", "--rounds", str(steps), "--steps", "1",
            "--warmup", str(warmup), f"model.d_model={d}", f"model.n_heads={h}", f"model.n_kv_heads={h}",
            f"model.d_ff={ff}", f"model.n_layers={LAYERS}", f"model.vocab_size={VOCAB}", f"train.batch_size={b}",
            f"data.seq_len={L}", f"model.max_seq_len={max(L, 1024)}", "model.compute_dtype=float32",
            "model.param_dtype=float32", "mesh.data=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    return float(json.loads(out[out.index("{"):])["tokens_per_s"]["median"])
+    step_s = json.loads(out[out.index("{"):])["step_s"]["rounds"]  # one step each
+    return b * L / statistics.median(step_s)
 
 
 def maxtext_round(python: str, shape: tuple[int, ...], steps: int, warmup: int, tcmalloc: bool = False) -> float:

@@ -83,7 +83,7 @@ def test_setup_jax_sets_them_and_this_jaxlib_accepts_them() -> None:
 # a full suite's run; the median says what the steady call costs). exec_with_tcmalloc re-executes this same command
 # line (`python -c ...`) with tcmalloc preloaded.
 _FAULT_PROBE = """
-import os, resource
+import os, resource, statistics
 from llmjax.runtime import exec_with_tcmalloc
 exec_with_tcmalloc(["train"])
 import jax, jax.numpy as jnp
@@ -96,7 +96,7 @@ for _ in range(5):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = float(f(x))
     per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(repr(os.environ.get("LD_PRELOAD", "")), out, sorted(per_call)[2])
+print(repr(os.environ.get("LD_PRELOAD", "")), out, statistics.median(per_call))
 """
 
 
